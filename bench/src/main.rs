@@ -1,0 +1,2 @@
+//! mirrorpoint-bench: measures volumes and front ends.
+fn main() {}

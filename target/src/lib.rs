@@ -1,0 +1,9 @@
+//! The mirrorpoint storage target.
+//!
+//! Volumes and their backends, the front ends that export them (NVMe/TCP,
+//! iSCSI), the JSON-RPC admin socket and the daemon that ties them together.
+
+pub mod iscsi;
+pub mod nvmf;
+pub mod rpc;
+pub mod units;

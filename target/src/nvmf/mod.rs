@@ -1,0 +1,1 @@
+//! NVMe over Fabrics, TCP transport: the front end Linux nvme-tcp hosts connect to.
