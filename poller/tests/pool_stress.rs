@@ -37,12 +37,14 @@ fn pool_and_queues_under_contention() {
         Arc::new((0..THREADS).map(|_| ArrayQueue::new(16)).collect());
     let received = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
+    let finished_producing = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
             let pool = pool.clone();
             let inboxes = inboxes.clone();
             let received = received.clone();
             let done = done.clone();
+            let finished_producing = finished_producing.clone();
             std::thread::spawn(move || {
                 let drain = |inboxes: &Vec<ArrayQueue<(IoBuf, u64)>>| {
                     while let Some((buf, expect)) = inboxes[t].pop() {
@@ -69,6 +71,7 @@ fn pool_and_queues_under_contention() {
                     }
                     check(&frozen, s);
                 }
+                finished_producing.fetch_add(1, Ordering::AcqRel);
                 while !done.load(Ordering::Acquire) {
                     drain(&inboxes);
                     std::thread::yield_now();
@@ -77,19 +80,19 @@ fn pool_and_queues_under_contention() {
             })
         })
         .collect();
-    // Let everyone finish producing, then stop the drainers.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    loop {
-        let busy = inboxes.iter().any(|q| !q.is_empty());
-        if !busy {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    // Once every thread has stopped producing, nothing new enters an inbox;
+    // each thread then drains its own until told to stop.
+    while finished_producing.load(Ordering::Acquire) < THREADS {
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     done.store(true, Ordering::Release);
     for t in threads {
         t.join().expect("stress thread");
     }
+    assert!(
+        inboxes.iter().all(|q| q.is_empty()),
+        "every handed-over chunk was checked"
+    );
     assert!(received.load(Ordering::Relaxed) > 0);
     assert_eq!(pool.free_chunks(), 64, "every chunk came back exactly once");
 }
