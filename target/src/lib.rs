@@ -7,3 +7,4 @@ pub mod iscsi;
 pub mod nvmf;
 pub mod rpc;
 pub mod units;
+pub mod volume;

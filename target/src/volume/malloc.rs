@@ -1,0 +1,153 @@
+//! The RAM backend, for tests and benchmarks.
+//!
+//! One anonymous mapping holds the data. Concurrent access from several
+//! reactors goes through striped reader-writer locks (one per 64 KiB), so
+//! overlapping writes from two cores never race in memory; a request locks
+//! its stripes in ascending order, which rules out deadlock. The locks are
+//! uncontended in practice and cost far less than the copy they guard.
+
+use super::VolumeError;
+use crate::units::{ByteLen, ByteOffset};
+use memmap2::MmapMut;
+use mirrorpoint_poller::{IoBuf, IoBufMut};
+use std::sync::{Arc, RwLock};
+
+const STRIPE: u64 = 64 * 1024;
+
+struct MallocInner {
+    base: *mut u8,
+    len: u64,
+    stripes: Box<[RwLock<()>]>,
+    _map: MmapMut,
+}
+
+// SAFETY: `base` points into `_map`, owned by this struct; every access to the
+// bytes happens under the stripe locks covering them.
+unsafe impl Send for MallocInner {}
+// SAFETY: as above.
+unsafe impl Sync for MallocInner {}
+
+/// RAM-backed storage, shared by every channel of its volume.
+#[derive(Clone)]
+pub struct MallocBackend {
+    inner: Arc<MallocInner>,
+}
+
+impl MallocBackend {
+    /// Maps `bytes` of zeroed memory.
+    pub fn new(bytes: u64) -> std::io::Result<Self> {
+        let len = usize::try_from(bytes)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "too large"))?;
+        let mut map = MmapMut::map_anon(len.max(1))?;
+        let stripes = (0..bytes.div_ceil(STRIPE).max(1))
+            .map(|_| RwLock::new(()))
+            .collect();
+        Ok(MallocBackend {
+            inner: Arc::new(MallocInner {
+                base: map.as_mut_ptr(),
+                len: bytes,
+                stripes,
+                _map: map,
+            }),
+        })
+    }
+
+    fn stripes(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let first = (offset / STRIPE) as usize;
+        let last = ((offset + len - 1) / STRIPE) as usize;
+        first..last + 1
+    }
+
+    fn in_bounds(&self, offset: u64, len: u64) -> bool {
+        len > 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.inner.len)
+    }
+
+    /// Copies out of RAM. The caller has range-checked against the volume.
+    pub fn read(
+        &self,
+        offset: ByteOffset,
+        mut buf: IoBufMut,
+    ) -> (Result<(), VolumeError>, IoBufMut) {
+        let len = buf.len() as u64;
+        if !self.in_bounds(offset.0, len) {
+            return (Err(out_of_range(offset, len, self.inner.len)), buf);
+        }
+        let guards: Vec<_> = self
+            .stripes(offset.0, len)
+            .map(|i| {
+                self.inner.stripes[i]
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+            })
+            .collect();
+        // SAFETY: offset+len is inside the mapping (checked above) and the
+        // stripes covering it are read-locked, so no writer touches it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.inner.base.add(offset.0 as usize),
+                buf.as_mut_ptr(),
+                len as usize,
+            );
+        }
+        drop(guards);
+        (Ok(()), buf)
+    }
+
+    /// Copies into RAM. The caller has range-checked against the volume.
+    pub fn write(&self, offset: ByteOffset, buf: IoBuf) -> (Result<(), VolumeError>, IoBuf) {
+        let len = buf.len() as u64;
+        if !self.in_bounds(offset.0, len) {
+            return (Err(out_of_range(offset, len, self.inner.len)), buf);
+        }
+        let guards: Vec<_> = self
+            .stripes(offset.0, len)
+            .map(|i| {
+                self.inner.stripes[i]
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+            })
+            .collect();
+        // SAFETY: in bounds (checked above), stripes write-locked, and the
+        // source is a pool chunk that cannot overlap this mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.inner.base.add(offset.0 as usize),
+                len as usize,
+            );
+        }
+        drop(guards);
+        (Ok(()), buf)
+    }
+
+    /// Zeroes a range (write zeroes and unmap).
+    pub fn zero(&self, offset: ByteOffset, len: ByteLen) {
+        if !self.in_bounds(offset.0, len.0) {
+            return;
+        }
+        let guards: Vec<_> = self
+            .stripes(offset.0, len.0)
+            .map(|i| {
+                self.inner.stripes[i]
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+            })
+            .collect();
+        // SAFETY: in bounds and write-locked, as in `write`.
+        unsafe {
+            std::ptr::write_bytes(self.inner.base.add(offset.0 as usize), 0, len.0 as usize);
+        }
+        drop(guards);
+    }
+}
+
+fn out_of_range(offset: ByteOffset, len: u64, size: u64) -> VolumeError {
+    VolumeError::OutOfRange {
+        offset: offset.0,
+        len,
+        size,
+    }
+}

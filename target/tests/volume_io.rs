@@ -1,0 +1,218 @@
+//! The volume API on both backends, driven from reactor tasks: patterns
+//! written and read back across cores, zeroing and unmapping, flush, and the
+//! errors for bad requests.
+
+use mirrorpoint_poller::{buffer_pool, PoolConfig, ReactorConfig, Runtime, RuntimeConfig};
+use mirrorpoint_target::units::{BlockSize, ByteLen, ByteOffset};
+use mirrorpoint_target::volume::registry::{MallocParams, UringParams};
+use mirrorpoint_target::volume::{Volume, VolumeError, VolumeRegistry, VolumeSpec};
+use std::sync::Arc;
+
+fn runtime() -> Runtime {
+    Runtime::start(RuntimeConfig {
+        cores: vec![0, 1],
+        reactor: ReactorConfig {
+            pool: PoolConfig {
+                chunk_size: 128 * 1024,
+                chunk_count: 64,
+                huge_pages: false,
+            },
+            ..ReactorConfig::default()
+        },
+        pin: false,
+    })
+    .expect("runtime")
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes distinct patterns from one reactor, reads them back from the other.
+fn exercise(rt: &Runtime, volume: Arc<Volume>) {
+    let v = volume.clone();
+    rt.handles()[0]
+        .block_on(move || async move {
+            let ch = v.channel();
+            for i in 0..32u64 {
+                let len = 4096 * (1 + (i as usize % 8));
+                let mut buf = buffer_pool().alloc(len).expect("chunk");
+                buf.copy_from_slice(&pattern(i, len));
+                let (r, _) = ch.write(ByteOffset(i * 64 * 1024), buf.freeze()).await;
+                r.expect("write");
+            }
+            ch.flush().await.expect("flush");
+        })
+        .expect("writer");
+    let v = volume.clone();
+    rt.handles()[1]
+        .block_on(move || async move {
+            let ch = v.channel();
+            for i in 0..32u64 {
+                let len = 4096 * (1 + (i as usize % 8));
+                let buf = buffer_pool().alloc(len).expect("chunk");
+                let (r, buf) = ch.read(ByteOffset(i * 64 * 1024), buf).await;
+                r.expect("read");
+                assert!(*buf == pattern(i, len)[..], "block {i} differs");
+            }
+            // Zeroing and unmapping read back as zeroes.
+            ch.write_zeroes(ByteOffset(0), ByteLen(8192))
+                .await
+                .expect("write zeroes");
+            ch.unmap(ByteOffset(64 * 1024), ByteLen(64 * 1024))
+                .await
+                .expect("unmap");
+            for off in [0u64, 64 * 1024] {
+                let buf = buffer_pool().alloc(8192).expect("chunk");
+                let (r, buf) = ch.read(ByteOffset(off), buf).await;
+                r.expect("read");
+                assert!(buf.iter().all(|&b| b == 0), "range at {off} not zero");
+            }
+            // What was not zeroed is intact.
+            let len = 4096 * 3;
+            let buf = buffer_pool().alloc(len).expect("chunk");
+            let (r, buf) = ch.read(ByteOffset(2 * 64 * 1024), buf).await;
+            r.expect("read");
+            assert!(*buf == pattern(2, len)[..]);
+        })
+        .expect("reader");
+}
+
+fn bad_requests(rt: &Runtime, volume: Arc<Volume>) {
+    rt.handles()[0]
+        .block_on(move || async move {
+            let ch = volume.channel();
+            let size = volume.size().0;
+            let misaligned = buffer_pool().alloc(100).expect("chunk");
+            let (r, _) = ch.read(ByteOffset(0), misaligned).await;
+            assert!(matches!(r, Err(VolumeError::Misaligned { .. })), "{r:?}");
+            let empty = buffer_pool().alloc(0).expect("chunk");
+            let (r, _) = ch.read(ByteOffset(0), empty).await;
+            assert!(matches!(r, Err(VolumeError::ZeroLength { .. })), "{r:?}");
+            let past = buffer_pool().alloc(4096).expect("chunk").freeze();
+            let (r, _) = ch.write(ByteOffset(size), past).await;
+            assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
+            let bs = u64::from(volume.block_size().bytes());
+            let r = ch.unmap(ByteOffset(size - bs), ByteLen(2 * bs)).await;
+            assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
+            let r = ch.write_zeroes(ByteOffset(1), ByteLen(512)).await;
+            assert!(matches!(r, Err(VolumeError::Misaligned { .. })), "{r:?}");
+        })
+        .expect("bad requests");
+}
+
+#[test]
+fn malloc_volume_round_trips_across_cores() {
+    let rt = runtime();
+    let reg = VolumeRegistry::new();
+    let v = reg
+        .create(VolumeSpec::Malloc(MallocParams {
+            name: Some("m0".into()),
+            num_blocks: 8192,
+            block_size: BlockSize::B512,
+            uuid: None,
+        }))
+        .expect("malloc");
+    exercise(&rt, v.clone());
+    bad_requests(&rt, v);
+}
+
+#[test]
+fn uring_volume_round_trips_and_persists() {
+    let rt = runtime();
+    let path = std::env::temp_dir().join(format!("mp-vol-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let reg = VolumeRegistry::new();
+    let v = reg
+        .create(VolumeSpec::Uring(UringParams {
+            name: "u0".into(),
+            filename: path.clone(),
+            block_size: Some(BlockSize::B4096),
+            size: Some(4 << 20),
+            queue_depth: Some(4),
+            uuid: None,
+        }))
+        .expect("uring");
+    assert_eq!(v.num_blocks(), 1024);
+    assert_eq!(v.info().driver_specific["uring"]["o_direct"], true);
+    exercise(&rt, v.clone());
+    bad_requests(&rt, v.clone());
+    drop(v);
+    reg.delete("u0").expect("delete");
+    // What the volume wrote is in the file.
+    let data = std::fs::read(&path).expect("image");
+    assert_eq!(data.len(), 4 << 20);
+    let len = 4096 * 4;
+    assert_eq!(
+        &data[3 * 64 * 1024..3 * 64 * 1024 + len],
+        &pattern(3, len)[..]
+    );
+    std::fs::remove_file(path).ok();
+}
+
+/// Many tasks on two cores at a queue depth above the channel's limit.
+#[test]
+fn deep_queues_on_two_cores() {
+    let rt = runtime();
+    let path = std::env::temp_dir().join(format!("mp-vol-qd-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let reg = VolumeRegistry::new();
+    let v = reg
+        .create(VolumeSpec::Uring(UringParams {
+            name: "qd".into(),
+            filename: path.clone(),
+            block_size: None,
+            size: Some(8 << 20),
+            queue_depth: Some(8),
+            uuid: None,
+        }))
+        .expect("uring");
+    let waits: Vec<_> = rt
+        .handles()
+        .iter()
+        .map(|h| {
+            let v = v.clone();
+            let core = h.index() as u64;
+            h.spawn(move || async move {
+                let ch = Rc::new(v.channel());
+                let tasks: Vec<_> = (0..32u64)
+                    .map(|t| {
+                        let ch = ch.clone();
+                        mirrorpoint_poller::spawn(async move {
+                            let slot = core * 32 + t;
+                            for round in 0..8u64 {
+                                let mut b = buffer_pool().alloc(4096).expect("chunk");
+                                b.copy_from_slice(&pattern(slot * 100 + round, 4096));
+                                let (r, _) = ch.write(ByteOffset(slot * 4096), b.freeze()).await;
+                                r.expect("write");
+                            }
+                            let b = buffer_pool().alloc(4096).expect("chunk");
+                            let (r, b) = ch.read(ByteOffset(slot * 4096), b).await;
+                            r.expect("read");
+                            *b == pattern(slot * 100 + 7, 4096)[..]
+                        })
+                    })
+                    .collect();
+                let mut all = true;
+                for t in tasks {
+                    all &= t.await;
+                }
+                all
+            })
+        })
+        .collect();
+    for w in waits {
+        assert!(w.recv_blocking().expect("core finished"));
+    }
+    std::fs::remove_file(path).ok();
+}
+
+use std::rc::Rc;
