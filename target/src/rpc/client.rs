@@ -156,7 +156,18 @@ impl RpcClient {
 
     fn exchange(&mut self, request: &Request, id: u64) -> Result<Value, ClientError> {
         self.reader.get_mut().deadline = self.timeout.map(|t| Instant::now() + t);
-        self.send(request)?;
+        if let Err(send_err) = self.send(request) {
+            // The server may have closed the connection after explaining why
+            // (e.g. "too many connections"): prefer its words to EPIPE.
+            return match self.receive(id) {
+                Err(ClientError::Rpc(e)) => Err(ClientError::Rpc(e)),
+                _ => Err(send_err),
+            };
+        }
+        self.receive(id)
+    }
+
+    fn receive(&mut self, id: u64) -> Result<Value, ClientError> {
         let value = {
             let mut de = serde_json::Deserializer::from_reader(&mut self.reader);
             serde::Deserialize::deserialize(&mut de)

@@ -620,7 +620,10 @@ fn run_connection(shared: &Shared, id: u64, stream: UnixStream) {
         &mut &stream,
         config.max_request_bytes,
     );
-    tracing::debug!(conn = id, end = ?end, "RPC connection closed");
+    match end {
+        StreamEnd::Io(e) => tracing::debug!(conn = id, error = %e, "RPC connection closed"),
+        other => tracing::debug!(conn = id, end = ?other, "RPC connection closed"),
+    }
 }
 
 /// Why [`serve_stream`] stopped.
