@@ -50,16 +50,20 @@ struct DeadlineStream {
 
 impl Read for DeadlineStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "timed out waiting for the RPC response",
-                ));
+        let left = match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "timed out waiting for the RPC response",
+                    ));
+                }
+                Some(left)
             }
-            self.stream.set_read_timeout(Some(left))?;
-        }
+            None => None,
+        };
+        self.stream.set_read_timeout(left)?;
         self.stream.read(buf).map_err(|e| {
             // A read timeout shows up as WouldBlock on Unix.
             if e.kind() == io::ErrorKind::WouldBlock {

@@ -306,6 +306,7 @@ mod tests {
             ])
         );
         assert!(r.call(GET_METHODS, Some(json!({}))).is_ok());
+        assert!(r.call(GET_METHODS, Some(json!([]))).is_ok());
         let e = r.call(GET_METHODS, Some(json!({"x":1}))).unwrap_err();
         assert_eq!(e.code, RpcError::INVALID_PARAMS);
     }

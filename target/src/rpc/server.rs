@@ -655,6 +655,7 @@ impl<R: Read> Read for Limited<R> {
             return Err(io::Error::other("request too large"));
         }
         let want = buf.len().min(remaining);
+        // `want <= buf.len()`, so this slice is always in bounds.
         let n = self.inner.read(&mut buf[..want])?;
         self.remaining.set(remaining.saturating_sub(n));
         Ok(n)
