@@ -579,6 +579,8 @@ fn shutdown_from_a_handler_and_join() {
     let sock = TempSock::new("handle");
     let server = start(&sock);
     let handle = server.shutdown_handle();
+    assert!(!handle.is_shutting_down());
+    let weak = handle.clone();
     server
         .registry()
         .register("test_kill", move |_| {
@@ -593,6 +595,9 @@ fn shutdown_from_a_handler_and_join() {
     server.join();
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(!sock.0.exists());
+    // The handle outlives the server harmlessly.
+    assert!(weak.is_shutting_down());
+    weak.shutdown();
 }
 
 #[test]

@@ -39,7 +39,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -149,15 +149,19 @@ impl Shared {
 
 /// Triggers shutdown of a running [`RpcServer`] without waiting for it, e.g.
 /// from an RPC handler (which must not wait: the server joins its thread).
+///
+/// It holds the server weakly: a handler stored in the registry may keep one
+/// without creating a reference cycle, and once the server is gone the
+/// handle does nothing.
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
 }
 
 impl std::fmt::Debug for ShutdownHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShutdownHandle")
-            .field("path", &self.shared.config.path)
+            .field("alive", &(self.shared.strong_count() > 0))
             .finish()
     }
 }
@@ -165,12 +169,17 @@ impl std::fmt::Debug for ShutdownHandle {
 impl ShutdownHandle {
     /// Asks the server to stop; returns at once.
     pub fn shutdown(&self) {
-        self.shared.request_stop();
+        if let Some(shared) = self.shared.upgrade() {
+            shared.request_stop();
+        }
     }
 
-    /// Whether shutdown has been requested.
+    /// Whether shutdown has been requested (or the server is gone).
     pub fn is_shutting_down(&self) -> bool {
-        self.shared.stopping.load(Ordering::Acquire)
+        match self.shared.upgrade() {
+            Some(shared) => shared.stopping.load(Ordering::Acquire),
+            None => true,
+        }
     }
 }
 
@@ -290,13 +299,14 @@ impl RpcServer {
     /// A handle that can trigger shutdown from elsewhere (e.g. a handler).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            shared: Arc::clone(&self.shared),
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
     /// Stops accepting, closes all connections, waits for every server
-    /// thread and removes the socket file. Must not be called from an RPC
-    /// handler (use [`ShutdownHandle`] there).
+    /// thread and removes the socket file. A handler that is running at the
+    /// time is waited for (its reply is dropped), so this must not be called
+    /// from an RPC handler: use [`ShutdownHandle`] there.
     pub fn shutdown(mut self) {
         self.stop();
     }
