@@ -639,3 +639,46 @@ fn client_timeout_and_server_idle_timeout() {
     std::thread::sleep(Duration::from_millis(500));
     raw.assert_closed();
 }
+
+#[test]
+fn half_closed_client_still_gets_its_answers() {
+    // `printf '{...}' | socat - UNIX-CONNECT:...` style: write, shut down
+    // the write half, then read everything.
+    let sock = TempSock::new("halfclose");
+    let _server = start(&sock);
+    let mut s = UnixStream::connect(&sock.0).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(
+        br#"{"jsonrpc":"2.0","method":"test_echo","params":[1],"id":1}
+{"jsonrpc":"2.0","method":"test_echo","params":[2],"id":2}"#,
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["result"], json!([2]));
+}
+
+#[test]
+fn bad_configuration_and_paths_are_errors() {
+    let sock = TempSock::new("cfg");
+    let mut config = ServerConfig::new(&sock.0);
+    config.max_connections = 0;
+    assert!(matches!(
+        RpcServer::start(config, registry(Arc::new(AtomicUsize::new(0)))),
+        Err(ServerError::InvalidConfig(_))
+    ));
+    let missing_dir = std::env::temp_dir()
+        .join(format!("mp-rpc-no-such-dir-{}", std::process::id()))
+        .join("s.sock");
+    match RpcServer::bind(missing_dir, registry(Arc::new(AtomicUsize::new(0)))) {
+        Err(e @ ServerError::Io { .. }) => assert!(e.to_string().contains("bind"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!sock.0.exists());
+}
