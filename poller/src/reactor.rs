@@ -482,6 +482,9 @@ impl Core {
                 && stop_seen.is_none()
                 && now.duration_since(last_work) >= self.config.idle_timeout
             {
+                // Publish first: a reactor may now block for a long time.
+                self.stats.borrow().publish(&self.shared.stats);
+                last_publish = now;
                 let deadline = self.timers.borrow_mut().next_deadline();
                 self.block(deadline);
                 let after = Instant::now();

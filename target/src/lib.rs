@@ -3,6 +3,7 @@
 //! Volumes and their backends, the front ends that export them (NVMe/TCP,
 //! iSCSI), the JSON-RPC admin socket and the daemon that ties them together.
 
+pub mod daemon;
 pub mod iscsi;
 pub mod nvmf;
 pub mod rpc;

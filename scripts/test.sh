@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, the loom models, and every
+# test of the workspace. CI runs exactly this (through .ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== loom models (lock-free code, every interleaving)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
+    cargo test -p mirrorpoint-poller --lib wake::loom_tests
+
+echo "== workspace tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi

@@ -1,0 +1,217 @@
+//! The admin methods of the foundation: volumes (`bdev_*`), reactors
+//! (`framework_get_reactors`), the version, and `save_config`.
+//!
+//! Handlers run on the admin socket's threads, never on a reactor: they only
+//! touch control-plane state (the volume registry, published reactor
+//! counters) and open files, which may block.
+
+use super::config::{ConfigCall, ConfigFile, SubsystemConfig};
+use super::DaemonState;
+use crate::rpc::{parse_params, MethodRegistry, RegisterError, RpcError};
+use crate::volume::registry::{MallocParams, UringParams};
+use crate::volume::{CreateError, VolumeSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Maps a volume creation error onto an RPC error (SPDK uses negative errnos).
+fn create_error(e: CreateError) -> RpcError {
+    match e {
+        CreateError::Invalid(msg) => RpcError::invalid_params(msg),
+        CreateError::Exists(name) => RpcError::app(
+            -libc::EEXIST,
+            format!("File exists: volume '{name}' already exists"),
+        ),
+        CreateError::NotFound(name) => RpcError::app(
+            -libc::ENODEV,
+            format!("No such device: no volume named '{name}'"),
+        ),
+        CreateError::Io { what, source } => RpcError::app(
+            -source.raw_os_error().unwrap_or(libc::EIO),
+            format!("{what}: {source}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParam {
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OptionalName {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SaveConfigParams {
+    /// Also write the config to this file (atomically).
+    #[serde(default)]
+    filename: Option<PathBuf>,
+}
+
+/// Registers every foundation method.
+pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<(), RegisterError> {
+    let s = state.clone();
+    methods.register("bdev_malloc_create", move |p| {
+        let params: MallocParams = parse_params(p)?;
+        let v = s
+            .volumes
+            .create(VolumeSpec::Malloc(params))
+            .map_err(create_error)?;
+        tracing::info!(
+            name = v.name(),
+            blocks = v.num_blocks(),
+            "created malloc volume"
+        );
+        Ok(Value::String(v.name().to_string()))
+    })?;
+    let s = state.clone();
+    methods.register("bdev_uring_create", move |p| {
+        let params: UringParams = parse_params(p)?;
+        let v = s
+            .volumes
+            .create(VolumeSpec::Uring(params))
+            .map_err(create_error)?;
+        tracing::info!(
+            name = v.name(),
+            blocks = v.num_blocks(),
+            "created uring volume"
+        );
+        Ok(Value::String(v.name().to_string()))
+    })?;
+    for method in ["bdev_delete", "bdev_malloc_delete", "bdev_uring_delete"] {
+        let s = state.clone();
+        methods.register(method, move |p| {
+            let params: NameParam = parse_params(p)?;
+            s.volumes.delete(&params.name).map_err(create_error)?;
+            tracing::info!(name = params.name, "deleted volume");
+            Ok(Value::Bool(true))
+        })?;
+    }
+    let s = state.clone();
+    methods.register("bdev_get_bdevs", move |p| {
+        let params: OptionalName = parse_params(p)?;
+        let infos = s.volumes.infos();
+        let picked: Vec<_> = match &params.name {
+            Some(n) => {
+                let one: Vec<_> = infos.into_iter().filter(|i| &i.name == n).collect();
+                if one.is_empty() {
+                    return Err(create_error(CreateError::NotFound(n.clone())));
+                }
+                one
+            }
+            None => infos,
+        };
+        serde_json::to_value(picked).map_err(RpcError::internal)
+    })?;
+    let s = state.clone();
+    methods.register("framework_get_reactors", move |p| {
+        let _: OptionalName = parse_params(p).and_then(|o: OptionalName| match o.name {
+            Some(_) => Err(RpcError::invalid_params(
+                "framework_get_reactors takes no parameters",
+            )),
+            None => Ok(o),
+        })?;
+        let reactors: Vec<Value> = s
+            .reactors
+            .iter()
+            .map(|h| {
+                let st = h.stats();
+                let total = st.busy_ns + st.idle_ns;
+                let busy_pct = if total == 0 {
+                    0.0
+                } else {
+                    st.busy_ns as f64 * 100.0 / total as f64
+                };
+                json!({
+                    "index": h.index(),
+                    "lcore": h.cpu(),
+                    "busy_ns": st.busy_ns,
+                    "idle_ns": st.idle_ns,
+                    "busy_percent": (busy_pct * 100.0).round() / 100.0,
+                    "ios_submitted": st.ios_submitted,
+                    "ios_completed": st.ios_completed,
+                    "tasks_run": st.tasks_run,
+                    "sleeps": st.sleeps,
+                })
+            })
+            .collect();
+        Ok(json!({
+            "busy_poll": s.options.busy_poll,
+            "idle_timeout_us": s.options.idle_timeout.as_micros() as u64,
+            "reactors": reactors,
+        }))
+    })?;
+    for method in ["mirrorpoint_get_version", "spdk_get_version"] {
+        methods.register(method, |p| {
+            let _: serde_json::Map<String, Value> = parse_params(p)?;
+            Ok(version_info())
+        })?;
+    }
+    let s = state.clone();
+    methods.register("save_config", move |p| {
+        let params: SaveConfigParams = parse_params(p)?;
+        let config = serde_json::to_value(current_config(&s)).map_err(RpcError::internal)?;
+        if let Some(path) = params.filename {
+            write_atomically(&path, &config).map_err(|e| {
+                RpcError::app(
+                    -e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            })?;
+        }
+        Ok(config)
+    })?;
+    Ok(())
+}
+
+/// The version answer.
+pub fn version_info() -> Value {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    json!({
+        "version": format!("mirrorpoint v{version}"),
+        "fields": {
+            "major": parts.next().unwrap_or(0),
+            "minor": parts.next().unwrap_or(0),
+            "patch": parts.next().unwrap_or(0),
+            "suffix": "",
+        }
+    })
+}
+
+/// The configuration that rebuilds the daemon's current state.
+pub fn current_config(state: &DaemonState) -> ConfigFile {
+    let bdev = state
+        .volumes
+        .specs()
+        .into_iter()
+        .map(|spec| ConfigCall {
+            method: spec.method().to_string(),
+            params: Some(spec.params()),
+        })
+        .collect();
+    ConfigFile {
+        subsystems: vec![SubsystemConfig {
+            subsystem: "bdev".to_string(),
+            config: bdev,
+        }],
+    }
+}
+
+fn write_atomically(path: &std::path::Path, value: &Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp-save");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,238 @@
+//! The daemon: reactors, volumes, and the admin socket, started together
+//! and stopped in the right order.
+//!
+//! Start: reactors first (volumes open channels on them), then the state
+//! from the config file (or the built-in default), then the admin socket, so
+//! that nobody can talk to a half-built target. Stop: the admin socket
+//! first, then the reactors drain their in-flight I/O, then every volume is
+//! synced to stable storage.
+
+pub mod config;
+pub mod methods;
+
+use crate::rpc::{MethodRegistry, RpcServer, ServerConfig, ServerError};
+use crate::volume::registry::UringParams;
+use crate::volume::{VolumeRegistry, VolumeSpec};
+use config::{ConfigError, ConfigFile};
+use mirrorpoint_poller::{
+    PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Size of the default volume's backing file.
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+/// Name of the default volume.
+pub const DEFAULT_VOLUME_NAME: &str = "vol0";
+/// Where the default configuration keeps its data.
+pub const DEFAULT_DATA_DIR: &str = "/var/tmp/mirrorpoint";
+
+/// How to start the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// CPUs to run reactors on (empty: the first CPU).
+    pub cores: Vec<usize>,
+    /// Admin socket path.
+    pub rpc_socket: PathBuf,
+    /// Configuration to start from; the built-in default when `None`.
+    pub config_file: Option<PathBuf>,
+    /// Where the built-in default keeps its volume.
+    pub data_dir: PathBuf,
+    /// Reactors never block (lab benchmarks).
+    pub busy_poll: bool,
+    /// Spin this long without work before blocking.
+    pub idle_timeout: Duration,
+    /// Buffer pool per reactor.
+    pub pool: PoolConfig,
+    /// Pin reactor threads to their CPUs.
+    pub pin: bool,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            cores: Vec::new(),
+            rpc_socket: PathBuf::from(crate::rpc::DEFAULT_SOCKET_PATH),
+            config_file: None,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            busy_poll: false,
+            idle_timeout: ReactorConfig::default().idle_timeout,
+            pool: PoolConfig::default(),
+            pin: true,
+        }
+    }
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The reactors could not start.
+    #[error("reactors: {0}")]
+    Reactor(#[from] ReactorError),
+    /// The configuration could not be loaded.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The admin socket could not start.
+    #[error("admin socket: {0}")]
+    Rpc(#[from] ServerError),
+    /// The default configuration could not be built.
+    #[error("default configuration: {0}")]
+    Default(String),
+    /// Method registration clashed (a bug).
+    #[error("method registration: {0}")]
+    Register(#[from] crate::rpc::RegisterError),
+}
+
+/// State the admin methods share.
+pub struct DaemonState {
+    /// Every volume.
+    pub volumes: VolumeRegistry,
+    /// Handles to the reactors.
+    pub reactors: Vec<ReactorHandle>,
+    /// The options the daemon started with.
+    pub options: DaemonOptions,
+}
+
+/// A running target.
+pub struct Daemon {
+    runtime: Option<Runtime>,
+    state: Arc<DaemonState>,
+    server: Option<RpcServer>,
+    methods: Arc<MethodRegistry>,
+    /// What start-up did, line by line, for the operator.
+    pub startup_report: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts reactors, loads the configuration (or the default) and opens
+    /// the admin socket.
+    pub fn start(options: DaemonOptions) -> Result<Daemon, DaemonError> {
+        let runtime = Runtime::start(RuntimeConfig {
+            cores: options.cores.clone(),
+            reactor: ReactorConfig {
+                busy_poll: options.busy_poll,
+                idle_timeout: options.idle_timeout,
+                pool: options.pool,
+                ..ReactorConfig::default()
+            },
+            pin: options.pin,
+        })?;
+        let mut report = Vec::new();
+        let cpus: Vec<String> = runtime
+            .handles()
+            .iter()
+            .map(|h| h.cpu().to_string())
+            .collect();
+        report.push(format!(
+            "reactors on cpu {} ({})",
+            cpus.join(","),
+            if options.busy_poll {
+                "busy-poll"
+            } else {
+                "adaptive polling"
+            }
+        ));
+        let state = Arc::new(DaemonState {
+            volumes: VolumeRegistry::new(),
+            reactors: runtime.handles().to_vec(),
+            options: options.clone(),
+        });
+        let methods = Arc::new(MethodRegistry::new());
+        methods::register(&methods, &state)?;
+        match &options.config_file {
+            Some(path) => {
+                let cfg = ConfigFile::read(path)?;
+                let n = cfg.apply(&methods)?;
+                report.push(format!("applied {n} calls from {}", path.display()));
+            }
+            None => {
+                let line = Self::apply_default(&state, &options)?;
+                report.push(line);
+            }
+        }
+        for info in state.volumes.infos() {
+            report.push(format!(
+                "volume {}: {} blocks of {} bytes ({} MiB), {}",
+                info.name,
+                info.num_blocks,
+                info.block_size,
+                (info.num_blocks * u64::from(info.block_size)) >> 20,
+                info.product_name
+            ));
+        }
+        let server = RpcServer::start(ServerConfig::new(&options.rpc_socket), methods.clone())?;
+        report.push(format!("admin socket {}", options.rpc_socket.display()));
+        Ok(Daemon {
+            runtime: Some(runtime),
+            state,
+            server: Some(server),
+            methods,
+            startup_report: report,
+        })
+    }
+
+    fn apply_default(state: &DaemonState, options: &DaemonOptions) -> Result<String, DaemonError> {
+        let dir = &options.data_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DaemonError::Default(format!("cannot create {}: {e}", dir.display())))?;
+        let file = dir.join(format!("{DEFAULT_VOLUME_NAME}.img"));
+        state
+            .volumes
+            .create(VolumeSpec::Uring(UringParams {
+                name: DEFAULT_VOLUME_NAME.to_string(),
+                filename: file.clone(),
+                block_size: None,
+                size: Some(DEFAULT_VOLUME_SIZE),
+                queue_depth: None,
+                uuid: None,
+            }))
+            .map_err(|e| DaemonError::Default(e.to_string()))?;
+        Ok(format!(
+            "no --config given: built-in default, volume '{DEFAULT_VOLUME_NAME}' on {} ({} MiB, sparse)",
+            file.display(),
+            DEFAULT_VOLUME_SIZE >> 20
+        ))
+    }
+
+    /// Shared state (for front ends and tests).
+    pub fn state(&self) -> &Arc<DaemonState> {
+        &self.state
+    }
+
+    /// The method registry (for front ends to add their methods).
+    pub fn methods(&self) -> &Arc<MethodRegistry> {
+        &self.methods
+    }
+
+    /// Stops the admin socket, drains the reactors, syncs every volume.
+    /// Returns how many volumes were synced.
+    pub fn shutdown(mut self) -> usize {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> usize {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        if let Some(mut rt) = self.runtime.take() {
+            rt.shutdown();
+        }
+        let mut synced = 0;
+        for v in self.state.volumes.all() {
+            match v.sync_blocking() {
+                Ok(()) => synced += 1,
+                Err(e) => tracing::error!(volume = v.name(), "sync at shutdown failed: {e}"),
+            }
+        }
+        synced
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.runtime.is_some() || self.server.is_some() {
+            self.stop();
+        }
+    }
+}
