@@ -4,6 +4,7 @@
 //! iSCSI), the JSON-RPC admin socket and the daemon that ties them together.
 
 pub mod iscsi;
+pub mod mirror;
 pub mod nvmf;
 pub mod rpc;
 pub mod units;

@@ -1,0 +1,2 @@
+//! x
+pub fn fuzz_decode(_d: &[u8]) {}
