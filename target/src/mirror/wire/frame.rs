@@ -491,3 +491,371 @@ pub(crate) fn seal_header(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::wire::message::{Flush, Message, Write, WriteFlags};
+    use crate::mirror::wire::types::{Epoch, MirrorId, SeqNo};
+    use crate::units::ByteOffset;
+
+    const DATA: &[u8] = b"0123456789abcdef";
+
+    fn write_msg() -> Message<'static> {
+        Message::Write(Write {
+            mirror: MirrorId(7),
+            seq: SeqNo(42),
+            epoch: Epoch(3),
+            flags: WriteFlags::FUA,
+            offset: ByteOffset(4096),
+            data: DATA,
+        })
+    }
+
+    fn write_frame() -> Vec<u8> {
+        write_msg()
+            .encode_to_vec(&Framer::default(), RequestTag(0x1122_3344_5566_7788))
+            .unwrap()
+    }
+
+    fn reseal(frame: &mut [u8]) {
+        let hl = usize::from(u16::from_le_bytes([frame[10], frame[11]]));
+        let fixed: [u8; 32] = frame[..32].try_into().unwrap();
+        let crc = header_crc(&fixed, &frame[32..hl]);
+        frame[28..32].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn header_layout_is_byte_exact() {
+        let f = write_frame();
+        assert_eq!(f.len(), 32 + 40 + DATA.len());
+        assert_eq!(&f[0..4], b"MPWR");
+        assert_eq!(f[4], 1, "major");
+        assert_eq!(f[5], 0, "minor");
+        assert_eq!(&f[6..8], &[0x10, 0x00], "type Write");
+        assert_eq!(&f[8..10], &[0, 0], "flags");
+        assert_eq!(&f[10..12], &[72, 0], "header length");
+        assert_eq!(&f[12..16], &[16, 0, 0, 0], "payload length");
+        assert_eq!(
+            &f[16..24],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11],
+            "tag"
+        );
+        assert_eq!(
+            &f[24..28],
+            &crc32c::crc32c(DATA).to_le_bytes(),
+            "payload crc"
+        );
+        let mut covered = f[0..28].to_vec();
+        covered.extend_from_slice(&f[32..72]);
+        assert_eq!(
+            &f[28..32],
+            &crc32c::crc32c(&covered).to_le_bytes(),
+            "header crc"
+        );
+        // Write message header.
+        assert_eq!(&f[32..40], &7u64.to_le_bytes(), "mirror");
+        assert_eq!(&f[40..48], &42u64.to_le_bytes(), "seq");
+        assert_eq!(&f[48..52], &3u32.to_le_bytes(), "epoch");
+        assert_eq!(&f[52..56], &1u32.to_le_bytes(), "flags FUA");
+        assert_eq!(&f[56..64], &4096u64.to_le_bytes(), "offset");
+        assert_eq!(&f[64..68], &16u32.to_le_bytes(), "length");
+        assert_eq!(&f[68..72], &[0; 4], "reserved");
+        assert_eq!(&f[72..], DATA);
+    }
+
+    #[test]
+    fn flush_golden_bytes() {
+        let msg = Message::Flush(Flush {
+            mirror: MirrorId(1),
+            seq: SeqNo(2),
+            epoch: Epoch(3),
+        });
+        let f = msg
+            .encode_to_vec(&Framer::default(), RequestTag(9))
+            .unwrap();
+        let mut expected = Vec::new();
+        expected.extend_from_slice(b"MPWR\x01\x00\x12\x00\x00\x00\x38\x00\x00\x00\x00\x00");
+        expected.extend_from_slice(&9u64.to_le_bytes());
+        expected.extend_from_slice(&[0; 4]); // crc32c of no payload is 0
+        let mut meta = expected.clone();
+        let body = [1u64.to_le_bytes(), 2u64.to_le_bytes()].concat();
+        let body = [body, 3u32.to_le_bytes().to_vec(), vec![0; 4]].concat();
+        meta.extend_from_slice(&body);
+        expected.extend_from_slice(&crc32c::crc32c(&meta).to_le_bytes());
+        expected.extend_from_slice(&body);
+        assert_eq!(f, expected);
+    }
+
+    #[test]
+    fn decodes_zero_copy_and_reports_consumed() {
+        let f = write_frame();
+        let framer = Framer::default();
+        let Decoded::Complete { value, consumed } = framer.decode(&f).unwrap() else {
+            panic!("incomplete")
+        };
+        assert_eq!(consumed, f.len());
+        assert_eq!(value.header.tag, RequestTag(0x1122_3344_5566_7788));
+        assert_eq!(
+            value.payload.as_ptr(),
+            f[72..].as_ptr(),
+            "payload borrows the input"
+        );
+        let Message::Write(w) = value.message(framer.limits()).unwrap() else {
+            panic!("not a write")
+        };
+        assert_eq!(w.data.as_ptr(), f[72..].as_ptr());
+    }
+
+    #[test]
+    fn encoder_leaves_bulk_data_in_place() {
+        let data = vec![0xabu8; 4096];
+        let msg = Message::Write(Write {
+            data: &data,
+            ..match write_msg() {
+                Message::Write(w) => w,
+                _ => unreachable!(),
+            }
+        });
+        let mut head = [0u8; 128];
+        let enc = msg
+            .encode(&Framer::default(), RequestTag(1), &mut head)
+            .unwrap();
+        assert_eq!(enc.len, 72);
+        assert_eq!(enc.trailer.as_ptr(), data.as_ptr());
+        assert_eq!(&head[24..28], &crc32c::crc32c(&data).to_le_bytes());
+        let mut small = [0u8; 71];
+        assert_eq!(
+            msg.encode(&Framer::default(), RequestTag(1), &mut small),
+            Err(WireError::BufferTooSmall {
+                needed: 72,
+                available: 71
+            })
+        );
+    }
+
+    #[test]
+    fn truncated_input_needs_more_never_errors() {
+        let f = write_frame();
+        let framer = Framer::default();
+        for end in 0..f.len() {
+            match framer.decode(&f[..end]).unwrap() {
+                Decoded::NeedMore(n) => {
+                    assert!(n > 0);
+                    assert!(end + n <= f.len(), "asked past the frame at {end}");
+                    if end >= 72 {
+                        assert_eq!(end + n, f.len(), "exact once headers are in");
+                    }
+                }
+                other => panic!("prefix {end} decoded: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_feeding_reaches_the_frame() {
+        let f = write_frame();
+        let framer = Framer::default();
+        let mut have = 0;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            match framer.decode(&f[..have]).unwrap() {
+                Decoded::NeedMore(n) => have += n,
+                Decoded::Complete { consumed, .. } => {
+                    assert_eq!(consumed, f.len());
+                    break;
+                }
+            }
+        }
+        assert_eq!(rounds, 4, "32, then headers, then payload, then done");
+    }
+
+    #[test]
+    fn every_bit_flip_is_detected() {
+        let f = write_frame();
+        let framer = Framer::default();
+        for bit in 0..f.len() * 8 {
+            let mut g = f.clone();
+            g[bit / 8] ^= 1 << (bit % 8);
+            let r = framer.decode(&g);
+            assert!(r.is_err(), "flip of bit {bit} gave {r:?}");
+        }
+    }
+
+    #[test]
+    fn crc_errors_are_typed() {
+        let framer = Framer::default();
+        let mut f = write_frame();
+        f[80] ^= 1;
+        assert!(matches!(
+            framer.decode(&f),
+            Err(WireError::PayloadCrc { .. })
+        ));
+        let mut f = write_frame();
+        f[40] ^= 1;
+        assert!(matches!(
+            framer.decode(&f),
+            Err(WireError::HeaderCrc { .. })
+        ));
+        let mut f = write_frame();
+        f[20] ^= 1;
+        assert!(matches!(
+            framer.decode(&f),
+            Err(WireError::HeaderCrc { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_magic_is_refused_early() {
+        let framer = Framer::default();
+        assert_eq!(
+            framer.decode(b"MPX"),
+            Err(WireError::BadMagic { found: *b"MPX\0" })
+        );
+        assert_eq!(framer.decode(b"MP").unwrap(), Decoded::NeedMore(30));
+        let mut f = write_frame();
+        f[0] = b'X';
+        assert!(matches!(framer.decode(&f), Err(WireError::BadMagic { .. })));
+        assert!(matches!(
+            framer.decode(b"GET / HTTP/1.1\r\n"),
+            Err(WireError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn other_major_version_is_refused_other_minor_accepted() {
+        let framer = Framer::default();
+        let mut f = write_frame();
+        f[4] = 2;
+        f[5] = 7;
+        assert_eq!(
+            framer.decode(&f[..6]),
+            Err(WireError::VersionMismatch {
+                ours: ProtocolVersion::new(1, 0),
+                theirs: ProtocolVersion::new(2, 7)
+            })
+        );
+        let newer = write_msg()
+            .encode_to_vec(
+                &framer.with_version(ProtocolVersion::new(1, 3)),
+                RequestTag(5),
+            )
+            .unwrap();
+        let Decoded::Complete { value, .. } = framer.decode(&newer).unwrap() else {
+            panic!()
+        };
+        assert_eq!(value.header.version, ProtocolVersion::new(1, 3));
+    }
+
+    #[test]
+    fn oversize_payload_rejected_from_the_header_alone() {
+        let framer = Framer::default();
+        let mut f = write_frame();
+        f[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        reseal(&mut f);
+        // Only the 32-byte header is given: refused without waiting or allocating.
+        assert_eq!(
+            framer.decode(&f[..32]),
+            Err(WireError::PayloadTooLarge {
+                len: u32::MAX,
+                max: DEFAULT_MAX_PAYLOAD
+            })
+        );
+        let small = Framer::new(FrameLimits::new(8).unwrap());
+        assert_eq!(
+            small.decode(&write_frame()[..32]),
+            Err(WireError::PayloadTooLarge { len: 16, max: 8 })
+        );
+        assert!(FrameLimits::new(MAX_PAYLOAD_CAP + 1).is_none());
+        assert_eq!(
+            write_msg().encode_to_vec(&small, RequestTag(0)),
+            Err(WireError::TooMany {
+                msg: MsgType::Write,
+                what: "bytes",
+                count: 16,
+                max: 8
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_type_flags_and_header_length_are_refused() {
+        let framer = Framer::default();
+        let mut f = write_frame();
+        f[6] = 0xee;
+        reseal(&mut f);
+        assert_eq!(framer.decode(&f), Err(WireError::UnknownMessageType(0xee)));
+        let mut f = write_frame();
+        f[8] = 1;
+        reseal(&mut f);
+        assert_eq!(framer.decode(&f), Err(WireError::ReservedFrameFlags(1)));
+        let mut f = write_frame();
+        f[10] = 64;
+        reseal(&mut f);
+        assert_eq!(
+            framer.decode(&f),
+            Err(WireError::HeaderLength {
+                msg: MsgType::Write,
+                expected: 72,
+                found: 64
+            })
+        );
+    }
+
+    #[test]
+    fn split_receive_verifies_head_then_payload() {
+        let f = write_frame();
+        let framer = Framer::default();
+        let Decoded::Complete {
+            value: hdr,
+            consumed,
+        } = framer.decode_head(&f[..72]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((consumed, hdr.payload_len), (72, 16));
+        let pool = f[72..].to_vec(); // stands for an aligned pool buffer
+        let frame = framer.decode_split(&f[..72], &pool).unwrap();
+        assert_eq!(frame.payload.as_ptr(), pool.as_ptr());
+        assert_eq!(
+            framer.decode_split(&f[..72], &pool[..15]),
+            Err(WireError::PayloadMismatch {
+                declared: 16,
+                actual: 15
+            })
+        );
+        let mut bad = pool.clone();
+        bad[0] ^= 0x80;
+        assert!(matches!(
+            framer.decode_split(&f[..72], &bad),
+            Err(WireError::PayloadCrc { .. })
+        ));
+        assert!(framer.decode_split(&f[..71], &pool).is_err());
+    }
+
+    #[test]
+    fn back_to_back_frames() {
+        let framer = Framer::default();
+        let mut stream = write_frame();
+        stream.extend_from_slice(&write_frame());
+        stream.extend_from_slice(&write_frame()[..10]);
+        let mut rest = &stream[..];
+        let mut n = 0;
+        while let Decoded::Complete { consumed, .. } = framer.decode(rest).unwrap() {
+            rest = &rest[consumed..];
+            n += 1;
+        }
+        assert_eq!((n, rest.len()), (2, 10));
+    }
+
+    #[test]
+    fn every_type_has_an_aligned_header() {
+        for t in MsgType::ALL {
+            assert_eq!(MsgType::from_wire(t.to_wire()), Some(*t));
+            assert_eq!(t.msg_header_len() % 8, 0, "{t:?}");
+            assert!(t.header_len() <= usize::from(u16::MAX));
+        }
+        assert_eq!(MsgType::from_wire(0), None);
+    }
+}
