@@ -1293,3 +1293,533 @@ impl<'a> Message<'a> {
         Ok(msg)
     }
 }
+
+/// One valid example of every message type, for tests.
+#[cfg(test)]
+pub(crate) fn samples() -> Vec<Message<'static>> {
+    static DATA: [u8; 4096] = [0x5a; 4096];
+    static DIGESTS: [[u8; 32]; 3] = [[1; 32], [2; 32], [3; 32]];
+    let name = SiteName::new("site-a").unwrap();
+    let range = RangeDigest {
+        mirror: MirrorId(9),
+        offset: ByteOffset(1 << 20),
+        len: ByteLen(3 * 65536 - 100),
+        region_size: 65536,
+        algo: DigestAlgo::Sha256,
+    };
+    vec![
+        Message::Hello(Hello {
+            role: Role::Initiator,
+            versions: VersionRange::new(ProtocolVersion::new(1, 0), ProtocolVersion::new(1, 2))
+                .unwrap(),
+            nonce: [7; 32],
+            name,
+        }),
+        Message::HelloAck(HelloAck {
+            version: ProtocolVersion::new(1, 0),
+            proof: [9; 32],
+        }),
+        Message::Error(ErrorMsg {
+            code: ErrorCode::AuthFailed,
+            text: "authentication failed ✗".into(),
+        }),
+        Message::Write(Write {
+            mirror: MirrorId(1),
+            seq: SeqNo(100),
+            epoch: Epoch(2),
+            flags: WriteFlags::FUA.union(WriteFlags::RESYNC),
+            offset: ByteOffset(8192),
+            data: &DATA,
+        }),
+        Message::WriteAck(WriteAck {
+            seq: SeqNo(100),
+            status: Status::Ok,
+        }),
+        Message::Flush(Flush {
+            mirror: MirrorId(1),
+            seq: SeqNo(101),
+            epoch: Epoch(2),
+        }),
+        Message::FlushAck(FlushAck {
+            seq: SeqNo(101),
+            status: Status::IoError,
+        }),
+        Message::Read(Read {
+            mirror: MirrorId(1),
+            offset: ByteOffset(0),
+            len: ByteLen(4096),
+        }),
+        Message::ReadResp(ReadResp {
+            status: Status::Ok,
+            data: &DATA,
+        }),
+        Message::WriteZeroes(WriteZeroes {
+            mirror: MirrorId(1),
+            seq: SeqNo(102),
+            epoch: Epoch(2),
+            flags: WriteFlags::MAY_UNMAP,
+            offset: ByteOffset(1 << 30),
+            len: ByteLen(1 << 40),
+        }),
+        Message::Unmap(Unmap {
+            mirror: MirrorId(1),
+            seq: SeqNo(103),
+            epoch: Epoch(2),
+            offset: ByteOffset(0),
+            len: ByteLen(512),
+        }),
+        Message::RangeDigest(range),
+        Message::RangeDigestResp(RangeDigestResp {
+            range,
+            status: Status::Ok,
+            digests: DigestList::from_sha256(&DIGESTS),
+        }),
+        Message::SplitMarker(SplitMarker {
+            mirror: MirrorId(1),
+            epoch: Epoch(3),
+            seq: SeqNo(104),
+        }),
+        Message::Heartbeat(Heartbeat {
+            counter: 5,
+            sent: Timestamp(1_700_000_000_000_000_000),
+        }),
+        Message::HeartbeatAck(HeartbeatAck {
+            counter: 5,
+            echo_sent: Timestamp(1_700_000_000_000_000_000),
+            received: Timestamp(1_700_000_000_000_100_000),
+            replied: Timestamp(1_700_000_000_000_150_000),
+        }),
+        Message::CapacityReport(CapacityReport {
+            domain: DomainId(2),
+            reported_at: Timestamp(77),
+            servers: vec![
+                ServerCapacity {
+                    server: StorageServerId(1),
+                    health: Health::Healthy,
+                    total: ByteLen(1 << 40),
+                    free: ByteLen(1 << 39),
+                },
+                ServerCapacity {
+                    server: StorageServerId(4),
+                    health: Health::Degraded,
+                    total: ByteLen(1 << 41),
+                    free: ByteLen(0),
+                },
+            ],
+        }),
+        Message::AllocateRequest(AllocateRequest {
+            mirror: MirrorId(11),
+            size: ByteLen(10 << 30),
+            domain: DomainId(2),
+        }),
+        Message::AllocateResponse(AllocateResponse {
+            mirror: MirrorId(11),
+            status: Status::Ok,
+            extents: vec![
+                Extent {
+                    server: StorageServerId(4),
+                    device_offset: ByteOffset(1 << 30),
+                    len: ByteLen(4 << 30),
+                    logical_offset: ByteOffset(0),
+                },
+                Extent {
+                    server: StorageServerId(1),
+                    device_offset: ByteOffset(0),
+                    len: ByteLen(6 << 30),
+                    logical_offset: ByteOffset(4 << 30),
+                },
+            ],
+        }),
+        Message::ReleaseRequest(ReleaseRequest {
+            mirror: MirrorId(11),
+            domain: DomainId(2),
+        }),
+        Message::ReleaseAck(ReleaseAck {
+            mirror: MirrorId(11),
+            status: Status::NotFound,
+        }),
+        Message::GenerationExchange(GenerationExchange {
+            mirror: MirrorId(1),
+            leg: LegId(2),
+            current: Generation(0xdead_beef),
+            bitmap: Generation(0xcafe),
+            history: [Generation(3), Generation(0)],
+            flags: GenerationFlags::PRIMARY,
+        }),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::{Decoded, Framer};
+    use super::*;
+
+    fn framer() -> Framer {
+        Framer::default()
+    }
+
+    fn round_trip(msg: &Message<'_>) {
+        let f = framer();
+        let bytes = msg.encode_to_vec(&f, RequestTag(77)).unwrap();
+        assert_eq!(bytes.len(), msg.encoded_len());
+        let Decoded::Complete {
+            value: (tag, back),
+            consumed,
+        } = f.decode_message(&bytes).unwrap()
+        else {
+            panic!("incomplete")
+        };
+        assert_eq!((tag, consumed), (RequestTag(77), bytes.len()));
+        assert_eq!(&back, msg);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let samples = samples();
+        let mut seen: Vec<MsgType> = samples.iter().map(Message::msg_type).collect();
+        seen.dedup();
+        assert_eq!(seen, MsgType::ALL, "a sample for every type, in order");
+        for m in &samples {
+            round_trip(m);
+        }
+    }
+
+    #[test]
+    fn error_statuses_round_trip() {
+        round_trip(&Message::ReadResp(ReadResp {
+            status: Status::OutOfRange,
+            data: &[],
+        }));
+        round_trip(&Message::AllocateResponse(AllocateResponse {
+            mirror: MirrorId(1),
+            status: Status::NoSpace,
+            extents: vec![],
+        }));
+        let Message::RangeDigestResp(mut r) = samples()[12] else {
+            panic!()
+        };
+        r.status = Status::Busy;
+        r.digests = DigestList::default();
+        round_trip(&Message::RangeDigestResp(r));
+    }
+
+    /// Message header and payload of a sample, for corrupting past the CRCs.
+    fn parts(msg: &Message<'_>) -> (MsgType, Vec<u8>, Vec<u8>) {
+        let bytes = msg.encode_to_vec(&framer(), RequestTag(0)).unwrap();
+        let t = msg.msg_type();
+        let hl = t.header_len();
+        (t, bytes[32..hl].to_vec(), bytes[hl..].to_vec())
+    }
+
+    fn decode(t: MsgType, h: &[u8], p: &[u8]) -> Result<(), WireError> {
+        Message::decode_parts(t, h, p, &FrameLimits::default()).map(|_| ())
+    }
+
+    #[test]
+    fn write_validation() {
+        let (t, mut h, p) = parts(&samples()[3]);
+        assert!(decode(t, &h, &p).is_ok());
+        // Declared length disagrees with the payload.
+        assert!(matches!(
+            decode(t, &h, &p[1..]),
+            Err(WireError::PayloadLength {
+                declared: 4096,
+                actual: 4095,
+                ..
+            })
+        ));
+        // Offset + length overflows.
+        let mut h2 = h.clone();
+        h2[24..32].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+        assert!(matches!(
+            decode(t, &h2, &p),
+            Err(WireError::RangeOverflow { .. })
+        ));
+        // Unknown flag bit.
+        let mut h2 = h.clone();
+        h2[20] = 0x80;
+        assert!(matches!(
+            decode(t, &h2, &p),
+            Err(WireError::UnknownFlags { flags: 0x80, .. })
+        ));
+        // MAY_UNMAP is for WriteZeroes only.
+        h2[20] = 4;
+        assert!(matches!(
+            decode(t, &h2, &p),
+            Err(WireError::UnknownFlags { flags: 4, .. })
+        ));
+        // Reserved bytes.
+        h[36] = 1;
+        assert!(matches!(
+            decode(t, &h, &p),
+            Err(WireError::InvalidField {
+                field: "reserved",
+                ..
+            })
+        ));
+        // Empty writes.
+        let empty = Message::Write(Write {
+            data: &[],
+            ..match samples()[3] {
+                Message::Write(w) => w,
+                _ => unreachable!(),
+            }
+        });
+        assert!(empty.encode_to_vec(&framer(), RequestTag(0)).is_err());
+    }
+
+    #[test]
+    fn wrong_message_header_size_is_refused() {
+        let (t, h, p) = parts(&samples()[5]);
+        assert!(matches!(
+            decode(t, &h[..8], &p),
+            Err(WireError::HeaderLength { .. })
+        ));
+        assert!(matches!(
+            decode(t, &h, &[0]),
+            Err(WireError::PayloadLength { declared: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn statuses_and_codes_must_be_known() {
+        let (t, mut h, p) = parts(&samples()[4]);
+        h[8] = 200;
+        assert!(matches!(
+            decode(t, &h, &p),
+            Err(WireError::InvalidField {
+                field: "status",
+                ..
+            })
+        ));
+        let (t, mut h, p) = parts(&samples()[2]);
+        h[0] = 0;
+        assert!(matches!(
+            decode(t, &h, &p),
+            Err(WireError::InvalidField { field: "code", .. })
+        ));
+    }
+
+    #[test]
+    fn read_and_read_resp_validation() {
+        let too_big = Message::Read(Read {
+            mirror: MirrorId(1),
+            offset: ByteOffset(0),
+            len: ByteLen(u64::from(DEFAULT_MAX_PAYLOAD_FOR_TESTS) + 1),
+        });
+        assert!(matches!(
+            too_big.encode_to_vec(&framer(), RequestTag(0)),
+            Err(WireError::TooMany { .. })
+        ));
+        let err_with_data = Message::ReadResp(ReadResp {
+            status: Status::IoError,
+            data: b"x",
+        });
+        assert!(err_with_data.validate(&FrameLimits::default()).is_err());
+    }
+
+    const DEFAULT_MAX_PAYLOAD_FOR_TESTS: u32 = super::super::frame::DEFAULT_MAX_PAYLOAD;
+
+    #[test]
+    fn digest_validation() {
+        let Message::RangeDigestResp(r) = samples()[12] else {
+            panic!()
+        };
+        assert_eq!(r.range.region_count(), 3);
+        assert_eq!(r.digests.iter().count(), 3);
+        // One digest short of the range.
+        let short = Message::RangeDigestResp(RangeDigestResp {
+            digests: DigestList::from_sha256(&[[0; 32]; 2]),
+            ..r
+        });
+        assert!(short.validate(&FrameLimits::default()).is_err());
+        let (t, h, p) = parts(&Message::RangeDigestResp(r));
+        assert!(matches!(
+            decode(t, &h, &p[..64]),
+            Err(WireError::PayloadLength { .. })
+        ));
+        // Region size must be a power of two within bounds.
+        for bad in [0u32, 100, 256, 3 << 20, 1 << 31] {
+            let m = Message::RangeDigest(RangeDigest {
+                region_size: bad,
+                ..r.range
+            });
+            assert!(m.validate(&FrameLimits::default()).is_err(), "{bad}");
+        }
+        // The answer must fit a frame.
+        let huge = Message::RangeDigest(RangeDigest {
+            len: ByteLen(1 << 40),
+            region_size: 4096,
+            ..r.range
+        });
+        assert!(matches!(
+            huge.validate(&FrameLimits::default()),
+            Err(WireError::TooMany {
+                what: "digest regions",
+                ..
+            })
+        ));
+        // Unknown algorithm.
+        let (t, mut h, p) = parts(&Message::RangeDigest(r.range));
+        h[28] = 9;
+        assert!(decode(t, &h, &p).is_err());
+    }
+
+    #[test]
+    fn extent_maps_must_be_sorted_disjoint_and_bounded() {
+        let Message::AllocateResponse(ok) = samples()[18].clone() else {
+            panic!()
+        };
+        let limits = FrameLimits::default();
+        let mut swapped = ok.clone();
+        swapped.extents.reverse();
+        assert!(Message::AllocateResponse(swapped)
+            .validate(&limits)
+            .is_err());
+        let mut logical_overlap = ok.clone();
+        logical_overlap.extents[1].logical_offset = ByteOffset((4 << 30) - 1);
+        assert!(Message::AllocateResponse(logical_overlap)
+            .validate(&limits)
+            .is_err());
+        let mut device_overlap = ok.clone();
+        device_overlap.extents[1].server = StorageServerId(4);
+        device_overlap.extents[1].device_offset = ByteOffset((5 << 30) - 1);
+        assert!(Message::AllocateResponse(device_overlap.clone())
+            .validate(&limits)
+            .is_err());
+        device_overlap.extents[1].device_offset = ByteOffset(5 << 30);
+        assert!(Message::AllocateResponse(device_overlap)
+            .validate(&limits)
+            .is_ok());
+        let mut overflow = ok.clone();
+        overflow.extents[0].device_offset = ByteOffset(u64::MAX);
+        assert!(Message::AllocateResponse(overflow)
+            .validate(&limits)
+            .is_err());
+        let mut empty_ok = ok.clone();
+        empty_ok.extents.clear();
+        assert!(Message::AllocateResponse(empty_ok)
+            .validate(&limits)
+            .is_err());
+        let mut err_with_map = ok.clone();
+        err_with_map.status = Status::NoSpace;
+        assert!(Message::AllocateResponse(err_with_map)
+            .validate(&limits)
+            .is_err());
+        // A huge count is refused before any allocation or payload check.
+        let (t, mut h, _) = parts(&Message::AllocateResponse(ok));
+        h[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(t, &h, &[]),
+            Err(WireError::TooMany {
+                what: "extents",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn capacity_reports_are_checked() {
+        let Message::CapacityReport(c) = samples()[16].clone() else {
+            panic!()
+        };
+        let limits = FrameLimits::default();
+        let mut dup = c.clone();
+        dup.servers[1].server = StorageServerId(1);
+        assert!(Message::CapacityReport(dup).validate(&limits).is_err());
+        let mut over = c.clone();
+        over.servers[0].free = ByteLen((1 << 40) + 1);
+        assert!(Message::CapacityReport(over).validate(&limits).is_err());
+        let (t, h, mut p) = parts(&Message::CapacityReport(c));
+        p[4] = 3; // health
+        assert!(matches!(
+            decode(t, &h, &p),
+            Err(WireError::InvalidField {
+                field: "health",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn small_messages_are_checked() {
+        let limits = FrameLimits::default();
+        let hb = Message::HeartbeatAck(HeartbeatAck {
+            counter: 1,
+            echo_sent: Timestamp(5),
+            received: Timestamp(10),
+            replied: Timestamp(9),
+        });
+        assert!(hb.validate(&limits).is_err());
+        let alloc = Message::AllocateRequest(AllocateRequest {
+            mirror: MirrorId(1),
+            size: ByteLen(0),
+            domain: DomainId(1),
+        });
+        assert!(alloc.validate(&limits).is_err());
+        let gen = Message::GenerationExchange(GenerationExchange {
+            flags: GenerationFlags(8),
+            ..match samples()[21] {
+                Message::GenerationExchange(g) => g,
+                _ => unreachable!(),
+            }
+        });
+        assert!(gen.validate(&limits).is_err());
+        let long = Message::Error(ErrorMsg {
+            code: ErrorCode::Internal,
+            text: "x".repeat(MAX_ERROR_TEXT + 1),
+        });
+        assert!(long.validate(&limits).is_err());
+        let (t, h, _) = parts(&samples()[2]);
+        assert!(matches!(
+            decode(t, &h, &[0xff; 26]),
+            Err(WireError::PayloadLength { .. }) | Err(WireError::InvalidField { .. })
+        ));
+        let bad_utf8 = {
+            let mut h = h.clone();
+            h[4..8].copy_from_slice(&2u32.to_le_bytes());
+            decode(t, &h, &[0xc3, 0x28])
+        };
+        assert!(matches!(
+            bad_utf8,
+            Err(WireError::InvalidField { field: "text", .. })
+        ));
+        let z = Message::Unmap(Unmap {
+            mirror: MirrorId(1),
+            seq: SeqNo(1),
+            epoch: Epoch(1),
+            offset: ByteOffset(u64::MAX),
+            len: ByteLen(1),
+        });
+        assert!(matches!(
+            z.validate(&limits),
+            Err(WireError::RangeOverflow { .. })
+        ));
+    }
+
+    #[test]
+    fn hello_name_and_versions_are_checked() {
+        let (t, h, p) = parts(&samples()[0]);
+        assert!(decode(t, &h, b"bad name").is_err(), "length mismatch");
+        assert!(matches!(
+            decode(t, &h, b"bad na"),
+            Err(WireError::InvalidField { field: "name", .. })
+        ));
+        let mut h2 = h.clone();
+        h2[2] = 1;
+        h2[3] = 5; // min 1.5 > max 1.2
+        assert!(matches!(
+            decode(t, &h2, &p),
+            Err(WireError::InvalidField {
+                field: "versions",
+                ..
+            })
+        ));
+        let mut h3 = h.clone();
+        h3[0] = 3;
+        assert!(matches!(
+            decode(t, &h3, &p),
+            Err(WireError::InvalidField { field: "role", .. })
+        ));
+    }
+}
