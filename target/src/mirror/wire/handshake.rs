@@ -440,3 +440,359 @@ impl Acceptor {
         matches!(self.0.state, State::Done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::{Decoded, Framer, MsgType};
+    use super::super::types::RequestTag;
+    use super::*;
+
+    fn cfg(secret: &[u8], name: &str) -> HandshakeConfig {
+        HandshakeConfig::new(
+            SharedSecret::new(secret).unwrap(),
+            SiteName::new(name).unwrap(),
+        )
+    }
+
+    const SECRET: &[u8] = b"correct horse battery staple";
+
+    /// Sends messages through the real codec, as a socket would.
+    fn wire(msg: &Message<'static>) -> Message<'static> {
+        let framer = Framer::default();
+        let bytes = msg.encode_to_vec(&framer, RequestTag(0)).unwrap();
+        match framer.decode_message(&bytes).unwrap() {
+            Decoded::Complete { value: (_, m), .. } => match m {
+                Message::Hello(h) => Message::Hello(h),
+                Message::HelloAck(a) => Message::HelloAck(a),
+                Message::Error(e) => Message::Error(e),
+                other => panic!("unexpected {other:?}"),
+            },
+            Decoded::NeedMore(_) => panic!("incomplete"),
+        }
+    }
+
+    struct Run {
+        initiator: Result<Established, HandshakeError>,
+        acceptor: Result<Established, HandshakeError>,
+    }
+
+    /// Runs both machines against each other until both decided.
+    fn run(ci: HandshakeConfig, ca: HandshakeConfig) -> Run {
+        let (mut i, hello) = Initiator::start(ci).unwrap();
+        let mut a = Acceptor::new(ca).unwrap();
+        let mut to_a = vec![wire(&hello)];
+        let mut to_i: Vec<Message<'static>> = Vec::new();
+        let (mut ri, mut ra) = (None, None);
+        for _ in 0..8 {
+            for m in std::mem::take(&mut to_a) {
+                if ra.is_some() {
+                    break;
+                }
+                match a.handle(&m) {
+                    Ok(step) => {
+                        to_i.extend(step.send.iter().map(wire));
+                        if let Some(e) = step.established {
+                            ra = Some(Ok(e));
+                        }
+                    }
+                    Err(e) => {
+                        to_i.push(wire(&e.to_wire()));
+                        ra = Some(Err(e));
+                    }
+                }
+            }
+            for m in std::mem::take(&mut to_i) {
+                if ri.is_some() {
+                    break;
+                }
+                match i.handle(&m) {
+                    Ok(step) => {
+                        to_a.extend(step.send.iter().map(wire));
+                        if let Some(e) = step.established {
+                            ri = Some(Ok(e));
+                        }
+                    }
+                    Err(e) => {
+                        to_a.push(wire(&e.to_wire()));
+                        ri = Some(Err(e));
+                    }
+                }
+            }
+        }
+        Run {
+            initiator: ri.expect("initiator undecided"),
+            acceptor: ra.expect("acceptor undecided"),
+        }
+    }
+
+    #[test]
+    fn success_both_ways() {
+        let r = run(cfg(SECRET, "site-a"), cfg(SECRET, "site-b"));
+        let ei = r.initiator.unwrap();
+        let ea = r.acceptor.unwrap();
+        assert_eq!(ei.peer_name.as_str(), "site-b");
+        assert_eq!(ea.peer_name.as_str(), "site-a");
+        assert_eq!(ei.version, ProtocolVersion::CURRENT);
+        assert_eq!(ea.version, ProtocolVersion::CURRENT);
+        // And the other way round (b initiates).
+        let r = run(cfg(SECRET, "site-b"), cfg(SECRET, "site-a"));
+        assert_eq!(r.initiator.unwrap().peer_name.as_str(), "site-a");
+        assert_eq!(r.acceptor.unwrap().peer_name.as_str(), "site-b");
+    }
+
+    #[test]
+    fn negotiates_highest_common_minor() {
+        let v = ProtocolVersion::new;
+        let mut ci = cfg(SECRET, "a");
+        ci.versions = VersionRange::new(v(1, 0), v(1, 4)).unwrap();
+        let mut ca = cfg(SECRET, "b");
+        ca.versions = VersionRange::new(v(1, 2), v(1, 7)).unwrap();
+        let r = run(ci, ca);
+        assert_eq!(r.initiator.unwrap().version, v(1, 4));
+        assert_eq!(r.acceptor.unwrap().version, v(1, 4));
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_on_both_sides() {
+        let r = run(cfg(SECRET, "a"), cfg(b"another secret of 16+ bytes", "b"));
+        assert_eq!(r.initiator, Err(HandshakeError::AuthFailed));
+        assert_eq!(r.acceptor, Err(HandshakeError::AuthFailed));
+    }
+
+    #[test]
+    fn version_mismatch_names_both_ranges() {
+        let v = ProtocolVersion::new;
+        let mut ci = cfg(SECRET, "a");
+        ci.versions = VersionRange::new(v(1, 0), v(1, 1)).unwrap();
+        let mut ca = cfg(SECRET, "b");
+        ca.versions = VersionRange::new(v(1, 3), v(1, 4)).unwrap();
+        let r = run(ci, ca);
+        let ours = VersionRange::new(v(1, 3), v(1, 4)).unwrap();
+        let theirs = VersionRange::new(v(1, 0), v(1, 1)).unwrap();
+        assert_eq!(
+            r.acceptor,
+            Err(HandshakeError::VersionMismatch { ours, theirs })
+        );
+        match r.initiator {
+            Err(HandshakeError::PeerRefused { code, message }) => {
+                assert_eq!(code, ErrorCode::VersionMismatch);
+                assert!(
+                    message.contains("1.3..=1.4") && message.contains("1.0..=1.1"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn expected_peer_is_enforced() {
+        let mut ca = cfg(SECRET, "b");
+        ca.expected_peer = Some(SiteName::new("site-a").unwrap());
+        let r = run(cfg(SECRET, "mallory"), ca);
+        assert!(matches!(
+            r.acceptor,
+            Err(HandshakeError::UnexpectedPeer { .. })
+        ));
+        assert!(matches!(
+            r.initiator,
+            Err(HandshakeError::PeerRefused {
+                code: ErrorCode::UnexpectedPeer,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn out_of_order_messages_are_refused() {
+        let ack = Message::HelloAck(HelloAck {
+            version: ProtocolVersion::CURRENT,
+            proof: [0; 32],
+        });
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        assert_eq!(
+            a.handle(&ack),
+            Err(HandshakeError::UnexpectedMessage {
+                state: "awaiting Hello",
+                got: MsgType::HelloAck
+            })
+        );
+        // A failed machine takes no more input.
+        assert_eq!(a.handle(&ack), Err(HandshakeError::Finished("failed")));
+
+        let (mut i, _) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        assert!(matches!(
+            i.handle(&ack),
+            Err(HandshakeError::UnexpectedMessage { .. })
+        ));
+
+        // Data before authentication.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        let sent = a.handle(&hello).unwrap().send;
+        assert_eq!(sent.len(), 2);
+        let flush = Message::Flush(super::super::message::Flush {
+            mirror: super::super::types::MirrorId(1),
+            seq: super::super::types::SeqNo(1),
+            epoch: super::super::types::Epoch(1),
+        });
+        assert_eq!(
+            a.handle(&flush),
+            Err(HandshakeError::UnexpectedMessage {
+                state: "awaiting HelloAck",
+                got: MsgType::Flush
+            })
+        );
+        // The initiator gets the acceptor's HelloAck before its Hello.
+        assert!(matches!(
+            i.handle(&sent[1]),
+            Err(HandshakeError::UnexpectedMessage { .. })
+        ));
+    }
+
+    #[test]
+    fn established_machines_refuse_more_handshake() {
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        let to_i = a.handle(&hello).unwrap().send;
+        let s1 = i.handle(&to_i[0]).unwrap();
+        assert!(s1.established.is_none());
+        let s2 = i.handle(&to_i[1]).unwrap();
+        assert!(s2.established.is_some() && s2.send.is_empty());
+        assert!(i.is_established());
+        let s3 = a.handle(&s1.send[0]).unwrap();
+        assert!(s3.established.is_some());
+        assert!(a.is_established());
+        assert_eq!(
+            a.handle(&hello),
+            Err(HandshakeError::Finished("established"))
+        );
+        assert_eq!(
+            i.handle(&to_i[1]),
+            Err(HandshakeError::Finished("established"))
+        );
+    }
+
+    #[test]
+    fn nonce_replay_and_reflection_are_refused() {
+        // The initiator's own Hello reflected back at it.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        assert_eq!(i.handle(&hello), Err(HandshakeError::RoleConflict));
+
+        // Reflected with the role flipped: its own nonce comes back.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let Message::Hello(mut h) = hello.clone() else {
+            panic!()
+        };
+        h.role = Role::Acceptor;
+        assert_eq!(
+            i.handle(&Message::Hello(h)),
+            Err(HandshakeError::NonceReplay)
+        );
+
+        // A second Hello with a nonce already seen in this connection.
+        let (_, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        a.handle(&hello).unwrap();
+        assert_eq!(a.handle(&hello), Err(HandshakeError::NonceReplay));
+
+        // All-zero nonce.
+        let (_, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let Message::Hello(mut h) = hello else {
+            panic!()
+        };
+        h.nonce = [0; 32];
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        assert_eq!(a.handle(&Message::Hello(h)), Err(HandshakeError::WeakNonce));
+    }
+
+    #[test]
+    fn proofs_do_not_transfer_between_connections() {
+        // Record a good run's initiator proof, replay it to a new acceptor.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a1 = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        let to_i = a1.handle(&hello).unwrap().send;
+        let proof_i = i.handle(&to_i[0]).unwrap().send;
+        let mut a2 = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        a2.handle(&hello).unwrap();
+        assert_eq!(a2.handle(&proof_i[0]), Err(HandshakeError::AuthFailed));
+        assert!(a1.handle(&proof_i[0]).unwrap().established.is_some());
+    }
+
+    #[test]
+    fn tampered_transcript_fails() {
+        // A man in the middle renames the acceptor: the proofs no longer match.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        let to_i = a.handle(&hello).unwrap().send;
+        let Message::Hello(mut ha) = to_i[0].clone() else {
+            panic!()
+        };
+        ha.name = SiteName::new("evil").unwrap();
+        let proof_i = i.handle(&Message::Hello(ha)).unwrap().send;
+        assert_eq!(i.handle(&to_i[1]), Err(HandshakeError::AuthFailed));
+        assert_eq!(a.handle(&proof_i[0]), Err(HandshakeError::AuthFailed));
+
+        // A downgraded version choice is refused.
+        let (mut i, hello) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let mut a = Acceptor::new(cfg(SECRET, "b")).unwrap();
+        let to_i = a.handle(&hello).unwrap().send;
+        i.handle(&to_i[0]).unwrap();
+        let Message::HelloAck(mut ack) = to_i[1].clone() else {
+            panic!()
+        };
+        ack.version = ProtocolVersion::new(1, 9);
+        assert!(matches!(
+            i.handle(&Message::HelloAck(ack)),
+            Err(HandshakeError::VersionChoice { .. })
+        ));
+    }
+
+    #[test]
+    fn peer_error_is_reported() {
+        let (mut i, _) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let err = HandshakeError::AuthFailed.to_wire();
+        assert_eq!(
+            i.handle(&err),
+            Err(HandshakeError::PeerRefused {
+                code: ErrorCode::AuthFailed,
+                message: "authentication failed: peer proof does not verify".into()
+            })
+        );
+    }
+
+    #[test]
+    fn nonces_are_fresh_and_secrets_checked() {
+        let (_, h1) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let (_, h2) = Initiator::start(cfg(SECRET, "a")).unwrap();
+        let (Message::Hello(h1), Message::Hello(h2)) = (h1, h2) else {
+            panic!()
+        };
+        assert_ne!(h1.nonce, h2.nonce);
+        assert_ne!(h1.nonce, [0; 32]);
+        assert_eq!(SharedSecret::new(b"short"), Err(InvalidSecret));
+        assert_eq!(SharedSecret::new(&[0; 1025]), Err(InvalidSecret));
+        assert_eq!(
+            format!("{:?}", SharedSecret::new(SECRET).unwrap()),
+            "SharedSecret(<redacted>)"
+        );
+    }
+
+    #[test]
+    fn every_error_maps_to_a_sendable_message() {
+        let v = VersionRange::CURRENT;
+        let errors = [
+            HandshakeError::AuthFailed,
+            HandshakeError::VersionMismatch { ours: v, theirs: v },
+            HandshakeError::RoleConflict,
+            HandshakeError::NonceReplay,
+            HandshakeError::WeakNonce,
+            HandshakeError::Random("x".repeat(5000)),
+            HandshakeError::Finished("failed"),
+        ];
+        for e in errors {
+            let m = e.to_wire();
+            m.encode_to_vec(&Framer::default(), RequestTag(0)).unwrap();
+        }
+    }
+}
