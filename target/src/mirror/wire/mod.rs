@@ -15,7 +15,21 @@
 //! buffer, and the encoder returns the caller's data as a separate iovec.
 //!
 //! Everything decoded is checked before use and no input can make the codec
-//! panic or allocate beyond the bytes it was given.
+//! panic or allocate beyond the bytes it was given. The lints below hold the
+//! non-test code to that: no `unwrap`, `expect`, `panic!` or unchecked slicing.
+
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 
 mod codec;
 pub mod error;
