@@ -18,7 +18,10 @@
 //! version. `v` is the highest version in both ranges; both sides compute it
 //! and must agree. Proofs are checked with `verify_slice` (constant time).
 //! Nonces come from the OS (`getrandom`); nothing is derived from the secret
-//! except the proofs. The secret must be at least 16 bytes.
+//! except the proofs. The secret must be at least 16 bytes, and should be
+//! random rather than a password: whoever connects gets the acceptor's proof
+//! over a nonce of its choosing, which allows offline guessing of a
+//! low-entropy secret (as with any symmetric challenge-response).
 //!
 //! The initiator sends its proof as soon as it has both nonces, before it has
 //! checked the acceptor's, so each side decides on its own and both report

@@ -243,6 +243,12 @@ impl<'a> DigestList<'a> {
         }
     }
 
+    /// Packed SHA-256 digests (e.g. straight from a pool buffer), or `None`
+    /// if the length is not a multiple of 32.
+    pub fn from_packed(bytes: &'a [u8]) -> Option<Self> {
+        (bytes.len() % 32 == 0).then_some(DigestList { bytes })
+    }
+
     /// Packed bytes.
     pub fn as_bytes(&self) -> &'a [u8] {
         self.bytes

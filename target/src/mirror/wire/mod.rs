@@ -37,6 +37,8 @@ pub mod frame;
 mod fuzz;
 pub mod handshake;
 pub mod message;
+#[cfg(test)]
+mod proptests;
 pub mod types;
 
 pub use error::{HandshakeError, WireError};

@@ -37,6 +37,9 @@ id_newtype!(
     /// A mirrored volume (virtual mirror device).
     MirrorId(u64)
 );
+/// Volumes and mirrors share one id space: a mirrored volume is a mirror.
+pub type VolumeId = MirrorId;
+
 id_newtype!(
     /// A data generation id (DRBD UUID idea): which history a leg's data belongs to.
     Generation(u64)
