@@ -400,7 +400,7 @@ impl Framer {
         let hl = usize::from(header.header_len);
         let head = buf.get(..hl).unwrap_or_default();
         let payload = buf.get(hl..total).unwrap_or_default();
-        let frame = self.decode_split(head, payload)?;
+        let frame = finish_frame(header, head, payload)?;
         Ok(Decoded::Complete {
             value: frame,
             consumed: total,
@@ -423,32 +423,41 @@ impl Framer {
                     found: u16::try_from(head.len()).unwrap_or(u16::MAX),
                 })
             }
-            Decoded::NeedMore(_) => {
+            Decoded::NeedMore(n) => {
                 return Err(WireError::BufferTooSmall {
-                    needed: FRAME_HEADER_LEN.max(head.len() + 1),
+                    needed: head.len().saturating_add(n),
                     available: head.len(),
                 })
             }
         };
-        if payload.len() != header.payload_len as usize {
-            return Err(WireError::PayloadMismatch {
-                declared: header.payload_len,
-                actual: payload.len(),
-            });
-        }
-        let computed = crc32c::crc32c(payload);
-        if computed != header.payload_crc {
-            return Err(WireError::PayloadCrc {
-                expected: header.payload_crc,
-                computed,
-            });
-        }
-        Ok(Frame {
-            header,
-            msg_header: head.get(FRAME_HEADER_LEN..).unwrap_or_default(),
-            payload,
-        })
+        finish_frame(header, head, payload)
     }
+}
+
+/// Checks the payload against a verified header and assembles the frame.
+fn finish_frame<'a>(
+    header: FrameHeader,
+    head: &'a [u8],
+    payload: &'a [u8],
+) -> Result<Frame<'a>, WireError> {
+    if payload.len() != header.payload_len as usize {
+        return Err(WireError::PayloadMismatch {
+            declared: header.payload_len,
+            actual: payload.len(),
+        });
+    }
+    let computed = crc32c::crc32c(payload);
+    if computed != header.payload_crc {
+        return Err(WireError::PayloadCrc {
+            expected: header.payload_crc,
+            computed,
+        });
+    }
+    Ok(Frame {
+        header,
+        msg_header: head.get(FRAME_HEADER_LEN..).unwrap_or_default(),
+        payload,
+    })
 }
 
 /// Writes the fixed header into `out` (which holds the message header after
