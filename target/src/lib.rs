@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod iscsi;
+pub mod mirror;
 pub mod nvmf;
 pub mod rpc;
 pub mod units;
