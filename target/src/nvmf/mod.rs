@@ -6,7 +6,12 @@
 //! * [`pdu`]: the NVMe/TCP PDU codec, framer and digests.
 //! * [`spec`]: NVMe SQE/CQE, status codes, SGLs, opcodes, Fabrics Connect and
 //!   Property Get/Set, controller registers.
+//! * [`identify`]: Identify Controller / Namespace / namespace lists.
+//! * [`log_page`]: Error, SMART, Changed Namespace and Discovery log pages and
+//!   Get Log Page offset/length slicing.
 
+pub mod identify;
+pub mod log_page;
 pub mod pdu;
 pub mod spec;
 mod wire;

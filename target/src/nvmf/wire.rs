@@ -58,7 +58,6 @@ pub(crate) fn put_u64(b: &mut [u8], off: usize, v: u64) {
 
 /// Writes `s` into a fixed-width ASCII field padded with spaces (Identify
 /// SN/MN/FR style). Text longer than the field is truncated.
-#[allow(dead_code)] // used by the identify builders
 pub(crate) fn put_ascii_space_padded(b: &mut [u8], off: usize, width: usize, s: &str) {
     let Some(end) = off.checked_add(width) else {
         return;
