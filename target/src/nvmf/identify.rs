@@ -313,7 +313,7 @@ impl IdentifyController {
             vwc: 1 | (3 << 1),
             sgls: sgls::SUPPORTED | sgls::OFFSET,
             subnqn,
-            ioccsz: (64 + in_capsule_data) / 16,
+            ioccsz: in_capsule_data.saturating_add(64) / 16,
             iorcsz: 1,
             icdoff: 0,
             fcatt: 0,

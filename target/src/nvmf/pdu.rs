@@ -675,6 +675,40 @@ pub struct Decoded<'a> {
 /// Returns [`PduError::Incomplete`] if `buf` does not yet hold all of it;
 /// bytes after the PDU are left alone.
 pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduError> {
+    let (d, digest) = decode_checking_data_digest(buf, cfg)?;
+    match digest {
+        DataDigest::Mismatch { received, computed } => Err(PduError::DataDigest {
+            cid: d.pdu.command_id(),
+            received,
+            computed,
+        }),
+        DataDigest::Absent | DataDigest::Ok => Ok(d),
+    }
+}
+
+/// Outcome of data digest verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDigest {
+    /// The PDU carries no data digest.
+    Absent,
+    /// The digest matched.
+    Ok,
+    /// The digest did not match.
+    Mismatch {
+        /// Digest in the PDU.
+        received: u32,
+        /// Digest computed over the data.
+        computed: u32,
+    },
+}
+
+/// Like [`decode`], but a data digest mismatch is reported next to the
+/// (otherwise fully validated) PDU instead of as an error, so a receiver can
+/// keep its transfer bookkeeping exact while failing the command.
+pub fn decode_checking_data_digest<'a>(
+    buf: &'a [u8],
+    cfg: &PduConfig,
+) -> Result<(Decoded<'a>, DataDigest), PduError> {
     let ch = CommonHeader::parse(buf).ok_or(PduError::Incomplete {
         needed: CH_LEN.saturating_sub(buf.len()),
     })?;
@@ -695,7 +729,7 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
     }
     let data: &'a [u8] = pdu.get(l.data.clone()).unwrap_or(&[]);
     let last = ch.flags & flags::LAST_PDU != 0;
-    let (out, cid) = match l.pdu_type {
+    let out = match l.pdu_type {
         PduType::IcReq => {
             if u16_at(hdr, 8) != PFV_1_0 {
                 return Err(PduError::UnsupportedParameter {
@@ -714,7 +748,7 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
                 ddgst: d & dgst::DDGST_ENABLE != 0,
                 maxr2t: u32_at(hdr, 12),
             };
-            (Pdu::IcReq(ic), None)
+            Pdu::IcReq(ic)
         }
         PduType::IcResp => {
             if u16_at(hdr, 8) != PFV_1_0 {
@@ -741,7 +775,7 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
                 ddgst: d & dgst::DDGST_ENABLE != 0,
                 maxh2cdata,
             };
-            (Pdu::IcResp(ic), None)
+            Pdu::IcResp(ic)
         }
         PduType::H2CTermReq | PduType::C2HTermReq => {
             let t = TermReq {
@@ -754,21 +788,21 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
             } else {
                 Pdu::C2HTermReq(t)
             };
-            (p, None)
+            p
         }
         PduType::CapsuleCmd => {
             let sqe = hdr
                 .get(CH_LEN..)
                 .and_then(Sqe::decode)
                 .ok_or(PduError::field(ch_off::HLEN, "short SQE"))?;
-            (Pdu::CapsuleCmd(CapsuleCmd { sqe, data }), Some(sqe.cid))
+            Pdu::CapsuleCmd(CapsuleCmd { sqe, data })
         }
         PduType::CapsuleResp => {
             let cqe = hdr
                 .get(CH_LEN..)
                 .and_then(Cqe::decode)
                 .ok_or(PduError::field(ch_off::HLEN, "short CQE"))?;
-            (Pdu::CapsuleResp(CapsuleResp { cqe }), None)
+            Pdu::CapsuleResp(CapsuleResp { cqe })
         }
         PduType::H2CData | PduType::C2HData => {
             let cid = CommandId(u16_at(hdr, 8));
@@ -787,7 +821,7 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
                     last,
                     data,
                 };
-                (Pdu::H2CData(d), Some(cid))
+                Pdu::H2CData(d)
             } else {
                 let success = ch.flags & flags::SUCCESS != 0;
                 if success && !last {
@@ -800,7 +834,7 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
                     success,
                     data,
                 };
-                (Pdu::C2HData(d), Some(cid))
+                Pdu::C2HData(d)
             }
         }
         PduType::R2T => {
@@ -818,25 +852,26 @@ pub fn decode<'a>(buf: &'a [u8], cfg: &PduConfig) -> Result<Decoded<'a>, PduErro
                     what: "R2TO + R2TL overflows",
                 });
             }
-            (Pdu::R2t(r), None)
+            Pdu::R2t(r)
         }
     };
-    if l.ddgst {
+    let digest = if l.ddgst {
         let received = u32_at(pdu, l.plen - DIGEST_LEN);
         let computed = crc32c::crc32c(data);
-        if received != computed {
-            return Err(PduError::DataDigest {
-                cid,
-                received,
-                computed,
-            });
+        if received == computed {
+            DataDigest::Ok
+        } else {
+            DataDigest::Mismatch { received, computed }
         }
-    }
-    Ok(Decoded {
+    } else {
+        DataDigest::Absent
+    };
+    let d = Decoded {
         pdu: out,
         len: l.plen,
         data_range: l.data,
-    })
+    };
+    Ok((d, digest))
 }
 
 /// DATAO/DATAL checks shared by H2CData and C2HData; returns DATAO.
@@ -893,6 +928,18 @@ impl<'a> Pdu<'a> {
             Pdu::H2CData(_) => PduType::H2CData,
             Pdu::C2HData(_) => PduType::C2HData,
             Pdu::R2t(_) => PduType::R2T,
+        }
+    }
+
+    /// The command a PDU refers to, if it names one.
+    pub fn command_id(&self) -> Option<CommandId> {
+        match self {
+            Pdu::CapsuleCmd(c) => Some(c.sqe.cid),
+            Pdu::CapsuleResp(r) => Some(r.cqe.cid),
+            Pdu::H2CData(d) => Some(d.cid),
+            Pdu::C2HData(d) => Some(d.cid),
+            Pdu::R2t(r) => Some(r.cid),
+            Pdu::IcReq(_) | Pdu::IcResp(_) | Pdu::H2CTermReq(_) | Pdu::C2HTermReq(_) => None,
         }
     }
 
