@@ -472,3 +472,79 @@ proptest! {
         prop_assert_eq!(got, payload);
     }
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u16, u32),
+    InCapsule(u16, usize),
+    Data(u16, u16, u32, usize, bool),
+    R2t(u16, u32),
+    Complete(u16),
+    Flip(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u16..4, 0u32..10_000).prop_map(|(c, l)| Op::Write(c, l)),
+        (0u16..4, 0usize..600).prop_map(|(c, l)| Op::InCapsule(c, l)),
+        (0u16..4, 0u16..4, 0u32..10_000, 1usize..3000, any::<bool>())
+            .prop_map(|(c, t, o, l, last)| Op::Data(c, t, o, l, last)),
+        (0u16..4, 0u32..6000).prop_map(|(c, l)| Op::R2t(c, l)),
+        (0u16..4).prop_map(Op::Complete),
+        any::<usize>().prop_map(Op::Flip),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn structured_streams_never_panic(ops in proptest::collection::vec(op(), 0..40), d in any::<bool>()) {
+        let mut qp = live(d, d);
+        let mut flip: Option<usize> = None;
+        let mut accepted = 0usize;
+        for o in ops {
+            let bytes = match o {
+                Op::Write(c, l) => Some(cmd_pdu(&qp, write_cmd(c, l), &[])),
+                Op::InCapsule(c, l) => {
+                    let data = vec![0x5a; l];
+                    let sqe = Sqe::new(0x01, CommandId(c), Nsid(1), DataSgl::InCapsule { offset: 0, len: l as u32 });
+                    Some(cmd_pdu(&qp, sqe, &data))
+                }
+                Op::Data(c, t, off, l, last) => Some(h2c(&qp, c, t, off, last, &vec![1u8; l])),
+                Op::R2t(c, l) => {
+                    let _ = qp.next_r2t(CommandId(c), l);
+                    None
+                }
+                Op::Complete(c) => {
+                    let _ = qp.complete(CommandId(c));
+                    None
+                }
+                Op::Flip(i) => {
+                    flip = Some(i);
+                    None
+                }
+            };
+            if let Some(mut b) = bytes {
+                if let Some(i) = flip.take() {
+                    let n = b.len();
+                    if let Some(x) = b.get_mut(i % n) {
+                        *x ^= 1 << (i % 8);
+                    }
+                }
+                match pdu::frame(&b, qp.codec()) {
+                    Ok(pdu::Frame::Complete(n)) => {
+                        if let Ok(r) = qp.receive(&b[..n]) {
+                            prop_assert_eq!(r.len, n);
+                            if matches!(r.event, Event::Command { .. }) {
+                                accepted += 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        let _ = qp.receive(&b);
+                    }
+                }
+            }
+            prop_assert!(qp.outstanding() <= accepted);
+        }
+    }
+}
