@@ -57,6 +57,10 @@ pub fn fuzz_decode_pdu(data: &[u8]) {
                     let _ = spec::ConnectCommand::from_sqe(&c.sqe);
                     let _ = spec::PropertyCommand::from_sqe(&c.sqe).map(|p| p.property());
                     let _ = spec::ConnectData::decode(c.data);
+                    let _ = spec::RwCommand::from_sqe(&c.sqe).check_range(1 << 20);
+                    let _ = spec::DsmCommand::from_sqe(&c.sqe).parse_ranges(c.data);
+                    let g = log_page::GetLogPage::from_sqe(&c.sqe);
+                    let _ = log_page::slice_log(c.data, &g, 64 * 1024);
                 }
                 rest = rest.get(d.len..).unwrap_or(&[]);
             }

@@ -14,6 +14,7 @@
 use super::wire::{
     bytes, put_bytes, put_u16, put_u32, put_u64, put_u8, u16_at, u32_at, u64_at, u8_at,
 };
+use crate::units::{BlockSize, ByteLen, ByteOffset, Lba};
 use std::fmt;
 
 /// Size of a submission queue entry.
@@ -1255,6 +1256,159 @@ impl Csts {
 /// The "NVMe" value written to NSSR to request a subsystem reset.
 pub const NSSR_RESET_VALUE: u32 = 0x4E56_4D65;
 
+// ---------------------------------------------------------------------------
+// NVM I/O commands
+// ---------------------------------------------------------------------------
+
+/// Read, Write, Compare or Write Zeroes: the LBA range and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RwCommand {
+    /// Starting LBA (CDW10-11).
+    pub slba: Lba,
+    /// Number of logical blocks, 1..=65536 (CDW12 15:0 is 0's based).
+    pub nlb: u32,
+    /// Force unit access (CDW12 bit 30).
+    pub fua: bool,
+    /// Write Zeroes: deallocate (CDW12 bit 25).
+    pub deac: bool,
+}
+
+impl RwCommand {
+    /// Reads the range fields of an NVM I/O SQE.
+    pub fn from_sqe(sqe: &Sqe) -> RwCommand {
+        let cdw12 = sqe.cdw10_plus(2);
+        RwCommand {
+            slba: Lba(u64::from(sqe.cdw10_plus(0)) | (u64::from(sqe.cdw10_plus(1)) << 32)),
+            nlb: (cdw12 & 0xffff) + 1,
+            fua: cdw12 & (1 << 30) != 0,
+            deac: cdw12 & (1 << 25) != 0,
+        }
+    }
+
+    /// Writes the range fields into an SQE. `nlb` must be 1..=65536.
+    pub fn fill_sqe(&self, sqe: &mut Sqe) {
+        sqe.cdw[0] = self.slba.0 as u32;
+        sqe.cdw[1] = (self.slba.0 >> 32) as u32;
+        sqe.cdw[2] = (self.nlb.saturating_sub(1) & 0xffff)
+            | (u32::from(self.fua) << 30)
+            | (u32::from(self.deac) << 25);
+    }
+
+    /// Checks the range lies within a namespace of `nsze` blocks.
+    pub fn check_range(&self, nsze: u64) -> Result<(), Status> {
+        match self.slba.0.checked_add(u64::from(self.nlb)) {
+            Some(end) if end <= nsze => Ok(()),
+            _ => Err(Status::LBA_OUT_OF_RANGE.with_dnr()),
+        }
+    }
+
+    /// Byte offset of the first block.
+    pub fn offset(&self, bs: BlockSize) -> Option<ByteOffset> {
+        bs.offset_of(self.slba)
+    }
+
+    /// Bytes the command transfers (Read/Write/Compare).
+    pub fn byte_len(&self, bs: BlockSize) -> Option<ByteLen> {
+        bs.len_of(u64::from(self.nlb))
+    }
+
+    /// Checks the data SGL describes exactly the blocks addressed; a
+    /// mismatch completes with Data SGL Length Invalid.
+    pub fn check_transfer(&self, bs: BlockSize, sgl: DataSgl) -> Result<(), Status> {
+        match self.byte_len(bs) {
+            Some(ByteLen(n)) if n == u64::from(sgl.len()) => Ok(()),
+            _ => Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+        }
+    }
+}
+
+/// Feature identifiers (Get/Set Features CDW10 7:0) a fabrics target sees.
+pub mod fid {
+    /// Arbitration.
+    pub const ARBITRATION: u8 = 0x01;
+    /// Volatile write cache.
+    pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
+    /// Number of queues.
+    pub const NUMBER_OF_QUEUES: u8 = 0x07;
+    /// Asynchronous event configuration.
+    pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
+    /// Keep alive timer.
+    pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
+    /// Host identifier.
+    pub const HOST_ID: u8 = 0x81;
+}
+
+/// Completion DW0 for Number of Queues: allocated I/O SQs and CQs, both 0's
+/// based, in bits 15:0 and 31:16.
+pub fn number_of_queues_dw0(io_queues: u16) -> u32 {
+    let n = u32::from(io_queues.saturating_sub(1));
+    n | (n << 16)
+}
+
+/// Size of one Dataset Management range.
+pub const DSM_RANGE_LEN: usize = 16;
+
+/// One Dataset Management range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DsmRange {
+    /// Context attributes.
+    pub attributes: u32,
+    /// Length in logical blocks.
+    pub nlb: u32,
+    /// Starting LBA.
+    pub slba: Lba,
+}
+
+impl DsmRange {
+    /// Encodes the 16-byte range.
+    pub fn encode(&self) -> [u8; DSM_RANGE_LEN] {
+        let mut b = [0u8; DSM_RANGE_LEN];
+        put_u32(&mut b, 0, self.attributes);
+        put_u32(&mut b, 4, self.nlb);
+        put_u64(&mut b, 8, self.slba.0);
+        b
+    }
+}
+
+/// A Dataset Management command's attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DsmCommand {
+    /// Number of ranges (CDW10 7:0 is 0's based), 1..=256.
+    pub ranges: u16,
+    /// Attribute: deallocate (CDW11 bit 2).
+    pub deallocate: bool,
+}
+
+impl DsmCommand {
+    /// Reads a Dataset Management SQE.
+    pub fn from_sqe(sqe: &Sqe) -> DsmCommand {
+        DsmCommand {
+            ranges: (sqe.cdw10_plus(0) & 0xff) as u16 + 1,
+            deallocate: sqe.cdw10_plus(1) & (1 << 2) != 0,
+        }
+    }
+
+    /// Bytes of range data the command carries.
+    pub fn data_len(&self) -> usize {
+        usize::from(self.ranges) * DSM_RANGE_LEN
+    }
+
+    /// Parses the range list; `data` must hold all ranges.
+    pub fn parse_ranges(&self, data: &[u8]) -> Result<Vec<DsmRange>, Status> {
+        let body = data
+            .get(..self.data_len())
+            .ok_or(Status::DATA_SGL_LENGTH_INVALID.with_dnr())?;
+        Ok(body
+            .chunks_exact(DSM_RANGE_LEN)
+            .map(|r| DsmRange {
+                attributes: u32_at(r, 0),
+                nlb: u32_at(r, 4),
+                slba: Lba(u64_at(r, 8)),
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1486,6 +1640,76 @@ mod tests {
         assert_eq!((c.dw0, c.dw1), (0x5566_7788, 0x1122_3344));
     }
 
+    #[test]
+    fn rw_and_dsm() {
+        let mut sqe = Sqe::new(
+            0x01,
+            CommandId(1),
+            Nsid(1),
+            DataSgl::Transport { len: 8192 },
+        );
+        let rw = RwCommand {
+            slba: Lba(0x1_0000_0002),
+            nlb: 2,
+            fua: true,
+            deac: false,
+        };
+        rw.fill_sqe(&mut sqe);
+        let raw = sqe.encode();
+        assert_eq!(&raw[40..48], &0x1_0000_0002u64.to_le_bytes());
+        assert_eq!(&raw[48..50], &[1, 0]);
+        assert_eq!(raw[51] & 0x40, 0x40);
+        assert_eq!(RwCommand::from_sqe(&sqe), rw);
+        assert_eq!(rw.byte_len(BlockSize::B4096), Some(ByteLen(8192)));
+        assert_eq!(
+            rw.check_transfer(BlockSize::B4096, DataSgl::Transport { len: 8192 }),
+            Ok(())
+        );
+        assert!(rw
+            .check_transfer(BlockSize::B512, DataSgl::Transport { len: 8192 })
+            .is_err());
+        assert_eq!(rw.check_range(0x1_0000_0004), Ok(()));
+        assert_eq!(
+            rw.check_range(0x1_0000_0003),
+            Err(Status::LBA_OUT_OF_RANGE.with_dnr())
+        );
+        let huge = RwCommand {
+            slba: Lba(u64::MAX),
+            ..rw
+        };
+        assert!(huge.check_range(u64::MAX).is_err());
+
+        let mut sqe = Sqe::new(
+            0x09,
+            CommandId(2),
+            Nsid(1),
+            DataSgl::InCapsule { offset: 0, len: 32 },
+        );
+        sqe.cdw[0] = 1;
+        sqe.cdw[1] = 1 << 2;
+        let dsm = DsmCommand::from_sqe(&sqe);
+        assert_eq!(
+            dsm,
+            DsmCommand {
+                ranges: 2,
+                deallocate: true
+            }
+        );
+        let r = DsmRange {
+            attributes: 0,
+            nlb: 8,
+            slba: Lba(16),
+        };
+        let mut data = r.encode().to_vec();
+        assert_eq!(
+            dsm.parse_ranges(&data),
+            Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr())
+        );
+        data.extend_from_slice(&r.encode());
+        assert_eq!(dsm.parse_ranges(&data), Ok(vec![r, r]));
+        assert_eq!(number_of_queues_dw0(4), 0x0003_0003);
+    }
+
     proptest! {
         #[test]
         fn sqe_round_trip(b in proptest::collection::vec(any::<u8>(), 64)) {
@@ -1494,6 +1718,8 @@ mod tests {
             let _ = sqe.data_sgl();
             let _ = ConnectCommand::from_sqe(&sqe);
             let _ = PropertyCommand::from_sqe(&sqe).map(|p| p.property());
+            let _ = RwCommand::from_sqe(&sqe).check_range(u64::MAX);
+            let _ = DsmCommand::from_sqe(&sqe).parse_ranges(&b);
         }
 
         #[test]
