@@ -288,7 +288,8 @@ impl Fes {
 pub struct FatalError {
     /// Fatal error status.
     pub fes: Fes,
-    /// Fatal error information (byte offset for FES 01h/06h, else 0).
+    /// Fatal error information: byte offset of the field for FES 01h/06h,
+    /// the received header digest for FES 03h, else 0.
     pub fei: u32,
 }
 
@@ -371,7 +372,8 @@ impl PduError {
                 (Fes::UnsupportedParameter, u32::from(offset))
             }
             PduError::SequenceError { .. } => (Fes::PduSequenceError, 0),
-            PduError::HeaderDigest { .. } => (Fes::HeaderDigestError, 0),
+            // FEI carries the header digest value that failed (PDU Header Digest).
+            PduError::HeaderDigest { received, .. } => (Fes::HeaderDigestError, received),
             PduError::DataOutOfRange { .. } => (Fes::DataOutOfRange, 0),
             PduError::DataLimitExceeded { .. } => (Fes::DataLimitExceeded, 0),
         };

@@ -442,7 +442,8 @@ fn digest_errors() {
     b[72] ^= 1;
     let e = decode(&b, &c).unwrap_err();
     assert!(matches!(e, PduError::HeaderDigest { .. }));
-    assert_eq!(e.fatal(), Some(fe(Fes::HeaderDigestError, 0)));
+    let rx = u32::from_le_bytes([b[72], b[73], b[74], b[75]]);
+    assert_eq!(e.fatal(), Some(fe(Fes::HeaderDigestError, rx)));
 
     let mut b = good.clone();
     b[80] ^= 1; // data byte
