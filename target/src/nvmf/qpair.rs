@@ -299,9 +299,16 @@ impl QueuePair {
         if self.commands.contains_key(&sqe.cid.0) {
             return reject(Status::COMMAND_ID_CONFLICT.with_dnr());
         }
-        let sgl = match sqe.data_sgl() {
-            Ok(s) => s,
-            Err(e) => return reject(e.status()),
+        // A command moving no data may carry any descriptor of length zero
+        // (hosts differ: Linux sends a null transport SGL); only the length
+        // matters then, as in Linux nvmet.
+        let sgl = if data.is_empty() && sqe.dptr.get(8..12) == Some(&[0u8; 4][..]) {
+            DataSgl::Transport { len: 0 }
+        } else {
+            match sqe.data_sgl() {
+                Ok(s) => s,
+                Err(e) => return reject(e.status()),
+            }
         };
         let dir = sqe.data_direction();
         match sgl {

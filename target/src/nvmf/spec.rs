@@ -1089,6 +1089,8 @@ impl PropertyCommand {
             FabricsCommandType::PropertyGet
         };
         put_u8(&mut raw, 4, fct.as_u8());
+        // No data: a null transport SGL, as Linux sends.
+        put_bytes(&mut raw, 24, &DataSgl::Transport { len: 0 }.encode());
         put_u8(&mut raw, Self::ATTRIB, u8::from(self.size8));
         put_u32(&mut raw, Self::OFST, self.offset);
         if let Some(v) = self.value {

@@ -180,8 +180,20 @@ fn in_capsule_write_and_rejections() {
     );
     let b = cmd_pdu(&qp, sqe, &data);
     assert_eq!(err(&mut qp, &b), Status::INVALID_FIELD.with_dnr());
+    // A zero-length descriptor of any type is accepted for a no-data command.
+    let mut sqe = Sqe::new(0x00, CommandId(9), Nsid(1), DataSgl::Transport { len: 0 });
+    sqe.dptr = [0; 16];
+    let b = cmd_pdu(&qp, sqe, &[]);
+    assert!(matches!(
+        qp.receive(&b).unwrap().event,
+        Event::Command {
+            sgl: DataSgl::Transport { len: 0 },
+            ..
+        }
+    ));
+    qp.complete(CommandId(9)).unwrap();
     // Keyed SGL.
-    let mut sqe = write_cmd(2, 0);
+    let mut sqe = write_cmd(2, 4096);
     sqe.dptr[15] = 0x40;
     let b = cmd_pdu(&qp, sqe, &[]);
     assert_eq!(
