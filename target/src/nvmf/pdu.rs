@@ -388,6 +388,12 @@ impl PduError {
         Some(Pdu::C2HTermReq(TermReq::new(f, received)))
     }
 
+    /// Builds the H2CTermReq for this error (initiator side), likewise.
+    pub fn h2c_term_req<'a>(&self, received: &'a [u8]) -> Option<Pdu<'a>> {
+        let f = self.fatal()?;
+        Some(Pdu::H2CTermReq(TermReq::new(f, received)))
+    }
+
     fn field(offset: u8, what: &'static str) -> PduError {
         PduError::InvalidHeaderField { offset, what }
     }

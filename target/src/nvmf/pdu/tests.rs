@@ -213,6 +213,11 @@ fn term_req_layout() {
         offset: 2,
         what: "x",
     };
+    assert_eq!(
+        err.h2c_term_req(&hdr).map(|p| p.pdu_type()),
+        Some(PduType::H2CTermReq)
+    );
+    assert_eq!(PduError::Incomplete { needed: 1 }.c2h_term_req(&hdr), None);
     let p = err.c2h_term_req(&hdr).unwrap();
     let b = roundtrip(&p, &cfg(true, true));
     assert_eq!(&b[..8], &[0x03, 0, 24, 0, 32, 0, 0, 0]);
