@@ -134,7 +134,7 @@ fn scsi_command_validation() {
         Bhs::decode(&raw),
         Err(PduError::ReservedValue { .. })
     ));
-    raw[1] = 0x00 | 0x40; // F=0 on a read
+    raw[1] = 0x40; // F=0 on a read
     assert!(matches!(
         Bhs::decode(&raw),
         Err(PduError::InvalidField { .. })
