@@ -468,6 +468,9 @@ impl LoginMachine {
                 s
             }
         };
+        if req.transit && req.continue_ {
+            return fail(LoginStatus::InitiatorError, "T and C both set");
+        }
         if req.transit && req.nsg <= current {
             return fail(LoginStatus::InitiatorError, "NSG must follow CSG");
         }
@@ -656,7 +659,7 @@ impl LoginMachine {
             return fail(LoginStatus::TargetError, "no negotiator");
         };
         let p = neg.params().clone();
-        let Some(initiator) = p.initiator_name.clone() else {
+        let Some(initiator) = p.initiator_name.clone().filter(|n| !n.is_empty()) else {
             return fail(LoginStatus::MissingParameter, "InitiatorName missing");
         };
         match p.session_type {
@@ -664,7 +667,7 @@ impl LoginMachine {
                 self.auth = cfg.discovery_auth.clone();
             }
             SessionType::Normal => {
-                let Some(tn) = p.target_name.as_deref() else {
+                let Some(tn) = p.target_name.as_deref().filter(|n| !n.is_empty()) else {
                     return fail(LoginStatus::MissingParameter, "TargetName missing");
                 };
                 let Some(t) = cfg.target(tn) else {

@@ -4,11 +4,13 @@
 //! slices and plain values, never on sockets, so it can be tested exhaustively
 //! and fuzzed. [`pdu`] frames and (de)serialises PDUs, [`text`] handles
 //! key=value text segments, [`negotiation`] answers operational keys and
-//! [`login`] drives the target side of the login phase (including CHAP).
+//! [`login`] drives the target side of the login phase (including CHAP);
+//! [`sense`] builds SCSI sense data for CHECK CONDITION responses.
 
 pub mod login;
 pub mod negotiation;
 pub mod pdu;
+pub mod sense;
 pub mod text;
 
 /// Fuzz entry point: frame and decode arbitrary bytes as a target would.
