@@ -19,10 +19,12 @@ use md5::{Digest as _, Md5};
 use thiserror::Error;
 
 use super::negotiation::{
-    is_security_key, KeyStage, NegotiationError, NegotiationLimits, Negotiator, SessionParams,
-    SessionType,
+    is_known_key, is_security_key, KeyStage, NegotiationError, NegotiationLimits, Negotiator,
+    SessionParams, SessionType,
 };
-use super::pdu::{Cid, CmdSn, Isid, Itt, LoginRequest, LoginResponse, Stage, StatSn, Tsih};
+use super::pdu::{
+    Cid, CmdSn, Isid, Itt, LoginRequest, LoginResponse, RejectReason, Stage, StatSn, Tsih,
+};
 use super::text::{
     self, hex_value, parse_binary, parse_list, parse_number, Pair, TextAssembler, TextBuilder,
 };
@@ -870,15 +872,18 @@ impl LoginMachine {
 ///   this initiator may see) in a discovery session, and only the session's
 ///   target in a normal session;
 /// * an empty value is the session's own target (normal sessions only);
-/// * an iSCSI name lists that target (nothing if unknown);
-/// * anything else is answered `SendTargets=Reject`.
+/// * an iSCSI name (`iqn.`, `eui.`, `naa.`) lists that target, or nothing if
+///   unknown.
+///
+/// Anything else returns `None`: answer with a Reject PDU (protocol error),
+/// as LIO does, which libiscsi's iSCSI.SendTargets.Invalid test expects to
+/// fail the request without dropping the connection.
 pub fn send_targets_response(
     value: &str,
     session_type: SessionType,
     current_target: Option<&str>,
     targets: &[TargetEntry],
-) -> Vec<u8> {
-    let mut b = TextBuilder::new();
+) -> Option<Vec<u8>> {
     let is_name = |v: &str| v.starts_with("iqn.") || v.starts_with("eui.") || v.starts_with("naa.");
     let selected: Vec<&TargetEntry> = match (value, session_type) {
         ("All", SessionType::Discovery) => targets.iter().collect(),
@@ -887,72 +892,43 @@ pub fn send_targets_response(
             .filter(|t| Some(t.name.as_str()) == current_target)
             .collect(),
         (v, _) if is_name(v) => targets.iter().filter(|t| t.name == v).collect(),
-        _ => {
-            b.push("SendTargets", "Reject");
-            return b.into_bytes();
-        }
+        _ => return None,
     };
+    let mut b = TextBuilder::new();
     for t in selected {
         b.push("TargetName", &t.name);
         for p in &t.portals {
             b.push("TargetAddress", &format!("{},{}", p.address, p.tpgt));
         }
     }
-    b.into_bytes()
+    Some(b.into_bytes())
 }
 
-/// Answer a full-feature-phase Text Request: SendTargets is served, unknown
-/// keys get `NotUnderstood`, other known keys (not renegotiable here) get
-/// `Reject`. Returns `None` when the text is malformed (answer with a Reject
-/// PDU, reason protocol error).
+/// Answer a full-feature-phase Text Request (already reassembled across
+/// C-bit PDUs): SendTargets is served, unknown keys get `NotUnderstood`,
+/// other known keys (not renegotiable by this target) get `Reject`.
+/// `Err` means: answer with a Reject PDU carrying that reason.
 pub fn text_request_response(
     data: &[u8],
     session_type: SessionType,
     current_target: Option<&str>,
     targets: &[TargetEntry],
-) -> Option<Vec<u8>> {
-    let pairs = text::parse(data).ok()?;
+) -> Result<Vec<u8>, RejectReason> {
+    let pairs = text::parse(data).map_err(|_| RejectReason::ProtocolError)?;
     let mut out = Vec::new();
     for p in pairs {
         if p.key == "SendTargets" {
-            out.extend(send_targets_response(
-                p.value,
-                session_type,
-                current_target,
-                targets,
-            ));
+            let r = send_targets_response(p.value, session_type, current_target, targets)
+                .ok_or(RejectReason::ProtocolError)?;
+            out.extend(r);
         } else {
             let mut b = TextBuilder::new();
-            let known = is_security_key(p.key)
-                || matches!(
-                    p.key,
-                    "HeaderDigest"
-                        | "DataDigest"
-                        | "MaxConnections"
-                        | "TargetName"
-                        | "InitiatorName"
-                        | "TargetAlias"
-                        | "InitiatorAlias"
-                        | "TargetAddress"
-                        | "TargetPortalGroupTag"
-                        | "InitialR2T"
-                        | "ImmediateData"
-                        | "MaxRecvDataSegmentLength"
-                        | "MaxBurstLength"
-                        | "FirstBurstLength"
-                        | "DefaultTime2Wait"
-                        | "DefaultTime2Retain"
-                        | "MaxOutstandingR2T"
-                        | "DataPDUInOrder"
-                        | "DataSequenceInOrder"
-                        | "ErrorRecoveryLevel"
-                        | "SessionType"
-                );
+            let known = is_known_key(p.key);
             b.push(p.key, if known { "Reject" } else { "NotUnderstood" });
             out.extend(b.into_bytes());
         }
     }
-    Some(out)
+    Ok(out)
 }
 
 /// Deterministic environment for fuzzing and tests.

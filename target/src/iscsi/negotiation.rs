@@ -222,6 +222,11 @@ fn kind_of(key: &str) -> Option<Kind> {
     })
 }
 
+/// True if the key is one RFC 7143 defines (as opposed to unknown/private).
+pub fn is_known_key(key: &str) -> bool {
+    kind_of(key).is_some()
+}
+
 /// True if a key is a security key handled by the login machine.
 pub fn is_security_key(key: &str) -> bool {
     kind_of(key) == Some(Kind::Security)

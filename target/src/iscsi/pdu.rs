@@ -774,6 +774,16 @@ impl Bhs {
     pub fn decode(raw: &[u8; BHS_LEN]) -> Result<(Bhs, SegmentLengths), PduError> {
         let b = raw;
         let op = Opcode::from_u8(b[0]).ok_or(PduError::UnknownOpcode(b[0] & 0x3f))?;
+        // Byte 0 bit 7 is reserved in every PDU. The RFC says receivers
+        // ignore reserved bits, but no implementation sets this one and a set
+        // bit is the cheapest sign of a desynchronised byte stream, so it is
+        // refused (as a protocol error) before anything else is trusted.
+        if b[0] & 0x80 != 0 {
+            return Err(PduError::ReservedValue {
+                field: "opcode byte bit 7",
+                value: u32::from(b[0]),
+            });
+        }
         let imm = b[0] & 0x40 != 0;
         let f1 = b[1];
         let fin = f1 & 0x80 != 0;

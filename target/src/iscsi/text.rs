@@ -142,9 +142,18 @@ impl TextBuilder {
     }
 }
 
-/// Parse a numerical value: decimal, or hex with `0x`/`0X` (RFC 7143 §6.1).
+/// Parse a numerical value: decimal, hex with `0x`/`0X`, or base64 with
+/// `0b`/`0B` (RFC 7143 §6.1 encodings; base64 is strictly only for large
+/// numerical values but is accepted everywhere), up to 64 bits.
 pub fn parse_number(s: &str) -> Result<u64, ValueError> {
     let bad = || ValueError::BadNumber(truncate(s));
+    if s.starts_with("0b") || s.starts_with("0B") {
+        let bytes = parse_binary(s).map_err(|_| bad())?;
+        if bytes.len() > 8 {
+            return Err(bad());
+        }
+        return Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)));
+    }
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad());
@@ -358,6 +367,8 @@ mod tests {
         assert_eq!(parse_number("0x2000"), Ok(8192));
         assert_eq!(parse_number("0X2000"), Ok(8192));
         assert_eq!(parse_number("007"), Ok(7));
+        assert_eq!(parse_number("0bIAA="), Ok(8192));
+        assert!(parse_number("0bAAAAAAAAAAAA").is_err());
         assert!(parse_number("").is_err());
         assert!(parse_number("-1").is_err());
         assert!(parse_number("+1").is_err());

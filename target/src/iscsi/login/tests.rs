@@ -1,4 +1,5 @@
 use super::*;
+use crate::iscsi::pdu::RejectReason;
 use crate::iscsi::text::parse;
 use proptest::prelude::*;
 
@@ -711,51 +712,64 @@ fn adding_connections() {
 fn send_targets() {
     let cfg = config(AuthPolicy::None);
     let t = &cfg.targets[..1];
-    let all = send_targets_response("All", SessionType::Discovery, None, t);
+    let all = kv("TargetName=iqn.2026-01.io.mirrorpoint:disk1|TargetAddress=192.0.2.1:3260,1|");
+    let st = |v: &str, ty: SessionType, cur: Option<&str>| send_targets_response(v, ty, cur, t);
+    assert_eq!(st("All", SessionType::Discovery, None), Some(all.clone()));
     assert_eq!(
-        all,
-        kv("TargetName=iqn.2026-01.io.mirrorpoint:disk1|TargetAddress=192.0.2.1:3260,1|")
+        st("All", SessionType::Normal, Some(TARGET)),
+        Some(all.clone())
+    );
+    assert_eq!(st("", SessionType::Normal, Some(TARGET)), Some(all.clone()));
+    assert_eq!(st(TARGET, SessionType::Discovery, None), Some(all.clone()));
+    assert_eq!(st("iqn.none:x", SessionType::Discovery, None), Some(vec![]));
+    // Two targets, two portals.
+    let mut two = cfg.targets.clone();
+    two[1].portals = vec![
+        Portal {
+            address: "192.0.2.9:3260".into(),
+            tpgt: 2,
+        },
+        Portal {
+            address: "[2001:db8::9]:3260".into(),
+            tpgt: 2,
+        },
+    ];
+    let r = send_targets_response("All", SessionType::Discovery, None, &two).unwrap();
+    assert_eq!(
+        pairs(&r)
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "TargetName",
+            "TargetAddress",
+            "TargetName",
+            "TargetAddress",
+            "TargetAddress"
+        ]
     );
     assert_eq!(
-        send_targets_response("All", SessionType::Normal, Some(TARGET), t),
-        all
+        get(&r, "TargetAddress").as_deref(),
+        Some("192.0.2.1:3260,1")
     );
-    assert_eq!(
-        send_targets_response("", SessionType::Normal, Some(TARGET), t),
-        all
-    );
-    assert_eq!(
-        send_targets_response(TARGET, SessionType::Discovery, None, t),
-        all
-    );
-    assert!(send_targets_response("iqn.none:x", SessionType::Discovery, None, t).is_empty());
+    // libiscsi iSCSI.SendTargets.Invalid cases.
     for bad in ["Alle", "A", "aLL", ""] {
-        assert_eq!(
-            send_targets_response(bad, SessionType::Discovery, None, t),
-            kv("SendTargets=Reject|"),
-            "{bad}"
-        );
+        assert_eq!(st(bad, SessionType::Discovery, None), None, "{bad}");
     }
-    let r = text_request_response(
-        &kv("SendTargetsPlease=All|"),
-        SessionType::Normal,
-        Some(TARGET),
-        t,
-    )
-    .unwrap();
-    assert_eq!(r, kv("SendTargetsPlease=NotUnderstood|"));
-    let r = text_request_response(
-        &kv("SendTargets=All|"),
-        SessionType::Normal,
-        Some(TARGET),
-        t,
-    )
-    .unwrap();
-    assert_eq!(r, all);
-    let r =
-        text_request_response(&kv("MaxBurstLength=512|"), SessionType::Normal, None, t).unwrap();
-    assert_eq!(r, kv("MaxBurstLength=Reject|"));
-    assert!(text_request_response(b"junk", SessionType::Normal, None, t).is_none());
+    let tr = |d: &str| text_request_response(&kv(d), SessionType::Normal, Some(TARGET), t);
+    assert_eq!(tr("SendTargets=All|"), Ok(all.clone()));
+    assert_eq!(tr("SendTargets=Alle|"), Err(RejectReason::ProtocolError));
+    assert_eq!(tr("SendTargets=A|"), Err(RejectReason::ProtocolError));
+    assert_eq!(tr("sENDtARGETS=aLL|"), Ok(kv("sENDtARGETS=NotUnderstood|")));
+    assert_eq!(
+        tr("SendTargetsPlease=All|"),
+        Ok(kv("SendTargetsPlease=NotUnderstood|"))
+    );
+    assert_eq!(tr("MaxBurstLength=512|"), Ok(kv("MaxBurstLength=Reject|")));
+    assert_eq!(
+        text_request_response(b"junk", SessionType::Normal, None, t),
+        Err(RejectReason::ProtocolError)
+    );
 }
 
 proptest! {

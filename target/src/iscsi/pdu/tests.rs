@@ -522,6 +522,15 @@ fn unknown_opcodes() {
 }
 
 #[test]
+fn reserved_top_bit_of_opcode_byte() {
+    let mut raw = [0u8; 48];
+    raw[0] = 0x80; // NOP-Out with the reserved bit
+    let e = Bhs::decode(&raw).unwrap_err();
+    assert!(matches!(e, PduError::ReservedValue { .. }));
+    assert_eq!(e.reject_reason(), Some(RejectReason::ProtocolError));
+}
+
+#[test]
 fn serial_numbers() {
     assert!(CmdSn(1).lt(CmdSn(2)));
     assert!(CmdSn(0xffff_fff0).lt(CmdSn(5)));
@@ -725,6 +734,7 @@ proptest! {
         b[..32].copy_from_slice(&raw);
         b[32..].copy_from_slice(&tail);
         b[0] = (b[0] & 0x40) | op;
+        prop_assume!(b[0] & 0x80 == 0);
         if let Ok((bhs, lens)) = Bhs::decode(&b) {
             let enc = bhs.encode(lens).unwrap();
             let (again, lens2) = Bhs::decode(&enc).unwrap();
