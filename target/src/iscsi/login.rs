@@ -160,6 +160,8 @@ pub struct TargetEntry {
     pub portals: Vec<Portal>,
     /// Redirect: answer "target moved" with this TargetAddress value.
     pub redirect: Option<Redirect>,
+    /// Being deleted: new logins get "target removed".
+    pub removed: bool,
 }
 
 /// Redirection of a target (status class 1).
@@ -538,6 +540,14 @@ impl LoginMachine {
         neg.process(stage, &pairs, &mut resp)?;
         if first {
             self.admit(cfg, env, &mut resp)?;
+            // Identity is fixed by the first request (RFC 7143 §13.7, §13.4):
+            // a later InitiatorName/TargetName/SessionType is a protocol error,
+            // otherwise a session could be re-typed after its access checks.
+            if let Some(neg) = self.negotiator.as_mut() {
+                for k in ["InitiatorName", "TargetName", "SessionType"] {
+                    let _ = neg.mark_seen(k);
+                }
+            }
         }
         self.phase = Phase::Stage(current);
 
@@ -675,6 +685,9 @@ impl LoginMachine {
                 let Some(t) = cfg.target(tn) else {
                     return fail(LoginStatus::NotFound, "unknown target");
                 };
+                if t.removed {
+                    return fail(LoginStatus::TargetRemoved, "target removed");
+                }
                 if let Some(r) = &t.redirect {
                     let mut b = TextBuilder::new();
                     b.push("TargetAddress", &r.target_address);

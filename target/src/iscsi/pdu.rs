@@ -1649,5 +1649,22 @@ pub fn reject_for(
     })
 }
 
+/// Append a complete Reject PDU for a PDU we refuse (RFC 7143 §11.17): the
+/// data segment is the rejected PDU's 48-byte header.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_reject(
+    reason: RejectReason,
+    rejected_bhs: &[u8; BHS_LEN],
+    stat_sn: StatSn,
+    exp_cmd_sn: CmdSn,
+    max_cmd_sn: CmdSn,
+    header_digest: bool,
+    data_digest: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), PduError> {
+    let bhs = reject_for(reason, stat_sn, exp_cmd_sn, max_cmd_sn);
+    encode_pdu(&bhs, &[], rejected_bhs, header_digest, data_digest, out)
+}
+
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,12 @@ fn config(auth: AuthPolicy) -> LoginConfig {
                     tpgt: 1,
                 }],
                 redirect: None,
+                removed: false,
+            },
+            TargetEntry {
+                name: "iqn.2026-01.io.mirrorpoint:gone".into(),
+                removed: true,
+                ..Default::default()
             },
             TargetEntry {
                 name: "iqn.2026-01.io.mirrorpoint:moved".into(),
@@ -556,10 +562,18 @@ fn admission_failures() {
         "InitiatorName=iqn.1994-05.com.redhat:client|TargetName=iqn.2026-01.io.mirrorpoint:moved|",
     );
     assert_eq!(failed(&s), LoginStatus::TargetMovedTemporarily);
+    assert_eq!(status(&s), (1, 1));
     assert_eq!(
         get(&s.data, "TargetAddress").as_deref(),
         Some("192.0.2.9:3260,1")
     );
+
+    let mut h = Harness::new(AuthPolicy::None);
+    let s = h.send(
+        &req(true, false, OP, FFP),
+        "InitiatorName=iqn.1994-05.com.redhat:client|TargetName=iqn.2026-01.io.mirrorpoint:gone|",
+    );
+    assert_eq!(failed(&s), LoginStatus::TargetRemoved);
 }
 
 #[test]
@@ -606,6 +620,25 @@ fn protocol_errors_during_login() {
         &format!("{FIRST}MaxBurstLength=1024|"),
     );
     let s = h.send(&req(false, false, OP, OP), "MaxBurstLength=1024|");
+    assert_eq!(failed(&s), LoginStatus::InitiatorError);
+    // Identity keys cannot be changed after the first request.
+    let mut h = Harness::new(chap_policy(false));
+    let s = h.send(
+        &req(false, false, SEC, SEC),
+        &format!("{FIRST}AuthMethod=CHAP|"),
+    );
+    assert_eq!(s.outcome, LoginOutcome::Continue);
+    let s = h.send(&req(false, false, SEC, SEC), "SessionType=Discovery|");
+    assert_eq!(failed(&s), LoginStatus::InitiatorError);
+    let mut h = Harness::new(AuthPolicy::None);
+    h.send(
+        &req(false, false, OP, OP),
+        "InitiatorName=iqn.1994-05.com.redhat:client|TargetName=iqn.2026-01.io.mirrorpoint:disk1|",
+    );
+    let s = h.send(
+        &req(false, false, OP, OP),
+        "TargetName=iqn.2026-01.io.mirrorpoint:moved|",
+    );
     assert_eq!(failed(&s), LoginStatus::InitiatorError);
     // Security key in operational stage.
     let mut h = Harness::new(AuthPolicy::None);
@@ -724,6 +757,7 @@ fn send_targets() {
     assert_eq!(st("iqn.none:x", SessionType::Discovery, None), Some(vec![]));
     // Two targets, two portals.
     let mut two = cfg.targets.clone();
+    two.truncate(2);
     two[1].portals = vec![
         Portal {
             address: "192.0.2.9:3260".into(),

@@ -522,6 +522,40 @@ fn unknown_opcodes() {
 }
 
 #[test]
+fn reject_pdu_carries_bad_header() {
+    let mut bad = [0u8; 48];
+    bad[0] = 0x1d; // vendor-specific opcode
+    bad[16..20].copy_from_slice(&[0, 0, 0, 9]);
+    let e = Bhs::decode(&bad).unwrap_err();
+    let mut out = Vec::new();
+    encode_reject(
+        e.reject_reason().unwrap(),
+        &bad,
+        StatSn(4),
+        CmdSn(5),
+        CmdSn(36),
+        true,
+        true,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out.len(), 48 + 4 + 48 + 4);
+    let cfg = FrameConfig {
+        header_digest: true,
+        data_digest: true,
+        ..Default::default()
+    };
+    let Framed::Complete(p) = frame(&out, &cfg, Role::Initiator).unwrap() else {
+        panic!()
+    };
+    let Bhs::Reject(r) = &p.bhs else { panic!() };
+    assert_eq!(r.reason, RejectReason::CommandNotSupported);
+    assert_eq!(r.stat_sn, StatSn(4));
+    assert_eq!(p.data, &bad[..]);
+    assert_eq!(p.bhs.itt(), Itt::RESERVED);
+}
+
+#[test]
 fn reserved_top_bit_of_opcode_byte() {
     let mut raw = [0u8; 48];
     raw[0] = 0x80; // NOP-Out with the reserved bit
