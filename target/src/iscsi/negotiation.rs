@@ -753,6 +753,38 @@ mod tests {
             .is_ok());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn negotiator_never_panics(
+            kvs in proptest::collection::vec((
+                proptest::sample::select(vec![
+                    "HeaderDigest", "DataDigest", "MaxConnections", "InitialR2T", "ImmediateData",
+                    "MaxRecvDataSegmentLength", "MaxBurstLength", "FirstBurstLength",
+                    "DefaultTime2Wait", "DefaultTime2Retain", "MaxOutstandingR2T",
+                    "DataPDUInOrder", "DataSequenceInOrder", "ErrorRecoveryLevel", "IFMarker",
+                    "OFMarkInt", "SessionType", "TargetName", "InitiatorName", "X-a", "Foo",
+                    "AuthMethod", "CHAP_A", "TargetAlias", "SendTargets",
+                ]),
+                "[ -~]{0,24}",
+            ), 0..12),
+            security: bool,
+            leading: bool,
+        ) {
+            let mut n = Negotiator::new(NegotiationLimits::default(), leading);
+            let stage = if security { KeyStage::Security } else { KeyStage::Operational };
+            let pairs: Vec<Pair<'_>> = kvs.iter().map(|(k, v)| Pair { key: k, value: v }).collect();
+            let mut resp = TextBuilder::new();
+            let _ = n.process(stage, &pairs, &mut resp);
+            // Whatever we answer is itself well-formed text.
+            proptest::prop_assert!(crate::iscsi::text::parse(resp.as_bytes()).is_ok());
+            if let Ok(p) = n.finish() {
+                proptest::prop_assert!(p.first_burst_length <= p.max_burst_length);
+                proptest::prop_assert!(p.max_burst_length >= 512 || p.max_burst_length == 262_144);
+                proptest::prop_assert!(p.error_recovery_level == 0);
+            }
+        }
+    }
+
     #[test]
     fn declaratives_and_discovery() {
         let (r, out, n) = run(

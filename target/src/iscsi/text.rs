@@ -441,6 +441,23 @@ mod tests {
             let _ = parse_bool(&s);
         }
         #[test]
+        fn builder_parse_roundtrip(
+            pairs in proptest::collection::vec(("[A-Za-z0-9.+@_-]{1,63}", "[^\u{0}]{0,60}"), 0..10)
+        ) {
+            let mut b = TextBuilder::new();
+            for (k, v) in &pairs {
+                b.push(k, v);
+            }
+            let bytes = b.into_bytes();
+            let parsed = parse(&bytes).unwrap();
+            prop_assert_eq!(parsed.len(), pairs.len());
+            for (p, (k, v)) in parsed.iter().zip(&pairs) {
+                prop_assert_eq!(p.key, k.as_str());
+                prop_assert_eq!(p.value, v.as_str());
+            }
+        }
+
+        #[test]
         fn hex_roundtrip(data in proptest::collection::vec(any::<u8>(), 1..64)) {
             prop_assert_eq!(parse_binary(&hex_value(&data)).unwrap(), data);
         }
