@@ -222,6 +222,9 @@ pub struct ExistingSession {
     pub session_type: SessionType,
     pub connections: u16,
     pub max_connections: u16,
+    /// The session's negotiated parameters; session-wide values of a new
+    /// connection are taken from here (they are leading-only keys).
+    pub params: SessionParams,
 }
 
 /// Everything the login machine needs from outside.
@@ -240,6 +243,12 @@ pub fn os_random(buf: &mut [u8]) -> bool {
 }
 
 /// Final state of a successful login.
+///
+/// For a new session (`new_session`), the caller must still handle session
+/// reinstatement: an existing session with the same initiator name and ISID
+/// is to be closed (RFC 7143 §6.3.5). For a connection added to a session,
+/// `params` holds the session's session-wide values and this connection's
+/// own digests and data segment lengths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginResult {
     pub params: SessionParams,
@@ -312,6 +321,8 @@ pub struct LoginMachine {
     negotiator: Option<Negotiator>,
     assembler: TextAssembler,
     pending: Option<PendingOut>,
+    existing: Option<ExistingSession>,
+    last_req: Option<LoginRequest>,
 }
 
 impl Default for LoginMachine {
@@ -376,6 +387,37 @@ impl LoginMachine {
             negotiator: None,
             assembler: TextAssembler::new(LOGIN_TEXT_LIMIT),
             pending: None,
+            existing: None,
+            last_req: None,
+        }
+    }
+
+    /// End the login from the target side (login timeout, a non-Login PDU
+    /// during login — use [`LoginStatus::InvalidDuringLogin`] —, shutdown —
+    /// [`LoginStatus::ServiceUnavailable`]): a failure Login Response built
+    /// from the last request seen. Close the connection after sending it.
+    pub fn abort(&mut self, cfg: &LoginConfig, status: LoginStatus) -> LoginStep {
+        let req = self.last_req.clone().unwrap_or(LoginRequest {
+            transit: false,
+            continue_: false,
+            csg: Stage::SecurityNegotiation,
+            nsg: Stage::SecurityNegotiation,
+            version_max: ISCSI_VERSION,
+            version_min: ISCSI_VERSION,
+            isid: self.isid,
+            tsih: self.tsih,
+            itt: Itt::RESERVED,
+            cid: self.cid,
+            cmd_sn: CmdSn(0),
+            exp_stat_sn: self.stat_sn,
+        });
+        self.phase = Phase::Done;
+        let mut response = self.response_header(cfg, &req, status);
+        response.nsg = req.csg;
+        LoginStep {
+            response,
+            data: Vec::new(),
+            outcome: LoginOutcome::Failed(status),
         }
     }
 
@@ -392,6 +434,7 @@ impl LoginMachine {
         req: &LoginRequest,
         data: &[u8],
     ) -> LoginStep {
+        self.last_req = Some(req.clone());
         match self.step(cfg, env, req, data) {
             Ok(step) => step,
             Err(Fail(st, why, data)) => {
@@ -621,8 +664,22 @@ impl LoginMachine {
             let Some(neg) = self.negotiator.as_ref() else {
                 return fail(LoginStatus::TargetError, "no negotiator");
             };
-            let params = neg.finish()?;
+            let mut params = neg.finish()?;
             let new_session = self.tsih == Tsih(0);
+            if let Some(s) = &self.existing {
+                params = SessionParams {
+                    header_digest: params.header_digest,
+                    data_digest: params.data_digest,
+                    initiator_max_recv_data_segment_length: params
+                        .initiator_max_recv_data_segment_length,
+                    target_max_recv_data_segment_length: params.target_max_recv_data_segment_length,
+                    initiator_name: params.initiator_name,
+                    initiator_alias: params.initiator_alias,
+                    target_name: params.target_name,
+                    session_type: params.session_type,
+                    ..s.params.clone()
+                };
+            }
             if new_session {
                 new_tsih = match env.allocate_tsih() {
                     Some(t) if t != Tsih(0) => t,
@@ -724,6 +781,7 @@ impl LoginMachine {
             if s.connections >= s.max_connections {
                 return fail(LoginStatus::TooManyConnections, "MaxConnections reached");
             }
+            self.existing = Some(s);
         }
         Ok(())
     }

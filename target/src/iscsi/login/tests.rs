@@ -1,4 +1,5 @@
 use super::*;
+use crate::iscsi::negotiation::SessionParams;
 use crate::iscsi::pdu::RejectReason;
 use crate::iscsi::text::parse;
 use proptest::prelude::*;
@@ -577,6 +578,23 @@ fn admission_failures() {
 }
 
 #[test]
+fn abort_during_login() {
+    let mut h = Harness::new(AuthPolicy::None);
+    let s = h.send(&req(false, false, OP, OP), FIRST);
+    assert_eq!(s.outcome, LoginOutcome::Continue);
+    let s = h.m.abort(&h.cfg, LoginStatus::InvalidDuringLogin);
+    assert_eq!(failed(&s), LoginStatus::InvalidDuringLogin);
+    assert_eq!(status(&s), (2, 0x0b));
+    assert_eq!(s.response.itt, Itt(0x1000));
+    assert_eq!(s.response.stat_sn, StatSn(1));
+    assert!(h.m.is_finished());
+    // Before any request.
+    let mut m = LoginMachine::new();
+    let s = m.abort(&h.cfg, LoginStatus::ServiceUnavailable);
+    assert_eq!(status(&s), (3, 1));
+}
+
+#[test]
 fn version_mismatch() {
     let mut h = Harness::new(AuthPolicy::None);
     let mut r = req(true, false, OP, FFP);
@@ -700,6 +718,11 @@ fn existing(connections: u16) -> ExistingSession {
         session_type: SessionType::Normal,
         connections,
         max_connections: 2,
+        params: SessionParams {
+            max_burst_length: 4096,
+            immediate_data: false,
+            ..SessionParams::default()
+        },
     }
 }
 
@@ -715,9 +738,16 @@ fn adding_connections() {
     // Room for one more connection.
     let mut h = Harness::new(AuthPolicy::None);
     h.env.sessions.push((isid, Tsih(9), existing(1)));
-    let s = h.send(&r, &format!("{FIRST}HeaderDigest=None|"));
+    let s = h.send(&r, &format!("{FIRST}HeaderDigest=CRC32C|"));
     let res = full(&s);
     assert!(!res.new_session);
+    // Session-wide values come from the session, digests from this login.
+    assert_eq!(res.params.max_burst_length, 4096);
+    assert!(!res.params.immediate_data);
+    assert_eq!(
+        res.params.header_digest,
+        crate::iscsi::negotiation::Digest::Crc32c
+    );
     assert_eq!(res.tsih, Tsih(9));
     assert_eq!(s.response.tsih, Tsih(9));
     assert_eq!(res.cid, Cid(1));
