@@ -868,8 +868,9 @@ impl LoginMachine {
                 if !env.fill_random(&mut rnd) {
                     return fail(LoginStatus::TargetError, "no randomness for CHAP challenge");
                 }
-                let (idb, challenge) = rnd.split_at(1);
-                let id = idb.first().copied().unwrap_or(0);
+                let Some((&id, challenge)) = rnd.split_first() else {
+                    return fail(LoginStatus::TargetError, "empty challenge buffer");
+                };
                 resp.push("CHAP_A", "5");
                 resp.push("CHAP_I", &id.to_string());
                 resp.push("CHAP_C", &hex_value(challenge));

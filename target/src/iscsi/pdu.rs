@@ -1358,11 +1358,10 @@ pub enum Ahs<'a> {
 pub fn parse_ahs(mut area: &[u8]) -> Result<Vec<Ahs<'_>>, PduError> {
     let mut out = Vec::new();
     while !area.is_empty() {
-        let hdr = area
-            .get(..3)
-            .ok_or(PduError::BadAhs("truncated AHS header"))?;
-        let len = usize::from(u16::from_be_bytes([hdr[0], hdr[1]]));
-        let ty = hdr[2];
+        let Some(&[l0, l1, ty]) = area.get(..3) else {
+            return Err(PduError::BadAhs("truncated AHS header"));
+        };
+        let len = usize::from(u16::from_be_bytes([l0, l1]));
         // AHSLength counts the type-specific byte and the data, not the
         // 2-byte length nor the type byte.
         if len == 0 {
