@@ -184,6 +184,8 @@ impl TargetEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginConfig {
     pub targets: Vec<TargetEntry>,
+    /// Whether discovery sessions are accepted on this portal.
+    pub discovery_enabled: bool,
     pub discovery_auth: AuthPolicy,
     /// Tag of the portal group this connection arrived on.
     pub portal_group_tag: u16,
@@ -198,6 +200,7 @@ impl Default for LoginConfig {
     fn default() -> Self {
         LoginConfig {
             targets: Vec::new(),
+            discovery_enabled: true,
             discovery_auth: AuthPolicy::None,
             portal_group_tag: 1,
             limits: NegotiationLimits::default(),
@@ -733,6 +736,9 @@ impl LoginMachine {
         };
         match p.session_type {
             SessionType::Discovery => {
+                if !cfg.discovery_enabled {
+                    return fail(LoginStatus::SessionTypeNotSupported, "discovery disabled");
+                }
                 self.auth = cfg.discovery_auth.clone();
             }
             SessionType::Normal => {

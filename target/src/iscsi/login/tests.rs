@@ -699,6 +699,15 @@ fn discovery_session() {
     assert_eq!(r.params.session_type, SessionType::Discovery);
     assert_eq!(r.params.target_name, None);
 
+    // Discovery disabled.
+    let mut h = Harness::new(AuthPolicy::None);
+    h.cfg.discovery_enabled = false;
+    let s = h.send(
+        &req(true, false, SEC, OP),
+        "InitiatorName=iqn.x:y|SessionType=Discovery|AuthMethod=None|",
+    );
+    assert_eq!(failed(&s), LoginStatus::SessionTypeNotSupported);
+
     // Discovery CHAP when configured.
     let mut cfg = config(AuthPolicy::None);
     cfg.discovery_auth = chap_policy(false);
