@@ -204,7 +204,7 @@ fn vectored_sends_arrive_intact_with_partial_sends_and_odd_reads() {
             .await
             .expect("header only");
         client
-            .send_vectored_all(&[], &[c.clone()])
+            .send_vectored_all(&[], std::slice::from_ref(&c))
             .await
             .expect("payload only");
         client.send_vectored_all(&[], &[]).await.expect("empty");
