@@ -23,7 +23,7 @@
 //! - A stream is `!Send` (it is used by tasks of one reactor). To move a
 //!   connection to another core, turn it into a `std::net::TcpStream`
 //!   ([`TcpStream::into_std`]), send that, and wrap it again there
-//!   ([`TcpStream::from_std`]); see [`crate::handoff`].
+//!   ([`TcpStream::from_std`]); see [`crate::hand_off`].
 //!
 //! One task at a time should send on a stream (and one receive): two
 //! concurrent senders could interleave partial sends. [`crate::TcpLink`]

@@ -32,6 +32,11 @@ fn echo_on_one_reactor() {
     let total = 4 * MIB + 12_345;
     let (got, echoed) = run(&rt.handles()[0], 30, move || async move {
         let listener = TcpListener::bind(localhost()).expect("bind");
+        assert_ne!(
+            getsockopt_int(&listener, libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            0,
+            "listeners reuse addresses"
+        );
         let addr = listener.local_addr().expect("addr");
         let server = spawn(async move {
             let (stream, peer) = listener.accept().await?;
@@ -109,6 +114,37 @@ fn hand_off_runs_the_connection_on_the_other_reactor() {
     assert_eq!(got, total);
     assert_eq!(served_on, Some(1));
     assert_eq!(echoed, Ok(total));
+}
+
+#[test]
+fn hand_off_refuses_a_stream_an_abandoned_op_still_holds() {
+    let rt = runtime(2);
+    let other = rt.handles()[1].clone();
+    let (busy, moved_ok) = run(&rt.handles()[0], 10, move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        // A receive that is dropped while the kernel still holds it.
+        let buf = buffer_pool().alloc(64).expect("chunk");
+        assert!(timeout(Duration::from_millis(10), server.recv(buf, 0..64))
+            .await
+            .is_none());
+        let server = match hand_off(server, &other, |_s| async {}) {
+            Err(mirrorpoint_transport::HandoffError::Busy(s)) => s,
+            other => panic!("expected Busy, got {other:?}"),
+        };
+        // Once the abandoned receive completes (data arrives), it lets go.
+        client.send_all(pattern_buf(0, 0, 8)).await.0.expect("send");
+        mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+        let (tx, rx) = mirrorpoint_poller::oneshot();
+        let moved = hand_off(server, &other, move |s| async move {
+            tx.send(s.peer_addr().is_ok());
+        });
+        (true, moved.is_ok() && rx.await == Ok(true))
+    });
+    assert!(busy);
+    assert!(moved_ok, "the stream moves once the op has completed");
 }
 
 /// The stream carried by one vectored message: header then payload pieces.

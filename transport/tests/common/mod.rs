@@ -188,3 +188,21 @@ pub fn reset_on_close(fd: &impl AsRawFd) {
     };
     assert_eq!(r, 0, "SO_LINGER: {}", io::Error::last_os_error());
 }
+
+/// Reads an int socket option.
+pub fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: passes a live c_int and its size, which the kernel fills in.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt {name}: {}", io::Error::last_os_error());
+    value
+}
