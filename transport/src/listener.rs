@@ -83,7 +83,8 @@ impl TcpListener {
             .build();
             // SAFETY: the address storage and its length are boxed and owned by
             // the op; the Rc keeps the listening socket open.
-            let op = unsafe { Op::submit(entry, OpKind::LongLived, (raw, self.sock.clone())) };
+            let op = unsafe { Op::submit(entry, OpKind::LongLived, (raw, self.sock.clone())) }
+                .on_orphaned_result(close_accepted_fd);
             let (c, (raw, _sock)) = op.await;
             let fd = match c.into_io() {
                 Ok(fd) => fd as RawFd,
@@ -122,5 +123,15 @@ impl Drop for TcpListener {
             // SAFETY: no pointers; the descriptor is open (we hold a reference).
             unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
         }
+    }
+}
+
+/// If an accept's future went away before the kernel answered, the socket it
+/// accepted has no owner: close it rather than leak it.
+fn close_accepted_fd(result: i32) {
+    if result >= 0 {
+        // SAFETY: a non-negative accept result is a new descriptor nobody else
+        // has seen, so closing it cannot affect another owner.
+        unsafe { libc::close(result) };
     }
 }

@@ -14,8 +14,9 @@
 //! - The socket stays in blocking mode: io_uring never blocks on it (it
 //!   tries without waiting and then arms an internal poll), while an
 //!   `O_NONBLOCK` socket would make some kernels hand `EAGAIN` back to us.
-//! - Receives and connects are [`OpKind::LongLived`] (a peer may stay silent
-//!   forever; runtime teardown cancels them), sends are [`OpKind::Data`].
+//! - Receives, connects and sends are [`OpKind::LongLived`]: a peer may stay
+//!   silent forever, or never read, and runtime teardown must not wait for
+//!   it; teardown cancels them.
 //! - Close on drop is a plain `close(2)`: without `SO_LINGER` it never blocks
 //!   (the kernel finishes the FIN exchange in the background), and it needs
 //!   no async drop. If an abandoned op still holds the socket, drop first
@@ -306,7 +307,7 @@ impl TcpStream {
             .flags(libc::MSG_NOSIGNAL)
             .build();
         // SAFETY: the pointer is into buf's chunk, which the op keeps alive.
-        let op = unsafe { Op::submit(entry, OpKind::Data, (buf, self.sock.clone())) };
+        let op = unsafe { Op::submit(entry, OpKind::LongLived, (buf, self.sock.clone())) };
         let (c, (buf, _sock)) = op.await;
         (c.into_io().map(|n| n as usize), buf)
     }
@@ -368,7 +369,7 @@ impl TcpStream {
             // SAFETY: the msghdr is boxed, its iovec array is a Vec's heap buffer,
             // and the iovecs point into the header Vec and the payload chunks;
             // all of it moves into the op and stays until the completion.
-            let op = unsafe { Op::submit(entry, OpKind::Data, res) };
+            let op = unsafe { Op::submit(entry, OpKind::LongLived, res) };
             let (c, back) = op.await;
             res = back;
             match c.into_io() {
