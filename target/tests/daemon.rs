@@ -44,6 +44,7 @@ fn options(dir: &Path) -> DaemonOptions {
             huge_pages: false,
         },
         pin: false,
+        iscsi_listen: "127.0.0.1:0".into(),
         ..DaemonOptions::default()
     }
 }
