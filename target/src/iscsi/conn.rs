@@ -738,15 +738,31 @@ impl Conn {
             if let Some((sn, imm)) = raw_cmd_sn(&p.raw) {
                 let _ = self.verdict(sn, imm);
             }
-            self.reject(RejectReason::ProtocolError, &p.raw).await?;
-            if matches!(bhs, Bhs::DataOut(_)) {
-                return Err(ConnError::Protocol("oversized Data-Out".into()));
+            if let Bhs::DataOut(d) = &bhs {
+                // Its data is gone: the task cannot complete.
+                let mut st = self.st.borrow_mut();
+                if let Some(t) = st.tasks.remove(&d.itt.0) {
+                    t.aborted.set(true);
+                }
+                st.writes.remove(&d.itt.0);
             }
-            return Ok(());
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
         }
         if p.bad_data_digest {
-            self.reject(RejectReason::DataDigestError, &p.raw).await?;
-            return Err(ConnError::Protocol("data digest error".into()));
+            // RFC 7143 §7.8: discard the PDU and Reject it. Without
+            // recovery (ERL 0) a task that lost data cannot finish: abandon
+            // it; a command with bad immediate data never starts.
+            if let Some((sn, imm)) = raw_cmd_sn(&p.raw) {
+                let _ = self.verdict(sn, imm);
+            }
+            if let Bhs::DataOut(d) = &bhs {
+                let mut st = self.st.borrow_mut();
+                if let Some(t) = st.tasks.remove(&d.itt.0) {
+                    t.aborted.set(true);
+                }
+                st.writes.remove(&d.itt.0);
+            }
+            return self.reject(RejectReason::DataDigestError, &p.raw).await;
         }
         let (sn, imm) = match &bhs {
             Bhs::ScsiCommand(c) => (c.cmd_sn, c.immediate),
@@ -1091,8 +1107,14 @@ impl Conn {
             }
         }
         if let Some(e) = err {
-            self.reject(RejectReason::ProtocolError, &p.raw).await?;
-            return Err(e);
+            // ERL 0 cannot recover the sequence: reject the PDU and abandon
+            // the task (the initiator fails it on the Reject); the
+            // connection and its other tasks carry on. Late Data-Out for
+            // the abandoned task finds no task and is dropped.
+            tracing::debug!("{e}; task {:#x} abandoned", d.itt.0);
+            w.ctl.aborted.set(true);
+            self.st.borrow_mut().tasks.remove(&d.itt.0);
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
         }
         self.progress_write(w).await
     }
@@ -1340,8 +1362,8 @@ impl Conn {
                 }
                 TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => match &lu {
                     Some(l) => {
+                        let _ = l;
                         abort_where(&|c| c.lun == lun);
-                        l.lu.reset(ResetKind::TaskSet, &self.nexus);
                         COMPLETE
                     }
                     None => NO_LUN,
@@ -1435,7 +1457,7 @@ impl Conn {
             .filter(|e| {
                 e.allowed_initiators
                     .as_ref()
-                    .map_or(true, |l| l.iter().any(|i| *i == initiator))
+                    .map_or(true, |l| l.contains(&initiator))
             })
             .collect();
         match text_request_response(

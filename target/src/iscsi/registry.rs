@@ -697,7 +697,13 @@ impl IscsiTarget {
             }
             let v = (self.volumes)(&l.bdev_name)
                 .ok_or_else(|| ModelError::NotFound(format!("volume '{}'", l.bdev_name)))?;
-            let lu = Arc::new(LogicalUnit::new(v.clone(), LunConfig { lun_id: l.lun_id }));
+            let lu = Arc::new(LogicalUnit::new(
+                v.clone(),
+                LunConfig {
+                    serial: format!("{}-{}", l.bdev_name, l.lun_id),
+                    ..LunConfig::default()
+                },
+            ));
             if luns.insert(l.lun_id, NodeLun { lu, volume: v }).is_some() {
                 return Err(ModelError::Invalid(format!("LUN {} given twice", l.lun_id)));
             }

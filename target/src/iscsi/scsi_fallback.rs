@@ -20,29 +20,11 @@ use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask};
 use crate::units::ByteOffset;
 use crate::volume::{Volume, VolumeChannel};
 
-/// Per-LUN settings.
-#[derive(Debug, Clone, Default)]
-pub struct LunConfig {
-    /// Product revision / serial suffix; the LUN id.
-    pub lun_id: u64,
-}
-
-/// What a task management function resets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetKind {
-    /// ABORT TASK SET / CLEAR TASK SET for one nexus.
-    TaskSet,
-    /// LOGICAL UNIT RESET.
-    LogicalUnit,
-    /// TARGET WARM RESET.
-    TargetWarm,
-    /// TARGET COLD RESET.
-    TargetCold,
-}
+pub use crate::scsi::lun::{LunConfig, ResetKind};
 
 /// Largest transfer, in blocks, a single command may ask for.
-pub fn max_transfer_blocks(block_size: u32, chunk_size: usize, max_chunks: usize) -> u32 {
-    let bytes = chunk_size.saturating_mul(max_chunks) as u64;
+pub fn max_transfer_blocks(block_size: u32, chunk_size: usize) -> u32 {
+    let bytes = chunk_size.saturating_mul(MAX_CHUNKS_PER_COMMAND) as u64;
     u32::try_from(bytes / u64::from(block_size.max(1))).unwrap_or(u32::MAX)
 }
 
@@ -256,7 +238,7 @@ impl LogicalUnit {
                     return ScsiResponse::good();
                 }
                 let pool = buffer_pool();
-                let max = max_transfer_blocks(bs, pool.chunk_size(), MAX_CHUNKS_PER_COMMAND);
+                let max = max_transfer_blocks(bs, pool.chunk_size());
                 if len > max {
                     return check(Sense::invalid_field_in_cdb(7, None));
                 }
@@ -308,18 +290,14 @@ impl LogicalUnit {
                 v.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
                 v.extend_from_slice(&naa);
                 // T10 vendor id, ASCII.
-                let t10 = format!("MIRRORPT{}-{}", self.volume.name(), self.cfg.lun_id);
+                let t10 = format!("{:8}{}", self.cfg.vendor, self.volume.name());
                 v.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
                 v.extend_from_slice(t10.as_bytes());
                 v
             }
             0xb0 => {
                 let pool = buffer_pool();
-                let max = max_transfer_blocks(
-                    self.volume.block_size().bytes(),
-                    pool.chunk_size(),
-                    MAX_CHUNKS_PER_COMMAND,
-                );
+                let max = max_transfer_blocks(self.volume.block_size().bytes(), pool.chunk_size());
                 let mut v = vec![0u8; 60];
                 v[4..8].copy_from_slice(&max.to_be_bytes());
                 v
@@ -382,9 +360,15 @@ impl LogicalUnit {
     ) -> ScsiResponse {
         let bs = self.volume.block_size().bytes() as usize;
         let have: u64 = data.iter().map(|b| b.len() as u64).sum();
-        if have < bytes {
-            // The initiator sent less than the CDB asks for.
-            return check(Sense::new(SenseKey::IllegalRequest, Asc(0x24, 0x00)));
+        // Less Data-Out than the CDB asks for (EDTL < SCSI transfer
+        // length): write the whole blocks that arrived (FCP-4 overflow rule).
+        let bytes = if have < bytes {
+            have / bs as u64 * bs as u64
+        } else {
+            bytes
+        };
+        if bytes == 0 {
+            return ScsiResponse::good();
         }
         let aligned = data.iter().all(|b| b.len() % bs == 0);
         let mut pos = 0u64;
