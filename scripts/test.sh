@@ -25,3 +25,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast
 fi
+
+echo "== iSCSI conformance (libiscsi iscsi-test-cu -t ALL, floor in scripts/iscsi-conformance.floor)"
+if command -v iscsi-test-cu >/dev/null 2>&1; then
+    ./scripts/iscsi-conformance.sh
+else
+    echo "iscsi-test-cu not installed (apt-get install libiscsi-bin): skipped"
+fi

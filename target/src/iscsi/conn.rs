@@ -226,7 +226,7 @@ impl Reader {
         let mut data = None;
         let mut bad_data_digest = false;
         if n > 0 {
-            let buf = buffer_pool().alloc(n).ok_or(ConnError::NoBuffer)?;
+            let buf = alloc_wait(n).await?;
             let (r, buf) = s.recv_exact(buf, 0..n).await;
             r?;
             let buf = buf.freeze();
@@ -325,6 +325,7 @@ async fn run(
             window: std::sync::Mutex::new(CmdWindow {
                 exp_cmd_sn: res.exp_cmd_sn,
                 depth,
+                in_flight: 0,
             }),
             conns: std::sync::Mutex::new(Vec::new()),
         });
@@ -476,6 +477,46 @@ async fn login(
 struct TaskCtl {
     lun: u64,
     aborted: Cell<bool>,
+    /// Its place in the session's window; given back (reopening the window)
+    /// just before the status goes out, or when the task is dropped.
+    slot: RefCell<Option<Slot>>,
+}
+
+impl TaskCtl {
+    fn new(lun: u64, session: &Arc<Session>) -> Rc<TaskCtl> {
+        session.window().in_flight += 1;
+        Rc::new(TaskCtl {
+            lun,
+            aborted: Cell::new(false),
+            slot: RefCell::new(Some(Slot(session.clone()))),
+        })
+    }
+    fn release(&self) {
+        drop(self.slot.borrow_mut().take());
+    }
+}
+
+/// One unit of a session's in-flight count.
+struct Slot(Arc<Session>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut w = self.0.window();
+        w.in_flight = w.in_flight.saturating_sub(1);
+    }
+}
+
+/// A pool chunk, waiting a little when the pool is momentarily empty
+/// (commands in flight hold chunks until they complete).
+async fn alloc_wait(len: usize) -> Result<IoBufMut, ConnError> {
+    let pool = buffer_pool();
+    for _ in 0..2000 {
+        if let Some(b) = pool.alloc(len) {
+            return Ok(b);
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    Err(ConnError::NoBuffer)
 }
 
 /// An outstanding R2T.
@@ -675,7 +716,7 @@ impl Conn {
             trailer[pad..pad + 4].copy_from_slice(&pdu::digest_bytes(crc));
             tn += 4;
         }
-        let mut t = buffer_pool().alloc(tn).ok_or(ConnError::NoBuffer)?;
+        let mut t = alloc_wait(tn).await?;
         t.copy_from_slice(&trailer[..tn]);
         let mut all: Vec<IoBuf> = bufs.to_vec();
         all.push(t.freeze());
@@ -913,10 +954,7 @@ impl Conn {
         if self.st.borrow().tasks.contains_key(&c.itt.0) {
             return self.reject(RejectReason::TaskInProgress, &p.raw).await;
         }
-        let ctl = Rc::new(TaskCtl {
-            lun,
-            aborted: Cell::new(false),
-        });
+        let ctl = TaskCtl::new(lun, &self.session);
         let edtl = c.expected_data_transfer_length;
         let imm_len = p.data().len() as u32;
         if !c.write || edtl == 0 {
@@ -1145,6 +1183,7 @@ impl Conn {
             if mine {
                 self.st.borrow_mut().tasks.remove(&itt);
             }
+            ctl.release();
             if ctl.aborted.get() || !mine {
                 return;
             }

@@ -238,12 +238,17 @@ pub struct CmdWindow {
     pub exp_cmd_sn: CmdSn,
     /// Window size (queue depth).
     pub depth: u32,
+    /// SCSI tasks accepted and not yet answered, session-wide.
+    pub in_flight: u32,
 }
 
 impl CmdWindow {
-    /// MaxCmdSN to advertise.
+    /// MaxCmdSN to advertise: the window shrinks by the tasks in flight, so
+    /// an initiator never has more than `depth` commands outstanding
+    /// (MaxCmdSN = ExpCmdSN - 1 closes it).
     pub fn max_cmd_sn(&self) -> CmdSn {
-        self.exp_cmd_sn.serial_add(self.depth.max(1) - 1)
+        let open = self.depth.max(1).saturating_sub(self.in_flight);
+        self.exp_cmd_sn.serial_add(open).serial_add(u32::MAX)
     }
 }
 
