@@ -33,7 +33,7 @@ const INITIATOR: &str = "iqn.2026-11.io.mirrorpoint:initiator";
 struct Target {
     _rt: Runtime,
     addr: SocketAddr,
-    _target: Arc<IscsiTarget>,
+    target: Arc<IscsiTarget>,
 }
 
 fn start() -> Target {
@@ -105,7 +105,7 @@ fn start() -> Target {
     Target {
         _rt: rt,
         addr: addrs[0],
-        _target: target,
+        target,
     }
 }
 
@@ -186,11 +186,28 @@ impl Ini {
     }
 
     fn login(&mut self, isid: u8, extra: &[(&str, &str)]) -> Result<(), (u8, u8)> {
+        self.login_full(isid, 0, 1, false, INITIATOR, extra)
+            .map(drop)
+    }
+
+    /// Full login; returns the TSIH.
+    fn login_full(
+        &mut self,
+        isid: u8,
+        tsih: u16,
+        cid: u16,
+        discovery: bool,
+        initiator: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<u16, (u8, u8)> {
         let mut t = TextBuilder::new();
-        t.push("InitiatorName", INITIATOR)
-            .push("TargetName", IQN)
-            .push("SessionType", "Normal")
-            .push("AuthMethod", "None");
+        t.push("InitiatorName", initiator);
+        if discovery {
+            t.push("SessionType", "Discovery");
+        } else {
+            t.push("TargetName", IQN).push("SessionType", "Normal");
+        }
+        t.push("AuthMethod", "None");
         for (k, v) in extra {
             t.push(k, v);
         }
@@ -203,9 +220,9 @@ impl Ini {
                 version_max: 0,
                 version_min: 0,
                 isid: Isid([0x80, 0, 0, 0, 0, isid]),
-                tsih: Tsih(0),
+                tsih: Tsih(tsih),
                 itt: Itt(0),
-                cid: Cid(1),
+                cid: Cid(cid),
                 cmd_sn: CmdSn(cmd_sn),
                 exp_stat_sn: StatSn(exp),
             })
@@ -230,11 +247,14 @@ impl Ini {
         let mut t = TextBuilder::new();
         t.push("HeaderDigest", if self.want_hd { "CRC32C" } else { "None" })
             .push("DataDigest", "None")
-            .push("InitialR2T", "No")
-            .push("ImmediateData", "Yes")
-            .push("MaxRecvDataSegmentLength", "65536")
-            .push("MaxBurstLength", "262144")
-            .push("FirstBurstLength", "65536");
+            .push("MaxRecvDataSegmentLength", "65536");
+        if !discovery && tsih == 0 {
+            t.push("InitialR2T", "No")
+                .push("ImmediateData", "Yes")
+                .push("MaxBurstLength", "262144")
+                .push("FirstBurstLength", "65536")
+                .push("MaxConnections", "2");
+        }
         self.send(
             &req(
                 true,
@@ -263,7 +283,53 @@ impl Ini {
                 self.hd = p.value == "CRC32C";
             }
         }
-        Ok(())
+        Ok(r.tsih.0)
+    }
+
+    /// SendTargets=All in a discovery session: the target names.
+    fn send_targets(&mut self) -> Vec<String> {
+        let itt = self.next_itt();
+        let req = Bhs::TextRequest(mirrorpoint_target::iscsi::pdu::TextRequest {
+            immediate: true,
+            final_: true,
+            continue_: false,
+            lun: Lun::default(),
+            itt,
+            ttt: Ttt::RESERVED,
+            cmd_sn: CmdSn(self.cmd_sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+        });
+        self.send(&req, b"SendTargets=All\0");
+        let (b, data) = self.recv().expect("text response");
+        assert!(matches!(b, Bhs::TextResponse(_)), "{b:?}");
+        parse(&data)
+            .expect("text")
+            .iter()
+            .filter(|p| p.key == "TargetName")
+            .map(|p| p.value.to_string())
+            .collect()
+    }
+
+    fn logout(&mut self, reason: mirrorpoint_target::iscsi::pdu::LogoutReason, cid: u16) -> u8 {
+        let itt = self.next_itt();
+        let sn = self.cmd_sn;
+        self.cmd_sn += 1;
+        let req = Bhs::LogoutRequest(mirrorpoint_target::iscsi::pdu::LogoutRequest {
+            immediate: false,
+            reason,
+            itt,
+            cid: Cid(cid),
+            cmd_sn: CmdSn(sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+        });
+        self.send(&req, &[]);
+        loop {
+            match self.recv().expect("logout response") {
+                (Bhs::LogoutResponse(r), _) => return r.response,
+                (Bhs::NopIn(_), _) => {}
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        }
     }
 
     fn next_itt(&mut self) -> Itt {
@@ -634,4 +700,157 @@ fn header_digest_errors_drop_only_that_connection() {
     );
     assert!(good.ping());
     assert_eq!(good.read10(300, 8), (0, keep));
+}
+
+#[test]
+fn discovery_lists_only_what_the_initiator_may_see() {
+    let t = start();
+    t.target
+        .add_initiator_group(InitiatorGroupSpec {
+            tag: 2,
+            initiators: vec!["iqn.2026-11.io.mirrorpoint:someone-else".into()],
+            netmasks: vec!["ANY".into()],
+        })
+        .expect("ig");
+    t.target
+        .add_target_node(TargetNodeSpec {
+            name: "private".into(),
+            alias_name: None,
+            luns: vec![LunSpec {
+                bdev_name: "m0".into(),
+                lun_id: 0,
+            }],
+            pg_ig_maps: vec![PgIgMap {
+                pg_tag: 1,
+                ig_tag: 2,
+            }],
+            queue_depth: 16,
+            disable_chap: true,
+            require_chap: false,
+            mutual_chap: false,
+            chap_group: None,
+            chap: None,
+            header_digest: false,
+            data_digest: false,
+        })
+        .expect("node");
+    let mut d = Ini::connect(t.addr);
+    d.login_full(1, 0, 1, true, INITIATOR, &[])
+        .expect("discovery login");
+    assert_eq!(d.send_targets(), vec![IQN.to_string()]);
+    // A normal login to the hidden node is refused.
+    let mut n = Ini::connect(t.addr);
+    let mut t2 = TextBuilder::new();
+    t2.push("InitiatorName", INITIATOR)
+        .push("TargetName", "iqn.2026-11.io.mirrorpoint:private")
+        .push("AuthMethod", "None");
+    let req = Bhs::LoginRequest(LoginRequest {
+        transit: true,
+        continue_: false,
+        csg: Stage::SecurityNegotiation,
+        nsg: Stage::LoginOperationalNegotiation,
+        version_max: 0,
+        version_min: 0,
+        isid: Isid([0x80, 0, 0, 0, 0, 3]),
+        tsih: Tsih(0),
+        itt: Itt(0),
+        cid: Cid(0),
+        cmd_sn: CmdSn(1),
+        exp_stat_sn: StatSn(0),
+    });
+    n.send(&req, t2.as_bytes());
+    match n.recv() {
+        Some((Bhs::LoginResponse(r), _)) => assert_eq!(r.status_class, 2),
+        other => panic!("{other:?}"),
+    }
+    // The other initiator sees both.
+    let mut o = Ini::connect(t.addr);
+    o.login_full(
+        1,
+        0,
+        1,
+        true,
+        "iqn.2026-11.io.mirrorpoint:someone-else",
+        &[],
+    )
+    .expect("discovery login");
+    let mut names = o.send_targets();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn two_connections_share_one_session_and_logout_closes_it() {
+    use mirrorpoint_target::iscsi::pdu::LogoutReason;
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    let tsih = a.login_full(7, 0, 1, false, INITIATOR, &[]).expect("login");
+    assert!(tsih != 0);
+    assert_eq!(a.read10(0, 1).0, 0);
+    let mut b = Ini::connect(t.addr);
+    b.cmd_sn = a.cmd_sn;
+    b.login_full(7, tsih, 2, false, INITIATOR, &[])
+        .expect("second connection");
+    // Commands on either connection share the session's CmdSN space.
+    let data = pattern(11, 2048);
+    assert_eq!(b.write10(40, &data, 2048), 0);
+    a.cmd_sn = b.cmd_sn;
+    assert_eq!(a.read10(40, 4), (0, data));
+    b.cmd_sn = a.cmd_sn;
+    // Closing the second connection leaves the first one working.
+    assert_eq!(b.logout(LogoutReason::CloseConnection, 2), 0);
+    assert!(b.recv().is_none());
+    a.cmd_sn = b.cmd_sn;
+    assert!(a.ping());
+    assert_eq!(a.read10(40, 1).0, 0);
+    assert_eq!(a.logout(LogoutReason::CloseSession, 1), 0);
+    assert!(a.recv().is_none());
+    assert!(
+        t.target.sessions().is_empty() || {
+            std::thread::sleep(Duration::from_millis(200));
+            t.target.sessions().is_empty()
+        }
+    );
+}
+
+#[test]
+fn unanswered_nop_in_pings_drop_the_connection() {
+    let t = start();
+    *t.target.nop.lock().unwrap() = (1, 1);
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    // Do not answer the target's NOP-In: after interval + timeout the
+    // target closes the connection.
+    let start = std::time::Instant::now();
+    let mut pinged = false;
+    loop {
+        match a.recv() {
+            Some((Bhs::NopIn(n), _)) => {
+                assert!(n.itt.is_reserved() && !n.ttt.is_reserved());
+                pinged = true;
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+            None => break,
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    assert!(pinged, "the target pinged before dropping");
+    // An answering initiator stays connected.
+    let mut b = Ini::connect(t.addr);
+    b.login(2, &[]).expect("login");
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        if let Some((Bhs::NopIn(n), _)) = b.recv() {
+            let ans = NopOut {
+                immediate: true,
+                lun: Lun::default(),
+                itt: Itt::RESERVED,
+                ttt: n.ttt,
+                cmd_sn: CmdSn(b.cmd_sn),
+                exp_stat_sn: StatSn(b.exp_stat_sn),
+            };
+            b.send(&Bhs::NopOut(ans), &[]);
+        }
+    }
+    assert!(b.ping());
 }
