@@ -142,7 +142,7 @@ impl State {
     fn deliver(&mut self, uas: Vec<UaTarget>) {
         for u in uas {
             for ((i, t), s) in self.nexuses.iter_mut() {
-                if *i == u.initiator && u.target.as_ref().is_none_or(|x| x == t) {
+                if *i == u.initiator && u.target.as_ref().map_or(true, |x| x == t) {
                     s.push(u.asc);
                 }
             }

@@ -544,7 +544,7 @@ pub fn report_supported_opcodes(c: &Cdb<'_>) -> Result<Vec<u8>, Fail> {
         }
         3 => {
             let found = COMMANDS.iter().find(|x| {
-                x.opcode == req_op && x.service_action.is_none_or(|s| u16::from(s) == req_sa)
+                x.opcode == req_op && x.service_action.map_or(true, |s| u16::from(s) == req_sa)
             });
             one(found, &mut d);
         }

@@ -75,7 +75,7 @@ pub struct Registration {
 impl Registration {
     fn matches(&self, n: &Nexus) -> bool {
         self.initiator == n.initiator_port
-            && self.target.as_deref().is_none_or(|t| t == n.target_port)
+            && self.target.as_deref().map_or(true, |t| t == n.target_port)
     }
 }
 
@@ -430,7 +430,7 @@ impl PrState {
                     .iter()
                     .find(|x| {
                         x.initiator == r.initiator
-                            && x.target.as_deref().is_none_or(|t| t == r.target)
+                            && x.target.as_deref().map_or(true, |t| t == r.target)
                     })
                     .map(|x| x.key);
                 if sa_key == 0 {
@@ -494,7 +494,7 @@ impl PrState {
                                 .iter()
                                 .find(|x| {
                                     x.initiator == r.initiator
-                                        && x.target.as_deref().is_none_or(|t| t == r.target)
+                                        && x.target.as_deref().map_or(true, |t| t == r.target)
                                 })
                                 .map(|x| x.key)
                                 .unwrap_or(0)
@@ -516,7 +516,7 @@ impl PrState {
                         Some(res) if all_registrants(res.rtype) => Some(res.rtype),
                         Some(res)
                             if res.initiator == r.initiator
-                                && r.target.as_deref().is_none_or(|t| t == res.target) =>
+                                && r.target.as_deref().map_or(true, |t| t == res.target) =>
                         {
                             Some(res.rtype)
                         }

@@ -94,7 +94,7 @@ impl<'a> Future for Acquire<'a> {
         // Shared requests yield to an exclusive one queued on the same blocks;
         // exclusive ones to exclusive ones queued earlier.
         let yield_to_waiter = g.waiting_exclusive.iter().any(|&(t, s, e)| {
-            overlaps(me, (s, e)) && (!this.exclusive || this.ticket.is_none_or(|mine| t < mine))
+            overlaps(me, (s, e)) && (!this.exclusive || this.ticket.map_or(true, |mine| t < mine))
         });
         if !busy && !yield_to_waiter {
             let id = g.next_id;

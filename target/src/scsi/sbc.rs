@@ -14,7 +14,7 @@
 
 use super::cdb::{op, Cdb, Rw};
 use super::data::DataOut;
-use super::lun::{LogicalUnit, Snapshot, MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT};
+use super::lun::{LogicalUnit, Snapshot, MAX_UNMAP_DESCRIPTORS};
 use super::sense::{Asc, Sense, SenseKey};
 use super::task::{ScsiResponse, ScsiStatus, ScsiTask};
 use super::{good_with, volume_fail, CmdResult, Fail};
@@ -568,9 +568,8 @@ impl LogicalUnit {
             lb.copy_from_slice(p.get(at..at + 8).unwrap_or(&[0; 8]));
             let lba = u64::from_be_bytes(lb);
             let n = u32::from_be_bytes([get(at + 8), get(at + 9), get(at + 10), get(at + 11)]);
-            if n > MAX_UNMAP_LBA_COUNT {
-                return Err(Sense::invalid_field_in_parameter_list((at + 8) as u16, None).into());
-            }
+            // MAXIMUM UNMAP LBA COUNT is reported as FFFFFFFFh (no limit):
+            // one descriptor cannot exceed it.
             match lba.checked_add(u64::from(n)) {
                 Some(end) if end <= self.num_blocks() => {}
                 _ => return Err(Sense::lba_out_of_range().into()),
