@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Do not pin reactor threads to their CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Where the built-in default configuration exports its volume over iSCSI.
+    #[arg(long, default_value = mirrorpoint_target::daemon::DEFAULT_ISCSI_LISTEN)]
+    iscsi_listen: String,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +170,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             huge_pages: true,
         },
         pin: !args.no_pin,
+        iscsi_listen: args.iscsi_listen,
     };
     let daemon = match Daemon::start(options) {
         Ok(d) => d,

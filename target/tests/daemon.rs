@@ -44,6 +44,7 @@ fn options(dir: &Path) -> DaemonOptions {
             huge_pages: false,
         },
         pin: false,
+        iscsi_listen: "127.0.0.1:0".into(),
         ..DaemonOptions::default()
     }
 }
@@ -198,6 +199,20 @@ fn admin_socket_volumes_io_and_config_round_trip() {
             .len(),
         3
     );
+    assert_eq!(cfg["subsystems"][1]["subsystem"], "iscsi");
+    let iscsi_calls: Vec<String> = cfg["subsystems"][1]["config"]
+        .as_array()
+        .expect("iscsi calls")
+        .iter()
+        .map(|c| c["method"].as_str().unwrap_or("").to_string())
+        .collect();
+    for m in [
+        "iscsi_create_portal_group",
+        "iscsi_create_initiator_group",
+        "iscsi_create_target_node",
+    ] {
+        assert!(iscsi_calls.iter().any(|c| c == m), "{m} in {iscsi_calls:?}");
+    }
     drop(c);
     assert_eq!(daemon.shutdown(), 3, "every volume synced");
     assert!(!sock.exists(), "socket removed at shutdown");
@@ -215,6 +230,11 @@ fn admin_socket_volumes_io_and_config_round_trip() {
         .map(|b| b["uuid"].clone())
         .collect();
     assert_eq!(after, uuids, "same volumes, same identities");
+    let nodes = c.call("iscsi_get_target_nodes", None).expect("nodes");
+    assert_eq!(
+        nodes[0]["name"], "iqn.2026-11.io.mirrorpoint:vol0",
+        "{nodes}"
+    );
     let u1 = daemon.state().volumes.get("u1").expect("u1");
     let back = daemon.state().reactors[0]
         .block_on(move || async move {
@@ -276,6 +296,7 @@ fn the_binary_serves_answers_the_cli_and_stops_on_sigterm() {
     let bin = env!("CARGO_BIN_EXE_mirrorpoint");
     let mut child = Command::new(bin)
         .args(["serve", "--no-pin", "--cores", "0", "--buffers", "32"])
+        .args(["--iscsi-listen", "127.0.0.1:0"])
         .arg("--rpc-socket")
         .arg(&sock)
         .arg("--data-dir")
@@ -303,6 +324,17 @@ fn the_binary_serves_answers_the_cli_and_stops_on_sigterm() {
         r#"{"name": "m", "num_blocks": 64, "block_size": 512}"#,
     ]);
     assert!(out.status.success());
+    // The default configuration exports vol0 over iSCSI.
+    let out = rpc(&["iscsi_get_target_nodes"]);
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["name"], "iqn.2026-11.io.mirrorpoint:vol0");
+    assert_eq!(v[0]["luns"][0]["bdev_name"], "vol0");
+    let out = rpc(&["bdev_delete", r#"{"name": "vol0"}"#]);
+    assert!(
+        !out.status.success(),
+        "an exported volume cannot be deleted"
+    );
     let out = rpc(&["no_such_method"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-32601"));
@@ -329,6 +361,7 @@ fn the_binary_serves_answers_the_cli_and_stops_on_sigterm() {
         .read_to_string(&mut stdout)
         .expect("read");
     assert!(stdout.contains("built-in default"), "{stdout}");
+    assert!(stdout.contains("exported over iSCSI"), "{stdout}");
     assert!(
         stdout.contains("stopped cleanly, 2 volume(s) synced"),
         "{stdout}"

@@ -89,6 +89,15 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         let s = state.clone();
         methods.register(method, move |p| {
             let params: NameParam = parse_params(p)?;
+            if s.iscsi.volume_in_use(&params.name) {
+                return Err(RpcError::app(
+                    -libc::EBUSY,
+                    format!(
+                        "Device or resource busy: volume '{}' is exported over iSCSI",
+                        params.name
+                    ),
+                ));
+            }
             s.volumes.delete(&params.name).map_err(create_error)?;
             tracing::info!(name = params.name, "deleted volume");
             Ok(Value::Bool(true))
@@ -198,10 +207,16 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
         })
         .collect();
     ConfigFile {
-        subsystems: vec![SubsystemConfig {
-            subsystem: "bdev".to_string(),
-            config: bdev,
-        }],
+        subsystems: vec![
+            SubsystemConfig {
+                subsystem: "bdev".to_string(),
+                config: bdev,
+            },
+            SubsystemConfig {
+                subsystem: "iscsi".to_string(),
+                config: crate::iscsi::rpc::config_calls(&state.iscsi),
+            },
+        ],
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod methods;
 
+use crate::iscsi::registry::IscsiTarget;
 use crate::rpc::{MethodRegistry, RpcServer, ServerConfig, ServerError};
 use crate::volume::registry::UringParams;
 use crate::volume::{VolumeRegistry, VolumeSpec};
@@ -18,13 +19,15 @@ use mirrorpoint_poller::{
     PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
 };
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Size of the default volume's backing file.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 /// Name of the default volume.
 pub const DEFAULT_VOLUME_NAME: &str = "vol0";
+/// Where the default configuration's iSCSI portal listens.
+pub const DEFAULT_ISCSI_LISTEN: &str = "127.0.0.1:3260";
 /// Where the default configuration keeps its data.
 pub const DEFAULT_DATA_DIR: &str = "/var/tmp/mirrorpoint";
 
@@ -47,6 +50,8 @@ pub struct DaemonOptions {
     pub pool: PoolConfig,
     /// Pin reactor threads to their CPUs.
     pub pin: bool,
+    /// Where the built-in default exports its volume over iSCSI.
+    pub iscsi_listen: String,
 }
 
 impl Default for DaemonOptions {
@@ -60,6 +65,7 @@ impl Default for DaemonOptions {
             idle_timeout: ReactorConfig::default().idle_timeout,
             pool: PoolConfig::default(),
             pin: true,
+            iscsi_listen: DEFAULT_ISCSI_LISTEN.to_string(),
         }
     }
 }
@@ -92,6 +98,8 @@ pub struct DaemonState {
     pub reactors: Vec<ReactorHandle>,
     /// The options the daemon started with.
     pub options: DaemonOptions,
+    /// The iSCSI target (portal groups, nodes, sessions).
+    pub iscsi: Arc<IscsiTarget>,
 }
 
 /// A running target.
@@ -133,13 +141,21 @@ impl Daemon {
                 "adaptive polling"
             }
         ));
-        let state = Arc::new(DaemonState {
-            volumes: VolumeRegistry::new(),
-            reactors: runtime.handles().to_vec(),
-            options: options.clone(),
+        let state = Arc::new_cyclic(|weak: &Weak<DaemonState>| {
+            let w = weak.clone();
+            DaemonState {
+                volumes: VolumeRegistry::new(),
+                reactors: runtime.handles().to_vec(),
+                options: options.clone(),
+                iscsi: IscsiTarget::new(
+                    runtime.handles().to_vec(),
+                    Arc::new(move |name: &str| w.upgrade().and_then(|s| s.volumes.get(name))),
+                ),
+            }
         });
         let methods = Arc::new(MethodRegistry::new());
         methods::register(&methods, &state)?;
+        crate::iscsi::rpc::register(&methods, &state.iscsi)?;
         match &options.config_file {
             Some(path) => {
                 let cfg = ConfigFile::read(path)?;
@@ -188,8 +204,19 @@ impl Daemon {
                 uuid: None,
             }))
             .map_err(|e| DaemonError::Default(e.to_string()))?;
+        let iscsi = match crate::iscsi::rpc::export_default(
+            &state.iscsi,
+            DEFAULT_VOLUME_NAME,
+            &options.iscsi_listen,
+        ) {
+            Ok(name) => format!(
+                "exported over iSCSI as {name} LUN 0 on {}",
+                options.iscsi_listen
+            ),
+            Err(e) => format!("iSCSI export on {} failed: {e}", options.iscsi_listen),
+        };
         Ok(format!(
-            "no --config given: built-in default, volume '{DEFAULT_VOLUME_NAME}' on {} ({} MiB, sparse)",
+            "no --config given: built-in default, volume '{DEFAULT_VOLUME_NAME}' on {} ({} MiB, sparse); {iscsi}",
             file.display(),
             DEFAULT_VOLUME_SIZE >> 20
         ))
@@ -215,6 +242,7 @@ impl Daemon {
         if let Some(server) = self.server.take() {
             server.shutdown();
         }
+        self.state.iscsi.kill_all();
         if let Some(mut rt) = self.runtime.take() {
             rt.shutdown();
         }

@@ -6,10 +6,21 @@
 //! key=value text segments, [`negotiation`] answers operational keys and
 //! [`login`] drives the target side of the login phase (including CHAP);
 //! [`sense`] builds SCSI sense data for CHECK CONDITION responses.
+//!
+//! On top of it sit the target itself: [`registry`] (portal groups,
+//! initiator groups, target nodes, sessions), [`portal`] (listeners),
+//! [`conn`] (one connection's login and full feature phase on its reactor),
+//! [`rpc`] (the `iscsi_*` admin methods) and [`scsi_fallback`] (a minimal
+//! block command set used until the SCSI layer of `crate::scsi` lands).
 
+pub mod conn;
 pub mod login;
 pub mod negotiation;
 pub mod pdu;
+pub mod portal;
+pub mod registry;
+pub mod rpc;
+pub mod scsi_fallback;
 pub mod sense;
 pub mod text;
 

@@ -1,0 +1,1593 @@
+//! One iSCSI connection on its reactor: login over the socket, then the full
+//! feature phase.
+//!
+//! Shape, and why:
+//! - One *reader* loop per connection owns the receive side. It reads the
+//!   BHS (+AHS, header digest) into a per-connection scratch chunk, then the
+//!   data segment straight into a fresh pool chunk of exactly its length, so
+//!   immediate data and Data-Out land in memory once and are handed to the
+//!   SCSI layer (and on to the volume) without a copy.
+//! - Commands run as their own tasks on the same reactor, so a slow command
+//!   does not stall the socket; every PDU we send goes through one send lock,
+//!   under which the StatSN is assigned, so StatSNs leave in order.
+//!   Data-In goes out with vectored sends: the header (and digest) copied,
+//!   the volume's buffers shared.
+//! - The command window is the session's (shared by its connections, under
+//!   a mutex taken once per command); commands ahead of ExpCmdSN wait here
+//!   until the gap fills, commands outside the window are dropped silently
+//!   (RFC 7143 §3.2.2.1), immediate ones are served at once.
+//! - Error recovery level 0: a PDU that breaks sequencing (DataSN, buffer
+//!   offset, header digest) ends the connection after a Reject; a PDU with a
+//!   bad field or an unsupported opcode gets a Reject and the connection
+//!   continues. Nothing a peer sends can panic this code.
+//! - A ticker task per connection sends NOP-In pings on an idle connection,
+//!   drops it when a ping goes unanswered, and ends it when the control plane
+//!   asks (session reinstatement, target deleted, logout of another CID).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use mirrorpoint_poller::{
+    buffer_pool, current_index, sleep, spawn, IoBuf, IoBufMut, LocalSemaphore,
+};
+use mirrorpoint_transport::TcpStream;
+use thiserror::Error;
+
+use super::login::{
+    os_random, text_request_response, LoginConfig, LoginEnv, LoginMachine, LoginOutcome,
+    LoginResult, LoginStatus, LOGIN_MAX_DATA,
+};
+use super::negotiation::{Digest, SessionParams, SessionType};
+use super::pdu::{
+    self, Bhs, CmdSn, DataIn, DataSn, Isid, Itt, Lun, NopIn, PduError, R2t, RejectReason,
+    ScsiCommand, StatSn, TaskAttr, TaskMgmtResponse, TextResponse, TmfFunction, Tsih, Ttt, BHS_LEN,
+    DIGEST_LEN,
+};
+use super::registry::{CmdWindow, ConnInfo, IscsiTarget, NodeRuntime, Session};
+use super::scsi_fallback::{self as scsi_impl, ResetKind};
+use super::sense::scsi_response_sense_segment;
+use super::text::TextAssembler;
+use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask, TaskAttribute};
+use crate::volume::VolumeChannel;
+
+/// How long a login may sit waiting for the next PDU.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most commands waiting for a CmdSN gap to fill.
+const MAX_HELD: usize = 256;
+/// Largest write a command may announce (bounds buffered Data-Out).
+const MAX_WRITE_BYTES: u32 = 16 << 20;
+
+/// Why a connection ended.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    /// Socket error or peer closed.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// A PDU we cannot recover from at ERL 0.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Header digest mismatch.
+    #[error("header digest error")]
+    HeaderDigest,
+    /// Out of pool buffers.
+    #[error("no buffer available")]
+    NoBuffer,
+    /// Login failed or timed out.
+    #[error("login: {0}")]
+    Login(String),
+    /// Closed on request (logout, reinstatement, removal).
+    #[error("closed")]
+    Closed,
+}
+
+/// Runs `f` and gives up after `d`.
+pub(crate) async fn timeout<F: Future>(d: Duration, f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    let mut s = pin!(sleep(d));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if s.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Framing parameters of one direction.
+#[derive(Debug, Clone, Copy)]
+struct Framing {
+    header_digest: bool,
+    data_digest: bool,
+    /// Largest data segment the peer may send us.
+    max_recv: u32,
+}
+
+/// One received PDU.
+struct InPdu {
+    raw: [u8; BHS_LEN],
+    bhs: Result<Bhs, PduError>,
+    ahs: Vec<u8>,
+    data: Option<IoBuf>,
+    /// The data segment was longer than we allow (it was read and discarded).
+    too_long: bool,
+    /// Data digest mismatch.
+    bad_data_digest: bool,
+}
+
+impl InPdu {
+    fn data(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or(&[])
+    }
+}
+
+fn le32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    if let Some(s) = b.get(..4) {
+        a.copy_from_slice(s);
+    }
+    u32::from_le_bytes(a)
+}
+
+/// The receive side: a scratch chunk for headers, digests and padding.
+struct Reader {
+    scratch: Option<IoBufMut>,
+}
+
+impl Reader {
+    fn new() -> Result<Self, ConnError> {
+        let pool = buffer_pool();
+        let mut b = pool.alloc(pool.chunk_size()).ok_or(ConnError::NoBuffer)?;
+        b.set_len(pool.chunk_size());
+        Ok(Reader { scratch: Some(b) })
+    }
+
+    async fn fill(
+        &mut self,
+        s: &TcpStream,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ConnError> {
+        let buf = self.scratch.take().ok_or(ConnError::NoBuffer)?;
+        let (r, buf) = s.recv_exact(buf, range).await;
+        self.scratch = Some(buf);
+        r.map_err(ConnError::Io)
+    }
+
+    fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        self.scratch
+            .as_ref()
+            .and_then(|b| b.get(range))
+            .unwrap_or(&[])
+    }
+
+    /// Reads one PDU. `Err` ends the connection.
+    async fn read(&mut self, s: &TcpStream, f: Framing) -> Result<InPdu, ConnError> {
+        self.fill(s, 0..BHS_LEN).await?;
+        let mut raw = [0u8; BHS_LEN];
+        raw.copy_from_slice(self.bytes(0..BHS_LEN));
+        let lens = Bhs::lengths(&raw);
+        let hd = if f.header_digest { DIGEST_LEN } else { 0 };
+        let hdr_end = BHS_LEN + lens.ahs_len;
+        if hd + lens.ahs_len > 0 {
+            self.fill(s, BHS_LEN..hdr_end + hd).await?;
+        }
+        if hd > 0 {
+            let got = le32(self.bytes(hdr_end..hdr_end + hd));
+            if got != pdu::crc32c(self.bytes(0..hdr_end)) {
+                return Err(ConnError::HeaderDigest);
+            }
+        }
+        let ahs = self.bytes(BHS_LEN..hdr_end).to_vec();
+        let bhs = Bhs::decode(&raw).and_then(|(b, _)| {
+            if b.opcode().is_initiator() {
+                pdu::parse_ahs(&ahs)?;
+                Ok(b)
+            } else {
+                Err(PduError::WrongDirection(b.opcode()))
+            }
+        });
+        let n = lens.data_len as usize;
+        let dd = if f.data_digest && n > 0 {
+            DIGEST_LEN
+        } else {
+            0
+        };
+        let trailer = pdu::pad_len(n) + dd;
+        if lens.data_len > f.max_recv {
+            // Read and drop it so the stream stays framed.
+            let chunk = self.scratch.as_ref().map_or(4096, |b| b.len());
+            let mut left = n + trailer;
+            while left > 0 {
+                let k = left.min(chunk);
+                self.fill(s, 0..k).await?;
+                left -= k;
+            }
+            return Ok(InPdu {
+                raw,
+                bhs,
+                ahs,
+                data: None,
+                too_long: true,
+                bad_data_digest: false,
+            });
+        }
+        let mut data = None;
+        let mut bad_data_digest = false;
+        if n > 0 {
+            let buf = buffer_pool().alloc(n).ok_or(ConnError::NoBuffer)?;
+            let (r, buf) = s.recv_exact(buf, 0..n).await;
+            r?;
+            let buf = buf.freeze();
+            if trailer > 0 {
+                self.fill(s, 0..trailer).await?;
+            }
+            if dd > 0 {
+                let pad = pdu::pad_len(n);
+                let crc = crc32c::crc32c_append(pdu::crc32c(&buf), self.bytes(0..pad));
+                bad_data_digest = crc != le32(self.bytes(pad..pad + DIGEST_LEN));
+            }
+            data = Some(buf);
+        }
+        Ok(InPdu {
+            raw,
+            bhs,
+            ahs,
+            data,
+            too_long: false,
+            bad_data_digest,
+        })
+    }
+}
+
+/// Encodes a PDU with a small owned data segment.
+fn encode_small(bhs: &Bhs, data: &[u8], hd: bool, dd: bool) -> Result<Vec<u8>, ConnError> {
+    let mut out = Vec::with_capacity(BHS_LEN + 8 + data.len() + 8);
+    pdu::encode_pdu(bhs, &[], data, hd, dd, &mut out)
+        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    Ok(out)
+}
+
+struct Env<'a>(&'a IscsiTarget);
+
+impl LoginEnv for Env<'_> {
+    fn fill_random(&mut self, buf: &mut [u8]) -> bool {
+        os_random(buf)
+    }
+    fn find_session(&self, isid: Isid, tsih: Tsih) -> Option<super::login::ExistingSession> {
+        self.0.existing(isid, tsih)
+    }
+    fn allocate_tsih(&mut self) -> Option<Tsih> {
+        self.0.allocate_tsih()
+    }
+}
+
+/// Entry point: serve one accepted connection until it ends.
+pub async fn serve(target: Arc<IscsiTarget>, stream: TcpStream, peer: SocketAddr, pg_tag: u16) {
+    let _ = stream.set_nodelay(true);
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    match run(&target, stream, peer, local, pg_tag).await {
+        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "iSCSI connection closed"),
+        Err(e) => tracing::info!(%peer, "iSCSI connection ended: {e}"),
+    }
+}
+
+async fn run(
+    target: &Arc<IscsiTarget>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    pg_tag: u16,
+) -> Result<(), ConnError> {
+    let mut reader = Reader::new()?;
+    let mut cfg = target.login_config(pg_tag, peer.ip());
+    // Our MaxRecvDataSegmentLength must fit a pool chunk (data lands in one).
+    let chunk = buffer_pool().chunk_size() as u32;
+    cfg.limits.max_recv_data_segment_length = cfg.limits.max_recv_data_segment_length.min(chunk);
+    // The first response of the full feature phase opens the real window.
+    cfg.cmd_window = 1;
+    let res = login(target, &stream, &mut reader, &cfg).await?;
+    let params = res.params.clone();
+    let node = match params.session_type {
+        SessionType::Normal => {
+            let name = params.target_name.clone().unwrap_or_default();
+            match target.node(&name) {
+                Some(n) if !n.is_removed() => Some(n),
+                _ => return Err(ConnError::Login("target vanished during login".into())),
+            }
+        }
+        SessionType::Discovery => None,
+    };
+    let initiator = params.initiator_name.clone().unwrap_or_default();
+    let session = if res.new_session {
+        let depth = node.as_ref().map_or(16, |n| n.spec.queue_depth);
+        let s = Arc::new(Session {
+            tsih: res.tsih,
+            isid: res.isid,
+            initiator_name: initiator.clone(),
+            target_name: params.target_name.clone(),
+            session_type: params.session_type,
+            params: params.clone(),
+            tpgt: pg_tag,
+            window: std::sync::Mutex::new(CmdWindow {
+                exp_cmd_sn: res.exp_cmd_sn,
+                depth,
+            }),
+            conns: std::sync::Mutex::new(Vec::new()),
+        });
+        let old = target.add_session(s.clone());
+        if !old.is_empty() {
+            tracing::info!(initiator, "session reinstated");
+            for o in &old {
+                if let Some(n) = &node {
+                    let nexus = nexus_for(&o.initiator_name, o.isid, &n.name, o.tpgt);
+                    for l in n.luns.values() {
+                        l.lu.nexus_lost(&nexus);
+                    }
+                }
+            }
+        }
+        s
+    } else {
+        let s = target
+            .find_session(res.isid, res.tsih)
+            .ok_or_else(|| ConnError::Login("session vanished during login".into()))?;
+        // Connection reinstatement: an old connection with this CID goes.
+        s.kill_cid(res.cid.0);
+        s
+    };
+    let kill = Arc::new(AtomicBool::new(false));
+    let id = target.next_id();
+    session.add_conn(ConnInfo {
+        id,
+        cid: res.cid.0,
+        initiator_addr: peer,
+        target_addr: local,
+        reactor: current_index().unwrap_or(0),
+        fd: stream.as_raw_fd(),
+        kill: kill.clone(),
+    });
+    let conn = Rc::new(Conn {
+        stream,
+        target: target.clone(),
+        session: session.clone(),
+        node,
+        params: params.clone(),
+        framing_out: Framing {
+            header_digest: params.header_digest == Digest::Crc32c,
+            data_digest: params.data_digest == Digest::Crc32c,
+            max_recv: params.initiator_max_recv_data_segment_length,
+        },
+        send_lock: LocalSemaphore::new(1),
+        st: RefCell::new(ConnState {
+            stat_sn: res.next_stat_sn,
+            tasks: HashMap::new(),
+            writes: HashMap::new(),
+            held: Vec::new(),
+            text: TextAssembler::new(64 * 1024),
+            text_out: None,
+            next_ttt: 1,
+            last_rx: Instant::now(),
+            ping: None,
+            done: false,
+        }),
+        channels: RefCell::new(HashMap::new()),
+        nexus: nexus_for(
+            &initiator,
+            res.isid,
+            params.target_name.as_deref().unwrap_or(""),
+            pg_tag,
+        ),
+        cid: res.cid.0,
+        kill,
+        pg_tag,
+        peer,
+    });
+    // Deregisters before the stream (owned by `conn`) can close.
+    let _guard = ConnGuard {
+        target: target.clone(),
+        session,
+        id,
+    };
+    let ticker = spawn(ticker(Rc::downgrade(&conn)));
+    let framing_in = Framing {
+        header_digest: conn.framing_out.header_digest,
+        data_digest: conn.framing_out.data_digest,
+        max_recv: params.target_max_recv_data_segment_length,
+    };
+    let r = conn.clone().full_feature(&mut reader, framing_in).await;
+    drop(ticker);
+    conn.abort_all();
+    r
+}
+
+struct ConnGuard {
+    target: Arc<IscsiTarget>,
+    session: Arc<Session>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.session.remove_conn(self.id);
+        self.target.remove_session_if_empty(&self.session);
+    }
+}
+
+fn nexus_for(initiator: &str, isid: Isid, target: &str, tpgt: u16) -> Nexus {
+    let i: String = isid.0.iter().map(|b| format!("{b:02x}")).collect();
+    Nexus {
+        initiator_port: format!("{initiator},i,0x{i}"),
+        target_port: format!("{target},t,0x{tpgt:04x}"),
+        relative_port: tpgt,
+    }
+}
+
+async fn login(
+    target: &IscsiTarget,
+    stream: &TcpStream,
+    reader: &mut Reader,
+    cfg: &LoginConfig,
+) -> Result<Box<LoginResult>, ConnError> {
+    let mut machine = LoginMachine::new();
+    let framing = Framing {
+        header_digest: false,
+        data_digest: false,
+        max_recv: LOGIN_MAX_DATA as u32,
+    };
+    loop {
+        let p = match timeout(LOGIN_TIMEOUT, reader.read(stream, framing)).await {
+            Some(r) => r?,
+            None => return Err(ConnError::Login("login timed out".into())),
+        };
+        let step = match &p.bhs {
+            Ok(Bhs::LoginRequest(req)) if !p.too_long => {
+                machine.handle(cfg, &mut Env(target), req, p.data())
+            }
+            Ok(_) | Err(PduError::UnknownOpcode(_)) | Err(PduError::WrongDirection(_)) => {
+                machine.abort(cfg, LoginStatus::InvalidDuringLogin)
+            }
+            Err(_) => machine.abort(cfg, LoginStatus::InitiatorError),
+        };
+        let out = encode_small(&Bhs::LoginResponse(step.response), &step.data, false, false)?;
+        stream.send_vectored_all(&out, &[]).await?;
+        match step.outcome {
+            LoginOutcome::Continue => {}
+            LoginOutcome::FullFeature(r) => return Ok(r),
+            LoginOutcome::Failed(st) => return Err(ConnError::Login(format!("{st:?}"))),
+        }
+    }
+}
+
+/// A command's control block, shared by its collecting and executing stages.
+struct TaskCtl {
+    lun: u64,
+    aborted: Cell<bool>,
+}
+
+/// An outstanding R2T.
+struct R2tOut {
+    ttt: u32,
+    offset: u32,
+    len: u32,
+    got: u32,
+    next_data_sn: u32,
+}
+
+/// A write collecting its Data-Out.
+struct WriteCollect {
+    ctl: Rc<TaskCtl>,
+    cmd: ScsiCommand,
+    cdb: Vec<u8>,
+    /// Bytes to collect: min(EDTL, SCSI transfer length when known).
+    want: u32,
+    bufs: Vec<IoBuf>,
+    received: u32,
+    unsolicited_done: bool,
+    unsol_data_sn: u32,
+    r2ts: Vec<R2tOut>,
+    next_r2t_offset: u32,
+    r2t_sn: u32,
+}
+
+struct ConnState {
+    stat_sn: StatSn,
+    tasks: HashMap<u32, Rc<TaskCtl>>,
+    writes: HashMap<u32, WriteCollect>,
+    held: Vec<(CmdSn, InPdu)>,
+    text: TextAssembler,
+    /// A long text response being sent in pieces: (TTT, rest).
+    text_out: Option<(u32, Vec<u8>)>,
+    next_ttt: u32,
+    last_rx: Instant,
+    /// Our outstanding NOP-In ping: (TTT, sent at).
+    ping: Option<(u32, Instant)>,
+    done: bool,
+}
+
+struct Conn {
+    stream: TcpStream,
+    target: Arc<IscsiTarget>,
+    session: Arc<Session>,
+    node: Option<Arc<NodeRuntime>>,
+    params: SessionParams,
+    framing_out: Framing,
+    send_lock: LocalSemaphore,
+    st: RefCell<ConnState>,
+    channels: RefCell<HashMap<u64, Rc<VolumeChannel>>>,
+    nexus: Nexus,
+    cid: u16,
+    kill: Arc<AtomicBool>,
+    pg_tag: u16,
+    peer: SocketAddr,
+}
+
+enum Verdict {
+    Now,
+    Hold,
+    Drop,
+}
+
+/// Data transfer length the CDB asks for, for the commands whose residuals
+/// the transport must report (reads and writes).
+fn scsi_transfer_len(cdb: &[u8], block_size: u32) -> Option<u64> {
+    let b = |i: usize| u64::from(cdb.get(i).copied().unwrap_or(0));
+    let blocks = match cdb.first()? {
+        0x08 | 0x0a => {
+            let l = b(4);
+            if l == 0 {
+                256
+            } else {
+                l
+            }
+        }
+        0x28 | 0x2a | 0x2e => (b(7) << 8) | b(8),
+        0xa8 | 0xaa | 0xae => (b(6) << 24) | (b(7) << 16) | (b(8) << 8) | b(9),
+        0x88 | 0x8a | 0x8e => (b(10) << 24) | (b(11) << 16) | (b(12) << 8) | b(13),
+        _ => return None,
+    };
+    Some(blocks * u64::from(block_size))
+}
+
+/// SAM single-level LUN; `None` for formats we do not use.
+fn decode_lun(l: Lun) -> Option<u64> {
+    let b = l.0;
+    match b[0] >> 6 {
+        0 if b[0] == 0 => Some(u64::from(b[1])),
+        1 => Some((u64::from(b[0] & 0x3f) << 8) | u64::from(b[1])),
+        _ => None,
+    }
+}
+
+fn attr(a: TaskAttr) -> TaskAttribute {
+    match a {
+        TaskAttr::Untagged | TaskAttr::Simple => TaskAttribute::Simple,
+        TaskAttr::Ordered => TaskAttribute::Ordered,
+        TaskAttr::HeadOfQueue => TaskAttribute::HeadOfQueue,
+        TaskAttr::Aca => TaskAttribute::Aca,
+    }
+}
+
+/// CmdSN of a command PDU (raw bytes 24..28) and its I bit, for PDUs that
+/// failed to decode but whose sequence number must still be consumed.
+fn raw_cmd_sn(raw: &[u8; BHS_LEN]) -> Option<(CmdSn, bool)> {
+    let op = raw[0] & 0x3f;
+    if matches!(op, 0x00..=0x04 | 0x06) {
+        let v = u32::from_be_bytes([raw[24], raw[25], raw[26], raw[27]]);
+        Some((CmdSn(v), raw[0] & 0x40 != 0))
+    } else {
+        None
+    }
+}
+
+impl Conn {
+    fn window(&self) -> (CmdSn, CmdSn) {
+        let w = self.session.window();
+        (w.exp_cmd_sn, w.max_cmd_sn())
+    }
+
+    fn verdict(&self, sn: CmdSn, immediate: bool) -> Verdict {
+        if immediate {
+            return Verdict::Now;
+        }
+        let mut w = self.session.window();
+        if sn == w.exp_cmd_sn {
+            w.exp_cmd_sn = sn.next();
+            Verdict::Now
+        } else if w.exp_cmd_sn.lt(sn) && !w.max_cmd_sn().lt(sn) {
+            Verdict::Hold
+        } else {
+            Verdict::Drop
+        }
+    }
+
+    /// Sends one PDU; `mk` builds the header from (StatSN, ExpCmdSN,
+    /// MaxCmdSN). `advance` says whether it consumes a StatSN.
+    async fn send(
+        &self,
+        advance: bool,
+        mk: impl FnOnce(StatSn, CmdSn, CmdSn) -> Bhs,
+        small: &[u8],
+        bufs: &[IoBuf],
+    ) -> Result<(), ConnError> {
+        let _permit = self.send_lock.acquire().await;
+        let stat_sn = {
+            let mut st = self.st.borrow_mut();
+            let s = st.stat_sn;
+            if advance {
+                st.stat_sn = s.next();
+            }
+            s
+        };
+        let (exp, max) = self.window();
+        let bhs = mk(stat_sn, exp, max);
+        self.write_pdu(&bhs, small, bufs).await
+    }
+
+    async fn write_pdu(&self, bhs: &Bhs, small: &[u8], bufs: &[IoBuf]) -> Result<(), ConnError> {
+        let f = self.framing_out;
+        if bufs.is_empty() {
+            let out = encode_small(bhs, small, f.header_digest, f.data_digest)?;
+            self.stream.send_vectored_all(&out, &[]).await?;
+            return Ok(());
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let data_len =
+            u32::try_from(len).map_err(|_| ConnError::Protocol("data too long".into()))?;
+        let raw = bhs
+            .encode(pdu::SegmentLengths {
+                ahs_len: 0,
+                data_len,
+            })
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut header = raw.to_vec();
+        if f.header_digest {
+            let c = pdu::crc32c(&header);
+            header.extend_from_slice(&pdu::digest_bytes(c));
+        }
+        let pad = pdu::pad_len(len);
+        let dd = f.data_digest;
+        if pad == 0 && !dd {
+            self.stream.send_vectored_all(&header, bufs).await?;
+            return Ok(());
+        }
+        let mut trailer = [0u8; 8];
+        let mut tn = pad;
+        if dd {
+            let mut crc = 0;
+            for b in bufs {
+                crc = crc32c::crc32c_append(crc, b);
+            }
+            crc = crc32c::crc32c_append(crc, &trailer[..pad]);
+            trailer[pad..pad + 4].copy_from_slice(&pdu::digest_bytes(crc));
+            tn += 4;
+        }
+        let mut t = buffer_pool().alloc(tn).ok_or(ConnError::NoBuffer)?;
+        t.copy_from_slice(&trailer[..tn]);
+        let mut all: Vec<IoBuf> = bufs.to_vec();
+        all.push(t.freeze());
+        self.stream.send_vectored_all(&header, &all).await?;
+        Ok(())
+    }
+
+    async fn reject(&self, reason: RejectReason, raw: &[u8; BHS_LEN]) -> Result<(), ConnError> {
+        self.send(
+            true,
+            |s, e, m| pdu::reject_for(reason, s, e, m),
+            raw.as_slice(),
+            &[],
+        )
+        .await
+    }
+
+    fn abort_all(&self) {
+        let mut st = self.st.borrow_mut();
+        for t in st.tasks.values() {
+            t.aborted.set(true);
+        }
+        st.tasks.clear();
+        st.writes.clear();
+        st.held.clear();
+    }
+
+    async fn full_feature(
+        self: Rc<Self>,
+        reader: &mut Reader,
+        framing: Framing,
+    ) -> Result<(), ConnError> {
+        loop {
+            if self.kill.load(Ordering::Acquire) || self.st.borrow().done {
+                return Err(ConnError::Closed);
+            }
+            let p = reader.read(&self.stream, framing).await?;
+            self.st.borrow_mut().last_rx = Instant::now();
+            self.clone().dispatch(p).await?;
+            if self.st.borrow().done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles one PDU from the wire (window check first).
+    async fn dispatch(self: Rc<Self>, p: InPdu) -> Result<(), ConnError> {
+        let bhs = match &p.bhs {
+            Ok(b) => b.clone(),
+            Err(e) => {
+                // Consume the CmdSN of a rejected command so the window moves.
+                if let Some((sn, imm)) = raw_cmd_sn(&p.raw) {
+                    let _ = self.verdict(sn, imm);
+                }
+                let reason = e.reject_reason().unwrap_or(RejectReason::ProtocolError);
+                return self.reject(reason, &p.raw).await;
+            }
+        };
+        if p.too_long {
+            if let Some((sn, imm)) = raw_cmd_sn(&p.raw) {
+                let _ = self.verdict(sn, imm);
+            }
+            if let Bhs::DataOut(d) = &bhs {
+                // Its data is gone: the task cannot complete.
+                let mut st = self.st.borrow_mut();
+                if let Some(t) = st.tasks.remove(&d.itt.0) {
+                    t.aborted.set(true);
+                }
+                st.writes.remove(&d.itt.0);
+            }
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
+        }
+        if p.bad_data_digest {
+            // RFC 7143 §7.8: discard the PDU and Reject it. Without
+            // recovery (ERL 0) a task that lost data cannot finish: abandon
+            // it; a command with bad immediate data never starts.
+            if let Some((sn, imm)) = raw_cmd_sn(&p.raw) {
+                let _ = self.verdict(sn, imm);
+            }
+            if let Bhs::DataOut(d) = &bhs {
+                let mut st = self.st.borrow_mut();
+                if let Some(t) = st.tasks.remove(&d.itt.0) {
+                    t.aborted.set(true);
+                }
+                st.writes.remove(&d.itt.0);
+            }
+            return self.reject(RejectReason::DataDigestError, &p.raw).await;
+        }
+        let (sn, imm) = match &bhs {
+            Bhs::ScsiCommand(c) => (c.cmd_sn, c.immediate),
+            Bhs::NopOut(n) => (n.cmd_sn, n.immediate || n.itt.is_reserved()),
+            Bhs::TaskMgmtRequest(t) => (t.cmd_sn, t.immediate),
+            Bhs::TextRequest(t) => (t.cmd_sn, t.immediate),
+            Bhs::LogoutRequest(l) => (l.cmd_sn, l.immediate),
+            Bhs::DataOut(_) => return self.data_out(p).await,
+            Bhs::Snack(_) => return self.reject(RejectReason::ProtocolError, &p.raw).await,
+            Bhs::LoginRequest(_) => return self.reject(RejectReason::ProtocolError, &p.raw).await,
+            _ => return self.reject(RejectReason::ProtocolError, &p.raw).await,
+        };
+        match self.verdict(sn, imm) {
+            Verdict::Drop => Ok(()),
+            Verdict::Hold => {
+                let mut st = self.st.borrow_mut();
+                if st.held.len() < MAX_HELD && !st.held.iter().any(|(s, _)| *s == sn) {
+                    st.held.push((sn, p));
+                }
+                Ok(())
+            }
+            Verdict::Now => {
+                self.clone().command(bhs, p).await?;
+                // Release held commands whose turn has come.
+                loop {
+                    let next = {
+                        let exp = self.session.window().exp_cmd_sn;
+                        let mut st = self.st.borrow_mut();
+                        let i = st.held.iter().position(|(s, _)| *s == exp);
+                        i.map(|i| st.held.swap_remove(i))
+                    };
+                    let Some((sn, p)) = next else { break };
+                    if let Verdict::Now = self.verdict(sn, false) {
+                        if let Ok(b) = p.bhs.clone() {
+                            self.clone().command(b, p).await?;
+                        }
+                    }
+                    if self.st.borrow().done {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A command whose CmdSN was accepted.
+    async fn command(self: Rc<Self>, bhs: Bhs, p: InPdu) -> Result<(), ConnError> {
+        match bhs {
+            Bhs::ScsiCommand(c) => self.scsi_command(c, p).await,
+            Bhs::NopOut(n) => {
+                if n.itt.is_reserved() {
+                    let mut st = self.st.borrow_mut();
+                    if st.ping.is_some_and(|(t, _)| t == n.ttt.0) {
+                        st.ping = None;
+                    }
+                    return Ok(());
+                }
+                let max = self.framing_out.max_recv as usize;
+                let data = p.data();
+                let echo = data.get(..data.len().min(max)).unwrap_or(&[]);
+                self.send(
+                    true,
+                    |s, e, m| {
+                        Bhs::NopIn(NopIn {
+                            lun: n.lun,
+                            itt: n.itt,
+                            ttt: Ttt::RESERVED,
+                            stat_sn: s,
+                            exp_cmd_sn: e,
+                            max_cmd_sn: m,
+                        })
+                    },
+                    echo,
+                    &[],
+                )
+                .await
+            }
+            Bhs::TaskMgmtRequest(t) => self.tmf(t).await,
+            Bhs::TextRequest(t) => self.text(t, p).await,
+            Bhs::LogoutRequest(l) => {
+                use super::pdu::LogoutReason::*;
+                let (resp, close_self, close_session) = match l.reason {
+                    CloseSession => (0u8, true, true),
+                    CloseConnection if l.cid.0 == self.cid => (0, true, false),
+                    CloseConnection => {
+                        if self.session.kill_cid(l.cid.0) {
+                            (0, false, false)
+                        } else {
+                            (1, false, false)
+                        }
+                    }
+                    RemoveConnectionForRecovery => (2, false, false),
+                };
+                self.send(
+                    true,
+                    |s, e, m| {
+                        Bhs::LogoutResponse(pdu::LogoutResponse {
+                            response: resp,
+                            itt: l.itt,
+                            stat_sn: s,
+                            exp_cmd_sn: e,
+                            max_cmd_sn: m,
+                            time2wait: 0,
+                            time2retain: 0,
+                        })
+                    },
+                    &[],
+                    &[],
+                )
+                .await?;
+                if close_session {
+                    // Other connections of the session go too.
+                    for c in self.session.conn_infos() {
+                        if c.cid != self.cid {
+                            self.session.kill_cid(c.cid);
+                        }
+                    }
+                }
+                if close_self {
+                    self.st.borrow_mut().done = true;
+                }
+                Ok(())
+            }
+            _ => self.reject(RejectReason::ProtocolError, &p.raw).await,
+        }
+    }
+
+    fn lun_volume_block(&self, lun: u64) -> Option<u32> {
+        self.node
+            .as_ref()?
+            .luns
+            .get(&lun)
+            .map(|l| l.volume.block_size().bytes())
+    }
+
+    async fn scsi_command(self: Rc<Self>, c: ScsiCommand, p: InPdu) -> Result<(), ConnError> {
+        if self.params.session_type == SessionType::Discovery || self.node.is_none() {
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
+        }
+        let mut cdb = c.cdb.to_vec();
+        for a in pdu::parse_ahs(&p.ahs).unwrap_or_default() {
+            if let pdu::Ahs::ExtendedCdb(ext) = a {
+                cdb.extend_from_slice(ext);
+            }
+        }
+        let lun = decode_lun(c.lun).unwrap_or(u64::MAX);
+        if self.st.borrow().tasks.contains_key(&c.itt.0) {
+            return self.reject(RejectReason::TaskInProgress, &p.raw).await;
+        }
+        let ctl = Rc::new(TaskCtl {
+            lun,
+            aborted: Cell::new(false),
+        });
+        let edtl = c.expected_data_transfer_length;
+        let imm_len = p.data().len() as u32;
+        if !c.write || edtl == 0 {
+            if imm_len > 0 {
+                return self.reject(RejectReason::ProtocolError, &p.raw).await;
+            }
+            self.st.borrow_mut().tasks.insert(c.itt.0, ctl.clone());
+            self.start(ctl, c, cdb, Vec::new());
+            return Ok(());
+        }
+        // A write: check immediate data against the negotiated limits.
+        let pr = &self.params;
+        if (imm_len > 0 && !pr.immediate_data)
+            || imm_len > pr.first_burst_length
+            || imm_len > edtl
+            || (!c.final_ && pr.initial_r2t)
+        {
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
+        }
+        let spdtl = self
+            .lun_volume_block(lun)
+            .and_then(|bs| scsi_transfer_len(&cdb, bs));
+        let want = spdtl.map_or(edtl, |s| u32::try_from(s).unwrap_or(u32::MAX).min(edtl));
+        if want > MAX_WRITE_BYTES {
+            // Answer now; any Data-Out that follows finds no task and is dropped.
+            let resp = ScsiResponse {
+                status: ScsiStatus::CheckCondition,
+                sense: Some(
+                    super::sense::Sense::invalid_field_in_cdb(7, None)
+                        .to_fixed()
+                        .to_vec(),
+                ),
+                data_in: Vec::new(),
+            };
+            return self.respond(&c, &cdb, resp, 0).await;
+        }
+        let mut w = WriteCollect {
+            ctl: ctl.clone(),
+            cmd: c.clone(),
+            cdb,
+            want,
+            bufs: p.data.into_iter().collect(),
+            received: imm_len,
+            unsolicited_done: c.final_,
+            unsol_data_sn: 0,
+            r2ts: Vec::new(),
+            next_r2t_offset: imm_len,
+            r2t_sn: 0,
+        };
+        if w.unsolicited_done {
+            w.next_r2t_offset = w.received;
+        }
+        self.st.borrow_mut().tasks.insert(c.itt.0, ctl);
+        self.progress_write(w).await
+    }
+
+    /// Issues R2Ts or starts execution of a write, as its state allows.
+    async fn progress_write(self: Rc<Self>, mut w: WriteCollect) -> Result<(), ConnError> {
+        if w.ctl.aborted.get() {
+            return Ok(());
+        }
+        if w.unsolicited_done && w.r2ts.is_empty() && w.received >= w.want {
+            let WriteCollect {
+                ctl,
+                cmd,
+                cdb,
+                bufs,
+                want,
+                ..
+            } = w;
+            let bufs = truncate(bufs, want as usize);
+            self.start(ctl, cmd, cdb, bufs);
+            return Ok(());
+        }
+        let mut new = Vec::new();
+        if w.unsolicited_done {
+            let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
+            while w.r2ts.len() < max_out && w.next_r2t_offset < w.want {
+                let len = (w.want - w.next_r2t_offset).min(self.params.max_burst_length.max(512));
+                let ttt = {
+                    let mut st = self.st.borrow_mut();
+                    let t = st.next_ttt;
+                    st.next_ttt = st.next_ttt.wrapping_add(1).max(1);
+                    if st.next_ttt == u32::MAX {
+                        st.next_ttt = 1;
+                    }
+                    t
+                };
+                let r = R2tOut {
+                    ttt,
+                    offset: w.next_r2t_offset,
+                    len,
+                    got: 0,
+                    next_data_sn: 0,
+                };
+                new.push((w.r2t_sn, r.ttt, r.offset, r.len));
+                w.r2t_sn += 1;
+                w.next_r2t_offset += len;
+                w.r2ts.push(r);
+            }
+        }
+        let lun = w.cmd.lun;
+        let itt = w.cmd.itt;
+        self.st.borrow_mut().writes.insert(itt.0, w);
+        for (sn, ttt, off, len) in new {
+            self.send(
+                false,
+                |s, e, m| {
+                    Bhs::R2t(R2t {
+                        lun,
+                        itt,
+                        ttt: Ttt(ttt),
+                        stat_sn: s,
+                        exp_cmd_sn: e,
+                        max_cmd_sn: m,
+                        r2t_sn: pdu::R2tSn(sn),
+                        buffer_offset: off,
+                        desired_data_transfer_length: len,
+                    })
+                },
+                &[],
+                &[],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn data_out(self: Rc<Self>, p: InPdu) -> Result<(), ConnError> {
+        let Ok(Bhs::DataOut(d)) = &p.bhs else {
+            return Ok(());
+        };
+        let len = p.data().len() as u32;
+        let Some(mut w) = self.st.borrow_mut().writes.remove(&d.itt.0) else {
+            // Unknown or finished task (aborted, answered early): drop it.
+            return Ok(());
+        };
+        let bad = |why: &str| ConnError::Protocol(format!("Data-Out: {why}"));
+        let mut err = None;
+        if d.ttt.is_reserved() {
+            if w.unsolicited_done {
+                err = Some(bad("unsolicited data after F bit"));
+            } else if d.data_sn.0 != w.unsol_data_sn {
+                err = Some(bad("DataSN out of order"));
+            } else if d.buffer_offset != w.received {
+                err = Some(bad("buffer offset out of order"));
+            } else if w.received + len > self.params.first_burst_length.max(w.received) {
+                err = Some(bad("unsolicited data beyond FirstBurstLength"));
+            } else {
+                w.unsol_data_sn += 1;
+                w.received += len;
+                if let Some(b) = p.data {
+                    w.bufs.push(b);
+                }
+                if d.final_ {
+                    w.unsolicited_done = true;
+                    w.next_r2t_offset = w.received;
+                }
+            }
+        } else {
+            match w.r2ts.iter().position(|r| r.ttt == d.ttt.0) {
+                None => err = Some(bad("unknown TTT")),
+                Some(i) => {
+                    let r = &mut w.r2ts[i];
+                    if d.data_sn.0 != r.next_data_sn {
+                        err = Some(bad("DataSN out of order"));
+                    } else if d.buffer_offset != r.offset + r.got || r.offset + r.got != w.received
+                    {
+                        err = Some(bad("buffer offset out of order"));
+                    } else if r.got + len > r.len {
+                        err = Some(bad("more data than the R2T asked for"));
+                    } else {
+                        r.next_data_sn += 1;
+                        r.got += len;
+                        w.received += len;
+                        if let Some(b) = p.data {
+                            w.bufs.push(b);
+                        }
+                        if d.final_ {
+                            if r.got != r.len {
+                                err = Some(bad("F bit before the R2T was satisfied"));
+                            } else {
+                                w.r2ts.remove(i);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = err {
+            // ERL 0 cannot recover the sequence: reject the PDU and abandon
+            // the task (the initiator fails it on the Reject); the
+            // connection and its other tasks carry on. Late Data-Out for
+            // the abandoned task finds no task and is dropped.
+            tracing::debug!("{e}; task {:#x} abandoned", d.itt.0);
+            w.ctl.aborted.set(true);
+            self.st.borrow_mut().tasks.remove(&d.itt.0);
+            return self.reject(RejectReason::ProtocolError, &p.raw).await;
+        }
+        self.progress_write(w).await
+    }
+
+    fn channel(&self, lun: u64) -> Option<Rc<VolumeChannel>> {
+        let node = self.node.as_ref()?;
+        let l = node.luns.get(&lun)?;
+        let mut ch = self.channels.borrow_mut();
+        Some(
+            ch.entry(lun)
+                .or_insert_with(|| Rc::new(l.volume.channel()))
+                .clone(),
+        )
+    }
+
+    /// Runs a command as its own task.
+    fn start(self: Rc<Self>, ctl: Rc<TaskCtl>, c: ScsiCommand, cdb: Vec<u8>, data: Vec<IoBuf>) {
+        spawn(async move {
+            let itt = c.itt.0;
+            let data_len: usize = data.iter().map(|b| b.len()).sum();
+            let resp = self.execute(&ctl, &c, &cdb, data).await;
+            let mine = self
+                .st
+                .borrow()
+                .tasks
+                .get(&itt)
+                .is_some_and(|t| Rc::ptr_eq(t, &ctl));
+            if mine {
+                self.st.borrow_mut().tasks.remove(&itt);
+            }
+            if ctl.aborted.get() || !mine {
+                return;
+            }
+            if let Err(e) = self.respond(&c, &cdb, resp, data_len).await {
+                tracing::debug!("send failed: {e}");
+                let _ = self.stream.shutdown(Shutdown::Both).await;
+            }
+        })
+        .detach();
+    }
+
+    async fn execute(
+        &self,
+        ctl: &TaskCtl,
+        c: &ScsiCommand,
+        cdb: &[u8],
+        data_out: Vec<IoBuf>,
+    ) -> ScsiResponse {
+        let task = ScsiTask {
+            cdb,
+            data_out,
+            expected_data_in: if c.read {
+                c.expected_data_transfer_length
+            } else {
+                0
+            },
+            expected_data_out: if c.write {
+                c.expected_data_transfer_length
+            } else {
+                0
+            },
+            attribute: attr(c.attr),
+            nexus: &self.nexus,
+        };
+        let Some(node) = self.node.as_ref() else {
+            return scsi_impl::lun_not_supported(&task);
+        };
+        if cdb.first() == Some(&0xa0) {
+            return scsi_impl::report_luns(&node.lun_ids(), &task);
+        }
+        match (node.luns.get(&ctl.lun), self.channel(ctl.lun)) {
+            (Some(l), Some(ch)) => l.lu.execute(&ch, task).await,
+            _ => scsi_impl::lun_not_supported(&task),
+        }
+    }
+
+    /// Sends Data-In (status piggybacked on the last when sense-free) and/or
+    /// the SCSI Response, with residuals.
+    async fn respond(
+        &self,
+        c: &ScsiCommand,
+        cdb: &[u8],
+        resp: ScsiResponse,
+        _data_out_len: usize,
+    ) -> Result<(), ConnError> {
+        let edtl = u64::from(c.expected_data_transfer_length);
+        let lun = decode_lun(c.lun).unwrap_or(u64::MAX);
+        let spdtl = self
+            .lun_volume_block(lun)
+            .and_then(|bs| scsi_transfer_len(cdb, bs));
+        let data_len = resp.data_in_len() as u64;
+        // Residuals (RFC 7143 §11.4.5): against the SCSI transfer length
+        // when we know it, else against what was actually moved.
+        let (over, under, residual) = match spdtl {
+            Some(s) if s > edtl => (true, false, s - edtl),
+            Some(s) if s < edtl => (false, true, edtl - s),
+            Some(_) => (false, false, 0),
+            None if c.read && data_len < edtl => (false, true, edtl - data_len),
+            None => (false, false, 0),
+        };
+        let residual = u32::try_from(residual).unwrap_or(u32::MAX);
+        let status = resp.status as u8;
+        let mut data_sn = 0u32;
+        let send_data = c.read && data_len > 0;
+        let piggyback = send_data && resp.sense.is_none();
+        if send_data {
+            let max = self.framing_out.max_recv.max(512) as usize;
+            let mut pieces: Vec<Vec<IoBuf>> = Vec::new();
+            let mut cur: Vec<IoBuf> = Vec::new();
+            let mut cur_len = 0usize;
+            for b in &resp.data_in {
+                let mut off = 0;
+                while off < b.len() {
+                    let take = (b.len() - off).min(max - cur_len);
+                    if let Some(s) = b.slice(off, take) {
+                        cur.push(s);
+                    }
+                    cur_len += take;
+                    off += take;
+                    if cur_len == max {
+                        pieces.push(std::mem::take(&mut cur));
+                        cur_len = 0;
+                    }
+                }
+            }
+            if !cur.is_empty() {
+                pieces.push(cur);
+            }
+            let n = pieces.len();
+            let mut offset = 0u32;
+            for (i, piece) in pieces.into_iter().enumerate() {
+                let last = i + 1 == n;
+                let st = last && piggyback;
+                let plen: usize = piece.iter().map(|b| b.len()).sum();
+                let dsn = DataSn(data_sn);
+                let off = offset;
+                self.send(
+                    st,
+                    |s, e, m| {
+                        Bhs::DataIn(DataIn {
+                            final_: last,
+                            acknowledge: false,
+                            overflow: st && over,
+                            underflow: st && under,
+                            has_status: st,
+                            status,
+                            lun: c.lun,
+                            itt: c.itt,
+                            ttt: Ttt::RESERVED,
+                            stat_sn: if st { s } else { StatSn(0) },
+                            exp_cmd_sn: e,
+                            max_cmd_sn: m,
+                            data_sn: dsn,
+                            buffer_offset: off,
+                            residual_count: if st { residual } else { 0 },
+                        })
+                    },
+                    &[],
+                    &piece,
+                )
+                .await?;
+                data_sn += 1;
+                offset += plen as u32;
+            }
+            if piggyback {
+                return Ok(());
+            }
+        }
+        let seg = resp
+            .sense
+            .as_deref()
+            .map(scsi_response_sense_segment)
+            .unwrap_or_default();
+        self.send(
+            true,
+            |s, e, m| {
+                Bhs::ScsiResponse(pdu::ScsiResponse {
+                    bidi_overflow: false,
+                    bidi_underflow: false,
+                    overflow: over,
+                    underflow: under,
+                    response: 0,
+                    status,
+                    itt: c.itt,
+                    snack_tag: 0,
+                    stat_sn: s,
+                    exp_cmd_sn: e,
+                    max_cmd_sn: m,
+                    exp_data_sn: DataSn(data_sn),
+                    bidi_read_residual_count: 0,
+                    residual_count: residual,
+                })
+            },
+            &seg,
+            &[],
+        )
+        .await
+    }
+
+    async fn tmf(&self, t: pdu::TaskMgmtRequest) -> Result<(), ConnError> {
+        const COMPLETE: u8 = 0;
+        const NO_TASK: u8 = 1;
+        const NO_LUN: u8 = 2;
+        const NOT_SUPPORTED: u8 = 5;
+        let lun = decode_lun(t.lun).unwrap_or(u64::MAX);
+        let node = self.node.clone();
+        let lu = node.as_ref().and_then(|n| n.luns.get(&lun).cloned());
+        let abort_where = |pred: &dyn Fn(&TaskCtl) -> bool| {
+            let mut st = self.st.borrow_mut();
+            let itts: Vec<u32> = st
+                .tasks
+                .iter()
+                .filter(|(_, c)| pred(c))
+                .map(|(i, _)| *i)
+                .collect();
+            for i in itts {
+                if let Some(c) = st.tasks.remove(&i) {
+                    c.aborted.set(true);
+                }
+                st.writes.remove(&i);
+            }
+        };
+        let response = if node.is_none() {
+            NOT_SUPPORTED
+        } else {
+            match t.function {
+                TmfFunction::AbortTask => {
+                    let found = {
+                        let mut st = self.st.borrow_mut();
+                        let c = st.tasks.remove(&t.referenced_task_tag.0);
+                        st.writes.remove(&t.referenced_task_tag.0);
+                        c.map(|c| c.aborted.set(true)).is_some()
+                    };
+                    if found {
+                        COMPLETE
+                    } else {
+                        let (exp, _) = self.window();
+                        // Not received yet (RFC 7143 §11.5.1): complete.
+                        if !t.ref_cmd_sn.lt(exp) {
+                            COMPLETE
+                        } else {
+                            NO_TASK
+                        }
+                    }
+                }
+                TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => match &lu {
+                    Some(l) => {
+                        let _ = l;
+                        abort_where(&|c| c.lun == lun);
+                        COMPLETE
+                    }
+                    None => NO_LUN,
+                },
+                TmfFunction::LogicalUnitReset => match &lu {
+                    Some(l) => {
+                        abort_where(&|c| c.lun == lun);
+                        l.lu.reset(ResetKind::LogicalUnit, &self.nexus);
+                        COMPLETE
+                    }
+                    None => NO_LUN,
+                },
+                TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                    abort_where(&|_| true);
+                    let kind = if t.function == TmfFunction::TargetWarmReset {
+                        ResetKind::TargetWarm
+                    } else {
+                        ResetKind::TargetCold
+                    };
+                    if let Some(n) = &node {
+                        for l in n.luns.values() {
+                            l.lu.reset(kind, &self.nexus);
+                        }
+                    }
+                    COMPLETE
+                }
+                TmfFunction::ClearAca | TmfFunction::TaskReassign | TmfFunction::Other(_) => {
+                    NOT_SUPPORTED
+                }
+            }
+        };
+        self.send(
+            true,
+            |s, e, m| {
+                Bhs::TaskMgmtResponse(TaskMgmtResponse {
+                    response,
+                    itt: t.itt,
+                    stat_sn: s,
+                    exp_cmd_sn: e,
+                    max_cmd_sn: m,
+                })
+            },
+            &[],
+            &[],
+        )
+        .await?;
+        if t.function == TmfFunction::TargetColdReset && response == COMPLETE {
+            // A cold reset ends every session of the target, this one too.
+            if let Some(n) = &node {
+                for s in self.target.sessions_of(&n.name) {
+                    s.kill_all();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn text(&self, t: pdu::TextRequest, p: InPdu) -> Result<(), ConnError> {
+        let max = self.framing_out.max_recv.max(512) as usize;
+        // Continuation of our long response.
+        if !t.ttt.is_reserved() {
+            let pending = self.st.borrow_mut().text_out.take();
+            let Some((ttt, mut rest)) = pending.filter(|(ttt, _)| *ttt == t.ttt.0) else {
+                return self.reject(RejectReason::InvalidPduField, &p.raw).await;
+            };
+            let chunk: Vec<u8> = rest.drain(..rest.len().min(max)).collect();
+            let more = !rest.is_empty();
+            if more {
+                self.st.borrow_mut().text_out = Some((ttt, rest));
+            }
+            return self.text_response(&t, &chunk, more, ttt).await;
+        }
+        let assembled = self.st.borrow_mut().text.push(p.data(), t.continue_);
+        let whole = match assembled {
+            Ok(Some(w)) => w,
+            Ok(None) => {
+                // More request text follows: acknowledge with an empty response.
+                let ttt = self.new_ttt();
+                return self.text_response(&t, &[], true, ttt).await;
+            }
+            Err(_) => {
+                self.st.borrow_mut().text.reset();
+                return self.reject(RejectReason::ProtocolError, &p.raw).await;
+            }
+        };
+        let cfg = self.target.login_config(self.pg_tag, self.peer.ip());
+        let initiator = self.params.initiator_name.clone().unwrap_or_default();
+        let visible: Vec<_> = cfg
+            .targets
+            .into_iter()
+            .filter(|e| {
+                e.allowed_initiators
+                    .as_ref()
+                    .map_or(true, |l| l.contains(&initiator))
+            })
+            .collect();
+        match text_request_response(
+            &whole,
+            self.params.session_type,
+            self.params.target_name.as_deref(),
+            &visible,
+        ) {
+            Ok(mut out) => {
+                let more = out.len() > max;
+                let rest = if more { out.split_off(max) } else { Vec::new() };
+                let ttt = if more { self.new_ttt() } else { u32::MAX };
+                if more {
+                    self.st.borrow_mut().text_out = Some((ttt, rest));
+                }
+                self.text_response(&t, &out, more, ttt).await
+            }
+            Err(reason) => self.reject(reason, &p.raw).await,
+        }
+    }
+
+    fn new_ttt(&self) -> u32 {
+        let mut st = self.st.borrow_mut();
+        let t = st.next_ttt;
+        st.next_ttt = st.next_ttt.wrapping_add(1).max(1);
+        if st.next_ttt == u32::MAX {
+            st.next_ttt = 1;
+        }
+        t
+    }
+
+    async fn text_response(
+        &self,
+        t: &pdu::TextRequest,
+        data: &[u8],
+        more: bool,
+        ttt: u32,
+    ) -> Result<(), ConnError> {
+        self.send(
+            true,
+            |s, e, m| {
+                Bhs::TextResponse(TextResponse {
+                    final_: !more,
+                    continue_: more,
+                    lun: t.lun,
+                    itt: t.itt,
+                    ttt: if more { Ttt(ttt) } else { Ttt::RESERVED },
+                    stat_sn: s,
+                    exp_cmd_sn: e,
+                    max_cmd_sn: m,
+                })
+            },
+            data,
+            &[],
+        )
+        .await
+    }
+}
+
+/// Writes the first `n` bytes of `bufs` (no copy: slices).
+fn truncate(bufs: Vec<IoBuf>, n: usize) -> Vec<IoBuf> {
+    let mut out = Vec::with_capacity(bufs.len());
+    let mut left = n;
+    for b in bufs {
+        if left == 0 {
+            break;
+        }
+        if b.len() <= left {
+            left -= b.len();
+            out.push(b);
+        } else {
+            if let Some(s) = b.slice(0, left) {
+                out.push(s);
+            }
+            left = 0;
+        }
+    }
+    out
+}
+
+/// Keep-alive and control-plane checks for one connection.
+async fn ticker(conn: std::rc::Weak<Conn>) {
+    loop {
+        sleep(Duration::from_millis(500)).await;
+        let Some(c) = conn.upgrade() else { return };
+        let removed = c.node.as_ref().is_some_and(|n| n.is_removed());
+        if c.kill.load(Ordering::Acquire) || removed {
+            let _ = c.stream.shutdown(Shutdown::Both).await;
+            return;
+        }
+        let (interval, wait) = *c.target.nop.lock().unwrap_or_else(|p| p.into_inner());
+        if interval == 0 {
+            continue;
+        }
+        let (idle, ping) = {
+            let st = c.st.borrow();
+            (st.last_rx.elapsed(), st.ping)
+        };
+        match ping {
+            Some((_, at)) if at.elapsed() > Duration::from_secs(wait.max(1)) => {
+                tracing::info!(peer = %c.peer, "NOP-In ping unanswered; dropping connection");
+                let _ = c.stream.shutdown(Shutdown::Both).await;
+                return;
+            }
+            Some(_) => {}
+            None if idle > Duration::from_secs(interval) => {
+                let ttt = c.new_ttt();
+                c.st.borrow_mut().ping = Some((ttt, Instant::now()));
+                let r = c
+                    .send(
+                        false,
+                        |s, e, m| {
+                            Bhs::NopIn(NopIn {
+                                lun: Lun::default(),
+                                itt: Itt::RESERVED,
+                                ttt: Ttt(ttt),
+                                stat_sn: s,
+                                exp_cmd_sn: e,
+                                max_cmd_sn: m,
+                            })
+                        },
+                        &[],
+                        &[],
+                    )
+                    .await;
+                if r.is_err() {
+                    return;
+                }
+            }
+            None => {}
+        }
+    }
+}

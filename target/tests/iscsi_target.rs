@@ -1,0 +1,637 @@
+//! The iSCSI target over real sockets on 127.0.0.1: a small blocking
+//! initiator (the crate's own PDU codec, initiator role) logs in, moves
+//! data with immediate data, unsolicited Data-Out and R2T, and then sends
+//! what a broken or hostile initiator would: malformed PDUs, out-of-window
+//! CmdSNs, oversized segments, bad digests, logins full of garbage keys.
+//! Each test checks the answer (Reject, silence, dropped connection) and
+//! that a second session on the same target keeps working with its
+//! acknowledged data intact.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mirrorpoint_poller::{PoolConfig, ReactorConfig, Runtime, RuntimeConfig};
+use mirrorpoint_target::iscsi::pdu::{
+    encode_pdu, frame, Bhs, Cid, CmdSn, DataOut, DataSn, FrameConfig, Framed, Isid, Itt,
+    LoginRequest, Lun, NopOut, Opcode, Role, ScsiCommand, Stage, StatSn, TaskAttr, Tsih, Ttt,
+    BHS_LEN,
+};
+use mirrorpoint_target::iscsi::portal::create_portal_group;
+use mirrorpoint_target::iscsi::registry::{
+    InitiatorGroupSpec, IscsiTarget, LunSpec, PgIgMap, PortalGroupSpec, PortalSpec, TargetNodeSpec,
+};
+use mirrorpoint_target::iscsi::text::{parse, TextBuilder};
+use mirrorpoint_target::units::BlockSize;
+use mirrorpoint_target::volume::registry::MallocParams;
+use mirrorpoint_target::volume::{VolumeRegistry, VolumeSpec};
+
+const IQN: &str = "iqn.2026-11.io.mirrorpoint:test";
+const INITIATOR: &str = "iqn.2026-11.io.mirrorpoint:initiator";
+
+struct Target {
+    _rt: Runtime,
+    addr: SocketAddr,
+    _target: Arc<IscsiTarget>,
+}
+
+fn start() -> Target {
+    let rt = Runtime::start(RuntimeConfig {
+        cores: vec![0, 1],
+        reactor: ReactorConfig {
+            pool: PoolConfig {
+                chunk_size: 128 * 1024,
+                chunk_count: 128,
+                huge_pages: false,
+            },
+            ..ReactorConfig::default()
+        },
+        pin: false,
+    })
+    .expect("runtime");
+    let volumes = Arc::new(VolumeRegistry::new());
+    volumes
+        .create(VolumeSpec::Malloc(MallocParams {
+            name: Some("m0".into()),
+            num_blocks: 8192,
+            block_size: BlockSize::B512,
+            uuid: None,
+        }))
+        .expect("malloc");
+    let v = volumes.clone();
+    let target = IscsiTarget::new(rt.handles().to_vec(), Arc::new(move |n| v.get(n)));
+    let addrs = create_portal_group(
+        &target,
+        PortalGroupSpec {
+            tag: 1,
+            portals: vec![PortalSpec {
+                host: "127.0.0.1".into(),
+                port: "0".into(),
+            }],
+            private: false,
+        },
+    )
+    .expect("portal group");
+    target
+        .add_initiator_group(InitiatorGroupSpec {
+            tag: 1,
+            initiators: vec!["ANY".into()],
+            netmasks: vec!["127.0.0.1/32".into()],
+        })
+        .expect("ig");
+    target
+        .add_target_node(TargetNodeSpec {
+            name: IQN.into(),
+            alias_name: None,
+            luns: vec![LunSpec {
+                bdev_name: "m0".into(),
+                lun_id: 0,
+            }],
+            pg_ig_maps: vec![PgIgMap {
+                pg_tag: 1,
+                ig_tag: 1,
+            }],
+            queue_depth: 16,
+            disable_chap: true,
+            require_chap: false,
+            mutual_chap: false,
+            chap_group: None,
+            chap: None,
+            header_digest: false,
+            data_digest: false,
+        })
+        .expect("node");
+    Target {
+        _rt: rt,
+        addr: addrs[0],
+        _target: target,
+    }
+}
+
+/// A minimal blocking initiator.
+struct Ini {
+    s: TcpStream,
+    buf: Vec<u8>,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    itt: u32,
+    max_burst: u32,
+    /// Header digests in force.
+    hd: bool,
+    /// Ask for header digests at login.
+    want_hd: bool,
+}
+
+fn send_raw(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).expect("send");
+}
+
+impl Ini {
+    fn connect(addr: SocketAddr) -> Ini {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        s.set_nodelay(true).ok();
+        Ini {
+            s,
+            buf: Vec::new(),
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+            itt: 1,
+            max_burst: 262_144,
+            hd: false,
+            want_hd: false,
+        }
+    }
+
+    fn send(&mut self, bhs: &Bhs, data: &[u8]) {
+        let mut out = Vec::new();
+        encode_pdu(bhs, &[], data, self.hd, false, &mut out).expect("encode");
+        send_raw(&mut self.s, &out);
+    }
+
+    /// Next PDU, or None on EOF/timeout.
+    fn recv(&mut self) -> Option<(Bhs, Vec<u8>)> {
+        let cfg = FrameConfig {
+            header_digest: self.hd,
+            data_digest: false,
+            max_recv_data_segment_length: 1 << 24,
+        };
+        loop {
+            match frame(&self.buf, &cfg, Role::Initiator) {
+                Ok(Framed::Complete(p)) => {
+                    let r = (p.bhs.clone(), p.data.to_vec());
+                    let n = p.wire_len;
+                    self.buf.drain(..n);
+                    match &r.0 {
+                        Bhs::ScsiResponse(h) => self.exp_stat_sn = h.stat_sn.0 + 1,
+                        Bhs::NopIn(h) if !h.itt.is_reserved() => self.exp_stat_sn = h.stat_sn.0 + 1,
+                        Bhs::DataIn(h) if h.has_status => self.exp_stat_sn = h.stat_sn.0 + 1,
+                        Bhs::LoginResponse(h) => self.exp_stat_sn = h.stat_sn.0 + 1,
+                        Bhs::Reject(h) => self.exp_stat_sn = h.stat_sn.0 + 1,
+                        _ => {}
+                    }
+                    return Some(r);
+                }
+                Ok(Framed::NeedMore(_)) => {
+                    let mut tmp = [0u8; 65536];
+                    match self.s.read(&mut tmp) {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                Err(e) => panic!("initiator framing: {e}"),
+            }
+        }
+    }
+
+    fn login(&mut self, isid: u8, extra: &[(&str, &str)]) -> Result<(), (u8, u8)> {
+        let mut t = TextBuilder::new();
+        t.push("InitiatorName", INITIATOR)
+            .push("TargetName", IQN)
+            .push("SessionType", "Normal")
+            .push("AuthMethod", "None");
+        for (k, v) in extra {
+            t.push(k, v);
+        }
+        let req = |transit, csg, nsg, cmd_sn, exp| {
+            Bhs::LoginRequest(LoginRequest {
+                transit,
+                continue_: false,
+                csg,
+                nsg,
+                version_max: 0,
+                version_min: 0,
+                isid: Isid([0x80, 0, 0, 0, 0, isid]),
+                tsih: Tsih(0),
+                itt: Itt(0),
+                cid: Cid(1),
+                cmd_sn: CmdSn(cmd_sn),
+                exp_stat_sn: StatSn(exp),
+            })
+        };
+        self.send(
+            &req(
+                true,
+                Stage::SecurityNegotiation,
+                Stage::LoginOperationalNegotiation,
+                self.cmd_sn,
+                0,
+            ),
+            t.as_bytes(),
+        );
+        let (b, _) = self.recv().expect("login response");
+        let Bhs::LoginResponse(r) = b else {
+            panic!("expected login response")
+        };
+        if r.status_class != 0 {
+            return Err((r.status_class, r.status_detail));
+        }
+        let mut t = TextBuilder::new();
+        t.push("HeaderDigest", if self.want_hd { "CRC32C" } else { "None" })
+            .push("DataDigest", "None")
+            .push("InitialR2T", "No")
+            .push("ImmediateData", "Yes")
+            .push("MaxRecvDataSegmentLength", "65536")
+            .push("MaxBurstLength", "262144")
+            .push("FirstBurstLength", "65536");
+        self.send(
+            &req(
+                true,
+                Stage::LoginOperationalNegotiation,
+                Stage::FullFeaturePhase,
+                self.cmd_sn,
+                self.exp_stat_sn,
+            ),
+            t.as_bytes(),
+        );
+        let (b, data) = self.recv().expect("login response 2");
+        let Bhs::LoginResponse(r) = b else {
+            panic!("expected login response")
+        };
+        if r.status_class != 0 {
+            return Err((r.status_class, r.status_detail));
+        }
+        for p in parse(&data).expect("text") {
+            if p.key == "MaxBurstLength" {
+                self.max_burst = p.value.parse().unwrap_or(262_144);
+            }
+        }
+        assert!(r.transit && r.nsg == Stage::FullFeaturePhase);
+        for p in parse(&data).expect("text") {
+            if p.key == "HeaderDigest" {
+                self.hd = p.value == "CRC32C";
+            }
+        }
+        Ok(())
+    }
+
+    fn next_itt(&mut self) -> Itt {
+        self.itt += 1;
+        Itt(self.itt)
+    }
+
+    fn cmd(&mut self, cdb: &[u8], read: bool, write: bool, edtl: u32) -> ScsiCommand {
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        let sn = self.cmd_sn;
+        self.cmd_sn += 1;
+        ScsiCommand {
+            immediate: false,
+            final_: true,
+            read,
+            write,
+            attr: TaskAttr::Simple,
+            lun: Lun::default(),
+            itt: self.next_itt(),
+            expected_data_transfer_length: edtl,
+            cmd_sn: CmdSn(sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+            cdb: c,
+        }
+    }
+
+    /// READ(10); returns (status, data).
+    fn read10(&mut self, lba: u32, blocks: u16) -> (u8, Vec<u8>) {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let c = self.cmd(&cdb, true, false, u32::from(blocks) * 512);
+        self.send(&Bhs::ScsiCommand(c), &[]);
+        let mut data = Vec::new();
+        loop {
+            match self.recv().expect("read answer") {
+                (Bhs::DataIn(d), seg) => {
+                    assert_eq!(d.buffer_offset as usize, data.len());
+                    data.extend(seg);
+                    if d.has_status {
+                        return (d.status, data);
+                    }
+                }
+                (Bhs::ScsiResponse(r), _) => return (r.status, data),
+                (Bhs::NopIn(_), _) => {}
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// WRITE(10) with `imm` bytes of immediate data, then answers R2Ts.
+    fn write10(&mut self, lba: u32, data: &[u8], imm: usize) -> u8 {
+        let blocks = (data.len() / 512) as u16;
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let c = self.cmd(&cdb, false, true, data.len() as u32);
+        let itt = c.itt;
+        self.send(&Bhs::ScsiCommand(c), &data[..imm]);
+        loop {
+            match self.recv().expect("write answer") {
+                (Bhs::R2t(r), _) => {
+                    let mut off = r.buffer_offset as usize;
+                    let end = off + r.desired_data_transfer_length as usize;
+                    let mut sn = 0;
+                    while off < end {
+                        let n = (end - off).min(65536);
+                        let d = DataOut {
+                            final_: off + n == end,
+                            lun: Lun::default(),
+                            itt,
+                            ttt: r.ttt,
+                            exp_stat_sn: StatSn(self.exp_stat_sn),
+                            data_sn: DataSn(sn),
+                            buffer_offset: off as u32,
+                        };
+                        self.send(&Bhs::DataOut(d), &data[off..off + n]);
+                        off += n;
+                        sn += 1;
+                    }
+                }
+                (Bhs::ScsiResponse(r), _) => return r.status,
+                (Bhs::NopIn(_), _) => {}
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn ping(&mut self) -> bool {
+        let itt = self.next_itt();
+        let n = NopOut {
+            immediate: true,
+            lun: Lun::default(),
+            itt,
+            ttt: Ttt::RESERVED,
+            cmd_sn: CmdSn(self.cmd_sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+        };
+        self.send(&Bhs::NopOut(n), b"ping");
+        loop {
+            match self.recv() {
+                Some((Bhs::NopIn(r), d)) if r.itt == itt => return d == b"ping",
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn login_inquiry_write_read_with_immediate_unsolicited_and_r2t() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    let c = a.cmd(&[0x12, 0, 0, 0, 96, 0], true, false, 96);
+    a.send(&Bhs::ScsiCommand(c), &[]);
+    let (b, d) = a.recv().expect("inquiry");
+    let Bhs::DataIn(h) = b else {
+        panic!("expected Data-In")
+    };
+    assert!(h.has_status && h.status == 0);
+    assert_eq!(h.residual_count, 96 - d.len() as u32);
+    assert!(h.underflow);
+    // 300 KiB: immediate 64 KiB, then R2Ts of MaxBurstLength.
+    let data = pattern(7, 300 * 1024);
+    assert_eq!(a.write10(16, &data, 65536), 0);
+    let (st, back) = a.read10(16, (data.len() / 512) as u16);
+    assert_eq!(st, 0);
+    assert_eq!(back, data);
+    // Small write with everything immediate.
+    let small = pattern(9, 4096);
+    assert_eq!(a.write10(2000, &small, 4096), 0);
+    assert_eq!(a.read10(2000, 8).1, small);
+    assert!(a.ping());
+}
+
+#[test]
+fn malformed_pdus_are_rejected_and_other_sessions_keep_working() {
+    let t = start();
+    let mut good = Ini::connect(t.addr);
+    good.login(1, &[]).expect("login");
+    let keep = pattern(3, 8192);
+    assert_eq!(good.write10(100, &keep, 8192), 0);
+
+    let mut bad = Ini::connect(t.addr);
+    bad.login(2, &[]).expect("login");
+    // Reserved opcode 0x1c: Reject (command not supported), connection lives.
+    let mut raw = [0u8; BHS_LEN];
+    raw[0] = 0x1c;
+    raw[1] = 0x80;
+    send_raw(&mut bad.s, &raw);
+    let (b, d) = bad.recv().expect("reject");
+    let Bhs::Reject(r) = b else {
+        panic!("expected Reject, got {b:?}")
+    };
+    assert_eq!(r.reason as u8, 0x05);
+    assert_eq!(&d[..BHS_LEN], &raw[..]);
+    assert!(bad.ping());
+    // A SCSI Command with the reserved ITT: Reject (invalid PDU field).
+    let mut c = bad.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    c.itt = Itt::RESERVED;
+    bad.send(&Bhs::ScsiCommand(c), &[]);
+    let (b, _) = bad.recv().expect("reject 2");
+    assert!(matches!(b, Bhs::Reject(_)), "{b:?}");
+    assert!(bad.ping());
+    // Its CmdSN was consumed: the next command still works.
+    assert_eq!(bad.read10(0, 1).0, 0);
+    // A target-only opcode from the initiator: Reject.
+    let mut raw = [0u8; BHS_LEN];
+    raw[0] = Opcode::ScsiResponse as u8;
+    send_raw(&mut bad.s, &raw);
+    assert!(matches!(bad.recv(), Some((Bhs::Reject(_), _))));
+    // Garbage bytes: whatever the target makes of them, it must not take
+    // the other session down.
+    send_raw(&mut bad.s, &[0xff; 200]);
+    drop(bad);
+
+    assert!(good.ping());
+    assert_eq!(good.read10(100, 16), (0, keep));
+}
+
+#[test]
+fn out_of_window_commands_are_dropped_silently() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    assert_eq!(a.read10(0, 1).0, 0);
+    // CmdSN far beyond MaxCmdSN: no answer.
+    let mut c = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    c.cmd_sn = CmdSn(c.cmd_sn.0 + 1000);
+    a.cmd_sn -= 1;
+    a.send(&Bhs::ScsiCommand(c), &[]);
+    // CmdSN below ExpCmdSN (a duplicate): no answer either.
+    let mut c = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    c.cmd_sn = CmdSn(1);
+    a.cmd_sn -= 1;
+    a.send(&Bhs::ScsiCommand(c), &[]);
+    // The next in-window command is answered, and it is the first answer.
+    let (st, _) = a.read10(0, 1);
+    assert_eq!(st, 0);
+}
+
+#[test]
+fn commands_ahead_of_the_window_wait_for_the_gap() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    assert_eq!(a.read10(0, 1).0, 0);
+    // Send CmdSN n+1 first, then n: both answered, n first.
+    let c1 = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    let c2 = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    a.send(&Bhs::ScsiCommand(c2.clone()), &[]);
+    a.send(&Bhs::ScsiCommand(c1.clone()), &[]);
+    let (b1, _) = a.recv().expect("first");
+    let (b2, _) = a.recv().expect("second");
+    assert_eq!(b1.itt(), c1.itt);
+    assert_eq!(b2.itt(), c2.itt);
+}
+
+#[test]
+fn oversized_segments_and_bad_data_out_are_rejected() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    // A NOP-Out with a data segment far above our MaxRecvDataSegmentLength.
+    let n = NopOut {
+        immediate: true,
+        lun: Lun::default(),
+        itt: a.next_itt(),
+        ttt: Ttt::RESERVED,
+        cmd_sn: CmdSn(a.cmd_sn),
+        exp_stat_sn: StatSn(a.exp_stat_sn),
+    };
+    let big = vec![0u8; 1 << 20];
+    a.send(&Bhs::NopOut(n), &big);
+    let (b, _) = a.recv().expect("reject");
+    assert!(matches!(b, Bhs::Reject(_)), "{b:?}");
+    assert!(a.ping());
+    // Data-Out with a wrong DataSN for a write waiting for unsolicited data.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&2u16.to_be_bytes());
+    let mut c = a.cmd(&cdb, false, true, 1024);
+    c.final_ = false;
+    let itt = c.itt;
+    a.send(&Bhs::ScsiCommand(c), &[]);
+    let d = DataOut {
+        final_: true,
+        lun: Lun::default(),
+        itt,
+        ttt: Ttt::RESERVED,
+        exp_stat_sn: StatSn(a.exp_stat_sn),
+        data_sn: DataSn(27),
+        buffer_offset: 0,
+    };
+    a.send(&Bhs::DataOut(d), &[0u8; 1024]);
+    let (b, _) = a.recv().expect("reject");
+    assert!(matches!(b, Bhs::Reject(_)), "{b:?}");
+    assert!(a.ping());
+    assert_eq!(a.read10(0, 1).0, 0);
+}
+
+#[test]
+fn garbage_login_keys_fail_cleanly() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    // One login PDU above 8192 bytes of text: a failed login, not a crash.
+    let mut z = Ini::connect(t.addr);
+    let huge: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("X-junk-{i}"), "y".repeat(30)))
+        .collect();
+    let refs: Vec<(&str, &str)> = huge.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(z.login(3, &refs).map_err(|e| e.0), Err(2));
+    let junk: Vec<(String, String)> = (0..100)
+        .map(|i| (format!("X-junk-{i}"), "y".repeat(30)))
+        .collect();
+    let refs: Vec<(&str, &str)> = junk.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // Unknown X- keys are answered NotUnderstood: the login still succeeds.
+    a.login(1, &refs).expect("login with private keys");
+    assert!(a.ping());
+    // Keys that break the syntax fail the login and close the connection.
+    let mut b = Ini::connect(t.addr);
+    let mut raw = Vec::new();
+    let req = Bhs::LoginRequest(LoginRequest {
+        transit: true,
+        continue_: false,
+        csg: Stage::SecurityNegotiation,
+        nsg: Stage::LoginOperationalNegotiation,
+        version_max: 0,
+        version_min: 0,
+        isid: Isid([0x80, 0, 0, 0, 0, 9]),
+        tsih: Tsih(0),
+        itt: Itt(0),
+        cid: Cid(0),
+        cmd_sn: CmdSn(1),
+        exp_stat_sn: StatSn(0),
+    });
+    encode_pdu(
+        &req,
+        &[],
+        b"no equals sign\0=\0\xff\xfe",
+        false,
+        false,
+        &mut raw,
+    )
+    .unwrap();
+    send_raw(&mut b.s, &raw);
+    match b.recv() {
+        Some((Bhs::LoginResponse(r), _)) => assert_ne!(r.status_class, 0),
+        other => panic!("expected a failed login, got {other:?}"),
+    }
+    assert!(b.recv().is_none(), "connection closed after failed login");
+    // The good session is unharmed.
+    assert!(a.ping());
+    assert_eq!(a.read10(0, 1).0, 0);
+}
+
+#[test]
+fn session_reinstatement_closes_the_old_session() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(5, &[]).expect("login");
+    assert!(a.ping());
+    let mut b = Ini::connect(t.addr);
+    b.login(5, &[]).expect("reinstating login");
+    assert!(b.ping());
+    // The old connection is shut down.
+    assert!(!a.ping());
+}
+
+#[test]
+fn header_digest_errors_drop_only_that_connection() {
+    let t = start();
+    let mut good = Ini::connect(t.addr);
+    good.login(1, &[]).expect("login");
+    let keep = pattern(5, 4096);
+    assert_eq!(good.write10(300, &keep, 4096), 0);
+    let mut d = Ini::connect(t.addr);
+    d.want_hd = true;
+    d.login(2, &[]).expect("login with header digests");
+    assert!(d.hd, "target accepted CRC32C header digests");
+    assert!(d.ping());
+    // A NOP-Out whose header digest is wrong ends that connection.
+    let mut raw = Vec::new();
+    let n = NopOut {
+        immediate: true,
+        lun: Lun::default(),
+        itt: Itt(77),
+        ttt: Ttt::RESERVED,
+        cmd_sn: CmdSn(d.cmd_sn),
+        exp_stat_sn: StatSn(d.exp_stat_sn),
+    };
+    encode_pdu(&Bhs::NopOut(n), &[], &[], true, false, &mut raw).unwrap();
+    raw[BHS_LEN] ^= 0xff;
+    send_raw(&mut d.s, &raw);
+    assert!(
+        d.recv().is_none(),
+        "connection dropped on header digest error"
+    );
+    assert!(good.ping());
+    assert_eq!(good.read10(300, 8), (0, keep));
+}
