@@ -42,6 +42,7 @@ impl Asc {
     pub const LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION_REQUIRED: Asc = Asc(0x04, 0x03);
     pub const LOGICAL_UNIT_COMMUNICATION_FAILURE: Asc = Asc(0x08, 0x00);
     pub const WRITE_ERROR: Asc = Asc(0x0c, 0x00);
+    pub const INVALID_FIELD_IN_INFORMATION_UNIT: Asc = Asc(0x0e, 0x03);
     pub const LOGICAL_BLOCK_GUARD_CHECK_FAILED: Asc = Asc(0x10, 0x01);
     pub const LOGICAL_BLOCK_APPLICATION_TAG_CHECK_FAILED: Asc = Asc(0x10, 0x02);
     pub const LOGICAL_BLOCK_REFERENCE_TAG_CHECK_FAILED: Asc = Asc(0x10, 0x03);
@@ -61,6 +62,7 @@ impl Asc {
     pub const NOT_READY_TO_READY_CHANGE: Asc = Asc(0x28, 0x00);
     pub const POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED: Asc = Asc(0x29, 0x00);
     pub const POWER_ON_OCCURRED: Asc = Asc(0x29, 0x01);
+    pub const BUS_DEVICE_RESET_FUNCTION_OCCURRED: Asc = Asc(0x29, 0x03);
     pub const I_T_NEXUS_LOSS_OCCURRED: Asc = Asc(0x29, 0x07);
     pub const PARAMETERS_CHANGED: Asc = Asc(0x2a, 0x00);
     pub const MODE_PARAMETERS_CHANGED: Asc = Asc(0x2a, 0x01);
@@ -183,6 +185,25 @@ impl Sense {
                 bit,
             },
         )
+    }
+
+    /// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST pointing at `byte`
+    /// (and `bit`) of the parameter list.
+    pub fn invalid_field_in_parameter_list(byte: u16, bit: Option<u8>) -> Self {
+        Sense::new(
+            SenseKey::IllegalRequest,
+            Asc::INVALID_FIELD_IN_PARAMETER_LIST,
+        )
+        .with_specific(SenseKeySpecific::FieldPointer {
+            in_cdb: false,
+            byte,
+            bit,
+        })
+    }
+
+    /// ILLEGAL REQUEST with the given ASC and no field pointer.
+    pub fn illegal(asc: Asc) -> Self {
+        Sense::new(SenseKey::IllegalRequest, asc)
     }
 
     /// ILLEGAL REQUEST / LOGICAL BLOCK ADDRESS OUT OF RANGE.
