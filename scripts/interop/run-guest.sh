@@ -104,6 +104,8 @@ RESULT=$LOGDIR/result.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mp-interop.XXXXXX")
 QEMU_PID=""
 TAIL_PID=""
+WATCHDOG_PID=""
+# shellcheck disable=SC2317  # invoked by trap
 cleanup() {
     local rc=$?
     if [[ -n $QEMU_PID ]] && kill -0 "$QEMU_PID" 2>/dev/null; then
@@ -113,6 +115,7 @@ cleanup() {
         wait "$QEMU_PID" 2>/dev/null || true
     fi
     if [[ -n $TAIL_PID ]]; then kill "$TAIL_PID" 2>/dev/null || true; wait "$TAIL_PID" 2>/dev/null || true; fi
+    if [[ -n $WATCHDOG_PID ]]; then kill "$WATCHDOG_PID" 2>/dev/null || true; wait "$WATCHDOG_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
     return "$rc"
 }
@@ -171,6 +174,7 @@ for f in "${FWDS[@]}"; do
 done
 APPEND="console=ttyS0 panic=-1 oops=panic mitigations=off tsc=reliable no_timer_check \
 random.trust_cpu=on printk.devkmsg=on rdinit=/init"
+# shellcheck disable=SC2054  # commas are QEMU option syntax
 QARGS=(-accel tcg -machine pc -cpu max -smp "$SMP" -m "$MEM"
     -nodefaults -no-user-config -display none -no-reboot -monitor none
     -kernel "$MP_VMLINUX" -initrd "$INITRD" -append "$APPEND"
@@ -190,21 +194,29 @@ if [[ $VERBOSE == 1 ]]; then
     TAIL_PID=$!
 fi
 
+# Wait for QEMU or the watchdog, whichever ends first. `wait` (unlike a
+# foreground sleep) returns at once on a trapped signal, so Ctrl-C/TERM act
+# immediately.
 TIMED_OUT=0
-deadline=$(( $(date +%s) + TIMEOUT ))
-while kill -0 "$QEMU_PID" 2>/dev/null; do
-    if [[ $(date +%s) -ge $deadline ]]; then
-        TIMED_OUT=1
-        log "timeout after ${TIMEOUT}s: killing QEMU (pid $QEMU_PID)"
-        kill -TERM "$QEMU_PID" 2>/dev/null || true
-        sleep 1
-        kill -KILL "$QEMU_PID" 2>/dev/null || true
-        break
-    fi
-    sleep 0.2
-done
 QEMU_RC=0
-wait "$QEMU_PID" || QEMU_RC=$?
+sleep "$TIMEOUT" &
+WATCHDOG_PID=$!
+FINISHED=""
+wrc=0
+wait -n -p FINISHED "$QEMU_PID" "$WATCHDOG_PID" || wrc=$?
+if [[ $FINISHED == "$QEMU_PID" ]]; then
+    QEMU_RC=$wrc
+    kill "$WATCHDOG_PID" 2>/dev/null || true
+    wait "$WATCHDOG_PID" 2>/dev/null || true
+else
+    TIMED_OUT=1
+    log "timeout after ${TIMEOUT}s: killing QEMU (pid $QEMU_PID)"
+    kill -TERM "$QEMU_PID" 2>/dev/null || true
+    sleep 1
+    kill -KILL "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+fi
+WATCHDOG_PID=""
 QEMU_PID=""
 T_END=$(date +%s.%N)
 if [[ -n $TAIL_PID ]]; then sleep 0.2; kill "$TAIL_PID" 2>/dev/null || true; wait "$TAIL_PID" 2>/dev/null || true; TAIL_PID=""; fi

@@ -31,8 +31,7 @@ stop_tgtd() {
     # tgtd ignores SIGTERM while targets exist: delete them first.
     tgtadm -C "$TGT_CTL" --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
     tgtadm -C "$TGT_CTL" --lld iscsi --op delete --mode system >/dev/null 2>&1 || true
-    local i
-    for i in $(seq 50); do kill -0 "$TGTD_PID" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do kill -0 "$TGTD_PID" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$TGTD_PID" 2>/dev/null; then
         echo "selftest: tgtd did not exit; killing it" >&2
         kill -KILL "$TGTD_PID" 2>/dev/null || true
