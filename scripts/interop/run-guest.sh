@@ -24,8 +24,8 @@
 #   --name NAME              label for the log directory
 #   -v, --verbose            stream the guest console to stderr while it runs
 #
-# Exit status: 0 guest PASS; 1 guest FAIL (script exit != 0 or setup failure
-# in the guest); 3 kernel log matched the error pattern; 124 timeout; 2 bad
+# Exit status: 0 guest PASS; 1 guest FAIL (script exit != 0, setup failure
+# in the guest, or kernel panic); 3 kernel log matched the error pattern; 124 timeout; 2 bad
 # usage or harness failure (QEMU did not start, no result).
 # The last line on stdout is always
 #   MP_INTEROP_RESULT=PASS|FAIL reason=... guest_rc=N boot_s=X script_s=Y wall_s=Z log=DIR
@@ -37,6 +37,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 DIR=${MP_INTEROP_DIR:-$REPO/build/interop}
 DEFAULT_PATTERN='nvme.*error|I/O error|EXT4-fs error|blk_update_request|Buffer I/O error|iscsi.*(error|failed)|detected conn error'
+# Kernel trouble that is a failure whatever the test expects.
+DEFAULT_PATTERN+='|Call Trace:|BUG: |Oops: |WARNING: CPU|general protection fault|soft lockup|hung_task|rcu.*detected stall'
 
 die() { echo "run-guest: error: $*" >&2; exit 2; }
 log() { echo "run-guest: $*" >&2; }
@@ -92,6 +94,12 @@ done
 T_START=$(date +%s.%N)
 if [[ -z $LOGDIR ]]; then
     LOGDIR=$DIR/logs/$(date -u +%Y%m%dT%H%M%SZ)-$NAME-$$
+    # Keep the newest MP_INTEROP_KEEP_LOGS (default 100) run directories.
+    keep=${MP_INTEROP_KEEP_LOGS:-100}
+    if [[ -d $DIR/logs && $keep =~ ^[0-9]+$ ]]; then
+        find "$DIR/logs" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn |
+            tail -n +"$((keep + 1))" | cut -d' ' -f2- | while IFS= read -r old; do rm -rf -- "$old"; done
+    fi
 fi
 mkdir -p "$LOGDIR"
 LOGDIR=$(cd "$LOGDIR" && pwd)
@@ -235,6 +243,8 @@ VERDICT=FAIL
 EXIT=1
 if [[ $TIMED_OUT == 1 ]]; then
     REASON=timeout; EXIT=124
+elif [[ -z $RLINE ]] && grep -q 'Kernel panic' "$CONSOLE"; then
+    REASON=kernel-panic; EXIT=1
 elif [[ -z $RLINE ]]; then
     REASON="no-result(qemu_rc=$QEMU_RC)"; EXIT=2
 elif [[ $RLINE == MP_GUEST_RESULT=FAIL* ]]; then

@@ -5,6 +5,7 @@
 #   exit1       script exits 1 -> harness must report FAIL (exit 1)
 #   kernlog     script writes "I/O error" to the kernel log -> FAIL (exit 3)
 #   timeout     script sleeps past --timeout -> QEMU killed, exit 124
+#   panic       script crashes the guest kernel -> FAIL (exit 1, kernel-panic)
 #   nvme        guest nvmet-tcp target on brd + guest nvme-tcp host over the
 #               guest's loopback, mkfs/mount/write/checksum/disconnect -> PASS
 #   iscsi       tgtd on the host 127.0.0.1 (installs Debian's tgt if missing),
@@ -16,7 +17,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RUN=$HERE/run-guest.sh
-ALL=(modules exit1 kernlog timeout nvme iscsi)
+ALL=(modules exit1 kernlog timeout panic nvme iscsi)
 CASES=("$@")
 [[ ${#CASES[@]} -gt 0 ]] || CASES=("${ALL[@]}")
 for c in "${CASES[@]}"; do
@@ -114,6 +115,10 @@ EOF
     timeout)
         printf 'echo "sleeping past the timeout"\nsleep 600\n' >"$TMP/timeout.sh"
         run_case timeout 124 "$TMP/timeout.sh" --timeout 15
+        ;;
+    panic)
+        printf 'echo "crashing the kernel on purpose"\necho c >/proc/sysrq-trigger\nsleep 60\n' >"$TMP/panic.sh"
+        run_case panic 1 "$TMP/panic.sh" --timeout 60
         ;;
     nvme)
         run_case nvme 0 "$HERE/selftest/nvme-loopback.sh" --timeout 120
