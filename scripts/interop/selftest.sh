@@ -121,7 +121,8 @@ EOF
         run_case panic 1 "$TMP/panic.sh" --timeout 60
         ;;
     nvme)
-        run_case nvme 0 "$HERE/selftest/nvme-loopback.sh" --timeout 120
+        run_case nvme 0 "$HERE/selftest/nvme-loopback.sh" --timeout 120 \
+            --file "$HERE/guest/nvme-tcp-roundtrip.sh:/mp/lib/nvme-tcp-roundtrip.sh"
         ;;
     iscsi)
         if ! command -v tgtd >/dev/null || ! command -v tgtadm >/dev/null; then
@@ -148,7 +149,7 @@ EOF
         tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$TMP/lun.img"
         tgtadm -C "$TGT_CTL" --lld iscsi --op bind --mode target --tid 1 -I ALL
         echo "     tgtd pid $TGTD_PID on 127.0.0.1:$PORT, target $IQN"
-        run_case iscsi 0 "$HERE/selftest/iscsi-login.sh" --timeout 120 \
+        run_case iscsi 0 "$HERE/guest/iscsi-roundtrip.sh" --timeout 120 \
             --env "TARGET_IQN=$IQN" --env "TARGET_PORT=$PORT"
         stop_tgtd
         ;;
