@@ -88,6 +88,7 @@ done
 
 # ---------------------------------------------------------------- setup
 "$HERE/setup.sh" || die "setup.sh failed"
+DIR=$(cd "$DIR" && pwd)
 # shellcheck source=/dev/null
 . "$DIR/env.sh"
 

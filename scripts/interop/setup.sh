@@ -75,6 +75,13 @@ stamp_value() {
     { cat "$LOCK"; cat "$0" "$HERE/modules.py" "$HERE/extract-vmlinux.py"; } | sha256sum | cut -d' ' -f1
 }
 
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+# One setup at a time per cache directory (parallel run-guest.sh calls).
+command -v flock >/dev/null || die "'flock' (util-linux) not found"
+exec 9>"$DIR/.setup.lock"
+flock 9
+
 # ---------------------------------------------------------------- fast path
 if [[ -f $LOCK && $UPDATE == 0 && $FORCE == 0 && -f $DIR/.stamp && -f $DIR/env.sh ]]; then
     STAMP_WANT=$(stamp_value)
