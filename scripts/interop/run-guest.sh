@@ -27,7 +27,7 @@
 # Exit status: 0 guest PASS; 1 guest FAIL (script exit != 0, setup failure
 # in the guest, or kernel panic); 3 kernel log matched the error pattern; 124 timeout; 2 bad
 # usage or harness failure (QEMU did not start, no result).
-# The last line on stdout is always
+# Once QEMU has run, the last line on stdout is
 #   MP_INTEROP_RESULT=PASS|FAIL reason=... guest_rc=N boot_s=X script_s=Y wall_s=Z log=DIR
 #
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2; the guest is 10.0.2.15.
@@ -42,7 +42,7 @@ DEFAULT_PATTERN+='|Call Trace:|BUG: |Oops: |WARNING: CPU|general protection faul
 
 die() { echo "run-guest: error: $*" >&2; exit 2; }
 log() { echo "run-guest: $*" >&2; }
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case $1 in -h|--help) usage; exit 0 ;; esac
@@ -85,6 +85,18 @@ done
 [[ $MEM =~ ^[0-9]+$ && $MEM -ge 128 ]] || die "--mem must be an integer >= 128"
 [[ $SMP =~ ^[0-9]+$ && $SMP -ge 1 ]] || die "--smp must be a positive integer"
 [[ $NAME =~ ^[A-Za-z0-9._-]+$ ]] || die "--name may only contain letters, digits, '.', '_', '-'"
+for kv in "${ENVS[@]}"; do
+    [[ $kv == *=* ]] || die "--env '$kv' is not K=V"
+    [[ ${kv%%=*} =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env name '${kv%%=*}' is not a valid variable name"
+done
+for hg in "${FILES[@]}"; do
+    [[ $hg == *:* ]] || die "--file '$hg' is not HOST_PATH:GUEST_PATH"
+    [[ -f ${hg%:*} ]] || die "--file: host file '${hg%:*}' not found"
+    [[ ${hg##*:} == /* && ${hg##*:} != */ ]] || die "--file: guest path '${hg##*:}' must be an absolute file path"
+done
+for f in "${FWDS[@]}"; do
+    [[ $f =~ ^[0-9]+:[0-9]+$ ]] || die "--hostfwd '$f' is not HOSTPORT:GUESTPORT"
+done
 
 # ---------------------------------------------------------------- setup
 "$HERE/setup.sh" || die "setup.sh failed"

@@ -44,7 +44,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --update-lock) UPDATE=1 ;;
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
     shift
