@@ -6,6 +6,7 @@
 #   kernlog     script writes "I/O error" to the kernel log -> FAIL (exit 3)
 #   timeout     script sleeps past --timeout -> QEMU killed, exit 124
 #   panic       script crashes the guest kernel -> FAIL (exit 1, kernel-panic)
+#   nvmedigest  same with header+data digests (crc32c) and one I/O queue
 #   nvme        guest nvmet-tcp target on brd + guest nvme-tcp host over the
 #               guest's loopback, mkfs/mount/write/checksum/disconnect -> PASS
 #   hostfwd     guest nvmet-tcp target reached from the host's 127.0.0.1 via
@@ -19,7 +20,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RUN=$HERE/run-guest.sh
-ALL=(modules exit1 kernlog timeout panic nvme hostfwd iscsi)
+ALL=(modules exit1 kernlog timeout panic nvme nvmedigest hostfwd iscsi)
 CASES=("$@")
 [[ ${#CASES[@]} -gt 0 ]] || CASES=("${ALL[@]}")
 for c in "${CASES[@]}"; do
@@ -145,7 +146,7 @@ for c in "${CASES[@]}"; do
     modules)
         cat >"$TMP/modules.sh" <<'EOF'
 set -eu
-for m in nvme_tcp nvme_fabrics nvme_core iscsi_tcp libiscsi scsi_transport_iscsi sd_mod ext4 virtio_net crc32c_generic configfs; do
+for m in nvme_tcp nvme_fabrics nvme_core iscsi_tcp libiscsi scsi_transport_iscsi sd_mod ext4 virtio_net crc32c_generic configfs dm_mod; do
     grep -q "^$m " /proc/modules || { echo "module $m not loaded"; exit 1; }
 done
 [ -c /dev/nvme-fabrics ] || { echo "no /dev/nvme-fabrics"; exit 1; }
@@ -162,7 +163,7 @@ echo "modules ok"
 EOF
         echo hello >"$TMP/hello.txt"
         run_case modules 0 "$TMP/modules.sh" --timeout 60 \
-            --env "MP_SELFTEST_VAR=a b'c" --file "$TMP/hello.txt:/etc/mp-selftest"
+            --env "MP_SELFTEST_VAR=a b'c" --file "$TMP/hello.txt:/etc/mp-selftest" --module dm-mod
         ;;
     exit1)
         printf 'echo "failing on purpose"\nexit 1\n' >"$TMP/exit1.sh"
@@ -183,6 +184,11 @@ EOF
     nvme)
         run_case nvme 0 "$HERE/selftest/nvme-loopback.sh" --timeout 120 \
             --file "$HERE/guest/nvme-tcp-roundtrip.sh:/mp/lib/nvme-tcp-roundtrip.sh"
+        ;;
+    nvmedigest)
+        run_case nvmedigest 0 "$HERE/selftest/nvme-loopback.sh" --timeout 120 \
+            --file "$HERE/guest/nvme-tcp-roundtrip.sh:/mp/lib/nvme-tcp-roundtrip.sh" \
+            --env CONNECT_OPTS=hdr_digest,data_digest,nr_io_queues=1
         ;;
     hostfwd)
         run_hostfwd
