@@ -251,8 +251,8 @@ impl Ini {
         if !discovery && tsih == 0 {
             t.push("InitialR2T", "No")
                 .push("ImmediateData", "Yes")
-                .push("MaxBurstLength", "262144")
-                .push("FirstBurstLength", "65536")
+                .push("MaxBurstLength", "32768")
+                .push("FirstBurstLength", "16384")
                 .push("MaxConnections", "2");
         }
         self.send(
@@ -281,6 +281,19 @@ impl Ini {
         for p in parse(&data).expect("text") {
             if p.key == "HeaderDigest" {
                 self.hd = p.value == "CRC32C";
+            }
+        }
+        if !discovery && tsih == 0 {
+            // A new I_T nexus starts with a unit attention (power on /
+            // reset); TEST UNIT READY consumes it.
+            for _ in 0..4 {
+                let c = self.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+                self.send(&Bhs::ScsiCommand(c), &[]);
+                match self.recv() {
+                    Some((Bhs::ScsiResponse(r), _)) if r.status == 0 => break,
+                    Some((Bhs::ScsiResponse(_), _)) => {}
+                    other => panic!("TEST UNIT READY: {other:?}"),
+                }
             }
         }
         Ok(r.tsih.0)
@@ -391,6 +404,10 @@ impl Ini {
         cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
         let c = self.cmd(&cdb, false, true, data.len() as u32);
         let itt = c.itt;
+        let mut c = c;
+        // With no immediate data and InitialR2T=No, say no unsolicited
+        // Data-Out follows (F=1): everything then comes through R2Ts.
+        c.final_ = true;
         self.send(&Bhs::ScsiCommand(c), &data[..imm]);
         loop {
             match self.recv().expect("write answer") {
@@ -399,7 +416,7 @@ impl Ini {
                     let end = off + r.desired_data_transfer_length as usize;
                     let mut sn = 0;
                     while off < end {
-                        let n = (end - off).min(65536);
+                        let n = (end - off).min(8192);
                         let d = DataOut {
                             final_: off + n == end,
                             lun: Lun::default(),
@@ -461,16 +478,22 @@ fn login_inquiry_write_read_with_immediate_unsolicited_and_r2t() {
     };
     assert!(h.has_status && h.status == 0);
     assert_eq!(h.residual_count, 96 - d.len() as u32);
-    assert!(h.underflow);
-    // 300 KiB: immediate 64 KiB, then R2Ts of MaxBurstLength.
-    let data = pattern(7, 300 * 1024);
-    assert_eq!(a.write10(16, &data, 65536), 0);
+    assert_eq!(h.underflow, d.len() < 96);
+    // 120 KiB (the SCSI layer's largest transfer is one 128 KiB pool
+    // chunk): 16 KiB immediate (FirstBurstLength), the rest in R2Ts of
+    // MaxBurstLength (32 KiB), one outstanding at a time.
+    let data = pattern(7, 120 * 1024);
+    assert_eq!(a.write10(16, &data, 16384), 0);
     let (st, back) = a.read10(16, (data.len() / 512) as u16);
     assert_eq!(st, 0);
     assert_eq!(back, data);
     // Small write with everything immediate.
     let small = pattern(9, 4096);
     assert_eq!(a.write10(2000, &small, 4096), 0);
+    // Nothing immediate: all of it through R2Ts.
+    let r2t_only = pattern(10, 64 * 1024);
+    assert_eq!(a.write10(3000, &r2t_only, 0), 0);
+    assert_eq!(a.read10(3000, 128).1, r2t_only);
     assert_eq!(a.read10(2000, 8).1, small);
     assert!(a.ping());
 }

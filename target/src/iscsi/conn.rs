@@ -54,10 +54,10 @@ use super::pdu::{
     DIGEST_LEN,
 };
 use super::registry::{CmdWindow, ConnInfo, IscsiTarget, NodeRuntime, Session};
-use super::scsi_fallback::{self as scsi_impl, ResetKind};
 use super::sense::scsi_response_sense_segment;
 use super::text::TextAssembler;
 use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask, TaskAttribute};
+use crate::scsi::{self as scsi_impl, ResetKind};
 use crate::volume::VolumeChannel;
 
 /// How long a login may sit waiting for the next PDU.
@@ -401,6 +401,8 @@ async fn run(
     let _guard = ConnGuard {
         target: target.clone(),
         session,
+        node: conn.node.clone(),
+        nexus: conn.nexus.clone(),
         id,
     };
     let ticker = spawn(ticker(Rc::downgrade(&conn)));
@@ -418,13 +420,24 @@ async fn run(
 struct ConnGuard {
     target: Arc<IscsiTarget>,
     session: Arc<Session>,
+    node: Option<Arc<NodeRuntime>>,
+    nexus: Nexus,
     id: u64,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.session.remove_conn(self.id);
-        self.target.remove_session_if_empty(&self.session);
+        // The last connection gone ends the session (ERL 0, no
+        // Time2Retain): the I_T nexus is lost, and the SCSI layer drops
+        // what it kept for it (SPC-2 reservations, unit attentions).
+        if self.target.remove_session_if_empty(&self.session) {
+            if let Some(n) = &self.node {
+                for l in n.luns.values() {
+                    l.lu.nexus_lost(&self.nexus);
+                }
+            }
+        }
     }
 }
 
@@ -533,6 +546,8 @@ struct WriteCollect {
     ctl: Rc<TaskCtl>,
     cmd: ScsiCommand,
     cdb: Vec<u8>,
+    /// The SCSI transfer length of the original CDB, when known.
+    spdtl: Option<u64>,
     /// Bytes to collect: min(EDTL, SCSI transfer length when known).
     want: u32,
     bufs: Vec<IoBuf>,
@@ -601,6 +616,28 @@ fn scsi_transfer_len(cdb: &[u8], block_size: u32) -> Option<u64> {
         _ => return None,
     };
     Some(blocks * u64::from(block_size))
+}
+
+/// Rewrites the TRANSFER LENGTH of a WRITE / WRITE AND VERIFY (10, 12,
+/// 16) CDB to `blocks` (a smaller value: see the overflow rule where it is
+/// called). WRITE(6) is left alone (its 0 means 256 blocks).
+fn clamp_write_blocks(cdb: &mut [u8], blocks: u32) {
+    let (at, width) = match cdb.first() {
+        Some(0x2a | 0x2e) => (7, 2),
+        Some(0xaa | 0xae) => (6, 4),
+        Some(0x8a | 0x8e) => (10, 4),
+        _ => return,
+    };
+    let v = blocks.to_be_bytes();
+    let src = if width == 2 {
+        let b = u16::try_from(blocks).unwrap_or(u16::MAX).to_be_bytes();
+        vec![b[0], b[1]]
+    } else {
+        v.to_vec()
+    };
+    if let Some(dst) = cdb.get_mut(at..at + width) {
+        dst.copy_from_slice(&src);
+    }
 }
 
 /// SAM single-level LUN; `None` for formats we do not use.
@@ -954,15 +991,28 @@ impl Conn {
         if self.st.borrow().tasks.contains_key(&c.itt.0) {
             return self.reject(RejectReason::TaskInProgress, &p.raw).await;
         }
-        let ctl = TaskCtl::new(lun, &self.session);
         let edtl = c.expected_data_transfer_length;
+        let bs = self.lun_volume_block(lun);
+        // The transfer the CDB asks for (reads and writes), for residuals.
+        let spdtl = bs.and_then(|bs| scsi_transfer_len(&cdb, bs));
+        if let (true, Some(bs), Some(s)) = (c.write, bs, spdtl) {
+            if s > u64::from(edtl) {
+                // Overflow on a write (FCP-4 §9.4.2, as iSCSI inherits it):
+                // process the command normally, but transfer no data beyond
+                // EDTL. The SCSI layer sees a CDB for the whole blocks that
+                // EDTL covers; the residual is reported against the
+                // original length.
+                clamp_write_blocks(&mut cdb, edtl / bs);
+            }
+        }
+        let ctl = TaskCtl::new(lun, &self.session);
         let imm_len = p.data().len() as u32;
         if !c.write || edtl == 0 {
             if imm_len > 0 {
                 return self.reject(RejectReason::ProtocolError, &p.raw).await;
             }
             self.st.borrow_mut().tasks.insert(c.itt.0, ctl.clone());
-            self.start(ctl, c, cdb, Vec::new());
+            self.start(ctl, c, cdb, spdtl, Vec::new());
             return Ok(());
         }
         // A write: check immediate data against the negotiated limits.
@@ -974,9 +1024,6 @@ impl Conn {
         {
             return self.reject(RejectReason::ProtocolError, &p.raw).await;
         }
-        let spdtl = self
-            .lun_volume_block(lun)
-            .and_then(|bs| scsi_transfer_len(&cdb, bs));
         let want = spdtl.map_or(edtl, |s| u32::try_from(s).unwrap_or(u32::MAX).min(edtl));
         if want > MAX_WRITE_BYTES {
             // Answer now; any Data-Out that follows finds no task and is dropped.
@@ -989,12 +1036,13 @@ impl Conn {
                 ),
                 data_in: Vec::new(),
             };
-            return self.respond(&c, &cdb, resp, 0).await;
+            return self.respond(&c, spdtl, resp).await;
         }
         let mut w = WriteCollect {
             ctl: ctl.clone(),
             cmd: c.clone(),
             cdb,
+            spdtl,
             want,
             bufs: p.data.into_iter().collect(),
             received: imm_len,
@@ -1021,12 +1069,13 @@ impl Conn {
                 ctl,
                 cmd,
                 cdb,
+                spdtl,
                 bufs,
                 want,
                 ..
             } = w;
             let bufs = truncate(bufs, want as usize);
-            self.start(ctl, cmd, cdb, bufs);
+            self.start(ctl, cmd, cdb, spdtl, bufs);
             return Ok(());
         }
         let mut new = Vec::new();
@@ -1169,10 +1218,16 @@ impl Conn {
     }
 
     /// Runs a command as its own task.
-    fn start(self: Rc<Self>, ctl: Rc<TaskCtl>, c: ScsiCommand, cdb: Vec<u8>, data: Vec<IoBuf>) {
+    fn start(
+        self: Rc<Self>,
+        ctl: Rc<TaskCtl>,
+        c: ScsiCommand,
+        cdb: Vec<u8>,
+        spdtl: Option<u64>,
+        data: Vec<IoBuf>,
+    ) {
         spawn(async move {
             let itt = c.itt.0;
-            let data_len: usize = data.iter().map(|b| b.len()).sum();
             let resp = self.execute(&ctl, &c, &cdb, data).await;
             let mine = self
                 .st
@@ -1187,7 +1242,7 @@ impl Conn {
             if ctl.aborted.get() || !mine {
                 return;
             }
-            if let Err(e) = self.respond(&c, &cdb, resp, data_len).await {
+            if let Err(e) = self.respond(&c, spdtl, resp).await {
                 tracing::debug!("send failed: {e}");
                 let _ = self.stream.shutdown(Shutdown::Both).await;
             }
@@ -1235,15 +1290,10 @@ impl Conn {
     async fn respond(
         &self,
         c: &ScsiCommand,
-        cdb: &[u8],
+        spdtl: Option<u64>,
         resp: ScsiResponse,
-        _data_out_len: usize,
     ) -> Result<(), ConnError> {
         let edtl = u64::from(c.expected_data_transfer_length);
-        let lun = decode_lun(c.lun).unwrap_or(u64::MAX);
-        let spdtl = self
-            .lun_volume_block(lun)
-            .and_then(|bs| scsi_transfer_len(cdb, bs));
         let data_len = resp.data_in_len() as u64;
         // Residuals (RFC 7143 §11.4.5): against the SCSI transfer length
         // when we know it, else against what was actually moved.

@@ -32,7 +32,7 @@ use super::login::{
 };
 use super::negotiation::{NegotiationLimits, SessionParams, SessionType};
 use super::pdu::{CmdSn, Isid, Tsih};
-use super::scsi_fallback::{LogicalUnit, LunConfig};
+use crate::scsi::{LogicalUnit, LunConfig};
 use crate::volume::Volume;
 
 /// Prefix SPDK-style short target names get.
@@ -934,12 +934,17 @@ impl IscsiTarget {
         old
     }
 
-    /// Removes a session with no connections left.
-    pub fn remove_session_if_empty(&self, s: &Arc<Session>) {
+    /// Removes a session with no connections left; true when this call
+    /// removed it (false if it still has connections or was already gone,
+    /// e.g. replaced by a reinstating login).
+    pub fn remove_session_if_empty(&self, s: &Arc<Session>) -> bool {
         let mut sessions = lock(&self.sessions);
-        if s.conn_count() == 0 {
-            sessions.retain(|o| !Arc::ptr_eq(o, s));
+        if s.conn_count() != 0 {
+            return false;
         }
+        let before = sessions.len();
+        sessions.retain(|o| !Arc::ptr_eq(o, s));
+        sessions.len() != before
     }
 
     /// Every session.
