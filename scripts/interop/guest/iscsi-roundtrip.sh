@@ -9,6 +9,7 @@
 #   TARGET_PORT   target port (default 3260)
 #   DATA_MB       size of the file written and read back (default 8)
 #   KEEP_LOGGED_IN=1  skip the logout at the end
+#   DIGESTS=1     ask for CRC32C header and data digests
 #
 # No SendTargets discovery: a target listening on the host's 127.0.0.1 would
 # advertise that address, which the guest cannot reach; the node record is
@@ -37,11 +38,18 @@ done
 
 step "login to $TARGET_IQN at $PORTAL"
 iscsiadm -m node -o new -T "$TARGET_IQN" -p "$PORTAL"
+if [ "${DIGESTS:-0}" = 1 ]; then
+    for k in HeaderDigest DataDigest; do
+        iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" -o update \
+            -n "node.conn[0].iscsi.$k" -v CRC32C
+    done
+fi
 iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" --login
 i=0
 while [ ! -b /dev/sda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -b /dev/sda ] || { echo "no /dev/sda"; exit 1; }
 iscsiadm -m session
+iscsiadm -m session -P 2 2>/dev/null | grep -i digest || true
 echo "size: $(cat /sys/block/sda/size) sectors, vendor: $(cat /sys/block/sda/device/vendor)"
 
 step "mkfs.ext4, mount, write, checksum"
