@@ -121,6 +121,8 @@ struct Ini {
     hd: bool,
     /// Ask for header digests at login.
     want_hd: bool,
+    /// Data-In PDUs with F=1 in the last read.
+    f_bits: usize,
 }
 
 fn send_raw(s: &mut TcpStream, bytes: &[u8]) {
@@ -141,6 +143,7 @@ impl Ini {
             max_burst: 262_144,
             hd: false,
             want_hd: false,
+            f_bits: 0,
         }
     }
 
@@ -379,10 +382,12 @@ impl Ini {
         let c = self.cmd(&cdb, true, false, u32::from(blocks) * 512);
         self.send(&Bhs::ScsiCommand(c), &[]);
         let mut data = Vec::new();
+        self.f_bits = 0;
         loop {
             match self.recv().expect("read answer") {
                 (Bhs::DataIn(d), seg) => {
                     assert_eq!(d.buffer_offset as usize, data.len());
+                    self.f_bits += usize::from(d.final_);
                     data.extend(seg);
                     if d.has_status {
                         return (d.status, data);
@@ -494,6 +499,8 @@ fn login_inquiry_write_read_with_immediate_unsolicited_and_r2t() {
     let r2t_only = pattern(10, 64 * 1024);
     assert_eq!(a.write10(3000, &r2t_only, 0), 0);
     assert_eq!(a.read10(3000, 128).1, r2t_only);
+    // 64 KiB of Data-In with MaxBurstLength 32 KiB: two sequences.
+    assert_eq!(a.f_bits, 2);
     assert_eq!(a.read10(2000, 8).1, small);
     assert!(a.ping());
 }
@@ -761,6 +768,32 @@ fn discovery_lists_only_what_the_initiator_may_see() {
     d.login_full(1, 0, 1, true, INITIATOR, &[])
         .expect("discovery login");
     assert_eq!(d.send_targets(), vec![IQN.to_string()]);
+    // The same request split over two Text Requests (C=1, then the
+    // target's TTT).
+    let itt = d.next_itt();
+    let mut req = mirrorpoint_target::iscsi::pdu::TextRequest {
+        immediate: true,
+        final_: false,
+        continue_: true,
+        lun: Lun::default(),
+        itt,
+        ttt: Ttt::RESERVED,
+        cmd_sn: CmdSn(d.cmd_sn),
+        exp_stat_sn: StatSn(d.exp_stat_sn),
+    };
+    d.send(&Bhs::TextRequest(req.clone()), b"SendTar");
+    let (b, data) = d.recv().expect("empty text response");
+    let Bhs::TextResponse(r) = b else {
+        panic!("{b:?}")
+    };
+    assert!(!r.final_ && !r.continue_ && !r.ttt.is_reserved() && data.is_empty());
+    req.final_ = true;
+    req.continue_ = false;
+    req.ttt = r.ttt;
+    d.send(&Bhs::TextRequest(req), b"gets=All\0");
+    let (b, data) = d.recv().expect("text response");
+    assert!(matches!(b, Bhs::TextResponse(ref r) if r.final_), "{b:?}");
+    assert!(String::from_utf8_lossy(&data).contains(IQN));
     // A normal login to the hidden node is refused.
     let mut n = Ini::connect(t.addr);
     let mut t2 = TextBuilder::new();

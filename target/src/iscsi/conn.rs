@@ -1310,32 +1310,41 @@ impl Conn {
         let send_data = c.read && data_len > 0;
         let piggyback = send_data && resp.sense.is_none();
         if send_data {
+            // PDUs of at most the initiator's MaxRecvDataSegmentLength, in
+            // sequences of at most MaxBurstLength (F=1 ends each sequence).
             let max = self.framing_out.max_recv.max(512) as usize;
-            let mut pieces: Vec<Vec<IoBuf>> = Vec::new();
+            let burst = self.params.max_burst_length.max(512) as usize;
+            let mut pieces: Vec<(Vec<IoBuf>, bool)> = Vec::new();
             let mut cur: Vec<IoBuf> = Vec::new();
             let mut cur_len = 0usize;
+            let mut total = 0usize;
             for b in &resp.data_in {
                 let mut off = 0;
                 while off < b.len() {
-                    let take = (b.len() - off).min(max - cur_len);
+                    let to_burst_end = burst - total % burst;
+                    let room = (max - cur_len).min(to_burst_end);
+                    let take = (b.len() - off).min(room);
                     if let Some(s) = b.slice(off, take) {
                         cur.push(s);
                     }
                     cur_len += take;
                     off += take;
-                    if cur_len == max {
-                        pieces.push(std::mem::take(&mut cur));
+                    total += take;
+                    let burst_end = total % burst == 0;
+                    if cur_len == max || burst_end {
+                        pieces.push((std::mem::take(&mut cur), burst_end));
                         cur_len = 0;
                     }
                 }
             }
             if !cur.is_empty() {
-                pieces.push(cur);
+                pieces.push((cur, true));
             }
             let n = pieces.len();
             let mut offset = 0u32;
-            for (i, piece) in pieces.into_iter().enumerate() {
+            for (i, (piece, seq_end)) in pieces.into_iter().enumerate() {
                 let last = i + 1 == n;
+                let fin = last || seq_end;
                 let st = last && piggyback;
                 let plen: usize = piece.iter().map(|b| b.len()).sum();
                 let dsn = DataSn(data_sn);
@@ -1344,7 +1353,7 @@ impl Conn {
                     st,
                     |s, e, m| {
                         Bhs::DataIn(DataIn {
-                            final_: last,
+                            final_: fin,
                             acknowledge: false,
                             overflow: st && over,
                             underflow: st && under,
@@ -1512,8 +1521,10 @@ impl Conn {
 
     async fn text(&self, t: pdu::TextRequest, p: InPdu) -> Result<(), ConnError> {
         let max = self.framing_out.max_recv.max(512) as usize;
-        // Continuation of our long response.
-        if !t.ttt.is_reserved() {
+        // Continuation of our long response (a TTT of ours while no request
+        // text is being assembled).
+        let assembling = self.st.borrow().text.in_progress();
+        if !t.ttt.is_reserved() && !assembling {
             let pending = self.st.borrow_mut().text_out.take();
             let Some((ttt, mut rest)) = pending.filter(|(ttt, _)| *ttt == t.ttt.0) else {
                 return self.reject(RejectReason::InvalidPduField, &p.raw).await;
@@ -1523,15 +1534,16 @@ impl Conn {
             if more {
                 self.st.borrow_mut().text_out = Some((ttt, rest));
             }
-            return self.text_response(&t, &chunk, more, ttt).await;
+            return self.text_response(&t, &chunk, !more, more, ttt).await;
         }
         let assembled = self.st.borrow_mut().text.push(p.data(), t.continue_);
         let whole = match assembled {
             Ok(Some(w)) => w,
             Ok(None) => {
-                // More request text follows: acknowledge with an empty response.
+                // More request text follows (C=1): an empty response with
+                // F=0 and a TTT asks for the rest (RFC 7143 §11.10.2).
                 let ttt = self.new_ttt();
-                return self.text_response(&t, &[], true, ttt).await;
+                return self.text_response(&t, &[], false, false, ttt).await;
             }
             Err(_) => {
                 self.st.borrow_mut().text.reset();
@@ -1562,7 +1574,7 @@ impl Conn {
                 if more {
                     self.st.borrow_mut().text_out = Some((ttt, rest));
                 }
-                self.text_response(&t, &out, more, ttt).await
+                self.text_response(&t, &out, !more, more, ttt).await
             }
             Err(reason) => self.reject(reason, &p.raw).await,
         }
@@ -1582,18 +1594,19 @@ impl Conn {
         &self,
         t: &pdu::TextRequest,
         data: &[u8],
-        more: bool,
+        final_: bool,
+        continue_: bool,
         ttt: u32,
     ) -> Result<(), ConnError> {
         self.send(
             true,
             |s, e, m| {
                 Bhs::TextResponse(TextResponse {
-                    final_: !more,
-                    continue_: more,
+                    final_,
+                    continue_,
                     lun: t.lun,
                     itt: t.itt,
-                    ttt: if more { Ttt(ttt) } else { Ttt::RESERVED },
+                    ttt: if final_ { Ttt::RESERVED } else { Ttt(ttt) },
                     stat_sn: s,
                     exp_cmd_sn: e,
                     max_cmd_sn: m,
