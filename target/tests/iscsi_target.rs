@@ -853,6 +853,20 @@ fn two_connections_share_one_session_and_logout_closes_it() {
     a.cmd_sn = b.cmd_sn;
     assert_eq!(a.read10(40, 4), (0, data));
     b.cmd_sn = a.cmd_sn;
+    // CmdSN n+1 on the second connection before n on the first: the
+    // second waits for the gap, then both are answered.
+    let n = a.cmd_sn;
+    b.cmd_sn = n + 1;
+    let later = b.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    b.send(&Bhs::ScsiCommand(later.clone()), &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    let first = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    assert_eq!(first.cmd_sn.0, n);
+    a.send(&Bhs::ScsiCommand(first.clone()), &[]);
+    assert_eq!(a.recv().expect("first").0.itt(), first.itt);
+    assert_eq!(b.recv().expect("second").0.itt(), later.itt);
+    a.cmd_sn = n + 2;
+    b.cmd_sn = n + 2;
     // Closing the second connection leaves the first one working.
     assert_eq!(b.logout(LogoutReason::CloseConnection, 2), 0);
     assert!(b.recv().is_none());

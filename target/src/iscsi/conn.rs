@@ -864,27 +864,32 @@ impl Conn {
             }
             Verdict::Now => {
                 self.clone().command(bhs, p).await?;
-                // Release held commands whose turn has come.
-                loop {
-                    let next = {
-                        let exp = self.session.window().exp_cmd_sn;
-                        let mut st = self.st.borrow_mut();
-                        let i = st.held.iter().position(|(s, _)| *s == exp);
-                        i.map(|i| st.held.swap_remove(i))
-                    };
-                    let Some((sn, p)) = next else { break };
-                    if let Verdict::Now = self.verdict(sn, false) {
-                        if let Ok(b) = p.bhs.clone() {
-                            self.clone().command(b, p).await?;
-                        }
-                    }
-                    if self.st.borrow().done {
-                        break;
-                    }
-                }
-                Ok(())
+                self.release_held().await
             }
         }
+    }
+
+    /// Runs held commands whose turn has come (the gap before them was
+    /// filled here, or on another connection of the session).
+    async fn release_held(self: Rc<Self>) -> Result<(), ConnError> {
+        loop {
+            let next = {
+                let exp = self.session.window().exp_cmd_sn;
+                let mut st = self.st.borrow_mut();
+                let i = st.held.iter().position(|(s, _)| *s == exp);
+                i.map(|i| st.held.swap_remove(i))
+            };
+            let Some((sn, p)) = next else { break };
+            if let Verdict::Now = self.verdict(sn, false) {
+                if let Ok(b) = p.bhs.clone() {
+                    self.clone().command(b, p).await?;
+                }
+            }
+            if self.st.borrow().done {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// A command whose CmdSN was accepted.
@@ -1647,6 +1652,12 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
         let Some(c) = conn.upgrade() else { return };
         let removed = c.node.as_ref().is_some_and(|n| n.is_removed());
         if c.kill.load(Ordering::Acquire) || removed {
+            let _ = c.stream.shutdown(Shutdown::Both).await;
+            return;
+        }
+        // Held commands whose gap another connection of the session filled.
+        let held = !c.st.borrow().held.is_empty();
+        if held && c.clone().release_held().await.is_err() {
             let _ = c.stream.shutdown(Shutdown::Both).await;
             return;
         }
