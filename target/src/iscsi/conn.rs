@@ -1704,3 +1704,84 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lun_decoding() {
+        assert_eq!(decode_lun(Lun::from_u64(0)), Some(0));
+        assert_eq!(decode_lun(Lun([0, 5, 0, 0, 0, 0, 0, 0])), Some(5));
+        assert_eq!(decode_lun(Lun([0x41, 0x02, 0, 0, 0, 0, 0, 0])), Some(0x102));
+        assert_eq!(decode_lun(Lun([0x01, 0x02, 0, 0, 0, 0, 0, 0])), None);
+        assert_eq!(decode_lun(Lun([0xc0, 0, 0, 0, 0, 0, 0, 0])), None);
+    }
+
+    #[test]
+    fn transfer_lengths_and_clamping() {
+        let mut w10 = [0x2a, 0, 0, 0, 0, 0, 0, 0, 4, 0];
+        assert_eq!(scsi_transfer_len(&w10, 512), Some(2048));
+        clamp_write_blocks(&mut w10, 1);
+        assert_eq!(scsi_transfer_len(&w10, 512), Some(512));
+        let mut w16 = [0u8; 16];
+        w16[0] = 0x8a;
+        w16[13] = 8;
+        assert_eq!(scsi_transfer_len(&w16, 4096), Some(32768));
+        clamp_write_blocks(&mut w16, 0);
+        assert_eq!(scsi_transfer_len(&w16, 4096), Some(0));
+        // WRITE(6): 0 means 256 blocks, never clamped.
+        let mut w6 = [0x0a, 0, 0, 0, 0, 0];
+        assert_eq!(scsi_transfer_len(&w6, 512), Some(256 * 512));
+        clamp_write_blocks(&mut w6, 1);
+        assert_eq!(w6[4], 0);
+        assert_eq!(scsi_transfer_len(&[0x12, 0, 0, 0, 36, 0], 512), None);
+        assert_eq!(scsi_transfer_len(&[], 512), None);
+    }
+
+    #[test]
+    fn window_shrinks_with_tasks_in_flight() {
+        let mut w = CmdWindow {
+            exp_cmd_sn: CmdSn(10),
+            depth: 4,
+            in_flight: 0,
+        };
+        assert_eq!(w.max_cmd_sn(), CmdSn(13));
+        w.in_flight = 3;
+        assert_eq!(w.max_cmd_sn(), CmdSn(10));
+        w.in_flight = 4;
+        assert_eq!(w.max_cmd_sn(), CmdSn(9), "closed: ExpCmdSN - 1");
+        w.in_flight = 9;
+        assert_eq!(w.max_cmd_sn(), CmdSn(9));
+        w.exp_cmd_sn = CmdSn(u32::MAX);
+        w.in_flight = 0;
+        assert_eq!(w.max_cmd_sn(), CmdSn(2), "wraps");
+    }
+
+    #[test]
+    fn raw_cmd_sn_only_for_commands() {
+        let mut raw = [0u8; BHS_LEN];
+        raw[0] = 0x41; // immediate SCSI Command
+        raw[24..28].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(raw_cmd_sn(&raw), Some((CmdSn(7), true)));
+        raw[0] = 0x05; // Data-Out carries no CmdSN
+        assert_eq!(raw_cmd_sn(&raw), None);
+    }
+
+    #[test]
+    fn truncation_slices_without_copying() {
+        let pool = mirrorpoint_poller::BufferPool::new(mirrorpoint_poller::PoolConfig {
+            chunk_size: 4096,
+            chunk_count: 4,
+            huge_pages: false,
+        })
+        .expect("pool");
+        let a = pool.alloc(1000).expect("a").freeze();
+        let b = pool.alloc(1000).expect("b").freeze();
+        let t = truncate(vec![a.clone(), b], 1500);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].len(), 500);
+        assert_eq!(t[0].as_ptr(), a.as_ptr());
+        assert!(truncate(vec![a], 0).is_empty());
+    }
+}
