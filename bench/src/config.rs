@@ -142,6 +142,10 @@ pub struct LocalArgs {
     /// Reactors spin instead of blocking in the ring when idle.
     #[arg(long)]
     pub busy_poll: bool,
+    /// Microseconds a reactor spins without work before it blocks in the ring
+    /// (ignored with --busy-poll); default: the runtime's default.
+    #[arg(long)]
+    pub idle_timeout_us: Option<u64>,
     /// Pool chunk size in bytes (largest single I/O); K/M suffixes allowed.
     #[arg(long, default_value = "128K", value_parser = parse_size)]
     pub chunk_size: u64,
@@ -165,6 +169,7 @@ impl Default for LocalArgs {
             time: 10.0,
             ramp: 0.0,
             busy_poll: false,
+            idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             json: false,
         }
@@ -198,6 +203,8 @@ pub struct LocalConfig {
     pub ramp: Duration,
     /// Reactors never block.
     pub busy_poll: bool,
+    /// Spin this long without work before blocking (None: runtime default).
+    pub idle_timeout: Option<Duration>,
     /// Pool chunk size.
     pub chunk_size: usize,
 }
@@ -348,6 +355,15 @@ impl LocalArgs {
             time: seconds("time", self.time, false)?,
             ramp: seconds("ramp", self.ramp, true)?,
             busy_poll: self.busy_poll,
+            idle_timeout: match self.idle_timeout_us {
+                Some(us) if us > 10_000_000 => {
+                    return invalid(format!("--idle-timeout-us {us}: at most 10000000"))
+                }
+                Some(_) if self.busy_poll => {
+                    return invalid("--idle-timeout-us has no effect with --busy-poll".into())
+                }
+                us => us.map(Duration::from_micros),
+            },
             chunk_size: chunk as usize,
         })
     }

@@ -269,17 +269,19 @@ fn runtime_config(config: &LocalConfig) -> RuntimeConfig {
     };
     let chunks = (config.qd * per_task + SPARE_CHUNKS).min(mirrorpoint_poller::buffer::MAX_CHUNKS);
     let ring_entries = (config.qd.max(64) as u32).next_power_of_two().max(1024);
+    let defaults = ReactorConfig::default();
     RuntimeConfig {
         cores: config.cores.clone(),
         reactor: ReactorConfig {
             ring_entries,
+            idle_timeout: config.idle_timeout.unwrap_or(defaults.idle_timeout),
             busy_poll: config.busy_poll,
             pool: PoolConfig {
                 chunk_size: config.chunk_size,
                 chunk_count: chunks,
                 huge_pages: true,
             },
-            ..ReactorConfig::default()
+            ..defaults
         },
         pin: true,
     }
@@ -302,7 +304,9 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         BackendKind::Uring => volume.info().driver_specific["uring"]["o_direct"].as_bool(),
         BackendKind::Malloc => None,
     };
-    let mut runtime = Runtime::start(runtime_config(config)).map_err(|e| match e {
+    let rt_config = runtime_config(config);
+    let idle_timeout = rt_config.reactor.idle_timeout;
+    let mut runtime = Runtime::start(rt_config).map_err(|e| match e {
         ReactorError::NoSuchCore(c) => BenchError::InvalidArgument(format!(
             "--cores: CPU {c} is not available to this process"
         )),
@@ -377,6 +381,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         volume_bytes,
         block_size,
         o_direct,
+        idle_timeout,
         measured: config.time,
         cpu: cpu1.since(cpu0),
         windows: handles

@@ -48,7 +48,11 @@ pub fn table(report: &Report) -> String {
         report.block_size,
         report.ramp_s,
         report.time_s,
-        if report.busy_poll { ", busy-poll" } else { "" }
+        if report.busy_poll {
+            ", busy-poll".to_string()
+        } else {
+            format!(", idle timeout {} us", report.idle_timeout_us)
+        }
     );
     let _ = writeln!(
         out,

@@ -163,6 +163,8 @@ pub struct Report {
     pub cores: Vec<usize>,
     /// Reactors spun instead of sleeping.
     pub busy_poll: bool,
+    /// Microseconds a reactor spun without work before blocking.
+    pub idle_timeout_us: u64,
     /// Warm-up seconds (not measured).
     pub ramp_s: f64,
     /// Measured seconds.
@@ -194,6 +196,8 @@ pub struct RunFacts {
     pub block_size: u32,
     /// O_DIRECT in use (uring only).
     pub o_direct: Option<bool>,
+    /// The reactors' idle timeout.
+    pub idle_timeout: Duration,
     /// The measured window as it really was.
     pub measured: Duration,
     /// CPU time over it.
@@ -282,6 +286,7 @@ pub fn build_report(
         qd: config.qd,
         cores: config.cores.clone(),
         busy_poll: config.busy_poll,
+        idle_timeout_us: facts.idle_timeout.as_micros() as u64,
         ramp_s: config.ramp.as_secs_f64(),
         time_s: secs,
         ops,
