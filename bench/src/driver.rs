@@ -269,22 +269,20 @@ fn runtime_config(config: &LocalConfig) -> RuntimeConfig {
     };
     let chunks = (config.qd * per_task + SPARE_CHUNKS).min(mirrorpoint_poller::buffer::MAX_CHUNKS);
     let ring_entries = (config.qd.max(64) as u32).next_power_of_two().max(1024);
-    // Start from the defaults so that settings added to the runtime later
-    // keep their default values here.
-    let mut reactor = ReactorConfig::default();
-    reactor.ring_entries = ring_entries;
-    if let Some(t) = config.idle_timeout {
-        reactor.idle_timeout = t;
-    }
-    reactor.busy_poll = config.busy_poll;
-    reactor.pool = PoolConfig {
-        chunk_size: config.chunk_size,
-        chunk_count: chunks,
-        huge_pages: true,
-    };
     RuntimeConfig {
         cores: config.cores.clone(),
-        reactor,
+        reactor: ReactorConfig {
+            ring_entries,
+            idle_timeout: config
+                .idle_timeout
+                .unwrap_or(ReactorConfig::default().idle_timeout),
+            busy_poll: config.busy_poll,
+            pool: PoolConfig {
+                chunk_size: config.chunk_size,
+                chunk_count: chunks,
+                huge_pages: true,
+            },
+        },
         pin: true,
     }
 }
