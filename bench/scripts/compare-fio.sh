@@ -124,7 +124,8 @@ for rep in $(seq 1 "$REPEAT"); do
             n=$((n + 1))
             f="$OUT/fio-$rw-qd$qd-r$rep.json"
             m="$OUT/mp-$rw-qd$qd-r$rep.json"
-            if [ $((n % 2)) -eq 1 ]; then
+            # Flip the order per case and per repeat (4 cases per repeat).
+            if [ $(((n + rep) % 2)) -eq 0 ]; then
                 fio_cmd "$rw" "$qd" "$f"; mp_cmd "$rw" "$qd" "$m"; order="fio,mp"
             else
                 mp_cmd "$rw" "$qd" "$m"; fio_cmd "$rw" "$qd" "$f"; order="mp,fio"
