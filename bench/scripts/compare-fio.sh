@@ -19,6 +19,8 @@
 #   --bin PATH      mirrorpoint-bench binary (default: build/release/mirrorpoint-bench)
 #   --out DIR       where to keep the JSON outputs (default: a mktemp dir)
 #   --mp-args ARGS  extra arguments for mirrorpoint-bench (e.g. "--busy-poll")
+#   --nice N        run both tools under `nice -n N` (e.g. -10 on a shared
+#                   machine, so neighbours preempt both tools less; needs root)
 #   --keep-file     do not delete the test file at the end
 set -euo pipefail
 
@@ -31,6 +33,7 @@ REPEAT=1
 BIN=./build/release/mirrorpoint-bench
 OUT=
 MP_ARGS=
+NICE=
 KEEP=0
 
 die() { echo "compare-fio: $*" >&2; exit 1; }
@@ -46,8 +49,9 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --mp-args) MP_ARGS=$2; shift 2 ;;
+        --nice) NICE=$2; shift 2 ;;
         --keep-file) KEEP=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -56,6 +60,12 @@ done
 [[ $RAMP =~ ^[0-9]+$ ]] || die "--ramp must be a non-negative integer"
 [[ $CPU =~ ^[0-9]+$ ]] || die "--cpu must be a CPU id"
 [[ $REPEAT =~ ^[0-9]+$ && $REPEAT -gt 0 ]] || die "--repeat must be a positive integer"
+[[ -z $NICE || $NICE =~ ^-?[0-9]+$ ]] || die "--nice must be an integer"
+PREFIX=()
+if [ -n "$NICE" ]; then
+    PREFIX=(nice -n "$NICE")
+    "${PREFIX[@]}" true 2>/dev/null || die "cannot run under nice -n $NICE"
+fi
 
 command -v fio >/dev/null || die "fio not found (apt-get install -y fio)"
 command -v python3 >/dev/null || die "python3 not found"
@@ -98,7 +108,7 @@ if [ ! -f "$FILE" ] || [ "$(stat -c %s "$FILE")" -ne "$BYTES" ]; then
 fi
 
 fio_cmd() { # rw qd out
-    run "$3" fio --name=job --filename="$FILE" --size="$BYTES" \
+    run "$3" "${PREFIX[@]}" fio --name=job --filename="$FILE" --size="$BYTES" \
         --ioengine=io_uring --direct=1 --fixedbufs --registerfiles --hipri=0 \
         --thread --numjobs=1 --cpus_allowed="$CPU" \
         --rw="$1" --bs=4k --iodepth="$2" --norandommap --randrepeat=0 \
@@ -109,7 +119,7 @@ fio_cmd() { # rw qd out
 
 mp_cmd() { # rw qd out
     # shellcheck disable=SC2086 # MP_ARGS is a list of words on purpose
-    run "$3" "$BIN" local --backend uring --file "$FILE" --cores "$CPU" \
+    run "$3" "${PREFIX[@]}" "$BIN" local --backend uring --file "$FILE" --cores "$CPU" \
         --workload "$1" --bs 4K --qd "$2" --time "$RUNTIME" --ramp "$RAMP" $MP_ARGS --json
 }
 
