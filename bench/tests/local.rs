@@ -265,6 +265,16 @@ fn bad_arguments_fail_with_a_clear_message() {
             "invalid value",
         ),
         (&["--backend", "uring"], "needs --file"),
+        (
+            &[
+                "--backend",
+                "malloc",
+                "--busy-poll",
+                "--idle-timeout-us",
+                "5",
+            ],
+            "no effect",
+        ),
         (&["--file", "/nonexistent-dir/x.img"], "cannot open"),
     ];
     for (args, expect) in cases {
