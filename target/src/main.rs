@@ -46,7 +46,7 @@ struct ServeArgs {
     #[arg(long)]
     busy_poll: bool,
     /// Spin this many microseconds without work before blocking.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 50)]
     idle_timeout_us: u64,
     /// Bytes per buffer-pool chunk (largest single I/O), multiple of 4096.
     #[arg(long, default_value_t = 128 * 1024)]
