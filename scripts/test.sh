@@ -16,6 +16,9 @@ echo "== loom models (lock-free code, every interleaving)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
     cargo test -p mirrorpoint-poller --lib wake::loom_tests
 
+echo "== fuzz smoke (every cargo-fuzz target, briefly)"
+./scripts/fuzz-smoke.sh "${MP_FUZZ_SECONDS:-15}"
+
 echo "== workspace tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

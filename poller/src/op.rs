@@ -39,6 +39,7 @@ enum Slot {
     Abandoned {
         _resources: Box<dyn Any>,
         kind: OpKind,
+        on_result: Option<fn(i32)>,
     },
 }
 
@@ -98,10 +99,15 @@ impl OpTable {
                     w.wake();
                 }
             }
-            Slot::Abandoned { kind, .. } => {
+            Slot::Abandoned {
+                kind, on_result, ..
+            } => {
                 *slot = Slot::Free;
                 self.free.push(index);
                 self.count(kind, -1);
+                if let Some(f) = on_result {
+                    f(result);
+                }
             }
             // A completion for a slot that is not in flight: keep what was there.
             other => *slot = other,
@@ -129,8 +135,9 @@ impl OpTable {
         }
     }
 
-    /// The future went away before the completion: park its resources.
-    fn abandon(&mut self, index: u32, resources: Box<dyn Any>) {
+    /// The future went away before the completion: park its resources, and
+    /// hand the eventual result to `on_result` (e.g. to close an accepted fd).
+    fn abandon(&mut self, index: u32, resources: Box<dyn Any>, on_result: Option<fn(i32)>) {
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
         };
@@ -140,11 +147,16 @@ impl OpTable {
                 *slot = Slot::Abandoned {
                     _resources: resources,
                     kind,
+                    on_result,
                 };
             }
-            Slot::Done { .. } => {
+            Slot::Done { result, .. } => {
+                let result = *result;
                 *slot = Slot::Free;
                 self.free.push(index);
+                if let Some(f) = on_result {
+                    f(result);
+                }
             }
             Slot::Free | Slot::Abandoned { .. } => {}
         }
@@ -168,7 +180,13 @@ impl OpTable {
         for slot in self.slots.drain(..) {
             match slot {
                 Slot::Pending { waker: Some(w), .. } => out.push(Box::new(w)),
-                Slot::Abandoned { _resources, .. } => {
+                Slot::Abandoned {
+                    _resources,
+                    on_result,
+                    ..
+                } => {
+                    // The kernel never answered; nothing to hand to on_result.
+                    let _ = on_result;
                     if leak_in_flight {
                         std::mem::forget(_resources);
                     } else {
@@ -189,6 +207,7 @@ impl OpTable {
 pub struct Op<R: 'static> {
     index: u32,
     resources: Option<R>,
+    on_orphaned_result: Option<fn(i32)>,
 }
 
 impl<R: 'static> Op<R> {
@@ -211,7 +230,16 @@ impl<R: 'static> Op<R> {
         Op {
             index,
             resources: Some(resources),
+            on_orphaned_result: None,
         }
+    }
+
+    /// Runs `f` with the CQE result if this future is dropped before the op
+    /// completes: for ops whose result is itself a resource (an accepted
+    /// socket, an opened file) that would otherwise leak.
+    pub fn on_orphaned_result(mut self, f: fn(i32)) -> Self {
+        self.on_orphaned_result = Some(f);
+        self
     }
 }
 
@@ -255,8 +283,11 @@ impl<R: 'static> Drop for Op<R> {
     fn drop(&mut self) {
         if let Some(resources) = self.resources.take() {
             let index = self.index;
+            let on_result = self.on_orphaned_result;
             let parked = reactor::try_with_core(|core| {
-                core.ops.borrow_mut().abandon(index, Box::new(resources));
+                core.ops
+                    .borrow_mut()
+                    .abandon(index, Box::new(resources), on_result);
             });
             if parked.is_none() {
                 // Not on a reactor any more (teardown raced): the kernel may still
@@ -281,6 +312,12 @@ mod tests {
         }
     }
 
+    static ORPHAN: AtomicUsize = AtomicUsize::new(0);
+
+    fn record_orphan(result: i32) {
+        ORPHAN.store(result as usize, Ordering::SeqCst);
+    }
+
     #[test]
     fn slot_lifecycle_and_counts() {
         let count = Arc::new(Count(AtomicUsize::new(0)));
@@ -293,9 +330,14 @@ mod tests {
         t.complete(a, 4096, 0);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert_eq!(t.poll(a, &waker), Some((4096, 0)));
-        t.abandon(b, Box::new(vec![0u8; 8]));
+        t.abandon(b, Box::new(vec![0u8; 8]), Some(record_orphan));
         assert_eq!(t.pending_indices(), vec![b]);
-        t.complete(b, -libc::ECANCELED, 0);
+        t.complete(b, 77, 0);
+        assert_eq!(
+            ORPHAN.load(Ordering::SeqCst),
+            77,
+            "orphaned result handed over"
+        );
         assert_eq!(t.in_flight(), 0);
         assert!(t.pending_indices().is_empty());
         // Both slots are reused.

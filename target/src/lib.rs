@@ -8,5 +8,6 @@ pub mod iscsi;
 pub mod mirror;
 pub mod nvmf;
 pub mod rpc;
+pub mod scsi;
 pub mod units;
 pub mod volume;

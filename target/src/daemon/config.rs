@@ -152,3 +152,42 @@ mod tests {
         );
     }
 }
+
+/// Parses arbitrary bytes as a configuration and replays it against a
+/// registry whose methods only check their params; for a cargo-fuzz target.
+pub fn fuzz_config(data: &[u8]) {
+    let Ok(cfg) = serde_json::from_slice::<ConfigFile>(data) else {
+        return;
+    };
+    let methods = MethodRegistry::new();
+    let _ = methods.register("bdev_malloc_create", |p| {
+        crate::rpc::parse_params::<crate::volume::registry::MallocParams>(p)?;
+        Ok(serde_json::Value::Bool(true))
+    });
+    let _ = cfg.apply(&methods);
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            super::fuzz_config(&data);
+        }
+
+        #[test]
+        fn config_shaped_json_never_panics(
+            methods in proptest::collection::vec("[a-z_]{0,24}", 0..6),
+            blocks in any::<u64>(),
+            bs in any::<u32>(),
+        ) {
+            let calls: Vec<_> = methods.iter().map(|m| serde_json::json!({
+                "method": m, "params": {"num_blocks": blocks, "block_size": bs}
+            })).collect();
+            let cfg = serde_json::json!({"subsystems": [{"subsystem": "bdev", "config": calls}]});
+            super::fuzz_config(cfg.to_string().as_bytes());
+        }
+    }
+}

@@ -21,3 +21,25 @@ pub use server::{
     RpcServer, ServerConfig, ServerError, ShutdownHandle, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SOCKET_PATH, MAX_REQUEST_BYTES,
 };
+
+/// Feeds arbitrary bytes to the admin socket's stream framing and dispatch,
+/// as one connection would; for a cargo-fuzz target. Never panics.
+pub fn fuzz_rpc_stream(data: &[u8]) {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Params {
+        name: String,
+        #[serde(default)]
+        num_blocks: Option<u64>,
+        #[serde(default)]
+        block_size: Option<crate::units::BlockSize>,
+    }
+    let registry = MethodRegistry::new();
+    let _ = registry.register("bdev_fuzz_create", |p| {
+        let params: Params = parse_params(p)?;
+        Ok(serde_json::Value::String(params.name))
+    });
+    let mut out = Vec::new();
+    let _ = server::serve_stream(&registry, data, &mut out, 64 * 1024);
+}

@@ -1,0 +1,359 @@
+//! TCP over the reactor ring with real sockets on 127.0.0.1: echo on one and
+//! across two reactors, vectored sends with partial I/O, error cases, and
+//! runtime shutdown with pending socket ops.
+
+mod common;
+
+use common::*;
+use mirrorpoint_poller::{buffer_pool, current_index, spawn, IoBuf, OneshotReceiver};
+use mirrorpoint_transport::{hand_off, Acceptor, TcpListener, TcpStream};
+use std::io;
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+/// Client side of an echo check: sends a pattern while reading it back.
+async fn echo_client(addr: std::net::SocketAddr, seed: u8, total: usize) -> io::Result<usize> {
+    let stream = Rc::new(TcpStream::connect(addr).await?);
+    assert!(stream.nodelay()?, "TCP_NODELAY is on by default");
+    let tx = stream.clone();
+    let sender = spawn(async move { send_pattern(&tx, seed, total, 100_000).await });
+    let got = check_pattern(&stream, seed, &[CHUNK, 4093, 1, 65_521, 777]).await?;
+    sender.await?;
+    Ok(got)
+}
+
+#[test]
+fn echo_on_one_reactor() {
+    let rt = runtime(1);
+    let total = 4 * MIB + 12_345;
+    let (got, echoed) = run(&rt.handles()[0], 30, move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        assert_ne!(
+            getsockopt_int(&listener, libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            0,
+            "listeners reuse addresses"
+        );
+        let addr = listener.local_addr().expect("addr");
+        let server = spawn(async move {
+            let (stream, peer) = listener.accept().await?;
+            assert_eq!(peer, stream.peer_addr()?);
+            echo(stream).await
+        });
+        let got = echo_client(addr, 1, total).await.expect("client");
+        (got, server.await.expect("server"))
+    });
+    assert_eq!(got, total);
+    assert_eq!(echoed, total);
+}
+
+#[test]
+fn acceptor_spreads_connections_over_reactors() {
+    let rt = runtime(2);
+    let targets = rt.handles().to_vec();
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let seen2 = seen.clone();
+    let results = run(&rt.handles()[0], 30, move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let acceptor = Acceptor::new(listener, targets).expect("acceptor");
+        let addr = acceptor.local_addr().expect("addr");
+        let accepting = spawn(async move {
+            acceptor
+                .run(move |stream, _peer| {
+                    let seen = seen2.clone();
+                    async move {
+                        seen.lock()
+                            .expect("lock")
+                            .push(current_index().unwrap_or(99));
+                        let _ = echo(stream).await;
+                    }
+                })
+                .await
+        });
+        let clients: Vec<_> = (0..4u8)
+            .map(|i| spawn(echo_client(addr, 10 + i, 2 * MIB + usize::from(i) * 1000)))
+            .collect();
+        let mut results = Vec::new();
+        for c in clients {
+            results.push(c.await);
+        }
+        drop(accepting); // cancels the pending accept
+        results
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.expect("client"), 2 * MIB + i * 1000);
+    }
+    let mut seen = seen.lock().expect("lock").clone();
+    seen.sort();
+    assert_eq!(seen, vec![0, 0, 1, 1], "round-robin over both reactors");
+}
+
+#[test]
+fn hand_off_runs_the_connection_on_the_other_reactor() {
+    let rt = runtime(2);
+    let other = rt.handles()[1].clone();
+    let total = 3 * MIB + 7;
+    let (got, served_on, echoed) = run(&rt.handles()[0], 30, move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = spawn(echo_client(addr, 42, total));
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (tx, rx) = mirrorpoint_poller::oneshot();
+        hand_off(stream, &other, move |s| async move {
+            let here = current_index();
+            tx.send((here, echo(s).await.map_err(|e| e.to_string())));
+        })
+        .expect("hand off");
+        let got = client.await.expect("client");
+        let (here, echoed) = rx.await.expect("served");
+        (got, here, echoed)
+    });
+    assert_eq!(got, total);
+    assert_eq!(served_on, Some(1));
+    assert_eq!(echoed, Ok(total));
+}
+
+#[test]
+fn hand_off_refuses_a_stream_an_abandoned_op_still_holds() {
+    let rt = runtime(2);
+    let other = rt.handles()[1].clone();
+    let (busy, moved_ok) = run(&rt.handles()[0], 10, move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        // A receive that is dropped while the kernel still holds it.
+        let buf = buffer_pool().alloc(64).expect("chunk");
+        assert!(timeout(Duration::from_millis(10), server.recv(buf, 0..64))
+            .await
+            .is_none());
+        let server = match hand_off(server, &other, |_s| async {}) {
+            Err(mirrorpoint_transport::HandoffError::Busy(s)) => s,
+            other => panic!("expected Busy, got {other:?}"),
+        };
+        // Once the abandoned receive completes (data arrives), it lets go.
+        client.send_all(pattern_buf(0, 0, 8)).await.0.expect("send");
+        mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+        let (tx, rx) = mirrorpoint_poller::oneshot();
+        let moved = hand_off(server, &other, move |s| async move {
+            tx.send(s.peer_addr().is_ok());
+        });
+        (true, moved.is_ok() && rx.await == Ok(true))
+    });
+    assert!(busy);
+    assert!(moved_ok, "the stream moves once the op has completed");
+}
+
+/// The stream carried by one vectored message: header then payload pieces.
+fn flatten(header: &[u8], payload: &[IoBuf]) -> Vec<u8> {
+    let mut v = header.to_vec();
+    for p in payload {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+/// What is left of `header` + `payload` after the first `n` bytes.
+fn remainder(header: &[u8], payload: &[IoBuf], mut n: usize) -> (Vec<u8>, Vec<IoBuf>) {
+    let h = n.min(header.len());
+    n -= h;
+    let mut rest = Vec::new();
+    for p in payload {
+        let skip = n.min(p.len());
+        n -= skip;
+        rest.push(p.slice(skip, p.len() - skip).expect("in range"));
+    }
+    (header[h..].to_vec(), rest)
+}
+
+#[test]
+fn vectored_sends_arrive_intact_with_partial_sends_and_odd_reads() {
+    let rt = runtime(1);
+    let ok = run(&rt.handles()[0], 30, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        small_buffers(&listener);
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        small_buffers(&client);
+        let (server, _) = listener.accept().await.expect("accept");
+
+        // Payload views at odd offsets and lengths of three chunks.
+        let a = pattern_buf(1, 0, CHUNK);
+        let b = pattern_buf(2, 0, 70_001);
+        let c = pattern_buf(3, 5, 9);
+        let payload = vec![
+            a.slice(3, 100_001).expect("a"),
+            b.clone(),
+            c.slice(1, 5).expect("c"),
+        ];
+        let header: Vec<u8> = (0..37u8).collect();
+        let one = flatten(&header, &payload);
+
+        // One sendmsg into tiny socket buffers with nobody reading: partial.
+        let n = client
+            .send_vectored(&header, &payload)
+            .await
+            .expect("sendmsg");
+        assert!(
+            n > 0 && n < one.len(),
+            "expected a partial send, got {n} of {}",
+            one.len()
+        );
+        let mut expected = one.clone();
+
+        // The receiver reads in odd-sized pieces while the rest goes out.
+        let reader = spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = buffer_pool().alloc(CHUNK).expect("chunk");
+            let sizes = [1usize, 7, 4093, 13, 65_521, 3, 2048];
+            for step in 0.. {
+                let want = sizes[step % sizes.len()];
+                let (r, b) = server.recv(buf, 5..5 + want).await;
+                buf = b;
+                match r {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[5..5 + n]),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(got)
+        });
+        let (h, rest) = remainder(&header, &payload, n);
+        client
+            .send_vectored_all(&h, &rest)
+            .await
+            .expect("rest of the first message");
+        for i in 0..12u8 {
+            let header = vec![i; 1 + usize::from(i) * 3];
+            client
+                .send_vectored_all(&header, &payload)
+                .await
+                .expect("message");
+            expected.extend_from_slice(&flatten(&header, &payload));
+        }
+        // Header only, payload only, and nothing at all.
+        client
+            .send_vectored_all(b"tail", &[])
+            .await
+            .expect("header only");
+        client
+            .send_vectored_all(&[], std::slice::from_ref(&c))
+            .await
+            .expect("payload only");
+        client.send_vectored_all(&[], &[]).await.expect("empty");
+        expected.extend_from_slice(b"tail");
+        expected.extend_from_slice(&c);
+        client.shutdown(Shutdown::Write).await.expect("fin");
+        let got = reader.await.expect("reader");
+        got.len() == expected.len() && got == expected
+    });
+    assert!(ok, "the byte stream differs from what was sent");
+}
+
+#[test]
+fn eof_mid_frame_is_unexpected_eof_and_clean_eof_is_zero() {
+    let rt = runtime(1);
+    let (mid, clean, kept) = run(&rt.handles()[0], 10, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        server
+            .send_all(pattern_buf(9, 0, 100))
+            .await
+            .0
+            .expect("send");
+        server.shutdown(Shutdown::Write).await.expect("fin");
+        let buf = buffer_pool().alloc(200).expect("chunk");
+        let (mid, buf) = client.recv_exact(buf, 0..200).await;
+        let kept = (0..100).all(|i| buf[i] == pattern_byte(9, i));
+        let (clean, _) = client.recv(buf, 0..200).await;
+        (mid.map_err(|e| e.kind()), clean.map_err(|e| e.kind()), kept)
+    });
+    assert_eq!(mid, Err(io::ErrorKind::UnexpectedEof));
+    assert_eq!(clean, Ok(0));
+    assert!(kept, "the bytes before the EOF landed in the buffer");
+}
+
+#[test]
+fn peer_reset_is_an_error_not_a_panic() {
+    let rt = runtime(1);
+    let (recv, send) = run(&rt.handles()[0], 10, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let reader = spawn(async move {
+            let buf = buffer_pool().alloc(4096).expect("chunk");
+            let (r, _) = client.recv(buf, 0..4096).await;
+            (r.map_err(|e| e.kind()), client)
+        });
+        mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+        reset_on_close(&server);
+        drop(server);
+        let (recv, client) = reader.await;
+        let mut send = Ok(());
+        for _ in 0..3 {
+            // The first send after a reset may still be accepted locally.
+            if let Err(e) = client.send_all(pattern_buf(1, 0, 65_536)).await.0 {
+                send = Err(e.kind());
+                break;
+            }
+        }
+        (recv, send)
+    });
+    assert_eq!(recv, Err(io::ErrorKind::ConnectionReset));
+    assert!(
+        matches!(
+            send,
+            Err(io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset)
+        ),
+        "{send:?}"
+    );
+}
+
+#[test]
+fn connecting_to_a_closed_port_is_refused() {
+    let rt = runtime(1);
+    let closed = std::net::TcpListener::bind(localhost()).expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let r = run(&rt.handles()[0], 10, move || async move {
+        TcpStream::connect(addr)
+            .await
+            .map(drop)
+            .map_err(|e| e.kind())
+    });
+    assert_eq!(r, Err(io::ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn runtime_shutdown_with_pending_accept_and_recv_is_prompt() {
+    let mut rt = runtime(1);
+    let silent = std::net::TcpListener::bind(localhost()).expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let ready: OneshotReceiver<bool> = rt.handles()[0].spawn(move || async move {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        spawn(async move {
+            let _ = listener.accept().await;
+        })
+        .detach();
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        spawn(async move {
+            let buf = buffer_pool().alloc(4096).expect("chunk");
+            let _ = stream.recv(buf, 0..4096).await;
+        })
+        .detach();
+        true
+    });
+    assert_eq!(ready.recv_blocking(), Ok(true));
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    rt.shutdown();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    drop(silent);
+}
