@@ -92,7 +92,8 @@ struct Reply {
 impl Host {
     fn connect_tcp(addr: SocketAddrV4, hdgst: bool, ddgst: bool) -> Host {
         let s = TcpStream::connect(addr).expect("tcp connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
         let mut h = Host {
             s,
@@ -138,7 +139,7 @@ impl Host {
             return None;
         }
         let plen = CommonHeader::parse(&ch).expect("ch").plen as usize;
-        assert!(plen >= 8 && plen < (4 << 20), "plen {plen}");
+        assert!((8..(4 << 20)).contains(&plen), "plen {plen}");
         let mut buf = ch.to_vec();
         buf.resize(plen, 0);
         self.s.read_exact(&mut buf[8..]).expect("pdu body");
@@ -153,7 +154,13 @@ impl Host {
     /// Sends a command and collects its data and completion. `out` is the
     /// host data (in-capsule when `in_capsule`, else by R2T); `read_len`
     /// the controller-to-host data expected.
-    fn command(&mut self, mut sqe: Sqe, out: Option<&[u8]>, in_capsule: bool, read_len: u32) -> Reply {
+    fn command(
+        &mut self,
+        mut sqe: Sqe,
+        out: Option<&[u8]>,
+        in_capsule: bool,
+        read_len: u32,
+    ) -> Reply {
         let cid = self.next_cid();
         sqe.cid = cid;
         let sgl = match out {
@@ -161,7 +168,9 @@ impl Host {
                 offset: 0,
                 len: d.len() as u32,
             },
-            Some(d) => DataSgl::Transport { len: d.len() as u32 },
+            Some(d) => DataSgl::Transport {
+                len: d.len() as u32,
+            },
             None => DataSgl::Transport { len: read_len },
         };
         sqe.dptr = sgl.encode();
@@ -234,7 +243,10 @@ impl Host {
             sqsize: if qid == 0 { 31 } else { 127 },
             cattr: 0,
             kato,
-            sgl: DataSgl::InCapsule { offset: 0, len: 1024 },
+            sgl: DataSgl::InCapsule {
+                offset: 0,
+                len: 1024,
+            },
         }
         .to_sqe();
         let r = self.command(sqe, Some(&data), true, 0);
@@ -275,7 +287,12 @@ impl Host {
     }
 
     fn admin(&mut self, opcode: u8, nsid: u32, cdw: [u32; 6], read_len: u32) -> Reply {
-        let mut sqe = Sqe::new(opcode, CommandId(0), Nsid(nsid), DataSgl::Transport { len: 0 });
+        let mut sqe = Sqe::new(
+            opcode,
+            CommandId(0),
+            Nsid(nsid),
+            DataSgl::Transport { len: 0 },
+        );
         sqe.cdw = cdw;
         self.command(sqe, None, false, read_len)
     }
@@ -321,7 +338,9 @@ impl Host {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// An admin queue (enabled, 4 I/O queues granted) and one I/O queue.
@@ -352,8 +371,15 @@ fn end_to_end(hdgst: bool, ddgst: bool) {
     let id = admin.admin(0x06, 0, [1, 0, 0, 0, 0, 0], 4096);
     assert!(id.cqe.status.is_success());
     assert_eq!(id.data[77], 5, "MDTS matches a 128 KiB pool chunk");
-    assert_eq!(&id.data[768..768 + DEFAULT_SUBSYSTEM_NQN.len()], DEFAULT_SUBSYSTEM_NQN.as_bytes());
-    assert_eq!(id.data[525] & 1, 1, "file-backed volume: volatile write cache present");
+    assert_eq!(
+        &id.data[768..768 + DEFAULT_SUBSYSTEM_NQN.len()],
+        DEFAULT_SUBSYSTEM_NQN.as_bytes()
+    );
+    assert_eq!(
+        id.data[525] & 1,
+        1,
+        "file-backed volume: volatile write cache present"
+    );
     let ns = admin.admin(0x06, 1, [0; 6], 4096);
     let nsze = u64::from_le_bytes(ns.data[0..8].try_into().expect("8"));
     assert_eq!(nsze, (1u64 << 30) / 512);
@@ -386,7 +412,11 @@ fn end_to_end(hdgst: bool, ddgst: bool) {
     let mut dsm = Sqe::new(0x09, CommandId(0), Nsid(1), DataSgl::Transport { len: 0 });
     dsm.cdw[0] = 0;
     dsm.cdw[1] = 1 << 2;
-    assert!(io.command(dsm, Some(&range), true, 0).cqe.status.is_success());
+    assert!(io
+        .command(dsm, Some(&range), true, 0)
+        .cqe
+        .status
+        .is_success());
     let r = io.read(1024, 8192);
     assert!(r.data[..4096].iter().all(|&b| b == 0));
     assert_eq!(r.data[4096..], big[4096..8192]);
@@ -400,7 +430,12 @@ fn end_to_end(hdgst: bool, ddgst: bool) {
         Status::INVALID_NAMESPACE.with_dnr()
     );
     // SMART counts the host's I/O.
-    let mut glp = Sqe::new(0x02, CommandId(0), Nsid::BROADCAST, DataSgl::Transport { len: 0 });
+    let mut glp = Sqe::new(
+        0x02,
+        CommandId(0),
+        Nsid::BROADCAST,
+        DataSgl::Transport { len: 0 },
+    );
     GetLogPage {
         cid: CommandId(0),
         nsid: Nsid::BROADCAST,
@@ -451,14 +486,21 @@ fn discovery_log_lists_the_subsystem() {
     .fill_sqe(&mut glp);
     let r = h.command(glp, None, false, 2048);
     assert!(r.cqe.status.is_success());
-    assert_eq!(u64::from_le_bytes(r.data[8..16].try_into().expect("8")), 1, "NUMREC");
+    assert_eq!(
+        u64::from_le_bytes(r.data[8..16].try_into().expect("8")),
+        1,
+        "NUMREC"
+    );
     let e = &r.data[1024..2048];
     assert_eq!(e[0], 3, "TCP");
     assert_eq!(
         std::str::from_utf8(&e[32..64]).expect("ascii").trim(),
         addr.port().to_string()
     );
-    assert_eq!(&e[256..256 + DEFAULT_SUBSYSTEM_NQN.len()], DEFAULT_SUBSYSTEM_NQN.as_bytes());
+    assert_eq!(
+        &e[256..256 + DEFAULT_SUBSYSTEM_NQN.len()],
+        DEFAULT_SUBSYSTEM_NQN.as_bytes()
+    );
     // No I/O queues on a discovery controller.
     let mut io = Host::connect_tcp(addr, false, false);
     io.cntlid = h.cntlid;
@@ -497,7 +539,9 @@ fn hostile_pdus_end_only_their_connection() {
     // Bad header digest: FES 3, FEI = the digest received.
     let mut h = Host::connect_tcp(addr, true, false);
     let sqe = Sqe::new(0x00, CommandId(1), Nsid(1), DataSgl::Transport { len: 0 });
-    let mut v = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }).to_vec(&h.cfg).expect("encode");
+    let mut v = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] })
+        .to_vec(&h.cfg)
+        .expect("encode");
     v[72] ^= 0xff;
     let got = u32::from_le_bytes([v[72], v[73], v[74], v[75]]);
     h.send_raw(&v);
@@ -518,8 +562,19 @@ fn hostile_pdus_end_only_their_connection() {
     let mut bad = Host::connect_tcp(addr, false, false);
     bad.cntlid = io.cntlid;
     assert!(bad.connect(DEFAULT_SUBSYSTEM_NQN, 2, 0).status.is_success());
-    let mut sqe = Sqe::new(0x01, CommandId(5), Nsid(1), DataSgl::Transport { len: 8192 });
-    RwCommand { slba: Lba(100), nlb: 16, fua: false, deac: false }.fill_sqe(&mut sqe);
+    let mut sqe = Sqe::new(
+        0x01,
+        CommandId(5),
+        Nsid(1),
+        DataSgl::Transport { len: 8192 },
+    );
+    RwCommand {
+        slba: Lba(100),
+        nlb: 16,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
     bad.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
     let raw = bad.recv_raw().expect("r2t");
     let r2t = match pdu::decode(&raw, &bad.cfg).expect("decode").pdu {
@@ -542,10 +597,26 @@ fn hostile_pdus_end_only_their_connection() {
 
     // Bad data digest on an in-capsule write: the command fails, the
     // connection lives on, and nothing was written.
-    let mut sqe = Sqe::new(0x01, CommandId(40), Nsid(1), DataSgl::InCapsule { offset: 0, len: 4096 });
-    RwCommand { slba: Lba(100), nlb: 8, fua: false, deac: false }.fill_sqe(&mut sqe);
+    let mut sqe = Sqe::new(
+        0x01,
+        CommandId(40),
+        Nsid(1),
+        DataSgl::InCapsule {
+            offset: 0,
+            len: 4096,
+        },
+    );
+    RwCommand {
+        slba: Lba(100),
+        nlb: 8,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
     let junk = [0xabu8; 4096];
-    let mut v = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &junk }).to_vec(&io.cfg).expect("encode");
+    let mut v = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &junk })
+        .to_vec(&io.cfg)
+        .expect("encode");
     let n = v.len();
     v[n - 1] ^= 0x01;
     io.send_raw(&v);
@@ -570,7 +641,8 @@ impl Host {
     /// A TCP connection with no IC exchange.
     fn connect_tcp_raw(addr: SocketAddrV4) -> Host {
         let s = TcpStream::connect(addr).expect("tcp connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         Host {
             s,
             cfg: PduConfig::default(),
@@ -594,18 +666,36 @@ fn hosts_keep_alive_events_and_config() {
     let (daemon, addr) = start(&dir.0);
     let mut c = rpc(&dir.0);
     let nqn = "nqn.2026-11.io.mirrorpoint:locked";
-    c.call("bdev_malloc_create", Some(json!({"name": "m1", "num_blocks": 2048, "block_size": 512})))
-        .expect("malloc");
-    c.call("nvmf_create_subsystem", Some(json!({"nqn": nqn, "serial_number": "SN-LOCKED"})))
-        .expect("create");
-    assert_eq!(rpc_err(c.call("nvmf_create_subsystem", Some(json!({"nqn": nqn})))), -libc::EEXIST);
-    assert_eq!(rpc_err(c.call("nvmf_create_subsystem", Some(json!({"nqn": "bad nqn"})))), -32602);
+    c.call(
+        "bdev_malloc_create",
+        Some(json!({"name": "m1", "num_blocks": 2048, "block_size": 512})),
+    )
+    .expect("malloc");
+    c.call(
+        "nvmf_create_subsystem",
+        Some(json!({"nqn": nqn, "serial_number": "SN-LOCKED"})),
+    )
+    .expect("create");
     assert_eq!(
-        rpc_err(c.call("nvmf_subsystem_add_ns", Some(json!({"nqn": nqn, "namespace": {"bdev_name": "ghost"}})))),
+        rpc_err(c.call("nvmf_create_subsystem", Some(json!({"nqn": nqn})))),
+        -libc::EEXIST
+    );
+    assert_eq!(
+        rpc_err(c.call("nvmf_create_subsystem", Some(json!({"nqn": "bad nqn"})))),
+        -32602
+    );
+    assert_eq!(
+        rpc_err(c.call(
+            "nvmf_subsystem_add_ns",
+            Some(json!({"nqn": nqn, "namespace": {"bdev_name": "ghost"}}))
+        )),
         -libc::ENODEV
     );
     let nsid = c
-        .call("nvmf_subsystem_add_ns", Some(json!({"nqn": nqn, "namespace": {"bdev_name": "m1"}})))
+        .call(
+            "nvmf_subsystem_add_ns",
+            Some(json!({"nqn": nqn, "namespace": {"bdev_name": "m1"}})),
+        )
         .expect("add ns");
     assert_eq!(nsid, 1);
     let la = c
@@ -619,26 +709,46 @@ fn hosts_keep_alive_events_and_config() {
 
     // Not allowed, then allowed.
     let mut h = Host::connect_tcp(laddr, false, false);
-    assert_eq!(h.connect(nqn, 0, 0).status, Status::CONNECT_INVALID_HOST.with_dnr());
+    assert_eq!(
+        h.connect(nqn, 0, 0).status,
+        Status::CONNECT_INVALID_HOST.with_dnr()
+    );
     // The default subsystem is not reachable on this port.
     let mut h2 = Host::connect_tcp(laddr, false, false);
     assert!(!h2.connect(DEFAULT_SUBSYSTEM_NQN, 0, 0).status.is_success());
     let _ = addr;
-    c.call("nvmf_subsystem_add_host", Some(json!({"nqn": nqn, "host": HOSTNQN}))).expect("add host");
+    c.call(
+        "nvmf_subsystem_add_host",
+        Some(json!({"nqn": nqn, "host": HOSTNQN})),
+    )
+    .expect("add host");
     let mut h = Host::connect_tcp(laddr, false, false);
     assert!(h.connect(nqn, 0, 0).status.is_success());
     h.enable();
 
     // Asynchronous event on a namespace change.
-    assert!(h.admin(0x09, 0, [0x0b, 1 << 8, 0, 0, 0, 0], 0).cqe.status.is_success());
+    assert!(h
+        .admin(0x09, 0, [0x0b, 1 << 8, 0, 0, 0, 0], 0)
+        .cqe
+        .status
+        .is_success());
     let cid = h.next_cid();
     let mut aer = Sqe::new(0x0c, cid, Nsid(0), DataSgl::Transport { len: 0 });
     aer.cdw = [0; 6];
-    h.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe: aer, data: &[] }));
-    c.call("bdev_malloc_create", Some(json!({"name": "m2", "num_blocks": 2048, "block_size": 512})))
-        .expect("malloc");
-    c.call("nvmf_subsystem_add_ns", Some(json!({"nqn": nqn, "namespace": {"bdev_name": "m2", "nsid": 5}})))
-        .expect("add ns 5");
+    h.send(&Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: aer,
+        data: &[],
+    }));
+    c.call(
+        "bdev_malloc_create",
+        Some(json!({"name": "m2", "num_blocks": 2048, "block_size": 512})),
+    )
+    .expect("malloc");
+    c.call(
+        "nvmf_subsystem_add_ns",
+        Some(json!({"nqn": nqn, "namespace": {"bdev_name": "m2", "nsid": 5}})),
+    )
+    .expect("add ns 5");
     let raw = h.recv_raw().expect("aen");
     match pdu::decode(&raw, &h.cfg).expect("decode").pdu {
         Pdu::CapsuleResp(r) => {
@@ -663,7 +773,13 @@ fn hosts_keep_alive_events_and_config() {
         .filter_map(|c| c["method"].as_str())
         .collect();
     assert!(methods.contains(&"nvmf_subsystem_add_host"), "{methods:?}");
-    assert_eq!(methods.iter().filter(|m| **m == "nvmf_subsystem_add_ns").count(), 3);
+    assert_eq!(
+        methods
+            .iter()
+            .filter(|m| **m == "nvmf_subsystem_add_ns")
+            .count(),
+        3
+    );
 
     // Keep-alive: a controller with KATO 1 s and no Keep Alive is torn down,
     // its I/O queue with it.
@@ -688,9 +804,13 @@ fn hosts_keep_alive_events_and_config() {
     }
 
     // Delete: the controller's connection closes.
-    c.call("nvmf_delete_subsystem", Some(json!({"nqn": nqn}))).expect("delete");
+    c.call("nvmf_delete_subsystem", Some(json!({"nqn": nqn})))
+        .expect("delete");
     assert!(h.recv_raw().is_none());
-    assert_eq!(rpc_err(c.call("nvmf_delete_subsystem", Some(json!({"nqn": nqn})))), -libc::ENODEV);
+    assert_eq!(
+        rpc_err(c.call("nvmf_delete_subsystem", Some(json!({"nqn": nqn})))),
+        -libc::ENODEV
+    );
     drop(cfg);
     daemon.shutdown();
 }

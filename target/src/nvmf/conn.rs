@@ -29,8 +29,8 @@ use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduEr
 use super::qpair::{Event, QpairConfig, QueuePair};
 use super::sock::{self, OutPdu, Payload};
 use super::spec::{
-    CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType,
-    NvmOpcode, Nsid, Sqe, Status, CONNECT_DATA_LEN,
+    CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
+    NvmOpcode, Sqe, Status, CONNECT_DATA_LEN,
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
@@ -156,7 +156,15 @@ pub(crate) async fn accept_loop(target: Arc<NvmfTarget>, lfd: Arc<OwnedFd>, addr
                         | Some(libc::ECONNABORTED)
                         | Some(libc::EPROTO)
                 ) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE)
+                        | Some(libc::ENFILE)
+                        | Some(libc::ENOBUFS)
+                        | Some(libc::ENOMEM)
+                ) =>
+            {
                 tracing::warn!(%addr, "accept: {e}; backing off");
                 sleep(Duration::from_millis(100)).await;
             }
@@ -279,9 +287,19 @@ enum Close {
 /// An event with its borrows resolved.
 enum Owned {
     Connected(pdu::IcResp),
-    Command { sqe: Sqe, sgl: DataSgl },
-    CommandError { sqe: Sqe, status: Status },
-    Data { cid: CommandId, digest_ok: bool, complete: bool },
+    Command {
+        sqe: Sqe,
+        sgl: DataSgl,
+    },
+    CommandError {
+        sqe: Sqe,
+        status: Status,
+    },
+    Data {
+        cid: CommandId,
+        digest_ok: bool,
+        complete: bool,
+    },
     Terminated(u16),
 }
 
@@ -351,7 +369,8 @@ impl Conn {
             self.respond(cqe, true);
             return;
         }
-        let success = cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
+        let success =
+            cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
         let codec = self.codec();
         let encoded = {
             let bytes: &[u8] = match &data {
@@ -394,12 +413,16 @@ impl Conn {
         let mut cache = self.ns.borrow_mut();
         let stale = cache
             .as_ref()
-            .is_none_or(|c| c.generation != sub.ns_generation());
+            .map_or(true, |c| c.generation != sub.ns_generation());
         if stale {
             let (map, generation) = sub.namespaces();
             let mut open = cache.take().map(|c| c.open).unwrap_or_default();
             open.retain(|id, ch| map.get(id).is_some_and(|n| Arc::ptr_eq(n, &ch.ns)));
-            *cache = Some(NsCache { generation, map, open });
+            *cache = Some(NsCache {
+                generation,
+                map,
+                open,
+            });
         }
         let c = cache.as_mut()?;
         if let Some(ch) = c.open.get(&nsid) {
@@ -414,7 +437,9 @@ impl Conn {
 
     fn all_namespaces(&self, ctrl: &Controller) -> Vec<Rc<NsChannel>> {
         let (map, _) = ctrl.subsystem.namespaces();
-        map.keys().filter_map(|&n| self.namespace(ctrl, n)).collect()
+        map.keys()
+            .filter_map(|&n| self.namespace(ctrl, n))
+            .collect()
     }
 
     fn issue_r2ts(&self, cid: CommandId) {
@@ -464,8 +489,16 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 let cid = u16::from_le_bytes([head[8], head[9]]);
                 let datao = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
                 let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
-                    let fits = p.buf.as_ref().is_some_and(|b| datao.checked_add(parts.data_len).is_some_and(|e| e <= b.len()));
-                    if fits { p.buf.take() } else { None }
+                    let fits = p.buf.as_ref().is_some_and(|b| {
+                        datao
+                            .checked_add(parts.data_len)
+                            .is_some_and(|e| e <= b.len())
+                    });
+                    if fits {
+                        p.buf.take()
+                    } else {
+                        None
+                    }
                 });
                 match taken {
                     Some(b) => {
@@ -513,11 +546,22 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 Event::Connected { icresp, .. } => Owned::Connected(icresp),
                 Event::Command { sqe, sgl, .. } => Owned::Command { sqe, sgl },
                 Event::CommandError { sqe, status } => Owned::CommandError { sqe, status },
-                Event::Data { cid, digest_ok, complete, .. } => Owned::Data { cid, digest_ok, complete },
+                Event::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                    ..
+                } => Owned::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                },
                 Event::Terminated { fes, .. } => Owned::Terminated(fes),
             },
             Err(e) => {
-                let echo = head_bytes.get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA)).unwrap_or(&[]);
+                let echo = head_bytes
+                    .get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA))
+                    .unwrap_or(&[]);
                 conn.term_req(e, echo);
                 return Err(Close::Fatal(e));
             }
@@ -535,7 +579,11 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             Owned::Connected(icresp) => {
                 let p = Pdu::IcResp(icresp);
                 match p.to_vec(&PduConfig::default()) {
-                    Ok(v) => conn.enqueue(OutPdu { head: v, data: Payload::None, tail: None }),
+                    Ok(v) => conn.enqueue(OutPdu {
+                        head: v,
+                        data: Payload::None,
+                        tail: None,
+                    }),
                     Err(e) => tracing::error!("cannot encode ICResp: {e}"),
                 }
             }
@@ -563,7 +611,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                         Some(buf) => {
                             conn.pending.borrow_mut().insert(
                                 sqe.cid.0,
-                                PendingWrite { sqe, sgl, buf: Some(buf), digest_ok: true },
+                                PendingWrite {
+                                    sqe,
+                                    sgl,
+                                    buf: Some(buf),
+                                    digest_ok: true,
+                                },
                             );
                             conn.issue_r2ts(sqe.cid);
                         }
@@ -573,7 +626,11 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     return Err(Close::Disconnect);
                 }
             }
-            Owned::Data { cid, digest_ok, complete } => {
+            Owned::Data {
+                cid,
+                digest_ok,
+                complete,
+            } => {
                 if let Some(p) = conn.pending.borrow_mut().get_mut(&cid.0) {
                     p.digest_ok &= digest_ok;
                 }
@@ -586,7 +643,9 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                                     return Err(Close::Disconnect);
                                 }
                             }
-                            _ => conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true),
+                            _ => {
+                                conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true)
+                            }
                         }
                     }
                 } else {
@@ -599,7 +658,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
 
 /// Executes a command whose data (if any) has fully arrived. Returns true
 /// when the connection should close after the answer (Disconnect).
-fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> Result<bool, Close> {
+fn dispatch(
+    conn: &Rc<Conn>,
+    sqe: Sqe,
+    sgl: DataSgl,
+    data: Option<IoBufMut>,
+) -> Result<bool, Close> {
     let role = match &*conn.role.borrow() {
         Role::Unbound => None,
         Role::Admin(c) => Some((true, c.clone())),
@@ -639,22 +703,29 @@ fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> 
     }
     if let (Some(d), DataSgl::InCapsule { .. }) = (&data, sgl) {
         if d.len() > conn.io_in_capsule as usize {
-            conn.respond(Cqe::new(sqe.cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr()), true);
+            conn.respond(
+                Cqe::new(sqe.cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+                true,
+            );
             return Ok(false);
         }
     }
     let nsid = sqe.nsid;
-    let targets: Vec<Rc<NsChannel>> = if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
-        conn.all_namespaces(&ctrl)
-    } else {
-        match conn.namespace(&ctrl, nsid.0) {
-            Some(n) => vec![n],
-            None => {
-                conn.respond(Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()), true);
-                return Ok(false);
+    let targets: Vec<Rc<NsChannel>> =
+        if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
+            conn.all_namespaces(&ctrl)
+        } else {
+            match conn.namespace(&ctrl, nsid.0) {
+                Some(n) => vec![n],
+                None => {
+                    conn.respond(
+                        Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()),
+                        true,
+                    );
+                    return Ok(false);
+                }
             }
-        }
-    };
+        };
     let c = conn.clone();
     spawn(async move {
         let mut status = Status::SUCCESS;
@@ -690,7 +761,10 @@ fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> 
 
 fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) {
     if !sqe.is_fabrics() || sqe.fctype() != FabricsCommandType::Connect.as_u8() {
-        conn.respond(Cqe::new(sqe.cid, Status::COMMAND_SEQUENCE_ERROR.with_dnr()), true);
+        conn.respond(
+            Cqe::new(sqe.cid, Status::COMMAND_SEQUENCE_ERROR.with_dnr()),
+            true,
+        );
         return;
     }
     let cmd = match ConnectCommand::from_sqe(sqe) {
@@ -750,6 +824,12 @@ async fn aen_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
         }
     }
     while let Some((cid, dw0)) = Next(&ctrl).await {
-        conn.respond(Cqe { dw0, ..Cqe::new(cid, Status::SUCCESS) }, true);
+        conn.respond(
+            Cqe {
+                dw0,
+                ..Cqe::new(cid, Status::SUCCESS)
+            },
+            true,
+        );
     }
 }

@@ -11,8 +11,8 @@
 //! sends gather a batch of PDUs (header, payload chunk, digest) into one
 //! `sendmsg` without copying payloads.
 
-use mirrorpoint_poller::{IoBuf, IoBufMut, Op, OpKind};
 use io_uring::{opcode, types};
+use mirrorpoint_poller::{IoBuf, IoBufMut, Op, OpKind};
 use std::io;
 use std::net::{SocketAddrV4, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -84,7 +84,13 @@ pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddrV4> {
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into sa.
-    let r = unsafe { libc::getsockname(fd.as_raw_fd(), (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -107,7 +113,10 @@ pub async fn recv_exact<B: RecvBuf>(
     while at < end {
         let (base, len) = buf.span();
         if end > len {
-            return (Err(io::Error::other("receive range outside the buffer")), buf);
+            return (
+                Err(io::Error::other("receive range outside the buffer")),
+                buf,
+            );
         }
         let want = u32::try_from(end - at).unwrap_or(u32::MAX);
         // SAFETY: at < end <= len, so the pointer stays inside the buffer.
@@ -121,7 +130,10 @@ pub async fn recv_exact<B: RecvBuf>(
         match c.into_io() {
             Ok(0) => {
                 return (
-                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )),
                     buf,
                 )
             }
@@ -232,7 +244,12 @@ pub async fn send_all(fd: &Arc<OwnedFd>, pdus: Vec<OutPdu>) -> io::Result<()> {
         let (c, (s, _)) = op.await;
         state = s;
         match c.into_io() {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket took no bytes")),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "socket took no bytes",
+                ))
+            }
             Ok(n) => sent += n as usize,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
             Err(e) => return Err(e),

@@ -183,14 +183,12 @@ impl ListenAddress {
                 )));
             }
         }
-        let ip = self
-            .traddr
-            .parse()
-            .map_err(|_| SubsystemError::Invalid(format!("traddr '{}' is not an IPv4 address", self.traddr)))?;
-        let port: u16 = self
-            .trsvcid
-            .parse()
-            .map_err(|_| SubsystemError::Invalid(format!("trsvcid '{}' is not a port", self.trsvcid)))?;
+        let ip = self.traddr.parse().map_err(|_| {
+            SubsystemError::Invalid(format!("traddr '{}' is not an IPv4 address", self.traddr))
+        })?;
+        let port: u16 = self.trsvcid.parse().map_err(|_| {
+            SubsystemError::Invalid(format!("trsvcid '{}' is not a port", self.trsvcid))
+        })?;
         Ok(SocketAddrV4::new(ip, port))
     }
 
@@ -269,7 +267,11 @@ impl Subsystem {
         let model = model.unwrap_or(DEFAULT_MODEL);
         check_text("model_number", model, 40)?;
         let max = max_namespaces.unwrap_or(0);
-        let max = if max == 0 { DEFAULT_MAX_NAMESPACES } else { max };
+        let max = if max == 0 {
+            DEFAULT_MAX_NAMESPACES
+        } else {
+            max
+        };
         if max > MAX_NAMESPACES_LIMIT {
             return Err(SubsystemError::Invalid(format!(
                 "max_namespaces {max} is above {MAX_NAMESPACES_LIMIT}"
@@ -538,7 +540,14 @@ mod tests {
     fn subsystem_validation_and_policy() {
         assert!(Subsystem::new("bogus", None, None, false, None).is_err());
         assert!(Subsystem::new(super::super::spec::DISCOVERY_NQN, None, None, true, None).is_err());
-        assert!(Subsystem::new("nqn.2026-11.io.x:a", Some("x".repeat(21).as_str()), None, true, None).is_err());
+        assert!(Subsystem::new(
+            "nqn.2026-11.io.x:a",
+            Some("x".repeat(21).as_str()),
+            None,
+            true,
+            None
+        )
+        .is_err());
         assert!(Subsystem::new("nqn.2026-11.io.x:a", None, None, true, Some(5000)).is_err());
         let s = Subsystem::new("nqn.2026-11.io.x:a", Some("SN1"), None, false, None).expect("ok");
         assert!(!s.host_allowed("nqn.host"));
@@ -569,10 +578,22 @@ mod tests {
         };
         assert_eq!(ok.socket_addr().expect("ok").port(), 4420);
         for bad in [
-            ListenAddress { trtype: "rdma".into(), ..ok.clone() },
-            ListenAddress { adrfam: Some("ipv6".into()), ..ok.clone() },
-            ListenAddress { traddr: "::1".into(), ..ok.clone() },
-            ListenAddress { trsvcid: "http".into(), ..ok.clone() },
+            ListenAddress {
+                trtype: "rdma".into(),
+                ..ok.clone()
+            },
+            ListenAddress {
+                adrfam: Some("ipv6".into()),
+                ..ok.clone()
+            },
+            ListenAddress {
+                traddr: "::1".into(),
+                ..ok.clone()
+            },
+            ListenAddress {
+                trsvcid: "http".into(),
+                ..ok.clone()
+            },
         ] {
             assert!(bad.socket_addr().is_err(), "{bad:?}");
         }

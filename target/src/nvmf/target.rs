@@ -76,13 +76,19 @@ impl TransportOptions {
                 self.in_capsule_data_size
             ));
         }
-        if !self.max_io_size.is_power_of_two() || self.max_io_size < 4096 || self.max_io_size as usize > chunk {
+        if !self.max_io_size.is_power_of_two()
+            || self.max_io_size < 4096
+            || self.max_io_size as usize > chunk
+        {
             return bad(format!(
                 "max_io_size {} must be a power of two from 4096 up to the buffer pool chunk ({chunk})",
                 self.max_io_size
             ));
         }
-        if self.io_unit_size < 4096 || self.io_unit_size % 4 != 0 || self.io_unit_size > self.max_io_size {
+        if self.io_unit_size < 4096
+            || self.io_unit_size % 4 != 0
+            || self.io_unit_size > self.max_io_size
+        {
             return bad(format!(
                 "io_unit_size {} must be a multiple of 4 from 4096 up to max_io_size",
                 self.io_unit_size
@@ -137,7 +143,10 @@ pub struct NvmfTarget {
 impl NvmfTarget {
     /// A target with only the discovery subsystem, running connections on
     /// `reactors`, whose pools have chunks of `chunk_size` bytes.
-    pub fn new(reactors: Vec<ReactorHandle>, chunk_size: usize) -> Result<Arc<NvmfTarget>, SubsystemError> {
+    pub fn new(
+        reactors: Vec<ReactorHandle>,
+        chunk_size: usize,
+    ) -> Result<Arc<NvmfTarget>, SubsystemError> {
         let discovery = Arc::new(Subsystem::discovery()?);
         Ok(Arc::new_cyclic(|this| NvmfTarget {
             subsystems: RwLock::new(vec![discovery]),
@@ -173,7 +182,9 @@ impl NvmfTarget {
     pub fn create_transport(&self, opts: TransportOptions) -> Result<(), SubsystemError> {
         opts.validate(self.chunk_size)?;
         if read(&self.transport).1 {
-            return Err(SubsystemError::Exists("the TCP transport already exists".into()));
+            return Err(SubsystemError::Exists(
+                "the TCP transport already exists".into(),
+            ));
         }
         if !lock(&self.listeners).is_empty() {
             return Err(SubsystemError::Unavailable(
@@ -246,15 +257,23 @@ impl NvmfTarget {
 
     /// Whether any subsystem exports `volume_name`.
     pub fn volume_in_use(&self, volume_name: &str) -> bool {
-        read(&self.subsystems).iter().any(|s| s.uses_volume(volume_name))
+        read(&self.subsystems)
+            .iter()
+            .any(|s| s.uses_volume(volume_name))
     }
 
     /// Makes `nqn` listen on `addr` (port 0 picks one); returns the bound address.
-    pub fn add_listener(&self, nqn: &str, addr: &ListenAddress) -> Result<SocketAddrV4, SubsystemError> {
+    pub fn add_listener(
+        &self,
+        nqn: &str,
+        addr: &ListenAddress,
+    ) -> Result<SocketAddrV4, SubsystemError> {
         let s = self.nvm_subsystem(nqn)?;
         let want = addr.socket_addr()?;
         if want.port() != 0 && s.listens_on(want) {
-            return Err(SubsystemError::Exists(format!("{nqn} already listens on {want}")));
+            return Err(SubsystemError::Exists(format!(
+                "{nqn} already listens on {want}"
+            )));
         }
         let bound = self.acquire_listener(want)?;
         if let Err(e) = s.add_listener(bound) {
@@ -286,11 +305,13 @@ impl NvmfTarget {
         let Some(reactor) = self.reactors.first() else {
             return Err(SubsystemError::Unavailable("no reactors".into()));
         };
-        let (fd, bound) = sock::listen(want).map_err(|e| {
-            SubsystemError::Unavailable(format!("cannot listen on {want}: {e}"))
-        })?;
+        let (fd, bound) = sock::listen(want)
+            .map_err(|e| SubsystemError::Unavailable(format!("cannot listen on {want}: {e}")))?;
         let fd = Arc::new(fd);
-        let target = self.this.upgrade().ok_or_else(|| SubsystemError::Unavailable("target is gone".into()))?;
+        let target = self
+            .this
+            .upgrade()
+            .ok_or_else(|| SubsystemError::Unavailable("target is gone".into()))?;
         let lfd = fd.clone();
         if !reactor.post(move || {
             mirrorpoint_poller::spawn(super::conn::accept_loop(target, lfd, bound)).detach();
@@ -336,7 +357,10 @@ impl NvmfTarget {
         for (_, e) in lock(&self.listeners).drain() {
             shutdown_fd(&e.fd);
         }
-        for c in lock(&self.connections).drain(..).filter_map(|w| w.upgrade()) {
+        for c in lock(&self.connections)
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+        {
             shutdown_fd(&c);
         }
     }
