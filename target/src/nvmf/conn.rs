@@ -2,9 +2,9 @@
 //! the send task, and command dispatch to the controller or the volume.
 //!
 //! Shape, and why:
-//! * **One reactor for life.** The accept loop hands the socket to a
-//!   reactor; everything below runs there as local tasks sharing an `Rc`,
-//!   so per-connection state needs no lock.
+//! * **One reactor for life.** The transport's `Acceptor` hands each
+//!   accepted socket to a reactor (round-robin); everything below runs there
+//!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
 //! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
 //!   the head into a small vector, then the data section straight into the
 //!   pool chunk it belongs in (a fresh chunk for in-capsule data, the
@@ -12,9 +12,9 @@
 //!   [`QueuePair`] validates the parts exactly as it would a contiguous PDU.
 //!   Data received for a PDU the queue pair then rejects is never written:
 //!   the rejection is fatal and the command's chunk is dropped.
-//! * **Zero-copy send.** Read data stays in the chunk the volume filled;
-//!   a send task gathers queued PDUs (header, chunk, digest) into one
-//!   `sendmsg`.
+//! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
+//!   send task drains the queue of PDUs and sends each chunk with the bytes
+//!   before it (headers, digests) in one vectored `sendmsg` of the transport.
 //! * **Concurrency.** The receive loop executes admin commands inline (they
 //!   touch only controller state) and spawns one task per I/O command, so a
 //!   queue keeps many commands in flight.
@@ -27,19 +27,20 @@ use super::controller::{shutdown_fd, AdminOutcome, Controller};
 use super::io::{alloc_wait, execute, NsChannel};
 use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
 use super::qpair::{Event, QpairConfig, QueuePair};
-use super::sock::{self, OutPdu, Payload};
+use super::sock;
 use super::spec::{
     CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
     NvmOpcode, Sqe, Status, CONNECT_DATA_LEN,
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
-use mirrorpoint_poller::{sleep, spawn, IoBufMut};
+use mirrorpoint_poller::{sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_transport::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
-use std::net::SocketAddrV4;
-use std::os::fd::OwnedFd;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -117,6 +118,7 @@ struct NsCache {
 
 struct Conn {
     target: Arc<NvmfTarget>,
+    stream: TcpStream,
     fd: Arc<OwnedFd>,
     local: SocketAddrV4,
     qp: RefCell<QueuePair>,
@@ -136,50 +138,20 @@ struct Conn {
     c2h_success: bool,
 }
 
-/// Accepts connections on `lfd` until it is shut down, dealing them out to
-/// the reactors.
-pub(crate) async fn accept_loop(target: Arc<NvmfTarget>, lfd: Arc<OwnedFd>, addr: SocketAddrV4) {
-    loop {
-        match sock::accept(&lfd).await {
-            Ok(fd) => {
-                let Some(r) = target.pick_reactor() else {
-                    continue;
-                };
-                let t = target.clone();
-                r.post(move || start(t, fd));
-            }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR)
-                        | Some(libc::EAGAIN)
-                        | Some(libc::ECONNABORTED)
-                        | Some(libc::EPROTO)
-                ) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE)
-                        | Some(libc::ENFILE)
-                        | Some(libc::ENOBUFS)
-                        | Some(libc::ENOMEM)
-                ) =>
-            {
-                tracing::warn!(%addr, "accept: {e}; backing off");
-                sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                tracing::debug!(%addr, "accept loop ends: {e}");
-                return;
-            }
+/// Serves one accepted connection on the current reactor until it closes.
+pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
+    let local = match stream.local_addr() {
+        Ok(SocketAddr::V4(a)) => a,
+        Ok(SocketAddr::V6(_)) | Err(_) => {
+            tracing::debug!("dropping a connection without an IPv4 local address");
+            return;
         }
-    }
-}
-
-/// Starts serving an accepted socket on the current reactor.
-pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
-    let local = match sock::local_addr(&fd) {
-        Ok(a) => a,
+    };
+    // A duplicate descriptor of the same socket: receives of PDU heads use
+    // it, and controllers and the target shut the socket down through it
+    // from any thread.
+    let fd = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Arc::new(fd),
         Err(e) => {
             tracing::warn!("dropping connection: {e}");
             return;
@@ -195,10 +167,10 @@ pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
         max_transfer: opts.max_io_size,
         max_r2t_per_command: opts.max_r2t_per_command,
     });
-    let fd = Arc::new(fd);
     target.register_connection(&fd);
     let conn = Rc::new(Conn {
         target,
+        stream,
         fd,
         local,
         maxh2cdata: qp.codec().max_h2c_data,
@@ -218,7 +190,7 @@ pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
         c2h_success: opts.c2h_success,
     });
     spawn(writer(conn.clone())).detach();
-    spawn(run(conn)).detach();
+    run(conn).await;
 }
 
 async fn run(conn: Rc<Conn>) {
@@ -260,7 +232,7 @@ async fn writer(conn: Rc<Conn>) {
             conn.out_wake.wait().await;
             continue;
         }
-        if let Err(e) = sock::send_all(&conn.fd, batch).await {
+        if let Err(e) = send_batch(&conn.stream, batch).await {
             tracing::debug!("send failed: {e}");
             conn.closing.set(true);
             conn.out.borrow_mut().clear();
@@ -269,6 +241,47 @@ async fn writer(conn: Rc<Conn>) {
         }
     }
     conn.writer_done.notify();
+}
+
+/// Sends PDUs in order: small parts (headers, digests, admin data) are
+/// gathered into one copied header, each pool chunk goes out as is, so a
+/// batch of PDUs costs one `sendmsg` per pool payload plus one.
+async fn send_batch(stream: &TcpStream, batch: Vec<OutPdu>) -> std::io::Result<()> {
+    let mut small: Vec<u8> = Vec::new();
+    for p in batch {
+        small.extend_from_slice(&p.head);
+        match p.data {
+            Payload::None => {}
+            Payload::Heap(v) => small.extend_from_slice(&v),
+            Payload::Pool(b) => {
+                stream.send_vectored_all(&small, &[b]).await?;
+                small.clear();
+            }
+        }
+        if let Some(t) = p.tail {
+            small.extend_from_slice(&t);
+        }
+    }
+    if !small.is_empty() {
+        stream.send_vectored_all(&small, &[]).await?;
+    }
+    Ok(())
+}
+
+/// The data section of an outgoing PDU.
+enum Payload {
+    None,
+    /// Built on the heap (admin replies).
+    Heap(Vec<u8>),
+    /// A pool chunk (read data), sent without copying.
+    Pool(IoBuf),
+}
+
+/// One PDU to send: header (with header digest and padding), data, data digest.
+struct OutPdu {
+    head: Vec<u8>,
+    data: Payload,
+    tail: Option<[u8; 4]>,
 }
 
 /// Why the receive loop stopped.
@@ -516,7 +529,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             let end = at + parts.data_len;
             let (r, d) = match d {
                 Dest::Pool(b) => {
-                    let (r, b) = sock::recv_exact(&conn.fd, b, at, end).await;
+                    let (r, b) = conn.stream.recv_exact(b, at..end).await;
                     (r, Dest::Pool(b))
                 }
                 Dest::Scratch(v) => {

@@ -6,24 +6,24 @@
 //! connection, on any core, find its controller by (subsystem NQN, CNTLID):
 //! the controller is an `Arc`, so attaching takes no message to the admin
 //! queue's core. Listening sockets are shared between subsystems by address
-//! and reference counted; each runs an accept loop on one reactor that deals
-//! accepted connections round-robin to all reactors, where a connection then
-//! lives for its whole life.
+//! and reference counted; each runs the transport's accept loop on one
+//! reactor, which hands accepted connections round-robin to all reactors,
+//! where a connection then lives for its whole life.
 
 use super::controller::{shutdown_fd, Controller, ControllerLimits, ADMIN_QUEUE_MIN};
 use super::log_page::DiscoveryEntry;
-use super::sock;
 use super::spec::{
     connect_data_off, connect_off, connect_success_dw0, CntlId, ConnectCommand, ConnectData, Cqe,
     FabricsError, Status,
 };
 use super::subsystem::{lock, read, write, ListenAddress, Subsystem, SubsystemError};
 use mirrorpoint_poller::ReactorHandle;
+use mirrorpoint_transport::{Acceptor, TcpListener};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddrV4;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 /// Transport options (`nvmf_create_transport`, SPDK's names).
@@ -134,7 +134,6 @@ pub struct NvmfTarget {
     listeners: Mutex<HashMap<SocketAddrV4, ListenerEntry>>,
     connections: Mutex<Vec<Weak<OwnedFd>>>,
     reactors: Vec<ReactorHandle>,
-    next_reactor: AtomicUsize,
     genctr: AtomicU64,
     chunk_size: usize,
     this: Weak<NvmfTarget>,
@@ -156,7 +155,6 @@ impl NvmfTarget {
             listeners: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
             reactors,
-            next_reactor: AtomicUsize::new(0),
             genctr: AtomicU64::new(1),
             chunk_size,
             this: this.clone(),
@@ -305,16 +303,37 @@ impl NvmfTarget {
         let Some(reactor) = self.reactors.first() else {
             return Err(SubsystemError::Unavailable("no reactors".into()));
         };
-        let (fd, bound) = sock::listen(want)
-            .map_err(|e| SubsystemError::Unavailable(format!("cannot listen on {want}: {e}")))?;
-        let fd = Arc::new(fd);
+        let cannot = |e: std::io::Error| {
+            SubsystemError::Unavailable(format!("cannot listen on {want}: {e}"))
+        };
+        let std_listener = std::net::TcpListener::bind(want).map_err(cannot)?;
+        let bound = match std_listener.local_addr().map_err(cannot)? {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => {
+                return Err(SubsystemError::Invalid("bound an IPv6 address".into()))
+            }
+        };
+        // A duplicate of the descriptor: shutdown(2) on it from this thread
+        // ends the accept loop on its reactor.
+        let fd = Arc::new(OwnedFd::from(std_listener.try_clone().map_err(cannot)?));
         let target = self
             .this
             .upgrade()
             .ok_or_else(|| SubsystemError::Unavailable("target is gone".into()))?;
-        let lfd = fd.clone();
+        let reactors = self.reactors.clone();
         if !reactor.post(move || {
-            mirrorpoint_poller::spawn(super::conn::accept_loop(target, lfd, bound)).detach();
+            let acceptor =
+                TcpListener::from_std(std_listener).and_then(|l| Acceptor::new(l, reactors));
+            match acceptor {
+                Ok(a) => mirrorpoint_poller::spawn(async move {
+                    let r = a
+                        .run(move |stream, _peer| super::conn::serve(target.clone(), stream))
+                        .await;
+                    tracing::debug!(%bound, "accept loop ends: {r:?}");
+                })
+                .detach(),
+                Err(e) => tracing::error!(%bound, "cannot accept: {e}"),
+            }
         }) {
             return Err(SubsystemError::Unavailable("reactors are stopping".into()));
         }
@@ -334,15 +353,6 @@ impl NvmfTarget {
                 tracing::info!(%a, "NVMe/TCP listener closed");
             }
         }
-    }
-
-    /// The reactor the next accepted connection goes to.
-    pub fn pick_reactor(&self) -> Option<&ReactorHandle> {
-        if self.reactors.is_empty() {
-            return None;
-        }
-        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len();
-        self.reactors.get(i)
     }
 
     /// Remembers a connection's socket so shutdown can close it.
