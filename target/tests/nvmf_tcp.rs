@@ -814,3 +814,74 @@ fn hosts_keep_alive_events_and_config() {
     drop(cfg);
     daemon.shutdown();
 }
+
+/// Many R2T writes in flight at once on a pool with fewer chunks than
+/// writes: writes without a chunk wait for one (the connection keeps
+/// receiving the data of the others), then all complete and read back.
+#[test]
+fn pipelined_writes_wait_for_pool_chunks() {
+    let dir = TempDir::new("pipeline");
+    let mut opts = options(&dir.0);
+    opts.pool.chunk_count = 6;
+    let daemon = Daemon::start(opts).expect("daemon starts");
+    let addr = daemon
+        .state()
+        .nvmf
+        .subsystem(DEFAULT_SUBSYSTEM_NQN)
+        .expect("sub")
+        .policy()
+        .listeners[0];
+    let (_admin, mut io) = session(addr, false, true);
+    const N: u16 = 12;
+    const LEN: usize = 64 * 1024;
+    let data: Vec<Vec<u8>> = (0..N).map(|i| pattern(i as u8 + 50, LEN)).collect();
+    for i in 0..N {
+        let mut sqe = Sqe::new(
+            0x01,
+            CommandId(100 + i),
+            Nsid(1),
+            DataSgl::Transport { len: LEN as u32 },
+        );
+        RwCommand {
+            slba: Lba(u64::from(i) * 128),
+            nlb: (LEN / 512) as u32,
+            fua: false,
+            deac: false,
+        }
+        .fill_sqe(&mut sqe);
+        io.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
+    }
+    let mut done = 0;
+    while done < N {
+        let raw = io.recv_raw().expect("pdu");
+        match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+            Pdu::R2t(r) => {
+                let body = &data[(r.cid.0 - 100) as usize];
+                let mut off = r.offset;
+                let end = r.offset + r.len;
+                while off < end {
+                    let n = (end - off).min(io.maxh2cdata);
+                    io.send(&Pdu::H2CData(H2CData {
+                        cid: r.cid,
+                        ttag: r.ttag,
+                        offset: off,
+                        last: off + n == end,
+                        data: &body[off as usize..(off + n) as usize],
+                    }));
+                    off += n;
+                }
+            }
+            Pdu::CapsuleResp(r) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+                done += 1;
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    io.cid = 200;
+    for i in 0..N {
+        let r = io.read(u64::from(i) * 128, LEN);
+        assert!(r.data == data[i as usize], "write {i} reads back");
+    }
+    daemon.shutdown();
+}

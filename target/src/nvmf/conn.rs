@@ -34,7 +34,7 @@ use super::spec::{
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
-use mirrorpoint_poller::{sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -619,21 +619,25 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 let r2t = matches!(sgl, DataSgl::Transport { len } if len > 0)
                     && sqe.data_direction() == DataDirection::HostToController;
                 if r2t {
+                    // The data chunk: now if the pool has one; otherwise a
+                    // task waits for one and sends the R2Ts then, so this
+                    // loop keeps receiving the data of writes that have one.
                     let len = sgl.len() as usize;
-                    match alloc_wait(len).await {
-                        Some(buf) => {
-                            conn.pending.borrow_mut().insert(
-                                sqe.cid.0,
-                                PendingWrite {
-                                    sqe,
-                                    sgl,
-                                    buf: Some(buf),
-                                    digest_ok: true,
-                                },
-                            );
-                            conn.issue_r2ts(sqe.cid);
-                        }
-                        None => conn.respond(Cqe::new(sqe.cid, Status::COMMAND_INTERRUPTED), true),
+                    let buf = buffer_pool().alloc(len);
+                    let ready = buf.is_some();
+                    conn.pending.borrow_mut().insert(
+                        sqe.cid.0,
+                        PendingWrite {
+                            sqe,
+                            sgl,
+                            buf,
+                            digest_ok: true,
+                        },
+                    );
+                    if ready {
+                        conn.issue_r2ts(sqe.cid);
+                    } else {
+                        spawn(wait_for_write_buffer(conn.clone(), sqe.cid, len)).detach();
                     }
                 } else if dispatch(conn, sqe, sgl, in_capsule)? {
                     return Err(Close::Disconnect);
@@ -666,6 +670,32 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 }
             }
         }
+    }
+}
+
+/// Gives a write that found the pool empty its chunk once one frees up,
+/// then asks the host for the data.
+async fn wait_for_write_buffer(conn: Rc<Conn>, cid: CommandId, len: usize) {
+    let buf = alloc_wait(len).await;
+    let got = {
+        let mut pending = conn.pending.borrow_mut();
+        match (pending.get_mut(&cid.0), buf) {
+            (Some(p), Some(b)) => {
+                p.buf = Some(b);
+                true
+            }
+            (Some(_), None) => {
+                pending.remove(&cid.0);
+                false
+            }
+            // The connection ended meanwhile.
+            (None, _) => return,
+        }
+    };
+    if got {
+        conn.issue_r2ts(cid);
+    } else {
+        conn.respond(Cqe::new(cid, Status::COMMAND_INTERRUPTED), true);
     }
 }
 

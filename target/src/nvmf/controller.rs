@@ -364,6 +364,15 @@ impl Controller {
                     None => Err(Status::INVALID_NAMESPACE.with_dnr()),
                 }
             }
+            // I/O command set specific structures for the NVM command set
+            // (CSI 0): no limits beyond MDTS, no NVM-specific namespace fields.
+            0x05 if cmd.csi == 0 => {
+                if !valid_nsid(cmd.nsid) || !ns.contains_key(&cmd.nsid.0) {
+                    return Err(Status::INVALID_NAMESPACE.with_dnr());
+                }
+                Ok(vec![0u8; IDENTIFY_LEN])
+            }
+            0x06 if cmd.csi == 0 => Ok(vec![0u8; IDENTIFY_LEN]),
             _ => Err(Status::INVALID_FIELD.with_dnr()),
         }
     }

@@ -338,8 +338,13 @@ impl Subsystem {
 
     /// Whether the subsystem listens on `addr` (the discovery subsystem
     /// answers on every listening address).
+    /// A listener on the unspecified address (0.0.0.0) covers every local
+    /// address of its port.
     pub fn listens_on(&self, addr: SocketAddrV4) -> bool {
-        self.discovery || read(&self.policy).listeners.contains(&addr)
+        self.discovery
+            || read(&self.policy).listeners.iter().any(|l| {
+                l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())
+            })
     }
 
     /// Sets "allow any host".
@@ -563,6 +568,10 @@ mod tests {
         s.add_listener(a).expect("listen");
         assert!(s.add_listener(a).is_err());
         assert!(s.listens_on(a));
+        let any: SocketAddrV4 = "0.0.0.0:4421".parse().expect("addr");
+        s.add_listener(any).expect("listen any");
+        assert!(s.listens_on("10.1.2.3:4421".parse().expect("addr")));
+        assert!(!s.listens_on("10.1.2.3:4420".parse().expect("addr")));
         s.remove_listener(a).expect("unlisten");
         assert!(s.remove_listener(a).is_err());
         assert!(Subsystem::discovery().expect("discovery").listens_on(a));

@@ -253,6 +253,20 @@ impl NvmfTarget {
         Ok(())
     }
 
+    /// Removes every namespace exporting `volume_name`; returns how many.
+    pub fn remove_volume(&self, volume_name: &str) -> usize {
+        let mut n = 0;
+        for s in self.subsystems().iter().filter(|s| !s.discovery) {
+            let (map, _) = s.namespaces();
+            for ns in map.values().filter(|ns| ns.volume.name() == volume_name) {
+                if s.remove_namespace(ns.nsid).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Whether any subsystem exports `volume_name`.
     pub fn volume_in_use(&self, volume_name: &str) -> bool {
         read(&self.subsystems)
