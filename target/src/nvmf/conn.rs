@@ -46,12 +46,14 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest PDU head (everything before the data section): PDO is one byte.
 const HEAD_MAX: usize = 256;
 /// In-capsule data accepted on the admin queue (and before Connect).
 const ADMIN_IN_CAPSULE: u32 = 8192;
+/// How long a host that overruns its queue size is given to drain it.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
 /// PDUs gathered into one sendmsg.
 const SEND_BATCH: usize = 64;
 
@@ -126,6 +128,7 @@ struct Conn {
     out_wake: Notify,
     closing: Cell<bool>,
     writer_done: Notify,
+    slot_free: Notify,
     role: RefCell<Role>,
     qid: Cell<u16>,
     sqhd: Cell<u16>,
@@ -179,6 +182,7 @@ pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
         out_wake: Notify::default(),
         closing: Cell::new(false),
         writer_done: Notify::default(),
+        slot_free: Notify::default(),
         role: RefCell::new(Role::Unbound),
         qid: Cell::new(0),
         sqhd: Cell::new(0),
@@ -295,6 +299,8 @@ enum Close {
     HostTerm(u16),
     #[error("disconnect")]
     Disconnect,
+    #[error("host exceeded its submission queue size")]
+    Overrun,
 }
 
 /// An event with its borrows resolved.
@@ -356,12 +362,50 @@ impl Conn {
         self.sqhd.set(next as u16);
     }
 
+    /// Forgets a finished command, freeing its submission queue slot.
+    fn forget(&self, cid: CommandId) {
+        let _ = self.qp.borrow_mut().complete(cid);
+        self.slot_free.notify();
+    }
+
+    /// Commands the host may have outstanding: the queue size once
+    /// connected (SQ flow control), the admin minimum before.
+    fn command_limit(&self) -> usize {
+        match &*self.role.borrow() {
+            Role::Unbound => usize::from(super::controller::ADMIN_QUEUE_MIN),
+            _ => usize::from(self.sqsize.get()) + 1,
+        }
+    }
+
+    /// Waits (bounded) until the host is within its queue size again: a host
+    /// that overruns it gets backpressure, not unbounded memory.
+    async fn wait_for_slot(&self) -> Result<(), Close> {
+        let deadline = Instant::now() + SLOT_WAIT;
+        while self.qp.borrow().outstanding() >= self.command_limit() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Close::Overrun);
+            }
+            let mut wake = std::pin::pin!(self.slot_free.wait());
+            let mut timer = std::pin::pin!(sleep(deadline - now));
+            poll_fn(|cx| {
+                if wake.as_mut().poll(cx).is_ready() || timer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
+        Ok(())
+    }
+
     /// Sends a completion and forgets the command.
     fn respond(&self, mut cqe: Cqe, tracked: bool) {
         cqe.sqhd = self.sqhd.get();
         cqe.sqid = self.qid.get();
         if tracked {
-            let _ = self.qp.borrow_mut().complete(cqe.cid);
+            self.forget(cqe.cid);
         }
         self.enqueue_pdu(&Pdu::CapsuleResp(CapsuleResp { cqe }));
     }
@@ -413,7 +457,7 @@ impl Conn {
             }
         }
         if success {
-            let _ = self.qp.borrow_mut().complete(cqe.cid);
+            self.forget(cqe.cid);
         } else {
             self.respond(cqe, true);
         }
@@ -474,6 +518,9 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         head = h;
         r?;
         let ch = CommonHeader::parse(&head).unwrap_or_default();
+        if ch.pdu_type == pdu::PduType::CapsuleCmd as u8 {
+            conn.wait_for_slot().await?;
+        }
         let codec = conn.codec();
         let parts = match pdu::parts_layout(&ch, &codec) {
             Ok(p) if p.head_len <= HEAD_MAX => p,
