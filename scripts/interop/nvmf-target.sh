@@ -8,6 +8,9 @@
 #   plain    no digests, 1 guest CPU (1 I/O queue), 8 MiB
 #   digests  header and data digests, 2 guest CPUs (2 I/O queues on two
 #            connections, spread over our two reactors), 32 MiB
+#   events   guest/nvme-tcp-events.sh: a discovery controller, then a
+#            namespace added over RPC while the host is connected must show
+#            up (asynchronous event, changed namespace log, rescan)
 #
 # Usage: scripts/interop/nvmf-target.sh [CASE...]     (default: all)
 # Env:   MIRRORPOINT  binary (default build/debug/mirrorpoint, built if missing)
@@ -19,7 +22,7 @@ bin=${MIRRORPOINT:-$root/build/debug/mirrorpoint}
 if [ ! -x "$bin" ]; then
     (cd "$root" && CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build -p mirrorpoint-target --bin mirrorpoint)
 fi
-cases=${*:-plain digests}
+cases=${*:-plain digests events}
 work=$(mktemp -d /tmp/mp-nvmf-interop.XXXXXX)
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 nqn=nqn.2026-11.io.mirrorpoint:interop
@@ -27,7 +30,9 @@ cat >"$work/config.json" <<EOF
 {"subsystems": [
  {"subsystem": "bdev", "config": [
    {"method": "bdev_uring_create",
-    "params": {"name": "d0", "filename": "$work/d0.img", "size": 268435456}}]},
+    "params": {"name": "d0", "filename": "$work/d0.img", "size": 268435456}},
+   {"method": "bdev_malloc_create",
+    "params": {"name": "m1", "num_blocks": 16384, "block_size": 4096}}]},
  {"subsystem": "nvmf", "config": [
    {"method": "nvmf_create_subsystem",
     "params": {"nqn": "$nqn", "allow_any_host": true, "serial_number": "MPINTEROP0001"}},
@@ -56,15 +61,39 @@ until grep -q "ready" "$work/target.log" 2>/dev/null; do
 done
 pass=0
 fail=0
+events() {
+    logdir="$work/guest-events"
+    "$here/run-guest.sh" "$here/guest/nvme-tcp-events.sh" --name nvmf-events \
+        --log-dir "$logdir" --env NQN=$nqn --env TRSVCID=$port --timeout 300 &
+    gpid=$!
+    i=0
+    until grep -q MP_WAITING_FOR_NS2 "$logdir/console.log" 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt 2400 ] || ! kill -0 "$gpid" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    "$bin" rpc -s "$work/rpc.sock" nvmf_subsystem_add_ns \
+        "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"m1\", \"nsid\": 2}}" || true
+    wait "$gpid"
+}
+
 for c in $cases; do
     case $c in
         plain) args="--env DATA_MB=8" ;;
         digests) args="--env CONNECT_OPTS=hdr_digest,data_digest --env DATA_MB=32 --smp 2" ;;
+        events) args="" ;;
         *) echo "unknown case $c"; exit 2 ;;
     esac
-    # shellcheck disable=SC2086
-    if "$here/run-guest.sh" "$here/guest/nvme-tcp-roundtrip.sh" --name "nvmf-$c" \
-        --env NQN=$nqn --env TRSVCID=$port $args --timeout 300; then
+    if [ "$c" = events ]; then
+        run() { events; }
+    else
+        # shellcheck disable=SC2086
+        run() {
+            "$here/run-guest.sh" "$here/guest/nvme-tcp-roundtrip.sh" --name "nvmf-$c" \
+                --env NQN=$nqn --env TRSVCID=$port $args --timeout 300
+        }
+    fi
+    if run; then
         echo "case $c: PASS"
         pass=$((pass + 1))
     else
