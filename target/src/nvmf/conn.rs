@@ -546,8 +546,8 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         if parts.data_len > 0 {
             let h2c = ch.pdu_type == pdu::PduType::H2CData as u8;
             let (d, at) = if h2c {
-                let cid = u16::from_le_bytes([head[8], head[9]]);
-                let datao = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
+                let cid = super::wire::u16_at(&head, 8);
+                let datao = super::wire::u32_at(&head, 12) as usize;
                 let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
                     let fits = p.buf.as_ref().is_some_and(|b| {
                         datao
@@ -591,7 +591,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             let (r, d) = sock::recv_exact(&conn.fd, dg, 0, 4).await;
             dg = d;
             r?;
-            Some(u32::from_le_bytes([dg[0], dg[1], dg[2], dg[3]]))
+            Some(super::wire::u32_at(&dg, 0))
         } else {
             None
         };

@@ -405,12 +405,12 @@ impl Controller {
             (false, lid::FIRMWARE_SLOT) => {
                 let mut p = vec![0u8; 512];
                 // AFI: slot 1 active; FRS1: the firmware revision.
-                p[0] = 1;
-                for (d, c) in p[8..16]
-                    .iter_mut()
-                    .zip(FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' ')))
-                {
+                let fr = FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' '));
+                for (d, c) in p.iter_mut().skip(8).take(8).zip(fr) {
                     *d = c;
+                }
+                if let Some(afi) = p.first_mut() {
+                    *afi = 1;
                 }
                 p
             }
