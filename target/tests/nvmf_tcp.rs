@@ -81,6 +81,8 @@ struct Host {
     cid: u16,
     cntlid: u16,
     maxh2cdata: u32,
+    cattr: u8,
+    saw_success_flag: bool,
 }
 
 /// What a command got back.
@@ -101,6 +103,8 @@ impl Host {
             cid: 0,
             cntlid: 0xffff,
             maxh2cdata: 0,
+            cattr: 0,
+            saw_success_flag: false,
         };
         h.send(&Pdu::IcReq(IcReq {
             hpda: 0,
@@ -211,6 +215,7 @@ impl Host {
                     let o = c.offset as usize;
                     data[o..o + c.data.len()].copy_from_slice(c.data);
                     if c.success {
+                        self.saw_success_flag = true;
                         return Reply {
                             cqe: Cqe::new(cid, Status::SUCCESS),
                             data,
@@ -241,7 +246,7 @@ impl Host {
             recfmt: 0,
             qid: QueueId(qid),
             sqsize: if qid == 0 { 31 } else { 127 },
-            cattr: 0,
+            cattr: self.cattr,
             kato,
             sgl: DataSgl::InCapsule {
                 offset: 0,
@@ -627,6 +632,47 @@ fn hostile_pdus_end_only_their_connection() {
         p => panic!("{p:?}"),
     }
 
+    // Bad data digest on H2CData: the write fails, nothing is written.
+    let mut sqe = Sqe::new(
+        0x01,
+        CommandId(41),
+        Nsid(1),
+        DataSgl::Transport { len: 4096 },
+    );
+    RwCommand {
+        slba: Lba(100),
+        nlb: 8,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
+    io.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
+    let raw = io.recv_raw().expect("r2t");
+    let r2t = match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::R2t(r) => r,
+        p => panic!("{p:?}"),
+    };
+    let mut v = Pdu::H2CData(H2CData {
+        cid: CommandId(41),
+        ttag: r2t.ttag,
+        offset: 0,
+        last: true,
+        data: &junk,
+    })
+    .to_vec(&io.cfg)
+    .expect("encode");
+    let n = v.len();
+    v[n - 2] ^= 0x80;
+    io.send_raw(&v);
+    let raw = io.recv_raw().expect("resp");
+    match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::CapsuleResp(r) => {
+            assert_eq!(r.cqe.cid, CommandId(41));
+            assert_eq!(r.cqe.status, Status::TRANSIENT_TRANSPORT_ERROR);
+        }
+        p => panic!("{p:?}"),
+    }
+
     // The good connection still works and acknowledged data is intact.
     assert_eq!(io.read(100, 8192).data, acked);
     let more = pattern(11, 4096);
@@ -649,6 +695,8 @@ impl Host {
             cid: 0,
             cntlid: 0xffff,
             maxh2cdata: 4096,
+            cattr: 0,
+            saw_success_flag: false,
         }
     }
 }
@@ -883,5 +931,111 @@ fn pipelined_writes_wait_for_pool_chunks() {
         let r = io.read(u64::from(i) * 128, LEN);
         assert!(r.data == data[i as usize], "write {i} reads back");
     }
+    daemon.shutdown();
+}
+
+/// With SQ flow control disabled (Connect CATTR bit 2) and no data digest,
+/// a successful read ends with a C2HData carrying SUCCESS and no response
+/// capsule; with flow control on it never does.
+#[test]
+fn c2h_success_flag_only_without_sq_flow_control() {
+    let dir = TempDir::new("success");
+    let (daemon, addr) = start(&dir.0);
+    let (admin, mut io) = session(addr, false, false);
+    let d = pattern(3, 8192);
+    // Above in_capsule_data_size (4096) in-capsule data is refused on an I/O queue.
+    assert_eq!(
+        io.write(0, &d, true).status,
+        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
+    );
+    assert!(io.write(0, &d, false).status.is_success());
+    assert_eq!(io.read(0, 8192).data, d);
+    assert!(!io.saw_success_flag);
+    let mut fast = Host::connect_tcp(addr, false, false);
+    fast.cntlid = admin.cntlid;
+    fast.cattr = 1 << 2;
+    assert!(fast
+        .connect(DEFAULT_SUBSYSTEM_NQN, 2, 0)
+        .status
+        .is_success());
+    assert_eq!(fast.read(0, 8192).data, d);
+    assert!(fast.saw_success_flag);
+    // A failed read still gets a response capsule.
+    let e = fast.read((1u64 << 30) / 512, 4096);
+    assert_eq!(e.cqe.status, Status::LBA_OUT_OF_RANGE.with_dnr());
+    // And the next command on the queue works (the SUCCESS path freed the CID).
+    assert_eq!(fast.read(0, 4096).data, d[..4096]);
+    daemon.shutdown();
+}
+
+/// Transport options from a config file: a larger in-capsule size and a
+/// smaller MAXH2CDATA, honoured on the wire and written back by save_config.
+#[test]
+fn transport_options_from_a_config_file() {
+    let dir = TempDir::new("transport");
+    let nqn = "nqn.2026-11.io.mirrorpoint:cfg";
+    let cfg = json!({"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create", "params": {"name": "m0", "num_blocks": 8192, "block_size": 512}}]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP", "in_capsule_data_size": 8192, "io_unit_size": 16384, "max_io_size": 65536}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": nqn, "allow_any_host": true}},
+            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": nqn, "namespace": {"bdev_name": "m0"}}},
+            {"method": "nvmf_subsystem_add_listener", "params": {"nqn": nqn, "listen_address":
+                {"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "0"}}}]}
+    ]});
+    let path = dir.0.join("cfg.json");
+    std::fs::write(&path, serde_json::to_vec(&cfg).expect("json")).expect("write cfg");
+    let mut opts = options(&dir.0);
+    opts.config_file = Some(path);
+    let daemon = Daemon::start(opts).expect("daemon starts from config");
+    let addr = daemon
+        .state()
+        .nvmf
+        .subsystem(nqn)
+        .expect("sub")
+        .policy()
+        .listeners[0];
+    let mut admin = Host::connect_tcp(addr, false, false);
+    assert!(admin.connect(nqn, 0, 0).status.is_success());
+    admin.enable();
+    assert_eq!(admin.maxh2cdata, 16384);
+    let id = admin.admin(0x06, 0, [1, 0, 0, 0, 0, 0], 4096);
+    assert_eq!(id.data[77], 4, "MDTS 64 KiB");
+    let ioccsz = u32::from_le_bytes(id.data[1792..1796].try_into().expect("4"));
+    assert_eq!(ioccsz, (8192 + 64) / 16);
+    assert!(admin
+        .admin(0x09, 0, [0x07, 0, 0, 0, 0, 0], 0)
+        .cqe
+        .status
+        .is_success());
+    let mut io = Host::connect_tcp(addr, false, false);
+    io.cntlid = admin.cntlid;
+    assert!(io.connect(nqn, 1, 0).status.is_success());
+    let small = pattern(5, 8192);
+    assert!(io.write(0, &small, true).status.is_success());
+    let big = pattern(6, 65536);
+    assert!(
+        io.write(64, &big, false).status.is_success(),
+        "several H2CData per R2T"
+    );
+    assert_eq!(io.read(0, 8192).data, small);
+    assert!(io.read(64, 65536).data == big);
+    // Larger than MDTS: refused.
+    let too_big = vec![0u8; 131072];
+    assert_eq!(
+        io.write(512, &too_big, false).status,
+        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
+    );
+    let mut c = rpc(&dir.0);
+    let t = c.call("nvmf_get_transports", None).expect("transports");
+    assert_eq!(t[0]["in_capsule_data_size"], 8192);
+    assert_eq!(
+        rpc_err(c.call("nvmf_create_transport", Some(json!({"trtype": "TCP"})))),
+        -libc::EEXIST
+    );
+    let saved = c.call("save_config", None).expect("save");
+    let text = saved.to_string();
+    assert!(text.contains("nvmf_create_transport"), "{text}");
     daemon.shutdown();
 }
