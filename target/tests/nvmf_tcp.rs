@@ -1039,3 +1039,72 @@ fn transport_options_from_a_config_file() {
     assert!(text.contains("nvmf_create_transport"), "{text}");
     daemon.shutdown();
 }
+
+/// Many tiny PDUs in one TCP segment (16-byte H2CData PDUs followed by a
+/// capsule): the receiver's greedy head reads must split them exactly.
+fn tiny_pdus(hdgst: bool, ddgst: bool) {
+    let dir = TempDir::new(&format!("tiny-{hdgst}-{ddgst}"));
+    let (daemon, addr) = start(&dir.0);
+    let (_admin, mut io) = session(addr, hdgst, ddgst);
+    let data = pattern(77, 512);
+    let mut sqe = Sqe::new(0x01, CommandId(7), Nsid(1), DataSgl::Transport { len: 512 });
+    RwCommand {
+        slba: Lba(300),
+        nlb: 1,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
+    io.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
+    let raw = io.recv_raw().expect("r2t");
+    let r2t = match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::R2t(r) => r,
+        p => panic!("{p:?}"),
+    };
+    assert_eq!((r2t.offset, r2t.len), (0, 512));
+    let mut wire = Vec::new();
+    for (i, chunk) in data.chunks(16).enumerate() {
+        let p = Pdu::H2CData(H2CData {
+            cid: CommandId(7),
+            ttag: r2t.ttag,
+            offset: (i * 16) as u32,
+            last: (i + 1) * 16 == data.len(),
+            data: chunk,
+        });
+        p.encode(&io.cfg, &mut wire).expect("encode");
+    }
+    let flush = Sqe::new(0x00, CommandId(8), Nsid(1), DataSgl::Transport { len: 0 });
+    Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: flush,
+        data: &[],
+    })
+    .encode(&io.cfg, &mut wire)
+    .expect("encode");
+    io.send_raw(&wire);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let raw = io.recv_raw().expect("resp");
+        match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+            Pdu::CapsuleResp(r) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+                seen.push(r.cqe.cid.0);
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec![7, 8]);
+    io.cid = 100;
+    assert_eq!(io.read(300, 512).data, data);
+    daemon.shutdown();
+}
+
+#[test]
+fn tiny_pdus_back_to_back() {
+    tiny_pdus(false, false);
+}
+
+#[test]
+fn tiny_pdus_back_to_back_with_digests() {
+    tiny_pdus(true, true);
+}
