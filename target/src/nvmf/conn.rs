@@ -6,12 +6,16 @@
 //!   accepted socket to a reactor (round-robin); everything below runs there
 //!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
 //! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
-//!   the head into a small vector, then the data section straight into the
-//!   pool chunk it belongs in (a fresh chunk for in-capsule data, the
-//!   command's chunk at DATAO for H2CData), then the digest. The sans-IO
-//!   [`QueuePair`] validates the parts exactly as it would a contiguous PDU.
-//!   Data received for a PDU the queue pair then rejects is never written:
-//!   the rejection is fatal and the command's chunk is dropped.
+//!   the head into a small staging vector, then the data section straight
+//!   into the pool chunk it belongs in (a fresh chunk for in-capsule data,
+//!   the command's chunk at DATAO for H2CData), then the digest. The head
+//!   read is greedy up to one command-capsule head (72 or 76 bytes), so a
+//!   capsule costs one receive; what it brings beyond a shorter head (at
+//!   most 52 bytes of an H2CData section, or the next PDU) is copied from
+//!   the staging vector, the rest of the data is received in place. The
+//!   sans-IO [`QueuePair`] validates the parts exactly as it would a
+//!   contiguous PDU. Data received for a PDU the queue pair then rejects is
+//!   never written: the rejection is fatal and the command's chunk dropped.
 //! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
 //!   send task drains the queue of PDUs and sends each chunk with the bytes
 //!   before it (headers, digests) in one vectored `sendmsg` of the transport.
