@@ -1108,3 +1108,165 @@ fn tiny_pdus_back_to_back() {
 fn tiny_pdus_back_to_back_with_digests() {
     tiny_pdus(true, true);
 }
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Sends random commands (random opcode, NSID, CDWs, flags; no data or a
+/// little in-capsule data) on a queue and collects whatever comes back
+/// until each is answered or the connection closes. Returns the number
+/// answered.
+fn random_commands(h: &mut Host, rng: &mut Rng, n: usize, opcodes: &[u8]) -> usize {
+    let mut answered = 0;
+    for i in 0..n {
+        let cid = CommandId(1000 + i as u16);
+        let opcode = if rng.below(4) == 0 {
+            rng.next() as u8
+        } else {
+            opcodes[rng.below(opcodes.len() as u64) as usize]
+        };
+        let data = if rng.below(3) == 0 {
+            let n = rng.below(257) as usize;
+            rng.bytes(n)
+        } else {
+            Vec::new()
+        };
+        let sgl = if data.is_empty() {
+            DataSgl::Transport { len: 0 }
+        } else {
+            DataSgl::InCapsule {
+                offset: 0,
+                len: data.len() as u32,
+            }
+        };
+        let nsid = match rng.below(4) {
+            0 => 0,
+            1 => rng.next() as u32,
+            _ => 1,
+        };
+        let mut sqe = Sqe::new(opcode, cid, Nsid(nsid), sgl);
+        for c in sqe.cdw.iter_mut() {
+            *c = match rng.below(3) {
+                0 => 0,
+                1 => rng.below(64) as u32,
+                _ => rng.next() as u32,
+            };
+        }
+        // Never lower the keep-alive timer: the test must not race it.
+        if opcode == 0x09 && sqe.cdw[0] & 0xff == 0x0f {
+            sqe.cdw[0] = 0x07;
+        }
+        if rng.below(8) == 0 {
+            sqe.flags = rng.next() as u8;
+        }
+        let mut wire = Vec::new();
+        if Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &data })
+            .encode(&h.cfg, &mut wire)
+            .is_err()
+        {
+            continue;
+        }
+        if h.s.write_all(&wire).is_err() {
+            return answered;
+        }
+        // An AER is held: do not wait for it.
+        if opcode == 0x0c {
+            continue;
+        }
+        loop {
+            let Some(raw) = h.recv_raw() else {
+                return answered;
+            };
+            match pdu::decode(&raw, &h.cfg)
+                .expect("the target's PDUs decode")
+                .pdu
+            {
+                Pdu::CapsuleResp(r) if r.cqe.cid == cid => {
+                    answered += 1;
+                    break;
+                }
+                Pdu::CapsuleResp(_) => {} // a held AER completing
+                Pdu::C2HData(d) if d.cid == cid && d.success => {
+                    answered += 1;
+                    break;
+                }
+                Pdu::C2HData(_) => {}
+                Pdu::C2HTermReq(_) => return answered,
+                p => panic!("unexpected {p:?}"),
+            }
+        }
+    }
+    answered
+}
+
+/// Random commands on the admin and I/O queues and random byte streams on
+/// fresh connections never take the target down: afterwards a new session
+/// works and data written before is intact.
+#[test]
+fn random_commands_and_streams_do_not_hurt_the_target() {
+    let dir = TempDir::new("random");
+    let (daemon, addr) = start(&dir.0);
+    let (_keep_admin, mut keep) = session(addr, false, false);
+    let acked = pattern(42, 4096);
+    assert!(keep.write(2_000_000, &acked, true).status.is_success());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..4 {
+        let (mut admin, mut io) = session(addr, round % 2 == 1, round % 2 == 1);
+        let a = random_commands(
+            &mut admin,
+            &mut rng,
+            150,
+            &[0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18, 0x7f],
+        );
+        let b = random_commands(
+            &mut io,
+            &mut rng,
+            150,
+            &[0x00, 0x01, 0x02, 0x08, 0x09, 0x7f],
+        );
+        assert!(a + b >= 150, "round {round}: only {a} + {b} answered");
+    }
+    for _ in 0..30 {
+        let mut h = if rng.below(2) == 0 {
+            Host::connect_tcp(addr, rng.below(2) == 0, rng.below(2) == 0)
+        } else {
+            Host::connect_tcp_raw(addr)
+        };
+        let n = rng.below(600) as usize;
+        let mut junk = rng.bytes(n);
+        if rng.below(2) == 0 && junk.len() >= 8 {
+            // A plausible common header in front of random bytes.
+            let ty = [0x00, 0x02, 0x04, 0x06][rng.below(4) as usize];
+            let hlen = [128u8, 24, 72, 24][(ty / 2) as usize];
+            junk[0] = ty;
+            junk[2] = hlen;
+            let plen = (junk.len() as u32).max(u32::from(hlen));
+            junk[4..8].copy_from_slice(&plen.to_le_bytes());
+        }
+        let _ = h.s.write_all(&junk);
+        let _ = h.s.shutdown(std::net::Shutdown::Write);
+        while h.recv_raw().is_some() {}
+    }
+    // The target is fine: the old session and a new one work.
+    assert_eq!(keep.read(2_000_000, 4096).data, acked);
+    let (_a, mut fresh) = session(addr, true, true);
+    assert_eq!(fresh.read(2_000_000, 4096).data, acked);
+    daemon.shutdown();
+}
