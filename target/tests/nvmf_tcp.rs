@@ -506,6 +506,32 @@ fn discovery_log_lists_the_subsystem() {
         &e[256..256 + DEFAULT_SUBSYSTEM_NQN.len()],
         DEFAULT_SUBSYSTEM_NQN.as_bytes()
     );
+    // A discovery log change notice when a subsystem appears.
+    assert!(h
+        .admin(0x09, 0, [0x0b, 1 << 31, 0, 0, 0, 0], 0)
+        .cqe
+        .status
+        .is_success());
+    let cid = h.next_cid();
+    let aer = Sqe::new(0x0c, cid, Nsid(0), DataSgl::Transport { len: 0 });
+    h.send(&Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: aer,
+        data: &[],
+    }));
+    rpc(&dir.0)
+        .call(
+            "nvmf_create_subsystem",
+            Some(json!({"nqn": "nqn.2026-11.io.mirrorpoint:new", "allow_any_host": true})),
+        )
+        .expect("create");
+    let raw = h.recv_raw().expect("aen");
+    match pdu::decode(&raw, &h.cfg).expect("decode").pdu {
+        Pdu::CapsuleResp(r) => {
+            assert_eq!(r.cqe.cid, cid);
+            assert_eq!(r.cqe.dw0, 2 | (0xf0 << 8) | (0x70 << 16));
+        }
+        p => panic!("{p:?}"),
+    }
     // No I/O queues on a discovery controller.
     let mut io = Host::connect_tcp(addr, false, false);
     io.cntlid = h.cntlid;
@@ -773,6 +799,13 @@ fn hosts_keep_alive_events_and_config() {
     let mut h = Host::connect_tcp(laddr, false, false);
     assert!(h.connect(nqn, 0, 0).status.is_success());
     h.enable();
+
+    let ctrls = c
+        .call("nvmf_subsystem_get_controllers", Some(json!({"nqn": nqn})))
+        .expect("controllers");
+    assert_eq!(ctrls.as_array().map(Vec::len), Some(1));
+    assert_eq!(ctrls[0]["hostnqn"], HOSTNQN);
+    assert_eq!(ctrls[0]["cntlid"], h.cntlid);
 
     // Asynchronous event on a namespace change.
     assert!(h
