@@ -23,8 +23,7 @@ use super::identify::{
     IdentifyController, IdentifyNamespace, NamespaceIds, IDENTIFY_LEN,
 };
 use super::log_page::{
-    self, changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, GetLogPage,
-    SmartLog,
+    changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, GetLogPage, SmartLog,
 };
 use super::spec::{
     fid, number_of_queues_dw0, property_get_completion, AdminOpcode, Cap, Cc, CntlId, Cqe, Csts,
@@ -609,11 +608,11 @@ impl Controller {
         }
     }
 
-    /// Executes one admin command. `data` is the host's data for commands
-    /// that carry some; `max_transfer` is the length of the command's data
-    /// buffer (its SGL), which bounds what is returned.
-    pub fn execute_admin(&self, sqe: &Sqe, data: &[u8], max_transfer: u32) -> AdminOutcome {
-        let _ = data;
+    /// Executes one admin command. `_data` is the host's data for commands
+    /// that carry some (none of the supported ones reads it yet);
+    /// `max_transfer` is the length of the command's data buffer (its SGL),
+    /// which bounds what is returned.
+    pub fn execute_admin(&self, sqe: &Sqe, _data: &[u8], max_transfer: u32) -> AdminOutcome {
         if sqe.is_fabrics() {
             return match FabricsCommandType::from_u8(sqe.fctype()) {
                 Some(FabricsCommandType::PropertyGet | FabricsCommandType::PropertySet) => {
@@ -705,9 +704,6 @@ pub fn shutdown_fd(fd: &OwnedFd) {
         libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
     }
 }
-
-/// Re-export for tests and the discovery log builder.
-pub use log_page::DiscoveryEntry as Entry;
 
 #[cfg(test)]
 mod tests {
