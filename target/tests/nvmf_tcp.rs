@@ -862,6 +862,20 @@ fn hosts_keep_alive_events_and_config() {
         3
     );
 
+    // Deleting a volume hot-removes its namespace.
+    c.call("bdev_delete", Some(json!({"name": "m2"})))
+        .expect("delete m2");
+    let subs = c
+        .call("nvmf_get_subsystems", Some(json!({"nqn": nqn})))
+        .expect("subsystems");
+    let nsids: Vec<u64> = subs[0]["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .filter_map(|n| n["nsid"].as_u64())
+        .collect();
+    assert_eq!(nsids, vec![1]);
+
     // Keep-alive: a controller with KATO 1 s and no Keep Alive is torn down,
     // its I/O queue with it.
     let mut k = Host::connect_tcp(laddr, false, false);
