@@ -5,9 +5,14 @@
 # (connect, mkfs.ext4, write, drop caches, read back and compare, fsck,
 # disconnect) once per case:
 #
-#   plain    no digests, 1 guest CPU (1 I/O queue), 8 MiB
+#   plain    no digests, 1 guest CPU (1 I/O queue), 8 MiB of files
 #   digests  header and data digests, 2 guest CPUs (2 I/O queues on two
-#            connections, spread over our two reactors), 32 MiB
+#            connections, spread over our two reactors), 16 MiB of files
+#
+# Both round trips reconnect before verifying the files, then write and
+# verify an O_DIRECT pattern over the whole 48 MiB namespace at 128 KiB (far
+# above the 8 KiB MAXH2CDATA configured here, so each R2T is answered with
+# many H2CData PDUs) and at 4 KiB (the in-capsule data size).
 #   events   guest/nvme-tcp-events.sh: a discovery controller, then a
 #            namespace added over RPC while the host is connected must show
 #            up (asynchronous event, changed namespace log, rescan)
@@ -30,10 +35,12 @@ cat >"$work/config.json" <<EOF
 {"subsystems": [
  {"subsystem": "bdev", "config": [
    {"method": "bdev_uring_create",
-    "params": {"name": "d0", "filename": "$work/d0.img", "size": 268435456}},
+    "params": {"name": "d0", "filename": "$work/d0.img", "size": 50331648}},
    {"method": "bdev_malloc_create",
     "params": {"name": "m1", "num_blocks": 16384, "block_size": 4096}}]},
  {"subsystem": "nvmf", "config": [
+   {"method": "nvmf_create_transport",
+    "params": {"trtype": "TCP", "in_capsule_data_size": 4096, "io_unit_size": 8192, "max_io_size": 131072}},
    {"method": "nvmf_create_subsystem",
     "params": {"nqn": "$nqn", "allow_any_host": true, "serial_number": "MPINTEROP0001"}},
    {"method": "nvmf_subsystem_add_ns",
@@ -80,7 +87,7 @@ events() {
 for c in $cases; do
     case $c in
         plain) args="--env DATA_MB=8" ;;
-        digests) args="--env CONNECT_OPTS=hdr_digest,data_digest --env DATA_MB=32 --smp 2" ;;
+        digests) args="--env CONNECT_OPTS=hdr_digest,data_digest --env DATA_MB=16 --smp 2" ;;
         events) args="" ;;
         *) echo "unknown case $c"; exit 2 ;;
     esac
