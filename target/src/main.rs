@@ -167,6 +167,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             huge_pages: true,
         },
         pin: !args.no_pin,
+        ..DaemonOptions::default()
     };
     let daemon = match Daemon::start(options) {
         Ok(d) => d,

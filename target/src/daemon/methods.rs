@@ -198,10 +198,16 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
         })
         .collect();
     ConfigFile {
-        subsystems: vec![SubsystemConfig {
-            subsystem: "bdev".to_string(),
-            config: bdev,
-        }],
+        subsystems: vec![
+            SubsystemConfig {
+                subsystem: "bdev".to_string(),
+                config: bdev,
+            },
+            SubsystemConfig {
+                subsystem: "nvmf".to_string(),
+                config: crate::nvmf::rpc::config_calls(&state.nvmf),
+            },
+        ],
     }
 }
 

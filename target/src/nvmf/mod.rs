@@ -12,14 +12,36 @@
 //! * [`qpair`]: the controller-side receive state machine of one queue pair
 //!   (IC exchange, capsules, R2T/H2CData bookkeeping).
 //!
+//! On top of it, the target itself:
+//!
+//! * [`subsystem`]: NVM subsystems and the discovery subsystem (namespaces,
+//!   allowed hosts, listeners), published to the data path as snapshots.
+//! * [`controller`]: controllers created by Connect, registers, and the
+//!   admin command set (Identify, logs, features, keep-alive, AER, Abort).
+//! * [`io`]: NVM I/O commands onto a volume channel.
+//! * [`target`]: the shared target state (subsystems, controller table,
+//!   transport options, listeners).
+//! * [`conn`]: one connection's receive loop, send task and dispatch.
+//! * [`sock`]: the io_uring socket operations the connections use.
+//! * [`rpc`]: the `nvmf_*` admin methods and their save_config form.
+//!
 //! [`fuzz_decode_pdu`] and [`fuzz_queue_pair`] are entry points for fuzzing.
 
+pub mod conn;
+pub mod controller;
 pub mod identify;
+pub mod io;
 pub mod log_page;
 pub mod pdu;
 pub mod qpair;
+pub mod rpc;
+pub mod sock;
 pub mod spec;
+pub mod subsystem;
+pub mod target;
 mod wire;
+
+pub use target::{NvmfTarget, TransportOptions};
 
 /// Drives the decoders over arbitrary input; for a cargo-fuzz target.
 ///
