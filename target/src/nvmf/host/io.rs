@@ -14,7 +14,7 @@
 use super::controller::{fabrics_connect, ControllerInfo};
 use super::error::HostError;
 use super::parse::NamespaceData;
-use super::queue::{Data, Queue, QueueParams};
+use super::queue::{Data, Queue, QueueParams, QueueStats};
 use crate::nvmf::spec::{
     CntlId, CommandId, ConnectData, DataSgl, DsmRange, Nsid, NvmOpcode, RwCommand, Sqe,
     DSM_RANGE_LEN,
@@ -154,6 +154,11 @@ impl IoQueue {
     pub fn digests(&self) -> (bool, bool) {
         let c = self.q.codec();
         (c.hdgst, c.ddgst)
+    }
+
+    /// What this queue has sent and received so far.
+    pub fn stats(&self) -> QueueStats {
+        self.q.stats()
     }
 
     /// Closes the connection; commands in flight fail with [`HostError::Closed`].

@@ -30,6 +30,8 @@ pub mod io;
 pub mod parse;
 mod queue;
 
+pub use queue::QueueStats;
+
 pub use controller::{host_id_for, ConnectOptions, Controller, ControllerInfo};
 pub use error::{HostError, StatusKind};
 pub use io::IoQueue;

@@ -73,6 +73,27 @@ pub(crate) async fn with_timeout<F: Future>(d: Duration, f: F) -> Option<F::Outp
     .await
 }
 
+/// Counters of one queue (what went over the wire), for tests and the bench.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Command capsules sent.
+    pub commands: u64,
+    /// Writes whose data went in the capsule.
+    pub in_capsule_writes: u64,
+    /// R2Ts answered.
+    pub r2ts: u64,
+    /// H2CData PDUs sent.
+    pub h2c_data_pdus: u64,
+    /// C2HData PDUs received.
+    pub c2h_data_pdus: u64,
+    /// CapsuleResps received.
+    pub capsule_resps: u64,
+    /// Commands completed by a SUCCESS-flagged C2HData (no CapsuleResp).
+    pub success_flag_completions: u64,
+    /// Commands that failed a data digest check.
+    pub data_digest_errors: u64,
+}
+
 /// Connection parameters of one queue.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueParams {
@@ -155,6 +176,7 @@ struct Inner {
     send_lock: LocalSemaphore,
     dead: RefCell<Option<Arc<HostError>>>,
     timeout: Duration,
+    stats: Cell<QueueStats>,
 }
 
 /// A connected queue pair on the current reactor. Dropping it closes the
@@ -261,6 +283,7 @@ impl Queue {
             send_lock: LocalSemaphore::new(1),
             dead: RefCell::new(None),
             timeout: p.command_timeout,
+            stats: Cell::new(QueueStats::default()),
         });
         spawn(receive_loop(inner.clone(), head)).detach();
         Ok(Queue { inner })
@@ -315,6 +338,11 @@ impl Queue {
         self.inner.die(cause);
     }
 
+    /// The queue's counters.
+    pub(crate) fn stats(&self) -> QueueStats {
+        self.inner.stats.get()
+    }
+
     /// A weak handle.
     pub(crate) fn downgrade(&self) -> WeakQueue {
         WeakQueue(Rc::downgrade(&self.inner))
@@ -350,6 +378,12 @@ enum Capsule {
 }
 
 impl Inner {
+    fn bump(&self, f: impl FnOnce(&mut QueueStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
     fn dead_error(&self) -> Option<HostError> {
         self.dead
             .borrow()
@@ -443,6 +477,12 @@ impl Inner {
             sent: false,
             armed: true,
         };
+        this.bump(|s| {
+            s.commands += 1;
+            if matches!(capsule, Capsule::Buf(_)) {
+                s.in_capsule_writes += 1;
+            }
+        });
         let sent = this.send_capsule(&sqe, capsule).await;
         guard.sent = true;
         if let Err(e) = sent {
@@ -737,10 +777,13 @@ async fn handle_pdu(inner: &Rc<Inner>, bytes: &[u8]) -> Next {
         Err(e) => return Next::Stop(inner.fatal(e, bytes.to_vec()).await),
     };
     match pdu {
-        Pdu::CapsuleResp(r) => match inner.complete(r.cqe) {
-            Ok(()) => Next::Continue,
-            Err(e) => Next::Stop(e),
-        },
+        Pdu::CapsuleResp(r) => {
+            inner.bump(|s| s.capsule_resps += 1);
+            match inner.complete(r.cqe) {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Stop(e),
+            }
+        }
         Pdu::R2t(r) => {
             let data = {
                 let slots = inner.slots.borrow();
@@ -771,6 +814,7 @@ async fn handle_pdu(inner: &Rc<Inner>, bytes: &[u8]) -> Next {
                 };
                 return Next::Stop(inner.fatal(e, bytes.to_vec()).await);
             }
+            inner.bump(|s| s.r2ts += 1);
             spawn(send_h2c_data(
                 inner.clone(),
                 r.cid,
@@ -881,6 +925,11 @@ async fn receive_c2h_data(
     let next = match outcome {
         Err(e) => Next::Stop(e),
         Ok((success, digest)) => {
+            inner.bump(|s| {
+                s.c2h_data_pdus += 1;
+                s.success_flag_completions += u64::from(success);
+                s.data_digest_errors += u64::from(matches!(digest, DataDigest::Mismatch { .. }));
+            });
             // Account before handing the buffer back (the slot is busy and ours).
             {
                 let mut slots = inner.slots.borrow_mut();
@@ -954,7 +1003,7 @@ async fn send_h2c_data(
             }
             inner
                 .stream
-                .send_vectored_all(&parts.header, &[chunk.clone()])
+                .send_vectored_all(&parts.header, std::slice::from_ref(&chunk))
                 .await?;
             if let Some(d) = parts.data_digest {
                 inner.stream.send_vectored_all(&d, &[]).await?;
@@ -966,6 +1015,7 @@ async fn send_h2c_data(
             inner.die(e);
             return;
         }
+        inner.bump(|s| s.h2c_data_pdus += 1);
         off += n;
     }
 }
