@@ -11,6 +11,7 @@ use mirrorpoint_poller::{
 use mirrorpoint_target::nvmf::host::{
     ConnectOptions, Controller, ControllerInfo, HostError, IoQueue, QueueStats, StatusKind,
 };
+use mirrorpoint_target::nvmf::spec::{CommandId, DataSgl, NvmOpcode, Nsid, Sqe};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -47,9 +48,16 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Extent `i`: 4 KiB to 128 KiB at a 128 KiB stride, as (byte offset, bytes).
+/// Extent `i`: 4 KiB to 128 KiB (at least `floor` bytes) at a 128 KiB
+/// stride, as (byte offset, bytes).
+pub fn extent_from(i: u64, floor: usize) -> (u64, usize) {
+    let len = 4096 * (1 + (i * 7 % 32) as usize);
+    (i * 128 * 1024, len.max(floor.div_ceil(4096) * 4096).min(128 * 1024))
+}
+
+/// [`extent_from`] without a floor.
 pub fn extent(i: u64) -> (u64, usize) {
-    (i * 128 * 1024, 4096 * (1 + (i * 7 % 32) as usize))
+    extent_from(i, 0)
 }
 
 /// What one session saw.
@@ -70,14 +78,14 @@ pub struct Report {
 
 /// Writes `n` extents of namespace 1 with up to the queue depth in flight,
 /// then reads them back concurrently and compares.
-async fn write_read_verify(q: Rc<IoQueue>, bs: u64, n: u64, seed: u64) -> u64 {
+async fn write_read_verify(q: Rc<IoQueue>, bs: u64, n: u64, seed: u64, floor: usize) -> u64 {
     let mut tasks = Vec::new();
     let mut bytes = 0;
     for i in 0..n {
         let q = q.clone();
-        bytes += extent(i).1 as u64;
+        bytes += extent_from(i, floor).1 as u64;
         tasks.push(spawn(async move {
-            let (off, len) = extent(i);
+            let (off, len) = extent_from(i, floor);
             let mut b = buffer_pool().alloc(len).expect("chunk");
             b.copy_from_slice(&pattern(seed + i, len));
             q.write(1, off / bs, b.freeze()).await
@@ -90,7 +98,7 @@ async fn write_read_verify(q: Rc<IoQueue>, bs: u64, n: u64, seed: u64) -> u64 {
     for i in 0..n {
         let q = q.clone();
         tasks.push(spawn(async move {
-            let (off, len) = extent(i);
+            let (off, len) = extent_from(i, floor);
             let b = buffer_pool().alloc(len).expect("chunk");
             let (r, b) = q.read(1, off / bs, (len as u64 / bs) as u32, b).await;
             r.map(|()| (i, *b == pattern(seed + i, len)[..]))
@@ -103,7 +111,7 @@ async fn write_read_verify(q: Rc<IoQueue>, bs: u64, n: u64, seed: u64) -> u64 {
     bytes
 }
 
-async fn read_one(q: &IoQueue, lba: u64, blocks: u32, bs: u64) -> Result<Vec<u8>, HostError> {
+pub async fn read_one(q: &IoQueue, lba: u64, blocks: u32, bs: u64) -> Result<Vec<u8>, HostError> {
     let b = buffer_pool()
         .alloc((u64::from(blocks) * bs) as usize)
         .expect("chunk");
@@ -119,6 +127,7 @@ async fn controller_side(
     opts: ConnectOptions,
     seed: u64,
     extents: u64,
+    floor: usize,
     info_tx: mirrorpoint_poller::OneshotSender<Arc<ControllerInfo>>,
     done: mirrorpoint_poller::OneshotReceiver<()>,
 ) -> Report {
@@ -145,7 +154,7 @@ async fn controller_side(
     let q = Rc::new(IoQueue::connect(&info, 1, 32).await.expect("I/O queue 1"));
     assert_eq!(q.digests(), (opts.header_digest, opts.data_digest));
     let t0 = Instant::now();
-    let bytes = write_read_verify(q.clone(), bs, extents, seed).await;
+    let bytes = write_read_verify(q.clone(), bs, extents, seed, floor).await;
     let io_seconds = t0.elapsed().as_secs_f64();
     let stats = q.stats();
     if opts.in_capsule_writes && q.in_capsule_limit() >= 4096 {
@@ -173,11 +182,16 @@ async fn controller_side(
     }
     q.flush(1).await.expect("flush");
 
-    // Status mapping; the queue survives a failed command.
-    let e = read_one(&q, ns.nsze - 1, 2, bs)
-        .await
-        .expect_err("read past the end");
-    assert_eq!(e.status_kind(), Some(StatusKind::LbaOutOfRange), "{e}");
+    // Status mapping (a Flush to an inactive NSID); the queue survives a
+    // failed command.
+    let sqe = Sqe::new(
+        NvmOpcode::Flush.as_u8(),
+        CommandId(0),
+        Nsid(9),
+        DataSgl::Transport { len: 0 },
+    );
+    let e = q.raw_command(sqe).await.expect_err("flush of NSID 9");
+    assert_eq!(e.status_kind(), Some(StatusKind::InvalidNamespace), "{e}");
     let b = buffer_pool().alloc(4096).expect("chunk");
     let (r, _) = q.read(7, 0, 1, b).await;
     assert!(matches!(r, Err(HostError::InvalidRequest(_))), "{r:?}");
@@ -217,13 +231,25 @@ pub fn session(
     seed: u64,
     extents: u64,
 ) -> Report {
+    session_with_floor(addr, nqn, opts, seed, extents, 0)
+}
+
+/// [`session`] with writes of at least `floor` bytes.
+pub fn session_with_floor(
+    addr: SocketAddr,
+    nqn: &str,
+    opts: ConnectOptions,
+    seed: u64,
+    extents: u64,
+    floor: usize,
+) -> Report {
     let host = runtime(vec![0, 1]);
     let (info_tx, info_rx) = oneshot();
     let (done_tx, done_rx) = oneshot();
     let nqn = nqn.to_string();
     let o = opts.clone();
     let report = host.handles()[0]
-        .spawn(move || controller_side(addr, nqn, o, seed, extents, info_tx, done_rx));
+        .spawn(move || controller_side(addr, nqn, o, seed, extents, floor, info_tx, done_rx));
     let info = info_rx
         .recv_blocking()
         .expect("controller side failed (see panic above)");
@@ -232,7 +258,7 @@ pub fn session(
         .block_on(move || async move {
             let q = IoQueue::connect(&info, 2, 8).await.expect("I/O queue 2");
             let bs = u64::from(info.namespace(1).expect("ns").block_size.bytes());
-            let (off, len) = extent(5);
+            let (off, len) = extent_from(5, floor);
             let b = buffer_pool().alloc(len).expect("chunk");
             let (r, b) = q.read(1, off / bs, (len as u64 / bs) as u32, b).await;
             r.expect("read on queue 2");

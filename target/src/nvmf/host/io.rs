@@ -255,6 +255,12 @@ impl IoQueue {
         self.q.execute(sqe, Data::Out(data)).await.0.map(drop)
     }
 
+    /// Runs a raw NVM command without data (opcode, NSID and CDWs as given;
+    /// CID and SGL are filled in): for tests and tools.
+    pub async fn raw_command(&self, sqe: Sqe) -> Result<crate::nvmf::spec::Cqe, HostError> {
+        self.q.execute(sqe, Data::None).await.0
+    }
+
     /// Flush (volatile write cache to media).
     pub async fn flush(&self, nsid: u32) -> Result<(), HostError> {
         let sqe = nvm_sqe(NvmOpcode::Flush, nsid);
