@@ -36,9 +36,21 @@ fn against_linux_nvmet_tcp() {
     let cases = [
         ("no digests, in-capsule", false, false, true, false),
         ("header+data digests, in-capsule", true, true, true, false),
-        ("no digests, R2T only, SQ flow control off", false, false, false, true),
+        (
+            "no digests, R2T only, SQ flow control off",
+            false,
+            false,
+            false,
+            true,
+        ),
         ("header+data digests, R2T only", true, true, false, false),
-        ("header digest only, SQ flow control off", true, false, true, true),
+        (
+            "header digest only, SQ flow control off",
+            true,
+            false,
+            true,
+            true,
+        ),
     ];
     // MP_NVMET_CASES=0,2 runs only those; MP_NVMET_FLOOR overrides the
     // smallest R2T-only write (see below).
@@ -64,7 +76,11 @@ fn against_linux_nvmet_tcp() {
         // (nvmet_tcp_queue_response waits for inline data that never comes);
         // Linux hosts always send such writes in the capsule. R2T-only
         // sessions therefore write more than 16 KiB at a time.
-        let floor = if icw { 0 } else { floor_override.unwrap_or(16 * 1024 + 4096) };
+        let floor = if icw {
+            0
+        } else {
+            floor_override.unwrap_or(16 * 1024 + 4096)
+        };
         let r = session_with_floor(addr, &nqn, opts, 100 + i as u64, EXTENTS, floor);
         eprintln!(
             "nvmet session '{name}': OK; cntlid {} model '{}', ns 1 {} x {} B, digests {:?}, \

@@ -11,7 +11,7 @@ use mirrorpoint_poller::{
 use mirrorpoint_target::nvmf::host::{
     ConnectOptions, Controller, ControllerInfo, HostError, IoQueue, QueueStats, StatusKind,
 };
-use mirrorpoint_target::nvmf::spec::{CommandId, DataSgl, NvmOpcode, Nsid, Sqe};
+use mirrorpoint_target::nvmf::spec::{CommandId, DataSgl, Nsid, NvmOpcode, Sqe};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -52,7 +52,10 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// stride, as (byte offset, bytes).
 pub fn extent_from(i: u64, floor: usize) -> (u64, usize) {
     let len = 4096 * (1 + (i * 7 % 32) as usize);
-    (i * 128 * 1024, len.max(floor.div_ceil(4096) * 4096).min(128 * 1024))
+    (
+        i * 128 * 1024,
+        len.max(floor.div_ceil(4096) * 4096).min(128 * 1024),
+    )
 }
 
 /// [`extent_from`] without a floor.
@@ -125,9 +128,7 @@ async fn controller_side(
     addr: SocketAddr,
     nqn: String,
     opts: ConnectOptions,
-    seed: u64,
-    extents: u64,
-    floor: usize,
+    (seed, extents, floor): (u64, u64, usize),
     info_tx: mirrorpoint_poller::OneshotSender<Arc<ControllerInfo>>,
     done: mirrorpoint_poller::OneshotReceiver<()>,
 ) -> Report {
@@ -249,7 +250,7 @@ pub fn session_with_floor(
     let nqn = nqn.to_string();
     let o = opts.clone();
     let report = host.handles()[0]
-        .spawn(move || controller_side(addr, nqn, o, seed, extents, floor, info_tx, done_rx));
+        .spawn(move || controller_side(addr, nqn, o, (seed, extents, floor), info_tx, done_rx));
     let info = info_rx
         .recv_blocking()
         .expect("controller side failed (see panic above)");
