@@ -34,6 +34,7 @@ pub struct IoQueue {
     info: Arc<ControllerInfo>,
     namespaces: BTreeMap<u32, NamespaceData>,
     max_transfer: u64,
+    in_capsule_writes: bool,
 }
 
 impl std::fmt::Debug for IoQueue {
@@ -109,13 +110,12 @@ impl IoQueue {
             },
         )
         .await?;
-        if o.in_capsule_writes {
-            q.set_in_capsule_max(ctrl.identify.in_capsule_data());
-        }
+        q.set_in_capsule_max(ctrl.identify.in_capsule_data());
         Ok(IoQueue {
             q,
             namespaces: ctrl.namespaces(),
             max_transfer: ctrl.max_transfer(),
+            in_capsule_writes: o.in_capsule_writes,
             info: ctrl.clone(),
         })
     }
@@ -140,7 +140,8 @@ impl IoQueue {
         self.q.dead()
     }
 
-    /// In-capsule write data accepted (0 = every write waits for an R2T).
+    /// In-capsule data the controller accepts on this queue (IOCCSZ); writes
+    /// use it unless `ConnectOptions::in_capsule_writes` is off.
     pub fn in_capsule_limit(&self) -> u32 {
         self.q.in_capsule_max()
     }
@@ -252,7 +253,8 @@ impl IoQueue {
             deac: false,
         }
         .fill_sqe(&mut sqe);
-        self.q.execute(sqe, Data::Out(data)).await.0.map(drop)
+        let d = Data::Out(data, self.in_capsule_writes);
+        self.q.execute(sqe, d).await.0.map(drop)
     }
 
     /// Runs a raw NVM command without data (opcode, NSID and CDWs as given;
@@ -315,8 +317,10 @@ impl IoQueue {
         let mut sqe = nvm_sqe(NvmOpcode::DatasetManagement, nsid);
         sqe.cdw[0] = (ranges.len() - 1) as u32;
         sqe.cdw[1] = 1 << 2;
+        // Range lists always go in the capsule when they fit (as Linux sends
+        // them), whatever `in_capsule_writes` says.
         self.q
-            .execute(sqe, Data::Out(buf.freeze()))
+            .execute(sqe, Data::Out(buf.freeze(), true))
             .await
             .0
             .map(drop)

@@ -119,9 +119,10 @@ pub(crate) enum Data {
     None,
     /// Controller to host, into the first `len` bytes of the buffer.
     In(IoBufMut, u32),
-    /// Host to controller from a pool buffer: in the capsule when it fits the
-    /// queue's in-capsule limit, else solicited by R2T.
-    Out(IoBuf),
+    /// Host to controller from a pool buffer: in the capsule when
+    /// `in_capsule` allows and it fits the queue's in-capsule limit, else
+    /// solicited by R2T.
+    Out(IoBuf, bool),
     /// Host to controller, small, always in the capsule (Connect data).
     OutInline(Vec<u8>),
 }
@@ -436,9 +437,9 @@ impl Inner {
                 };
                 (x, Capsule::None)
             }
-            Data::Out(buf) => {
+            Data::Out(buf, allow) => {
                 let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-                let in_capsule = len <= this.in_capsule_max.get();
+                let in_capsule = allow && len <= this.in_capsule_max.get();
                 if in_capsule {
                     sqe.dptr = DataSgl::InCapsule { offset: 0, len }.encode();
                 } else {
