@@ -47,7 +47,9 @@ uptime_s() { cut -d' ' -f1 /proc/uptime; }
 say "booted at ${0}, uptime $(uptime_s)s, kernel $(uname -r)"
 
 # ---- modules
-for m in $(cat /etc/mp/modules.load /etc/mp/modules.extra 2>/dev/null); do
+cat /etc/mp/modules.load /etc/mp/modules.extra 2>/dev/null >/tmp/modules.all
+while read -r m; do
+    [ -n "$m" ] || continue
     name=${m##*/}
     name=${name%.ko}
     grep -q "^$(echo "$name" | tr - _) " /proc/modules && continue
@@ -56,7 +58,7 @@ for m in $(cat /etc/mp/modules.load /etc/mp/modules.extra 2>/dev/null); do
         say "ERROR: cannot load module $m"
         finish FAIL 125 module-load
     fi
-done
+done </tmp/modules.all
 mount -t configfs configfs /sys/kernel/config
 
 # ---- network (QEMU user networking: we are 10.0.2.15, host is 10.0.2.2)
@@ -75,6 +77,7 @@ hostname mp-guest
 # ---- the test
 if [ -f /mp/env ]; then
     set -a
+    # shellcheck source=/dev/null
     . /mp/env
     set +a
 fi

@@ -24,10 +24,10 @@
 #   --name NAME              label for the log directory
 #   -v, --verbose            stream the guest console to stderr while it runs
 #
-# Exit status: 0 guest PASS; 1 guest FAIL (script exit != 0 or setup failure
-# in the guest); 3 kernel log matched the error pattern; 124 timeout; 2 bad
+# Exit status: 0 guest PASS; 1 guest FAIL (script exit != 0, setup failure
+# in the guest, or kernel panic); 3 kernel log matched the error pattern; 124 timeout; 2 bad
 # usage or harness failure (QEMU did not start, no result).
-# The last line on stdout is always
+# Once QEMU has run, the last line on stdout is
 #   MP_INTEROP_RESULT=PASS|FAIL reason=... guest_rc=N boot_s=X script_s=Y wall_s=Z log=DIR
 #
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2; the guest is 10.0.2.15.
@@ -37,10 +37,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 DIR=${MP_INTEROP_DIR:-$REPO/build/interop}
 DEFAULT_PATTERN='nvme.*error|I/O error|EXT4-fs error|blk_update_request|Buffer I/O error|iscsi.*(error|failed)|detected conn error'
+# Kernel trouble that is a failure whatever the test expects.
+DEFAULT_PATTERN+='|Call Trace:|BUG: |Oops: |WARNING: CPU|general protection fault|soft lockup|hung_task|rcu.*detected stall'
 
 die() { echo "run-guest: error: $*" >&2; exit 2; }
 log() { echo "run-guest: $*" >&2; }
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 case $1 in -h|--help) usage; exit 0 ;; esac
@@ -83,15 +85,34 @@ done
 [[ $MEM =~ ^[0-9]+$ && $MEM -ge 128 ]] || die "--mem must be an integer >= 128"
 [[ $SMP =~ ^[0-9]+$ && $SMP -ge 1 ]] || die "--smp must be a positive integer"
 [[ $NAME =~ ^[A-Za-z0-9._-]+$ ]] || die "--name may only contain letters, digits, '.', '_', '-'"
+for kv in "${ENVS[@]}"; do
+    [[ $kv == *=* ]] || die "--env '$kv' is not K=V"
+    [[ ${kv%%=*} =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env name '${kv%%=*}' is not a valid variable name"
+done
+for hg in "${FILES[@]}"; do
+    [[ $hg == *:* ]] || die "--file '$hg' is not HOST_PATH:GUEST_PATH"
+    [[ -f ${hg%:*} ]] || die "--file: host file '${hg%:*}' not found"
+    [[ ${hg##*:} == /* && ${hg##*:} != */ ]] || die "--file: guest path '${hg##*:}' must be an absolute file path"
+done
+for f in "${FWDS[@]}"; do
+    [[ $f =~ ^[0-9]+:[0-9]+$ ]] || die "--hostfwd '$f' is not HOSTPORT:GUESTPORT"
+done
 
 # ---------------------------------------------------------------- setup
 "$HERE/setup.sh" || die "setup.sh failed"
+DIR=$(cd "$DIR" && pwd)
 # shellcheck source=/dev/null
 . "$DIR/env.sh"
 
 T_START=$(date +%s.%N)
 if [[ -z $LOGDIR ]]; then
     LOGDIR=$DIR/logs/$(date -u +%Y%m%dT%H%M%SZ)-$NAME-$$
+    # Keep the newest MP_INTEROP_KEEP_LOGS (default 100) run directories.
+    keep=${MP_INTEROP_KEEP_LOGS:-100}
+    if [[ -d $DIR/logs && $keep =~ ^[0-9]+$ ]]; then
+        find "$DIR/logs" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn |
+            tail -n +"$((keep + 1))" | cut -d' ' -f2- | while IFS= read -r old; do rm -rf -- "$old"; done
+    fi
 fi
 mkdir -p "$LOGDIR"
 LOGDIR=$(cd "$LOGDIR" && pwd)
@@ -104,6 +125,8 @@ RESULT=$LOGDIR/result.log
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mp-interop.XXXXXX")
 QEMU_PID=""
 TAIL_PID=""
+WATCHDOG_PID=""
+# shellcheck disable=SC2317  # invoked by trap
 cleanup() {
     local rc=$?
     if [[ -n $QEMU_PID ]] && kill -0 "$QEMU_PID" 2>/dev/null; then
@@ -113,6 +136,7 @@ cleanup() {
         wait "$QEMU_PID" 2>/dev/null || true
     fi
     if [[ -n $TAIL_PID ]]; then kill "$TAIL_PID" 2>/dev/null || true; wait "$TAIL_PID" 2>/dev/null || true; fi
+    if [[ -n $WATCHDOG_PID ]]; then kill "$WATCHDOG_PID" 2>/dev/null || true; wait "$WATCHDOG_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
     return "$rc"
 }
@@ -171,6 +195,7 @@ for f in "${FWDS[@]}"; do
 done
 APPEND="console=ttyS0 panic=-1 oops=panic mitigations=off tsc=reliable no_timer_check \
 random.trust_cpu=on printk.devkmsg=on rdinit=/init"
+# shellcheck disable=SC2054  # commas are QEMU option syntax
 QARGS=(-accel tcg -machine pc -cpu max -smp "$SMP" -m "$MEM"
     -nodefaults -no-user-config -display none -no-reboot -monitor none
     -kernel "$MP_VMLINUX" -initrd "$INITRD" -append "$APPEND"
@@ -190,21 +215,29 @@ if [[ $VERBOSE == 1 ]]; then
     TAIL_PID=$!
 fi
 
+# Wait for QEMU or the watchdog, whichever ends first. `wait` (unlike a
+# foreground sleep) returns at once on a trapped signal, so Ctrl-C/TERM act
+# immediately.
 TIMED_OUT=0
-deadline=$(( $(date +%s) + TIMEOUT ))
-while kill -0 "$QEMU_PID" 2>/dev/null; do
-    if [[ $(date +%s) -ge $deadline ]]; then
-        TIMED_OUT=1
-        log "timeout after ${TIMEOUT}s: killing QEMU (pid $QEMU_PID)"
-        kill -TERM "$QEMU_PID" 2>/dev/null || true
-        sleep 1
-        kill -KILL "$QEMU_PID" 2>/dev/null || true
-        break
-    fi
-    sleep 0.2
-done
 QEMU_RC=0
-wait "$QEMU_PID" || QEMU_RC=$?
+sleep "$TIMEOUT" &
+WATCHDOG_PID=$!
+FINISHED=""
+wrc=0
+wait -n -p FINISHED "$QEMU_PID" "$WATCHDOG_PID" || wrc=$?
+if [[ $FINISHED == "$QEMU_PID" ]]; then
+    QEMU_RC=$wrc
+    kill "$WATCHDOG_PID" 2>/dev/null || true
+    wait "$WATCHDOG_PID" 2>/dev/null || true
+else
+    TIMED_OUT=1
+    log "timeout after ${TIMEOUT}s: killing QEMU (pid $QEMU_PID)"
+    kill -TERM "$QEMU_PID" 2>/dev/null || true
+    sleep 1
+    kill -KILL "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+fi
+WATCHDOG_PID=""
 QEMU_PID=""
 T_END=$(date +%s.%N)
 if [[ -n $TAIL_PID ]]; then sleep 0.2; kill "$TAIL_PID" 2>/dev/null || true; wait "$TAIL_PID" 2>/dev/null || true; TAIL_PID=""; fi
@@ -223,6 +256,8 @@ VERDICT=FAIL
 EXIT=1
 if [[ $TIMED_OUT == 1 ]]; then
     REASON=timeout; EXIT=124
+elif [[ -z $RLINE ]] && grep -q 'Kernel panic' "$CONSOLE"; then
+    REASON=kernel-panic; EXIT=1
 elif [[ -z $RLINE ]]; then
     REASON="no-result(qemu_rc=$QEMU_RC)"; EXIT=2
 elif [[ $RLINE == MP_GUEST_RESULT=FAIL* ]]; then

@@ -44,7 +44,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --update-lock) UPDATE=1 ;;
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
     shift
@@ -75,6 +75,13 @@ stamp_value() {
     { cat "$LOCK"; cat "$0" "$HERE/modules.py" "$HERE/extract-vmlinux.py"; } | sha256sum | cut -d' ' -f1
 }
 
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+# One setup at a time per cache directory (parallel run-guest.sh calls).
+command -v flock >/dev/null || die "'flock' (util-linux) not found"
+exec 9>"$DIR/.setup.lock"
+flock 9
+
 # ---------------------------------------------------------------- fast path
 if [[ -f $LOCK && $UPDATE == 0 && $FORCE == 0 && -f $DIR/.stamp && -f $DIR/env.sh ]]; then
     STAMP_WANT=$(stamp_value)
@@ -100,59 +107,89 @@ apt_update() {
     apt_updated=1
 }
 
-candidate() { # PKG -> candidate version or empty
-    apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2 }'
+# The helpers below take many package names per call: each apt-cache run
+# loads the whole package cache (about a second), so batch them.
+candidates() { # PKG... -> "PKG VERSION" for each one apt has a candidate for
+    apt-cache policy "$@" 2>/dev/null | awk '
+        /^[^ ].*:$/ { p = $0; sub(/:$/, "", p); sub(/:amd64$/, "", p); sub(/:all$/, "", p) }
+        /^  Candidate:/ { if ($2 != "(none)") print p, $2 }'
 }
-available() { # PKG VERSION -> success if apt can download exactly that version
-    apt-cache madison "$1" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$2"
+available_versions() { # PKG... -> "PKG VERSION" for every version apt can download
+    apt-cache madison "$@" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $1); gsub(/ /, "", $2); print $1, $2 }'
 }
-installed() { # PKG -> success if installed on the host
-    [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true) == installed ]]
+installed_pkgs() { # PKG... -> names of those installed on the host
+    dpkg-query -W -f='${Package} ${db:Status-Status}\n' "$@" 2>/dev/null | awk '$2 == "installed" { print $1 }' || true
 }
-depends_of() { # PKG VERSION -> dependency package names (first alternative)
-    apt-cache show "$1=$2" 2>/dev/null | awk '
-        /^$/ { exit }
-        /^(Pre-)?Depends:/ { sub(/^[^:]*: /, ""); print }' |
-        tr ',' '\n' | sed -e 's/|.*//' -e 's/(.*)//' -e 's/:any//' -e 's/[[:space:]]//g' |
-        grep -v '^$' || true
+depends_of() { # PKG=VERSION... -> "PKG DEP" (first alternative of each dependency)
+    apt-cache show "$@" 2>/dev/null | awk '
+        /^Package:/ { p = $2 }
+        /^(Pre-)?Depends:/ {
+            sub(/^[^:]*: /, "")
+            n = split($0, a, ",")
+            for (i = 1; i <= n; i++) {
+                d = a[i]; sub(/\|.*/, "", d); sub(/\(.*\)/, "", d); sub(/:any/, "", d)
+                gsub(/[ \t]/, "", d)
+                if (d != "") print p, d
+            }
+        }' | sort -u
 }
 
-# Resolve the package set from apt's current candidates into lock lines.
+# Resolve the package set from apt's current candidates into lock lines
+# ("ROLE PACKAGE VERSION"). Breadth-first, one batch of apt calls per level.
 resolve() {
     local kpkg=${MP_INTEROP_KERNEL_PKG:-}
     if [[ -z $kpkg ]]; then
         local kmeta
-        kmeta=$(candidate linux-image-amd64)
+        kmeta=$(candidates linux-image-amd64 | awk '{ print $2 }')
         [[ -n $kmeta ]] || die "apt has no candidate for linux-image-amd64 (apt-get update?)"
-        kpkg=$(depends_of linux-image-amd64 "$kmeta" | grep -E '^linux-image-[0-9].*-amd64$' | head -n1)
+        kpkg=$(depends_of "linux-image-amd64=$kmeta" | awk '{ print $2 }' |
+            grep -E '^linux-image-[0-9].*-amd64$' | head -n1 || true)
         [[ -n $kpkg ]] || die "cannot find the kernel package linux-image-amd64=$kmeta depends on"
     fi
-    local -A seen=()
-    local -a queue=()
-    local role pkg ver dep
-    for pkg in "$kpkg" "${GUEST_TOP[@]}"; do queue+=("guest:$pkg:top"); done
-    for pkg in "${HOST_TOP[@]}"; do queue+=("host:$pkg:top"); done
-    while [[ ${#queue[@]} -gt 0 ]]; do
-        IFS=: read -r role pkg _ <<<"${queue[0]}"
-        local how=${queue[0]##*:}
-        queue=("${queue[@]:1}")
-        [[ -n ${seen[$role:$pkg]:-} ]] && continue
-        seen[$role:$pkg]=1
-        ver=$(candidate "$pkg")
-        [[ -n $ver ]] || die "apt has no candidate version of '$pkg'"
-        echo "$role $pkg $ver"
+    local -A seen=() cand=() inst=()
+    local -a level=() next=() names=() specs=()
+    local e role pkg dep p v
+    for pkg in "$kpkg" "${GUEST_TOP[@]}"; do level+=("guest:$pkg"); seen[guest:$pkg]=1; done
+    for pkg in "${HOST_TOP[@]}"; do level+=("host:$pkg"); seen[host:$pkg]=1; done
+    while [[ ${#level[@]} -gt 0 ]]; do
+        mapfile -t names < <(printf '%s\n' "${level[@]}" | cut -d: -f2 | sort -u)
+        while read -r p v; do cand[$p]=$v; done < <(candidates "${names[@]}")
+        specs=()
+        for pkg in "${names[@]}"; do
+            [[ -n ${cand[$pkg]:-} ]] || die "apt has no candidate version of '$pkg'"
+            specs+=("$pkg=${cand[$pkg]}")
+        done
+        for e in "${level[@]}"; do
+            echo "${e%%:*} ${e#*:} ${cand[${e#*:}]}"
+        done
         # Follow library dependencies the host does not have. Libraries the
         # host has are used as they are (QEMU) or copied from the host into
         # the initramfs (guest tools); non-library dependencies (udev,
         # debconf, ...) are not needed to run the binaries.
-        while read -r dep; do
-            [[ $dep == lib* ]] || continue
-            [[ $dep == libc6 || $dep == libgcc-s1 ]] && continue
-            installed "$dep" && continue
-            [[ -n ${seen[$role:$dep]:-} ]] && continue
-            queue+=("$role:$dep:dep")
-        done < <(depends_of "$pkg" "$ver")
-        : "$how"
+        local -a deps=()
+        mapfile -t deps < <(depends_of "${specs[@]}")
+        local -a depnames=()
+        for e in "${deps[@]}"; do
+            dep=${e#* }
+            [[ $dep == lib* && $dep != libc6 && $dep != libgcc-s1 ]] && depnames+=("$dep")
+        done
+        if [[ ${#depnames[@]} -gt 0 ]]; then
+            while read -r p; do inst[$p]=1; done < <(installed_pkgs "${depnames[@]}")
+        fi
+        next=()
+        for e in "${level[@]}"; do
+            role=${e%%:*}
+            pkg=${e#*:}
+            for d in "${deps[@]}"; do
+                [[ ${d%% *} == "$pkg" ]] || continue
+                dep=${d#* }
+                [[ $dep == lib* && $dep != libc6 && $dep != libgcc-s1 ]] || continue
+                [[ -n ${inst[$dep]:-} || -n ${seen[$role:$dep]:-} ]] && continue
+                seen[$role:$dep]=1
+                next+=("$role:$dep")
+            done
+        done
+        level=("${next[@]}")
     done
 }
 
@@ -177,9 +214,12 @@ read_lock() {
 apt_update
 if [[ -f $LOCK && $UPDATE == 0 ]]; then
     missing=()
+    declare -A avail=()
+    mapfile -t lockpkgs < <(read_lock | awk '{ print $2 }' | sort -u)
+    while read -r p v; do avail["$p $v"]=1; done < <(available_versions "${lockpkgs[@]}")
     while read -r role pkg ver; do
         [[ $role == host || $role == guest ]] || die "bad line in $LOCK: '$role $pkg $ver'"
-        available "$pkg" "$ver" || missing+=("$pkg=$ver")
+        [[ -n ${avail["$pkg $ver"]:-} ]] || missing+=("$pkg=$ver")
     done < <(read_lock)
     if [[ ${#missing[@]} -gt 0 ]]; then
         [[ $STRICT == 1 ]] && die "pinned versions no longer served by apt: ${missing[*]} (MP_INTEROP_STRICT=1)"
@@ -279,7 +319,8 @@ cp "$BUSYBOX" "$S/bin/busybox"
 # first, else from the host, which runs the same Debian release).
 GUEST_LD=$G/lib/x86_64-linux-gnu:$G/usr/lib/x86_64-linux-gnu
 copy_lib() { # NAME-IN-GUEST HOST-PATH
-    local dst=$S/lib/x86_64-linux-gnu/$(basename "$1")
+    local dst
+    dst=$S/lib/x86_64-linux-gnu/$(basename "$1")
     [[ $1 == /lib64/* ]] && dst=$S$1
     [[ -e $dst ]] || cp -L "$2" "$dst"
 }
