@@ -10,6 +10,7 @@
 pub mod config;
 pub mod methods;
 
+use crate::nvmf::NvmfTarget;
 use crate::rpc::{MethodRegistry, RpcServer, ServerConfig, ServerError};
 use crate::volume::registry::UringParams;
 use crate::volume::{VolumeRegistry, VolumeSpec};
@@ -17,7 +18,6 @@ use config::{ConfigError, ConfigFile};
 use mirrorpoint_poller::{
     PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
 };
-use crate::nvmf::NvmfTarget;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,9 +2,9 @@
 //! the send task, and command dispatch to the controller or the volume.
 //!
 //! Shape, and why:
-//! * **One reactor for life.** The accept loop hands the socket to a
-//!   reactor; everything below runs there as local tasks sharing an `Rc`,
-//!   so per-connection state needs no lock.
+//! * **One reactor for life.** The transport's `Acceptor` hands each
+//!   accepted socket to a reactor (round-robin); everything below runs there
+//!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
 //! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
 //!   the head into a small vector, then the data section straight into the
 //!   pool chunk it belongs in (a fresh chunk for in-capsule data, the
@@ -12,9 +12,9 @@
 //!   [`QueuePair`] validates the parts exactly as it would a contiguous PDU.
 //!   Data received for a PDU the queue pair then rejects is never written:
 //!   the rejection is fatal and the command's chunk is dropped.
-//! * **Zero-copy send.** Read data stays in the chunk the volume filled;
-//!   a send task gathers queued PDUs (header, chunk, digest) into one
-//!   `sendmsg`.
+//! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
+//!   send task drains the queue of PDUs and sends each chunk with the bytes
+//!   before it (headers, digests) in one vectored `sendmsg` of the transport.
 //! * **Concurrency.** The receive loop executes admin commands inline (they
 //!   touch only controller state) and spawns one task per I/O command, so a
 //!   queue keeps many commands in flight.
@@ -27,30 +27,33 @@ use super::controller::{shutdown_fd, AdminOutcome, Controller};
 use super::io::{alloc_wait, execute, NsChannel};
 use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
 use super::qpair::{Event, QpairConfig, QueuePair};
-use super::sock::{self, OutPdu, Payload};
+use super::sock;
 use super::spec::{
-    CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType,
-    NvmOpcode, Nsid, Sqe, Status, CONNECT_DATA_LEN,
+    CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
+    NvmOpcode, Sqe, Status, CONNECT_DATA_LEN,
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
-use mirrorpoint_poller::{sleep, spawn, IoBufMut};
+use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_transport::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
-use std::net::SocketAddrV4;
-use std::os::fd::OwnedFd;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest PDU head (everything before the data section): PDO is one byte.
 const HEAD_MAX: usize = 256;
 /// In-capsule data accepted on the admin queue (and before Connect).
 const ADMIN_IN_CAPSULE: u32 = 8192;
+/// How long a host that overruns its queue size is given to drain it.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
 /// PDUs gathered into one sendmsg.
 const SEND_BATCH: usize = 64;
 
@@ -117,6 +120,7 @@ struct NsCache {
 
 struct Conn {
     target: Arc<NvmfTarget>,
+    stream: TcpStream,
     fd: Arc<OwnedFd>,
     local: SocketAddrV4,
     qp: RefCell<QueuePair>,
@@ -124,6 +128,7 @@ struct Conn {
     out_wake: Notify,
     closing: Cell<bool>,
     writer_done: Notify,
+    slot_free: Notify,
     role: RefCell<Role>,
     qid: Cell<u16>,
     sqhd: Cell<u16>,
@@ -136,42 +141,20 @@ struct Conn {
     c2h_success: bool,
 }
 
-/// Accepts connections on `lfd` until it is shut down, dealing them out to
-/// the reactors.
-pub(crate) async fn accept_loop(target: Arc<NvmfTarget>, lfd: Arc<OwnedFd>, addr: SocketAddrV4) {
-    loop {
-        match sock::accept(&lfd).await {
-            Ok(fd) => {
-                let Some(r) = target.pick_reactor() else {
-                    continue;
-                };
-                let t = target.clone();
-                r.post(move || start(t, fd));
-            }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR)
-                        | Some(libc::EAGAIN)
-                        | Some(libc::ECONNABORTED)
-                        | Some(libc::EPROTO)
-                ) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)) => {
-                tracing::warn!(%addr, "accept: {e}; backing off");
-                sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                tracing::debug!(%addr, "accept loop ends: {e}");
-                return;
-            }
+/// Serves one accepted connection on the current reactor until it closes.
+pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
+    let local = match stream.local_addr() {
+        Ok(SocketAddr::V4(a)) => a,
+        Ok(SocketAddr::V6(_)) | Err(_) => {
+            tracing::debug!("dropping a connection without an IPv4 local address");
+            return;
         }
-    }
-}
-
-/// Starts serving an accepted socket on the current reactor.
-pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
-    let local = match sock::local_addr(&fd) {
-        Ok(a) => a,
+    };
+    // A duplicate descriptor of the same socket: receives of PDU heads use
+    // it, and controllers and the target shut the socket down through it
+    // from any thread.
+    let fd = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Arc::new(fd),
         Err(e) => {
             tracing::warn!("dropping connection: {e}");
             return;
@@ -187,10 +170,10 @@ pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
         max_transfer: opts.max_io_size,
         max_r2t_per_command: opts.max_r2t_per_command,
     });
-    let fd = Arc::new(fd);
     target.register_connection(&fd);
     let conn = Rc::new(Conn {
         target,
+        stream,
         fd,
         local,
         maxh2cdata: qp.codec().max_h2c_data,
@@ -199,6 +182,7 @@ pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
         out_wake: Notify::default(),
         closing: Cell::new(false),
         writer_done: Notify::default(),
+        slot_free: Notify::default(),
         role: RefCell::new(Role::Unbound),
         qid: Cell::new(0),
         sqhd: Cell::new(0),
@@ -210,7 +194,7 @@ pub(crate) fn start(target: Arc<NvmfTarget>, fd: OwnedFd) {
         c2h_success: opts.c2h_success,
     });
     spawn(writer(conn.clone())).detach();
-    spawn(run(conn)).detach();
+    run(conn).await;
 }
 
 async fn run(conn: Rc<Conn>) {
@@ -252,7 +236,7 @@ async fn writer(conn: Rc<Conn>) {
             conn.out_wake.wait().await;
             continue;
         }
-        if let Err(e) = sock::send_all(&conn.fd, batch).await {
+        if let Err(e) = send_batch(&conn.stream, batch).await {
             tracing::debug!("send failed: {e}");
             conn.closing.set(true);
             conn.out.borrow_mut().clear();
@@ -261,6 +245,47 @@ async fn writer(conn: Rc<Conn>) {
         }
     }
     conn.writer_done.notify();
+}
+
+/// Sends PDUs in order: small parts (headers, digests, admin data) are
+/// gathered into one copied header, each pool chunk goes out as is, so a
+/// batch of PDUs costs one `sendmsg` per pool payload plus one.
+async fn send_batch(stream: &TcpStream, batch: Vec<OutPdu>) -> std::io::Result<()> {
+    let mut small: Vec<u8> = Vec::new();
+    for p in batch {
+        small.extend_from_slice(&p.head);
+        match p.data {
+            Payload::None => {}
+            Payload::Heap(v) => small.extend_from_slice(&v),
+            Payload::Pool(b) => {
+                stream.send_vectored_all(&small, &[b]).await?;
+                small.clear();
+            }
+        }
+        if let Some(t) = p.tail {
+            small.extend_from_slice(&t);
+        }
+    }
+    if !small.is_empty() {
+        stream.send_vectored_all(&small, &[]).await?;
+    }
+    Ok(())
+}
+
+/// The data section of an outgoing PDU.
+enum Payload {
+    None,
+    /// Built on the heap (admin replies).
+    Heap(Vec<u8>),
+    /// A pool chunk (read data), sent without copying.
+    Pool(IoBuf),
+}
+
+/// One PDU to send: header (with header digest and padding), data, data digest.
+struct OutPdu {
+    head: Vec<u8>,
+    data: Payload,
+    tail: Option<[u8; 4]>,
 }
 
 /// Why the receive loop stopped.
@@ -274,14 +299,26 @@ enum Close {
     HostTerm(u16),
     #[error("disconnect")]
     Disconnect,
+    #[error("host exceeded its submission queue size")]
+    Overrun,
 }
 
 /// An event with its borrows resolved.
 enum Owned {
     Connected(pdu::IcResp),
-    Command { sqe: Sqe, sgl: DataSgl },
-    CommandError { sqe: Sqe, status: Status },
-    Data { cid: CommandId, digest_ok: bool, complete: bool },
+    Command {
+        sqe: Sqe,
+        sgl: DataSgl,
+    },
+    CommandError {
+        sqe: Sqe,
+        status: Status,
+    },
+    Data {
+        cid: CommandId,
+        digest_ok: bool,
+        complete: bool,
+    },
     Terminated(u16),
 }
 
@@ -325,12 +362,50 @@ impl Conn {
         self.sqhd.set(next as u16);
     }
 
+    /// Forgets a finished command, freeing its submission queue slot.
+    fn forget(&self, cid: CommandId) {
+        let _ = self.qp.borrow_mut().complete(cid);
+        self.slot_free.notify();
+    }
+
+    /// Commands the host may have outstanding: the queue size once
+    /// connected (SQ flow control), the admin minimum before.
+    fn command_limit(&self) -> usize {
+        match &*self.role.borrow() {
+            Role::Unbound => usize::from(super::controller::ADMIN_QUEUE_MIN),
+            _ => usize::from(self.sqsize.get()) + 1,
+        }
+    }
+
+    /// Waits (bounded) until the host is within its queue size again: a host
+    /// that overruns it gets backpressure, not unbounded memory.
+    async fn wait_for_slot(&self) -> Result<(), Close> {
+        let deadline = Instant::now() + SLOT_WAIT;
+        while self.qp.borrow().outstanding() >= self.command_limit() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Close::Overrun);
+            }
+            let mut wake = std::pin::pin!(self.slot_free.wait());
+            let mut timer = std::pin::pin!(sleep(deadline - now));
+            poll_fn(|cx| {
+                if wake.as_mut().poll(cx).is_ready() || timer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
+        Ok(())
+    }
+
     /// Sends a completion and forgets the command.
     fn respond(&self, mut cqe: Cqe, tracked: bool) {
         cqe.sqhd = self.sqhd.get();
         cqe.sqid = self.qid.get();
         if tracked {
-            let _ = self.qp.borrow_mut().complete(cqe.cid);
+            self.forget(cqe.cid);
         }
         self.enqueue_pdu(&Pdu::CapsuleResp(CapsuleResp { cqe }));
     }
@@ -351,7 +426,8 @@ impl Conn {
             self.respond(cqe, true);
             return;
         }
-        let success = cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
+        let success =
+            cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
         let codec = self.codec();
         let encoded = {
             let bytes: &[u8] = match &data {
@@ -381,7 +457,7 @@ impl Conn {
             }
         }
         if success {
-            let _ = self.qp.borrow_mut().complete(cqe.cid);
+            self.forget(cqe.cid);
         } else {
             self.respond(cqe, true);
         }
@@ -394,12 +470,16 @@ impl Conn {
         let mut cache = self.ns.borrow_mut();
         let stale = cache
             .as_ref()
-            .is_none_or(|c| c.generation != sub.ns_generation());
+            .map_or(true, |c| c.generation != sub.ns_generation());
         if stale {
             let (map, generation) = sub.namespaces();
             let mut open = cache.take().map(|c| c.open).unwrap_or_default();
             open.retain(|id, ch| map.get(id).is_some_and(|n| Arc::ptr_eq(n, &ch.ns)));
-            *cache = Some(NsCache { generation, map, open });
+            *cache = Some(NsCache {
+                generation,
+                map,
+                open,
+            });
         }
         let c = cache.as_mut()?;
         if let Some(ch) = c.open.get(&nsid) {
@@ -414,7 +494,9 @@ impl Conn {
 
     fn all_namespaces(&self, ctrl: &Controller) -> Vec<Rc<NsChannel>> {
         let (map, _) = ctrl.subsystem.namespaces();
-        map.keys().filter_map(|&n| self.namespace(ctrl, n)).collect()
+        map.keys()
+            .filter_map(|&n| self.namespace(ctrl, n))
+            .collect()
     }
 
     fn issue_r2ts(&self, cid: CommandId) {
@@ -436,6 +518,9 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         head = h;
         r?;
         let ch = CommonHeader::parse(&head).unwrap_or_default();
+        if ch.pdu_type == pdu::PduType::CapsuleCmd as u8 {
+            conn.wait_for_slot().await?;
+        }
         let codec = conn.codec();
         let parts = match pdu::parts_layout(&ch, &codec) {
             Ok(p) if p.head_len <= HEAD_MAX => p,
@@ -464,8 +549,16 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 let cid = u16::from_le_bytes([head[8], head[9]]);
                 let datao = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
                 let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
-                    let fits = p.buf.as_ref().is_some_and(|b| datao.checked_add(parts.data_len).is_some_and(|e| e <= b.len()));
-                    if fits { p.buf.take() } else { None }
+                    let fits = p.buf.as_ref().is_some_and(|b| {
+                        datao
+                            .checked_add(parts.data_len)
+                            .is_some_and(|e| e <= b.len())
+                    });
+                    if fits {
+                        p.buf.take()
+                    } else {
+                        None
+                    }
                 });
                 match taken {
                     Some(b) => {
@@ -483,7 +576,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             let end = at + parts.data_len;
             let (r, d) = match d {
                 Dest::Pool(b) => {
-                    let (r, b) = sock::recv_exact(&conn.fd, b, at, end).await;
+                    let (r, b) = conn.stream.recv_exact(b, at..end).await;
                     (r, Dest::Pool(b))
                 }
                 Dest::Scratch(v) => {
@@ -513,11 +606,22 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 Event::Connected { icresp, .. } => Owned::Connected(icresp),
                 Event::Command { sqe, sgl, .. } => Owned::Command { sqe, sgl },
                 Event::CommandError { sqe, status } => Owned::CommandError { sqe, status },
-                Event::Data { cid, digest_ok, complete, .. } => Owned::Data { cid, digest_ok, complete },
+                Event::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                    ..
+                } => Owned::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                },
                 Event::Terminated { fes, .. } => Owned::Terminated(fes),
             },
             Err(e) => {
-                let echo = head_bytes.get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA)).unwrap_or(&[]);
+                let echo = head_bytes
+                    .get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA))
+                    .unwrap_or(&[]);
                 conn.term_req(e, echo);
                 return Err(Close::Fatal(e));
             }
@@ -535,7 +639,11 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             Owned::Connected(icresp) => {
                 let p = Pdu::IcResp(icresp);
                 match p.to_vec(&PduConfig::default()) {
-                    Ok(v) => conn.enqueue(OutPdu { head: v, data: Payload::None, tail: None }),
+                    Ok(v) => conn.enqueue(OutPdu {
+                        head: v,
+                        data: Payload::None,
+                        tail: None,
+                    }),
                     Err(e) => tracing::error!("cannot encode ICResp: {e}"),
                 }
             }
@@ -558,22 +666,35 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 let r2t = matches!(sgl, DataSgl::Transport { len } if len > 0)
                     && sqe.data_direction() == DataDirection::HostToController;
                 if r2t {
+                    // The data chunk: now if the pool has one; otherwise a
+                    // task waits for one and sends the R2Ts then, so this
+                    // loop keeps receiving the data of writes that have one.
                     let len = sgl.len() as usize;
-                    match alloc_wait(len).await {
-                        Some(buf) => {
-                            conn.pending.borrow_mut().insert(
-                                sqe.cid.0,
-                                PendingWrite { sqe, sgl, buf: Some(buf), digest_ok: true },
-                            );
-                            conn.issue_r2ts(sqe.cid);
-                        }
-                        None => conn.respond(Cqe::new(sqe.cid, Status::COMMAND_INTERRUPTED), true),
+                    let buf = buffer_pool().alloc(len);
+                    let ready = buf.is_some();
+                    conn.pending.borrow_mut().insert(
+                        sqe.cid.0,
+                        PendingWrite {
+                            sqe,
+                            sgl,
+                            buf,
+                            digest_ok: true,
+                        },
+                    );
+                    if ready {
+                        conn.issue_r2ts(sqe.cid);
+                    } else {
+                        spawn(wait_for_write_buffer(conn.clone(), sqe.cid, len)).detach();
                     }
                 } else if dispatch(conn, sqe, sgl, in_capsule)? {
                     return Err(Close::Disconnect);
                 }
             }
-            Owned::Data { cid, digest_ok, complete } => {
+            Owned::Data {
+                cid,
+                digest_ok,
+                complete,
+            } => {
                 if let Some(p) = conn.pending.borrow_mut().get_mut(&cid.0) {
                     p.digest_ok &= digest_ok;
                 }
@@ -586,7 +707,9 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                                     return Err(Close::Disconnect);
                                 }
                             }
-                            _ => conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true),
+                            _ => {
+                                conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true)
+                            }
                         }
                     }
                 } else {
@@ -597,9 +720,40 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
     }
 }
 
+/// Gives a write that found the pool empty its chunk once one frees up,
+/// then asks the host for the data.
+async fn wait_for_write_buffer(conn: Rc<Conn>, cid: CommandId, len: usize) {
+    let buf = alloc_wait(len).await;
+    let got = {
+        let mut pending = conn.pending.borrow_mut();
+        match (pending.get_mut(&cid.0), buf) {
+            (Some(p), Some(b)) => {
+                p.buf = Some(b);
+                true
+            }
+            (Some(_), None) => {
+                pending.remove(&cid.0);
+                false
+            }
+            // The connection ended meanwhile.
+            (None, _) => return,
+        }
+    };
+    if got {
+        conn.issue_r2ts(cid);
+    } else {
+        conn.respond(Cqe::new(cid, Status::COMMAND_INTERRUPTED), true);
+    }
+}
+
 /// Executes a command whose data (if any) has fully arrived. Returns true
 /// when the connection should close after the answer (Disconnect).
-fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> Result<bool, Close> {
+fn dispatch(
+    conn: &Rc<Conn>,
+    sqe: Sqe,
+    sgl: DataSgl,
+    data: Option<IoBufMut>,
+) -> Result<bool, Close> {
     let role = match &*conn.role.borrow() {
         Role::Unbound => None,
         Role::Admin(c) => Some((true, c.clone())),
@@ -639,22 +793,29 @@ fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> 
     }
     if let (Some(d), DataSgl::InCapsule { .. }) = (&data, sgl) {
         if d.len() > conn.io_in_capsule as usize {
-            conn.respond(Cqe::new(sqe.cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr()), true);
+            conn.respond(
+                Cqe::new(sqe.cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+                true,
+            );
             return Ok(false);
         }
     }
     let nsid = sqe.nsid;
-    let targets: Vec<Rc<NsChannel>> = if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
-        conn.all_namespaces(&ctrl)
-    } else {
-        match conn.namespace(&ctrl, nsid.0) {
-            Some(n) => vec![n],
-            None => {
-                conn.respond(Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()), true);
-                return Ok(false);
+    let targets: Vec<Rc<NsChannel>> =
+        if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
+            conn.all_namespaces(&ctrl)
+        } else {
+            match conn.namespace(&ctrl, nsid.0) {
+                Some(n) => vec![n],
+                None => {
+                    conn.respond(
+                        Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()),
+                        true,
+                    );
+                    return Ok(false);
+                }
             }
-        }
-    };
+        };
     let c = conn.clone();
     spawn(async move {
         let mut status = Status::SUCCESS;
@@ -690,7 +851,10 @@ fn dispatch(conn: &Rc<Conn>, sqe: Sqe, sgl: DataSgl, data: Option<IoBufMut>) -> 
 
 fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) {
     if !sqe.is_fabrics() || sqe.fctype() != FabricsCommandType::Connect.as_u8() {
-        conn.respond(Cqe::new(sqe.cid, Status::COMMAND_SEQUENCE_ERROR.with_dnr()), true);
+        conn.respond(
+            Cqe::new(sqe.cid, Status::COMMAND_SEQUENCE_ERROR.with_dnr()),
+            true,
+        );
         return;
     }
     let cmd = match ConnectCommand::from_sqe(sqe) {
@@ -750,6 +914,12 @@ async fn aen_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
         }
     }
     while let Some((cid, dw0)) = Next(&ctrl).await {
-        conn.respond(Cqe { dw0, ..Cqe::new(cid, Status::SUCCESS) }, true);
+        conn.respond(
+            Cqe {
+                dw0,
+                ..Cqe::new(cid, Status::SUCCESS)
+            },
+            true,
+        );
     }
 }

@@ -118,6 +118,9 @@ fn status(sqe: &Sqe, s: Status) -> AdminOutcome {
     done(Cqe::new(sqe.cid, s))
 }
 
+/// Yields the discovery log's generation counter and entries for a host NQN.
+pub type DiscoverySource = Box<dyn Fn(&str) -> (u64, Vec<DiscoveryEntry>) + Send + Sync>;
+
 /// A controller of a subsystem, created by an admin queue Connect.
 pub struct Controller {
     /// Controller ID.
@@ -135,7 +138,7 @@ pub struct Controller {
     state: Mutex<State>,
     dead: AtomicBool,
     sockets: Mutex<Vec<Weak<OwnedFd>>>,
-    discovery_entries: Box<dyn Fn(&str) -> (u64, Vec<DiscoveryEntry>) + Send + Sync>,
+    discovery_entries: DiscoverySource,
 }
 
 impl std::fmt::Debug for Controller {
@@ -155,7 +158,7 @@ impl Controller {
         hostid: [u8; 16],
         kato_ms: u32,
         limits: ControllerLimits,
-        discovery_entries: Box<dyn Fn(&str) -> (u64, Vec<DiscoveryEntry>) + Send + Sync>,
+        discovery_entries: DiscoverySource,
     ) -> Controller {
         Controller {
             cntlid,
@@ -361,6 +364,15 @@ impl Controller {
                     None => Err(Status::INVALID_NAMESPACE.with_dnr()),
                 }
             }
+            // I/O command set specific structures for the NVM command set
+            // (CSI 0): no limits beyond MDTS, no NVM-specific namespace fields.
+            0x05 if cmd.csi == 0 => {
+                if !valid_nsid(cmd.nsid) || !ns.contains_key(&cmd.nsid.0) {
+                    return Err(Status::INVALID_NAMESPACE.with_dnr());
+                }
+                Ok(vec![0u8; IDENTIFY_LEN])
+            }
+            0x06 if cmd.csi == 0 => Ok(vec![0u8; IDENTIFY_LEN]),
             _ => Err(Status::INVALID_FIELD.with_dnr()),
         }
     }
@@ -394,7 +406,10 @@ impl Controller {
                 let mut p = vec![0u8; 512];
                 // AFI: slot 1 active; FRS1: the firmware revision.
                 p[0] = 1;
-                for (d, c) in p[8..16].iter_mut().zip(FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' '))) {
+                for (d, c) in p[8..16]
+                    .iter_mut()
+                    .zip(FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' ')))
+                {
                     *d = c;
                 }
                 p
@@ -429,7 +444,9 @@ impl Controller {
         if !set && sel == 3 {
             // Supported capabilities: changeable for the ones Set accepts.
             return match id {
-                fid::NUMBER_OF_QUEUES | fid::ASYNC_EVENT_CONFIG | fid::KEEP_ALIVE_TIMER => Ok(1 << 2),
+                fid::NUMBER_OF_QUEUES | fid::ASYNC_EVENT_CONFIG | fid::KEEP_ALIVE_TIMER => {
+                    Ok(1 << 2)
+                }
                 fid::ARBITRATION | fid::VOLATILE_WRITE_CACHE => Ok(0),
                 _ => Err(Status::INVALID_FIELD.with_dnr()),
             };
@@ -476,7 +493,11 @@ impl Controller {
                 if set {
                     // Round up to the 1 s granularity reported in KAS.
                     let ms = cdw11;
-                    st.kato_ms = if ms == 0 { 0 } else { ms.div_ceil(1000).saturating_mul(1000) };
+                    st.kato_ms = if ms == 0 {
+                        0
+                    } else {
+                        ms.div_ceil(1000).saturating_mul(1000)
+                    };
                     st.last_keep_alive = Instant::now();
                 }
                 Ok(st.kato_ms)
@@ -710,7 +731,12 @@ mod tests {
     }
 
     fn admin(op: AdminOpcode, cid: u16, nsid: u32, cdw: [u32; 6]) -> Sqe {
-        let mut s = Sqe::new(op.as_u8(), CommandId(cid), Nsid(nsid), DataSgl::Transport { len: 4096 });
+        let mut s = Sqe::new(
+            op.as_u8(),
+            CommandId(cid),
+            Nsid(nsid),
+            DataSgl::Transport { len: 4096 },
+        );
         s.cdw = cdw;
         s
     }
@@ -732,7 +758,9 @@ mod tests {
                 uuid: Some("0123abcd-4567-89ab-cdef-0123456789ab".into()),
             }))
             .expect("volume");
-        let s = Arc::new(Subsystem::new("nqn.2026-11.io.t:a", Some("SN"), None, true, None).expect("sub"));
+        let s = Arc::new(
+            Subsystem::new("nqn.2026-11.io.t:a", Some("SN"), None, true, None).expect("sub"),
+        );
         s.add_namespace(
             v,
             NamespaceParams {
@@ -760,7 +788,11 @@ mod tests {
         let (r, _) = cqe(c.execute_admin(&prop_get(1, 0, false), &[], 0));
         assert!(!r.status.is_success());
         // Admin commands before enable are refused.
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]), &[], 4096));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         assert_eq!(r.status, Status::COMMAND_SEQUENCE_ERROR.with_dnr());
         enable(&c);
         let (r, _) = cqe(c.execute_admin(&prop_get(1, 0x1c, false), &[], 0));
@@ -780,7 +812,11 @@ mod tests {
     fn identify_controller_and_namespaces() {
         let c = ctrl(subsystem_with_ns());
         enable(&c);
-        let (r, d) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]), &[], 4096));
+        let (r, d) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         assert!(r.status.is_success());
         let d = d.expect("data");
         assert_eq!(d.len(), 4096);
@@ -790,9 +826,17 @@ mod tests {
         let (_, d) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 1, [0; 6]), &[], 4096));
         let d = d.expect("ns");
         assert_eq!(u64::from_le_bytes(d[0..8].try_into().expect("8")), 64);
-        let (_, d) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [2, 0, 0, 0, 0, 0]), &[], 4096));
+        let (_, d) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 0, [2, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         assert_eq!(&d.expect("list")[0..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
-        let (_, d) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 1, [3, 0, 0, 0, 0, 0]), &[], 4096));
+        let (_, d) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 1, [3, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         let d = d.expect("descs");
         assert_eq!(d[0], 2, "NGUID first");
         assert_eq!(&d[4..8], &[0x01, 0x23, 0xab, 0xcd]);
@@ -802,7 +846,11 @@ mod tests {
         assert!(d.expect("zeroes").iter().all(|&b| b == 0));
         let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [0; 6]), &[], 4096));
         assert_eq!(r.status, Status::INVALID_NAMESPACE.with_dnr());
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [0x10, 0, 0, 0, 0, 0]), &[], 4096));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 0, [0x10, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         assert_eq!(r.status, Status::INVALID_FIELD.with_dnr());
     }
 
@@ -813,23 +861,51 @@ mod tests {
         sub.attach_controller(&c);
         enable(&c);
         // Number of queues: 16 asked, 8 granted.
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::SetFeatures, 3, 0, [7, 15 | (15 << 16), 0, 0, 0, 0]), &[], 0));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(
+                AdminOpcode::SetFeatures,
+                3,
+                0,
+                [7, 15 | (15 << 16), 0, 0, 0, 0],
+            ),
+            &[],
+            0,
+        ));
         assert_eq!(r.dw0, 7 | (7 << 16));
         assert!(c.attach_io_queue(8).is_ok());
         assert!(c.attach_io_queue(8).is_err(), "duplicate qid");
         assert!(c.attach_io_queue(9).is_err(), "beyond granted");
         // Saveable refused.
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::SetFeatures, 3, 0, [0x8000_000b, 0, 0, 0, 0, 0]), &[], 0));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::SetFeatures, 3, 0, [0x8000_000b, 0, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
         assert_eq!(r.status, Status::FEATURE_NOT_SAVEABLE.with_dnr());
         // KATO rounds up to seconds.
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::SetFeatures, 3, 0, [0x0f, 1500, 0, 0, 0, 0]), &[], 0));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::SetFeatures, 3, 0, [0x0f, 1500, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
         assert_eq!(r.dw0, 2000);
         assert_eq!(c.kato(), Duration::from_secs(2));
         // AEN: enable namespace notices, hold an AER, change a namespace.
-        cqe(c.execute_admin(&admin(AdminOpcode::SetFeatures, 3, 0, [0x0b, 1 << 8, 0, 0, 0, 0]), &[], 0));
-        assert_eq!(c.execute_admin(&admin(AdminOpcode::AsyncEventRequest, 9, 0, [0; 6]), &[], 0), AdminOutcome::Held);
-        let waker = Waker::noop();
-        let mut cx = Context::from_waker(waker);
+        cqe(c.execute_admin(
+            &admin(AdminOpcode::SetFeatures, 3, 0, [0x0b, 1 << 8, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
+        assert_eq!(
+            c.execute_admin(&admin(AdminOpcode::AsyncEventRequest, 9, 0, [0; 6]), &[], 0),
+            AdminOutcome::Held
+        );
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Noop));
+        let mut cx = Context::from_waker(&waker);
         assert!(c.poll_event(&mut cx).is_pending());
         sub.remove_namespace(1).expect("remove");
         match c.poll_event(&mut cx) {
@@ -841,19 +917,44 @@ mod tests {
         }
         // Changed namespace list names NSID 1 and reading it clears it.
         let mut glp = admin(AdminOpcode::GetLogPage, 4, 0xffff_ffff, [0; 6]);
-        GetLogPage { cid: CommandId(4), nsid: Nsid::BROADCAST, lid: 4, lsp: 0, rae: false, numd: 1024, offset: 0, lsi: 0 }.fill_sqe(&mut glp);
+        GetLogPage {
+            cid: CommandId(4),
+            nsid: Nsid::BROADCAST,
+            lid: 4,
+            lsp: 0,
+            rae: false,
+            numd: 1024,
+            offset: 0,
+            lsi: 0,
+        }
+        .fill_sqe(&mut glp);
         let (_, d) = cqe(c.execute_admin(&glp, &[], 4096));
         assert_eq!(&d.expect("log")[0..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
         let (_, d) = cqe(c.execute_admin(&glp, &[], 4096));
         assert!(d.expect("log").iter().all(|&b| b == 0));
         // AER limit.
         for i in 0..MAX_AERS as u16 {
-            assert_eq!(c.execute_admin(&admin(AdminOpcode::AsyncEventRequest, 20 + i, 0, [0; 6]), &[], 0), AdminOutcome::Held);
+            assert_eq!(
+                c.execute_admin(
+                    &admin(AdminOpcode::AsyncEventRequest, 20 + i, 0, [0; 6]),
+                    &[],
+                    0
+                ),
+                AdminOutcome::Held
+            );
         }
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::AsyncEventRequest, 30, 0, [0; 6]), &[], 0));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::AsyncEventRequest, 30, 0, [0; 6]),
+            &[],
+            0,
+        ));
         assert_eq!(r.status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.with_dnr());
         // Abort answers "not aborted"; unknown opcode refused.
-        let (r, _) = cqe(c.execute_admin(&admin(AdminOpcode::Abort, 5, 0, [9 << 16, 0, 0, 0, 0, 0]), &[], 0));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Abort, 5, 0, [9 << 16, 0, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
         assert_eq!((r.status, r.dw0), (Status::SUCCESS, 1));
         let mut bad = admin(AdminOpcode::Abort, 6, 0, [0; 6]);
         bad.opcode = 0x55;
@@ -881,17 +982,41 @@ mod tests {
             }),
         );
         cqe(c.execute_admin(&prop_set(1, 0x14, 1), &[], 0));
-        let (_, d) = cqe(c.execute_admin(&admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]), &[], 4096));
+        let (_, d) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Identify, 2, 0, [1, 0, 0, 0, 0, 0]),
+            &[],
+            4096,
+        ));
         assert_eq!(d.expect("id")[111], ControllerType::Discovery as u8);
         let mut glp = admin(AdminOpcode::GetLogPage, 4, 0, [0; 6]);
-        GetLogPage { cid: CommandId(4), nsid: Nsid(0), lid: 0x70, lsp: 0, rae: false, numd: 512, offset: 1024, lsi: 0 }.fill_sqe(&mut glp);
+        GetLogPage {
+            cid: CommandId(4),
+            nsid: Nsid(0),
+            lid: 0x70,
+            lsp: 0,
+            rae: false,
+            numd: 512,
+            offset: 1024,
+            lsi: 0,
+        }
+        .fill_sqe(&mut glp);
         let (r, d) = cqe(c.execute_admin(&glp, &[], 2048));
         assert!(r.status.is_success());
         let d = d.expect("entry");
         assert_eq!(d.len(), 2048);
         assert_eq!(d[0], 3, "TRTYPE tcp");
         let mut glp = admin(AdminOpcode::GetLogPage, 4, 0, [0; 6]);
-        GetLogPage { cid: CommandId(4), nsid: Nsid(0), lid: 0x02, lsp: 0, rae: false, numd: 128, offset: 0, lsi: 0 }.fill_sqe(&mut glp);
+        GetLogPage {
+            cid: CommandId(4),
+            nsid: Nsid(0),
+            lid: 0x02,
+            lsp: 0,
+            rae: false,
+            numd: 128,
+            offset: 0,
+            lsi: 0,
+        }
+        .fill_sqe(&mut glp);
         let (r, _) = cqe(c.execute_admin(&glp, &[], 512));
         assert_eq!(r.status, Status::INVALID_LOG_PAGE.with_dnr());
     }

@@ -220,17 +220,40 @@ mod tests {
 
     #[test]
     fn volume_errors_map_to_nvme_status() {
-        let oor = VolumeError::OutOfRange { offset: 0, len: 1, size: 0 };
-        assert_eq!(volume_status(&oor, Dir::Read), Status::LBA_OUT_OF_RANGE.with_dnr());
-        let mis = VolumeError::Misaligned { offset: 1, len: 1, block_size: 512 };
-        assert_eq!(volume_status(&mis, Dir::Write), Status::INVALID_FIELD.with_dnr());
-        assert_eq!(volume_status(&VolumeError::NoBuffer, Dir::Read), Status::COMMAND_INTERRUPTED);
+        let oor = VolumeError::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
+        assert_eq!(
+            volume_status(&oor, Dir::Read),
+            Status::LBA_OUT_OF_RANGE.with_dnr()
+        );
+        let mis = VolumeError::Misaligned {
+            offset: 1,
+            len: 1,
+            block_size: 512,
+        };
+        assert_eq!(
+            volume_status(&mis, Dir::Write),
+            Status::INVALID_FIELD.with_dnr()
+        );
+        assert_eq!(
+            volume_status(&VolumeError::NoBuffer, Dir::Read),
+            Status::COMMAND_INTERRUPTED
+        );
         let eio = || VolumeError::Io(io::Error::from_raw_os_error(libc::EIO));
-        assert_eq!(volume_status(&eio(), Dir::Read), Status::UNRECOVERED_READ_ERROR);
+        assert_eq!(
+            volume_status(&eio(), Dir::Read),
+            Status::UNRECOVERED_READ_ERROR
+        );
         assert_eq!(volume_status(&eio(), Dir::Write), Status::WRITE_FAULT);
         assert_eq!(volume_status(&eio(), Dir::None), Status::INTERNAL_ERROR);
         let nospc = VolumeError::Io(io::Error::from_raw_os_error(libc::ENOSPC));
-        assert_eq!(volume_status(&nospc, Dir::Write), Status::CAPACITY_EXCEEDED.with_dnr());
+        assert_eq!(
+            volume_status(&nospc, Dir::Write),
+            Status::CAPACITY_EXCEEDED.with_dnr()
+        );
         let eof = VolumeError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "eof"));
         assert_eq!(volume_status(&eof, Dir::Read), Status::DATA_TRANSFER_ERROR);
     }

@@ -152,7 +152,19 @@ pub fn fuzz_queue_pair(data: &[u8]) {
             }
         };
         let pdu_bytes = rest.get(..n).unwrap_or(&[]);
-        match qp.receive(pdu_bytes) {
+        // The zero-copy receive path (head, data, digest received apart) must
+        // decide exactly as the contiguous one.
+        let mut twin = qp.clone();
+        let split = split_parts(pdu_bytes, twin.codec());
+        let by_parts = split.map(|(h, d, g)| twin.receive_parts(h, d, g));
+        let whole = qp.receive(pdu_bytes);
+        if let Some(p) = by_parts {
+            debug_assert_eq!(
+                p.as_ref().map(|r| (&r.event, r.len)).map_err(|e| *e),
+                whole.as_ref().map(|r| (&r.event, r.len)).map_err(|e| *e)
+            );
+        }
+        match whole {
             Ok(r) => {
                 debug_assert_eq!(r.len, n);
                 match r.event {
@@ -188,6 +200,25 @@ pub fn fuzz_queue_pair(data: &[u8]) {
         }
         rest = rest.get(n..).unwrap_or(&[]);
     }
+}
+
+/// Splits a whole PDU into the head, data section and data digest a
+/// parts-wise receiver would have read; `None` if its header is invalid.
+fn split_parts<'a>(
+    pdu_bytes: &'a [u8],
+    cfg: &pdu::PduConfig,
+) -> Option<(&'a [u8], &'a [u8], Option<u32>)> {
+    let ch = pdu::CommonHeader::parse(pdu_bytes)?;
+    let p = pdu::parts_layout(&ch, cfg).ok()?;
+    let head = pdu_bytes.get(..p.head_len)?;
+    let data_end = p.head_len.checked_add(p.data_len)?;
+    let data = pdu_bytes.get(p.head_len..data_end)?;
+    let ddgst = if p.ddgst {
+        Some(u32::from_le_bytes(wire::bytes::<4>(pdu_bytes, data_end)?))
+    } else {
+        None
+    };
+    Some((head, data, ddgst))
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@
 //! rebuild the target (transport, then per subsystem: create, namespaces,
 //! hosts, listeners), replayed after "bdev" so namespaces find their volumes.
 
-use super::subsystem::{format_nguid, format_uuid, ListenAddress, NamespaceParams, Subsystem, SubsystemError};
+use super::subsystem::{
+    format_nguid, format_uuid, ListenAddress, NamespaceParams, Subsystem, SubsystemError,
+};
 use super::target::{NvmfTarget, TransportOptions};
 use crate::daemon::config::ConfigCall;
-use crate::rpc::{parse_params, MethodRegistry, RegisterError, RpcError};
 use crate::daemon::DaemonState;
+use crate::rpc::{parse_params, MethodRegistry, RegisterError, RpcError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -131,7 +133,10 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
     methods.register("nvmf_create_transport", move |p| {
         let p: CreateTransport = parse_params(p)?;
         if !p.trtype.eq_ignore_ascii_case("tcp") {
-            return Err(RpcError::invalid_params(format!("trtype '{}' is not supported (only TCP)", p.trtype)));
+            return Err(RpcError::invalid_params(format!(
+                "trtype '{}' is not supported (only TCP)",
+                p.trtype
+            )));
         }
         let d = TransportOptions::defaults(t.chunk_size());
         let opts = TransportOptions {
@@ -139,7 +144,9 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
             max_io_size: p.max_io_size.unwrap_or(d.max_io_size),
             io_unit_size: p.io_unit_size.unwrap_or(d.io_unit_size),
             max_queue_depth: p.max_queue_depth.unwrap_or(d.max_queue_depth),
-            max_io_qpairs_per_ctrlr: p.max_io_qpairs_per_ctrlr.unwrap_or(d.max_io_qpairs_per_ctrlr),
+            max_io_qpairs_per_ctrlr: p
+                .max_io_qpairs_per_ctrlr
+                .unwrap_or(d.max_io_qpairs_per_ctrlr),
             max_r2t_per_command: p.max_r2t_per_command.unwrap_or(d.max_r2t_per_command),
             c2h_success: p.c2h_success.unwrap_or(d.c2h_success),
         };
@@ -168,7 +175,13 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         let p: AddNs = parse_params(p)?;
         let s = t.nvm_subsystem(&p.nqn).map_err(rpc_error)?;
         let v = st.volumes.get(&p.namespace.bdev_name).ok_or_else(|| {
-            RpcError::app(-libc::ENODEV, format!("No such device: no volume named '{}'", p.namespace.bdev_name))
+            RpcError::app(
+                -libc::ENODEV,
+                format!(
+                    "No such device: no volume named '{}'",
+                    p.namespace.bdev_name
+                ),
+            )
         })?;
         let nsid = s.add_namespace(v, p.namespace).map_err(rpc_error)?;
         Ok(json!(nsid))
@@ -183,31 +196,42 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
     let t = target.clone();
     methods.register("nvmf_subsystem_add_listener", move |p| {
         let p: Listener = parse_params(p)?;
-        let bound = t.add_listener(&p.nqn, &p.listen_address).map_err(rpc_error)?;
-        Ok(serde_json::to_value(ListenAddress::from_addr(bound)).map_err(RpcError::internal)?)
+        let bound = t
+            .add_listener(&p.nqn, &p.listen_address)
+            .map_err(rpc_error)?;
+        serde_json::to_value(ListenAddress::from_addr(bound)).map_err(RpcError::internal)
     })?;
     let t = target.clone();
     methods.register("nvmf_subsystem_remove_listener", move |p| {
         let p: Listener = parse_params(p)?;
-        t.remove_listener(&p.nqn, &p.listen_address).map_err(rpc_error)?;
+        t.remove_listener(&p.nqn, &p.listen_address)
+            .map_err(rpc_error)?;
         Ok(Value::Bool(true))
     })?;
     let t = target.clone();
     methods.register("nvmf_subsystem_add_host", move |p| {
         let p: Host = parse_params(p)?;
-        t.nvm_subsystem(&p.nqn).map_err(rpc_error)?.add_host(&p.host).map_err(rpc_error)?;
+        t.nvm_subsystem(&p.nqn)
+            .map_err(rpc_error)?
+            .add_host(&p.host)
+            .map_err(rpc_error)?;
         Ok(Value::Bool(true))
     })?;
     let t = target.clone();
     methods.register("nvmf_subsystem_remove_host", move |p| {
         let p: Host = parse_params(p)?;
-        t.nvm_subsystem(&p.nqn).map_err(rpc_error)?.remove_host(&p.host).map_err(rpc_error)?;
+        t.nvm_subsystem(&p.nqn)
+            .map_err(rpc_error)?
+            .remove_host(&p.host)
+            .map_err(rpc_error)?;
         Ok(Value::Bool(true))
     })?;
     let t = target.clone();
     methods.register("nvmf_subsystem_allow_any_host", move |p| {
         let p: AllowAny = parse_params(p)?;
-        t.nvm_subsystem(&p.nqn).map_err(rpc_error)?.set_allow_any_host(p.allow_any_host);
+        t.nvm_subsystem(&p.nqn)
+            .map_err(rpc_error)?
+            .set_allow_any_host(p.allow_any_host);
         Ok(Value::Bool(true))
     })?;
     let t = target.clone();
@@ -216,12 +240,14 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         let list: Vec<Value> = t
             .subsystems()
             .iter()
-            .filter(|s| p.nqn.as_deref().is_none_or(|n| s.nqn.as_str() == n))
+            .filter(|s| p.nqn.as_deref().map_or(true, |n| s.nqn.as_str() == n))
             .map(|s| subsystem_json(s))
             .collect();
         if list.is_empty() {
             if let Some(n) = p.nqn {
-                return Err(rpc_error(SubsystemError::NotFound(format!("no subsystem '{n}'"))));
+                return Err(rpc_error(SubsystemError::NotFound(format!(
+                    "no subsystem '{n}'"
+                ))));
             }
         }
         Ok(Value::Array(list))

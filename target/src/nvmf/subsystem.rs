@@ -183,14 +183,12 @@ impl ListenAddress {
                 )));
             }
         }
-        let ip = self
-            .traddr
-            .parse()
-            .map_err(|_| SubsystemError::Invalid(format!("traddr '{}' is not an IPv4 address", self.traddr)))?;
-        let port: u16 = self
-            .trsvcid
-            .parse()
-            .map_err(|_| SubsystemError::Invalid(format!("trsvcid '{}' is not a port", self.trsvcid)))?;
+        let ip = self.traddr.parse().map_err(|_| {
+            SubsystemError::Invalid(format!("traddr '{}' is not an IPv4 address", self.traddr))
+        })?;
+        let port: u16 = self.trsvcid.parse().map_err(|_| {
+            SubsystemError::Invalid(format!("trsvcid '{}' is not a port", self.trsvcid))
+        })?;
         Ok(SocketAddrV4::new(ip, port))
     }
 
@@ -269,7 +267,11 @@ impl Subsystem {
         let model = model.unwrap_or(DEFAULT_MODEL);
         check_text("model_number", model, 40)?;
         let max = max_namespaces.unwrap_or(0);
-        let max = if max == 0 { DEFAULT_MAX_NAMESPACES } else { max };
+        let max = if max == 0 {
+            DEFAULT_MAX_NAMESPACES
+        } else {
+            max
+        };
         if max > MAX_NAMESPACES_LIMIT {
             return Err(SubsystemError::Invalid(format!(
                 "max_namespaces {max} is above {MAX_NAMESPACES_LIMIT}"
@@ -336,8 +338,13 @@ impl Subsystem {
 
     /// Whether the subsystem listens on `addr` (the discovery subsystem
     /// answers on every listening address).
+    /// A listener on the unspecified address (0.0.0.0) covers every local
+    /// address of its port.
     pub fn listens_on(&self, addr: SocketAddrV4) -> bool {
-        self.discovery || read(&self.policy).listeners.contains(&addr)
+        self.discovery
+            || read(&self.policy).listeners.iter().any(|l| {
+                l.port() == addr.port() && (l.ip() == addr.ip() || l.ip().is_unspecified())
+            })
     }
 
     /// Sets "allow any host".
@@ -538,7 +545,14 @@ mod tests {
     fn subsystem_validation_and_policy() {
         assert!(Subsystem::new("bogus", None, None, false, None).is_err());
         assert!(Subsystem::new(super::super::spec::DISCOVERY_NQN, None, None, true, None).is_err());
-        assert!(Subsystem::new("nqn.2026-11.io.x:a", Some("x".repeat(21).as_str()), None, true, None).is_err());
+        assert!(Subsystem::new(
+            "nqn.2026-11.io.x:a",
+            Some("x".repeat(21).as_str()),
+            None,
+            true,
+            None
+        )
+        .is_err());
         assert!(Subsystem::new("nqn.2026-11.io.x:a", None, None, true, Some(5000)).is_err());
         let s = Subsystem::new("nqn.2026-11.io.x:a", Some("SN1"), None, false, None).expect("ok");
         assert!(!s.host_allowed("nqn.host"));
@@ -554,6 +568,10 @@ mod tests {
         s.add_listener(a).expect("listen");
         assert!(s.add_listener(a).is_err());
         assert!(s.listens_on(a));
+        let any: SocketAddrV4 = "0.0.0.0:4421".parse().expect("addr");
+        s.add_listener(any).expect("listen any");
+        assert!(s.listens_on("10.1.2.3:4421".parse().expect("addr")));
+        assert!(!s.listens_on("10.1.2.3:4420".parse().expect("addr")));
         s.remove_listener(a).expect("unlisten");
         assert!(s.remove_listener(a).is_err());
         assert!(Subsystem::discovery().expect("discovery").listens_on(a));
@@ -569,10 +587,22 @@ mod tests {
         };
         assert_eq!(ok.socket_addr().expect("ok").port(), 4420);
         for bad in [
-            ListenAddress { trtype: "rdma".into(), ..ok.clone() },
-            ListenAddress { adrfam: Some("ipv6".into()), ..ok.clone() },
-            ListenAddress { traddr: "::1".into(), ..ok.clone() },
-            ListenAddress { trsvcid: "http".into(), ..ok.clone() },
+            ListenAddress {
+                trtype: "rdma".into(),
+                ..ok.clone()
+            },
+            ListenAddress {
+                adrfam: Some("ipv6".into()),
+                ..ok.clone()
+            },
+            ListenAddress {
+                traddr: "::1".into(),
+                ..ok.clone()
+            },
+            ListenAddress {
+                trsvcid: "http".into(),
+                ..ok.clone()
+            },
         ] {
             assert!(bad.socket_addr().is_err(), "{bad:?}");
         }

@@ -6,24 +6,24 @@
 //! connection, on any core, find its controller by (subsystem NQN, CNTLID):
 //! the controller is an `Arc`, so attaching takes no message to the admin
 //! queue's core. Listening sockets are shared between subsystems by address
-//! and reference counted; each runs an accept loop on one reactor that deals
-//! accepted connections round-robin to all reactors, where a connection then
-//! lives for its whole life.
+//! and reference counted; each runs the transport's accept loop on one
+//! reactor, which hands accepted connections round-robin to all reactors,
+//! where a connection then lives for its whole life.
 
 use super::controller::{shutdown_fd, Controller, ControllerLimits, ADMIN_QUEUE_MIN};
 use super::log_page::DiscoveryEntry;
-use super::sock;
 use super::spec::{
     connect_data_off, connect_off, connect_success_dw0, CntlId, ConnectCommand, ConnectData, Cqe,
     FabricsError, Status,
 };
 use super::subsystem::{lock, read, write, ListenAddress, Subsystem, SubsystemError};
 use mirrorpoint_poller::ReactorHandle;
+use mirrorpoint_transport::{Acceptor, TcpListener};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddrV4;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 /// Transport options (`nvmf_create_transport`, SPDK's names).
@@ -76,13 +76,19 @@ impl TransportOptions {
                 self.in_capsule_data_size
             ));
         }
-        if !self.max_io_size.is_power_of_two() || self.max_io_size < 4096 || self.max_io_size as usize > chunk {
+        if !self.max_io_size.is_power_of_two()
+            || self.max_io_size < 4096
+            || self.max_io_size as usize > chunk
+        {
             return bad(format!(
                 "max_io_size {} must be a power of two from 4096 up to the buffer pool chunk ({chunk})",
                 self.max_io_size
             ));
         }
-        if self.io_unit_size < 4096 || self.io_unit_size % 4 != 0 || self.io_unit_size > self.max_io_size {
+        if self.io_unit_size < 4096
+            || self.io_unit_size % 4 != 0
+            || self.io_unit_size > self.max_io_size
+        {
             return bad(format!(
                 "io_unit_size {} must be a multiple of 4 from 4096 up to max_io_size",
                 self.io_unit_size
@@ -128,7 +134,6 @@ pub struct NvmfTarget {
     listeners: Mutex<HashMap<SocketAddrV4, ListenerEntry>>,
     connections: Mutex<Vec<Weak<OwnedFd>>>,
     reactors: Vec<ReactorHandle>,
-    next_reactor: AtomicUsize,
     genctr: AtomicU64,
     chunk_size: usize,
     this: Weak<NvmfTarget>,
@@ -137,7 +142,10 @@ pub struct NvmfTarget {
 impl NvmfTarget {
     /// A target with only the discovery subsystem, running connections on
     /// `reactors`, whose pools have chunks of `chunk_size` bytes.
-    pub fn new(reactors: Vec<ReactorHandle>, chunk_size: usize) -> Result<Arc<NvmfTarget>, SubsystemError> {
+    pub fn new(
+        reactors: Vec<ReactorHandle>,
+        chunk_size: usize,
+    ) -> Result<Arc<NvmfTarget>, SubsystemError> {
         let discovery = Arc::new(Subsystem::discovery()?);
         Ok(Arc::new_cyclic(|this| NvmfTarget {
             subsystems: RwLock::new(vec![discovery]),
@@ -147,7 +155,6 @@ impl NvmfTarget {
             listeners: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
             reactors,
-            next_reactor: AtomicUsize::new(0),
             genctr: AtomicU64::new(1),
             chunk_size,
             this: this.clone(),
@@ -173,7 +180,9 @@ impl NvmfTarget {
     pub fn create_transport(&self, opts: TransportOptions) -> Result<(), SubsystemError> {
         opts.validate(self.chunk_size)?;
         if read(&self.transport).1 {
-            return Err(SubsystemError::Exists("the TCP transport already exists".into()));
+            return Err(SubsystemError::Exists(
+                "the TCP transport already exists".into(),
+            ));
         }
         if !lock(&self.listeners).is_empty() {
             return Err(SubsystemError::Unavailable(
@@ -244,17 +253,39 @@ impl NvmfTarget {
         Ok(())
     }
 
+    /// Removes every namespace exporting `volume_name`; returns how many.
+    pub fn remove_volume(&self, volume_name: &str) -> usize {
+        let mut n = 0;
+        for s in self.subsystems().iter().filter(|s| !s.discovery) {
+            let (map, _) = s.namespaces();
+            for ns in map.values().filter(|ns| ns.volume.name() == volume_name) {
+                if s.remove_namespace(ns.nsid).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// Whether any subsystem exports `volume_name`.
     pub fn volume_in_use(&self, volume_name: &str) -> bool {
-        read(&self.subsystems).iter().any(|s| s.uses_volume(volume_name))
+        read(&self.subsystems)
+            .iter()
+            .any(|s| s.uses_volume(volume_name))
     }
 
     /// Makes `nqn` listen on `addr` (port 0 picks one); returns the bound address.
-    pub fn add_listener(&self, nqn: &str, addr: &ListenAddress) -> Result<SocketAddrV4, SubsystemError> {
+    pub fn add_listener(
+        &self,
+        nqn: &str,
+        addr: &ListenAddress,
+    ) -> Result<SocketAddrV4, SubsystemError> {
         let s = self.nvm_subsystem(nqn)?;
         let want = addr.socket_addr()?;
         if want.port() != 0 && s.listens_on(want) {
-            return Err(SubsystemError::Exists(format!("{nqn} already listens on {want}")));
+            return Err(SubsystemError::Exists(format!(
+                "{nqn} already listens on {want}"
+            )));
         }
         let bound = self.acquire_listener(want)?;
         if let Err(e) = s.add_listener(bound) {
@@ -286,14 +317,37 @@ impl NvmfTarget {
         let Some(reactor) = self.reactors.first() else {
             return Err(SubsystemError::Unavailable("no reactors".into()));
         };
-        let (fd, bound) = sock::listen(want).map_err(|e| {
+        let cannot = |e: std::io::Error| {
             SubsystemError::Unavailable(format!("cannot listen on {want}: {e}"))
-        })?;
-        let fd = Arc::new(fd);
-        let target = self.this.upgrade().ok_or_else(|| SubsystemError::Unavailable("target is gone".into()))?;
-        let lfd = fd.clone();
+        };
+        let std_listener = std::net::TcpListener::bind(want).map_err(cannot)?;
+        let bound = match std_listener.local_addr().map_err(cannot)? {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => {
+                return Err(SubsystemError::Invalid("bound an IPv6 address".into()))
+            }
+        };
+        // A duplicate of the descriptor: shutdown(2) on it from this thread
+        // ends the accept loop on its reactor.
+        let fd = Arc::new(OwnedFd::from(std_listener.try_clone().map_err(cannot)?));
+        let target = self
+            .this
+            .upgrade()
+            .ok_or_else(|| SubsystemError::Unavailable("target is gone".into()))?;
+        let reactors = self.reactors.clone();
         if !reactor.post(move || {
-            mirrorpoint_poller::spawn(super::conn::accept_loop(target, lfd, bound)).detach();
+            let acceptor =
+                TcpListener::from_std(std_listener).and_then(|l| Acceptor::new(l, reactors));
+            match acceptor {
+                Ok(a) => mirrorpoint_poller::spawn(async move {
+                    let r = a
+                        .run(move |stream, _peer| super::conn::serve(target.clone(), stream))
+                        .await;
+                    tracing::debug!(%bound, "accept loop ends: {r:?}");
+                })
+                .detach(),
+                Err(e) => tracing::error!(%bound, "cannot accept: {e}"),
+            }
         }) {
             return Err(SubsystemError::Unavailable("reactors are stopping".into()));
         }
@@ -315,15 +369,6 @@ impl NvmfTarget {
         }
     }
 
-    /// The reactor the next accepted connection goes to.
-    pub fn pick_reactor(&self) -> Option<&ReactorHandle> {
-        if self.reactors.is_empty() {
-            return None;
-        }
-        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len();
-        self.reactors.get(i)
-    }
-
     /// Remembers a connection's socket so shutdown can close it.
     pub fn register_connection(&self, fd: &Arc<OwnedFd>) {
         let mut c = lock(&self.connections);
@@ -336,7 +381,10 @@ impl NvmfTarget {
         for (_, e) in lock(&self.listeners).drain() {
             shutdown_fd(&e.fd);
         }
-        for c in lock(&self.connections).drain(..).filter_map(|w| w.upgrade()) {
+        for c in lock(&self.connections)
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+        {
             shutdown_fd(&c);
         }
     }
