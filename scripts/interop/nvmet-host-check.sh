@@ -5,7 +5,7 @@
 # Usage: scripts/interop/nvmet-host-check.sh [--timeout S] [-v]
 #
 # Builds the ignored test target/tests/nvmf_host_nvmet.rs, boots the interop
-# guest (run-guest.sh) running nvmet-host-guest.sh: nvmet-tcp exporting a
+# guest (run-guest.sh) running guest/nvmet-host.sh: nvmet-tcp exporting a
 # 64 MiB brd RAM disk on guest port 4420, forwarded to 127.0.0.1:PORT on the
 # host (QEMU hostfwd). Once the guest prints MP_NVMET_READY, the test runs
 # against 127.0.0.1:PORT (connect, identify, discovery log, write/read/verify
@@ -66,7 +66,7 @@ cleanup() {
 trap cleanup EXIT
 
 log "booting the guest (nvmet-tcp on guest :4420 -> 127.0.0.1:$PORT), log $LOGDIR"
-"$HERE/run-guest.sh" "$HERE/nvmet-host-guest.sh" --name nvmet-host --log-dir "$LOGDIR" \
+"$HERE/run-guest.sh" "$HERE/guest/nvmet-host.sh" --name nvmet-host --log-dir "$LOGDIR" \
     --timeout "$TIMEOUT" --hostfwd "$PORT:4420" --env "NQN=$NQN" --env "DONE_PORT=$DONE_PORT" \
     "${VERBOSE[@]}" >"$LOGDIR/run-guest.out" 2>"$LOGDIR/run-guest.err" &
 GUEST_PID=$!

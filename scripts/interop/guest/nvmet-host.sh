@@ -1,5 +1,5 @@
 #!/bin/sh
-# Guest script for nvmet-host-check.sh: export a brd RAM disk with the
+# Guest script for ../nvmet-host-check.sh: export a brd RAM disk with the
 # kernel's nvmet-tcp target on 0.0.0.0:4420 (reached from the host through
 # QEMU hostfwd), announce readiness on the console, then wait until the host
 # reports its test result over HTTP on 10.0.2.2:$DONE_PORT, and exit with it.
