@@ -426,3 +426,100 @@ fn r2ts_are_answered_in_maxh2cdata_pieces() {
     });
     t.join().expect("fake");
 }
+
+/// Never panics on what a target sends: valid responses to two reads and a
+/// write, with a few bytes flipped (or the stream cut short), for many seeds;
+/// every command must end (Ok or a typed error) once the fake hangs up.
+#[test]
+fn mutated_target_input_never_panics_or_hangs() {
+    for seed in 1..=32u64 {
+        let digests = seed % 2 == 0;
+        let (addr, t) = fake(8192, move |mut s, cfg| {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let Some(sqe) = capsule(&mut s, &cfg) else {
+                    return;
+                };
+                if sqe.opcode == 0x02 {
+                    let d = C2HData {
+                        cid: sqe.cid,
+                        offset: 0,
+                        last: true,
+                        success: seed % 3 == 0 && !cfg.ddgst,
+                        data: &[0x5a; 4096],
+                    };
+                    out.extend(Pdu::C2HData(d).to_vec(&cfg).expect("encode"));
+                    if seed % 3 != 0 || cfg.ddgst {
+                        out.extend(
+                            Pdu::CapsuleResp(CapsuleResp {
+                                cqe: Cqe::new(sqe.cid, Status::SUCCESS),
+                            })
+                            .to_vec(&cfg)
+                            .expect("encode"),
+                        );
+                    }
+                } else {
+                    let r = R2t {
+                        cid: sqe.cid,
+                        ttag: 1,
+                        offset: 0,
+                        len: 4096,
+                    };
+                    out.extend(Pdu::R2t(r).to_vec(&cfg).expect("encode"));
+                }
+            }
+            // Flip up to three bytes among the headers (the first 64 bytes of
+            // each 128-byte window, where fields live), or cut the stream.
+            for _ in 0..1 + rnd() % 3 {
+                let i = (rnd() as usize) % out.len();
+                out[i] ^= (rnd() as u8) | 1;
+            }
+            if rnd() % 4 == 0 {
+                let keep = (rnd() as usize) % out.len();
+                out.truncate(keep);
+            }
+            let _ = s.write_all(&out);
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        });
+        let opts = ConnectOptions {
+            command_timeout: Duration::from_secs(3),
+            ..options(digests)
+        };
+        // The fake answers with in-capsule write data disabled so the write
+        // waits for the (possibly mutated) R2T.
+        let opts = ConnectOptions {
+            in_capsule_writes: false,
+            ..opts
+        };
+        with_queue(addr, opts, move |q| async move {
+            let q = std::rc::Rc::new(q);
+            let mut tasks = Vec::new();
+            for i in 0..2u64 {
+                let q = q.clone();
+                tasks.push(mirrorpoint_poller::spawn(async move {
+                    let b = buffer_pool().alloc(4096).expect("chunk");
+                    q.read(1, i * 8, 8, b).await.0.err()
+                }));
+            }
+            let q2 = q.clone();
+            tasks.push(mirrorpoint_poller::spawn(async move {
+                let b = buffer_pool().alloc(4096).expect("chunk");
+                q2.write(1, 64, b.freeze()).await.err()
+            }));
+            for t in tasks {
+                if let Some(e) = t.await {
+                    eprintln!("seed {seed}: {}", e.root());
+                }
+            }
+        });
+        t.join().expect("fake");
+    }
+}
