@@ -194,3 +194,100 @@ fn discovery_deallocate_and_refusals() {
         })
         .expect("reactor");
 }
+
+/// Rough speed of the initiator against our target, both in this process on
+/// the same two cores: 4 KiB random reads, then writes, at QD 32 on one
+/// queue for two seconds each. Ignored (timing, not correctness):
+/// `cargo test --release -p mirrorpoint-target --test nvmf_host_target -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing only"]
+fn qd32_4k_iops() {
+    let t = start_target();
+    let host = runtime(vec![1]);
+    let addr = t.addr;
+    host.handles()[0]
+        .block_on(move || async move {
+            let ctrl = Controller::connect(addr, NQN, HOSTNQN, ConnectOptions::default())
+                .await
+                .expect("connect");
+            let q = std::rc::Rc::new(IoQueue::connect(ctrl.info(), 1, 32).await.expect("queue"));
+            for write in [false, true] {
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                let mut tasks = Vec::new();
+                for w in 0..32u64 {
+                    let q = q.clone();
+                    tasks.push(mirrorpoint_poller::spawn(async move {
+                        let mut x = (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        let mut n = 0u64;
+                        let mut buf = buffer_pool().alloc(4096).expect("chunk");
+                        while std::time::Instant::now() < end {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let lba = x % BLOCKS;
+                            if write {
+                                let b = buf.freeze();
+                                q.write(1, lba, b.clone()).await.expect("write");
+                                buf = b.try_into_mut().expect("sole owner");
+                            } else {
+                                let (r, b) = q.read(1, lba, 1, buf).await;
+                                r.expect("read");
+                                buf = b;
+                            }
+                            n += 1;
+                        }
+                        n
+                    }));
+                }
+                let mut total = 0;
+                for t in tasks {
+                    total += t.await;
+                }
+                eprintln!(
+                    "4 KiB random {} QD 32: {} IOPS",
+                    if write { "write" } else { "read" },
+                    total / 2
+                );
+            }
+        })
+        .expect("reactor");
+}
+
+/// Keep Alive at KATO/2 keeps an idle controller alive past KATO; with the
+/// keep-alive held back, our target tears the controller down.
+#[test]
+fn keep_alive_keeps_an_idle_controller() {
+    let t = start_target();
+    let host = runtime(vec![0]);
+    let addr = t.addr;
+    host.handles()[0]
+        .block_on(move || async move {
+            let kato = std::time::Duration::from_secs(1);
+            let ok = ConnectOptions {
+                keep_alive: kato,
+                ..ConnectOptions::default()
+            };
+            let starved = ConnectOptions {
+                keep_alive: kato,
+                keep_alive_interval: Some(std::time::Duration::from_secs(60)),
+                ..ConnectOptions::default()
+            };
+            let a = Controller::connect(addr, NQN, HOSTNQN, ok)
+                .await
+                .expect("connect");
+            let b = Controller::connect(addr, NQN, HOSTNQN, starved)
+                .await
+                .expect("connect");
+            let qa = IoQueue::connect(a.info(), 1, 4).await.expect("queue a");
+            let qb = IoQueue::connect(b.info(), 1, 4).await.expect("queue b");
+            mirrorpoint_poller::sleep(std::time::Duration::from_millis(2500)).await;
+            a.identify_controller().await.expect("kept alive");
+            qa.flush(1).await.expect("I/O queue kept alive");
+            assert!(
+                b.identify_controller().await.is_err(),
+                "no keep-alive, yet alive"
+            );
+            assert!(qb.flush(1).await.is_err(), "I/O queue of a dead controller");
+        })
+        .expect("reactor");
+}

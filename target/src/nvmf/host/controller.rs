@@ -42,6 +42,8 @@ pub struct ConnectOptions {
     /// Keep Alive Timeout sent in Connect; Keep Alive commands go out every
     /// half of it. Zero disables keep-alive.
     pub keep_alive: Duration,
+    /// How often Keep Alive is sent; half of `keep_alive` when `None`.
+    pub keep_alive_interval: Option<Duration>,
     /// Admin commands in flight at most (the admin SQ has one more entry).
     pub admin_depth: u16,
     /// I/O queues to ask for with Set Features (Number of Queues).
@@ -68,6 +70,7 @@ impl Default for ConnectOptions {
             data_digest: false,
             hostid: None,
             keep_alive: Duration::from_secs(10),
+            keep_alive_interval: None,
             admin_depth: 31,
             io_queues: 4,
             hpda: 0,
@@ -295,7 +298,10 @@ impl Controller {
         });
         let keep_alive = (kato > 0).then(|| {
             let weak = admin.downgrade();
-            let period = options.keep_alive / 2;
+            let period = options
+                .keep_alive_interval
+                .unwrap_or(options.keep_alive / 2)
+                .max(Duration::from_millis(10));
             spawn(async move {
                 loop {
                     sleep(period).await;
