@@ -171,6 +171,8 @@ async fn controller_side(
     assert!(stats.h2c_data_pdus >= stats.r2ts, "{stats:?}");
     assert!(stats.c2h_data_pdus >= extents, "{stats:?}");
     assert_eq!(stats.data_digest_errors, 0);
+    let pdus = stats.commands + stats.h2c_data_pdus;
+    assert!(stats.send_ops < pdus, "no send batching: {stats:?}");
 
     // Zeroing (if supported), flush.
     let (off0, _) = extent(0);

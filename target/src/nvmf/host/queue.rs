@@ -8,7 +8,7 @@
 //!   a credit (at most `depth` in flight), a free CID and a slot; it sends its
 //!   capsule and waits on its slot. One receive-loop task reads every PDU and
 //!   demultiplexes by CID: CapsuleResp completes a slot, C2HData lands in
-//!   the slot's buffer, R2T spawns a task that sends the requested H2CData.
+//!   the slot's buffer, R2T queues the requested H2CData.
 //! * **Zero copy.** Read data is received straight into the caller's pool
 //!   buffer at DATAO (the head is read first into a small buffer and its
 //!   header digest checked before any field is trusted); write data goes out
@@ -19,10 +19,15 @@
 //!   command timeout or the host dropping the queue marks it dead: the socket
 //!   is shut down, every command in flight fails with the cause, and later
 //!   commands fail at once. A data digest mismatch fails only its command.
-//! * **Cancellation is safe.** A command future dropped after its capsule went
-//!   out leaves its slot (and buffer) reserved until the target answers, so a
-//!   CID is never reused while the target may still use it; one dropped in
-//!   the middle of a send kills the queue, since the stream is then torn.
+//! * **Cancellation is safe.** A command future dropped after its capsule was
+//!   queued leaves its slot (and buffer) reserved until the target answers, so a
+//!   CID is never reused while the target may still use it. Sending is done
+//!   by one task per queue that owns the socket's send side, so no command
+//!   can leave a PDU half sent.
+//! * **Batched sends.** Queued PDUs leave in as few `sendmsg` calls as
+//!   possible: headers and digests are copied into one scratch pool chunk
+//!   and gathered with the payload buffers, so a burst of capsules or
+//!   H2CData PDUs is one system call.
 
 use super::error::HostError;
 use crate::nvmf::pdu::{
@@ -36,6 +41,7 @@ use mirrorpoint_poller::{
 };
 use mirrorpoint_transport::TcpStream;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -92,6 +98,8 @@ pub struct QueueStats {
     pub success_flag_completions: u64,
     /// Commands that failed a data digest check.
     pub data_digest_errors: u64,
+    /// `sendmsg` operations (PDUs are batched into as few as possible).
+    pub send_ops: u64,
 }
 
 /// Connection parameters of one queue.
@@ -174,7 +182,16 @@ struct Inner {
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<u16>>,
     credits: LocalSemaphore,
-    send_lock: LocalSemaphore,
+    /// PDUs waiting for the send task, with their sequence numbers.
+    out: RefCell<VecDeque<(u64, OutPdu)>>,
+    /// Sequence number of the next PDU queued.
+    out_next: Cell<u64>,
+    /// Every PDU below this sequence number has been handed to the kernel.
+    out_done: Cell<u64>,
+    /// The send task, waiting for work.
+    out_waker: RefCell<Option<Waker>>,
+    /// Tasks waiting for a PDU to go out (H2CTermReq before closing).
+    flush_wakers: RefCell<Vec<Waker>>,
     dead: RefCell<Option<Arc<HostError>>>,
     timeout: Duration,
     stats: Cell<QueueStats>,
@@ -281,12 +298,17 @@ impl Queue {
             slots: RefCell::new((0..p.depth).map(|_| Slot::default()).collect()),
             free: RefCell::new((0..p.depth).rev().collect()),
             credits: LocalSemaphore::new(usize::from(p.depth)),
-            send_lock: LocalSemaphore::new(1),
+            out: RefCell::new(VecDeque::new()),
+            out_next: Cell::new(0),
+            out_done: Cell::new(0),
+            out_waker: RefCell::new(None),
+            flush_wakers: RefCell::new(Vec::new()),
             dead: RefCell::new(None),
             timeout: p.command_timeout,
             stats: Cell::new(QueueStats::default()),
         });
         spawn(receive_loop(inner.clone(), head)).detach();
+        spawn(send_loop(inner.clone())).detach();
         Ok(Queue { inner })
     }
 
@@ -354,21 +376,14 @@ impl Queue {
 struct SlotGuard<'a> {
     inner: &'a Rc<Inner>,
     cid: u16,
-    sent: bool,
     armed: bool,
 }
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            self.inner.abandon(self.cid);
         }
-        if !self.sent {
-            self.inner.die(HostError::InvalidRequest(
-                "a command was dropped while its capsule was being sent".into(),
-            ));
-        }
-        self.inner.abandon(self.cid);
     }
 }
 
@@ -475,7 +490,6 @@ impl Inner {
         let mut guard = SlotGuard {
             inner: this,
             cid,
-            sent: false,
             armed: true,
         };
         this.bump(|s| {
@@ -484,9 +498,7 @@ impl Inner {
                 s.in_capsule_writes += 1;
             }
         });
-        let sent = this.send_capsule(&sqe, capsule).await;
-        guard.sent = true;
-        if let Err(e) = sent {
+        if let Err(e) = this.send_capsule(&sqe, capsule) {
             this.die(e);
         }
         let out = this.wait(cid).await;
@@ -494,7 +506,8 @@ impl Inner {
         out
     }
 
-    async fn send_capsule(&self, sqe: &Sqe, capsule: Capsule) -> Result<(), HostError> {
+    /// Encodes a command capsule and queues it for the send task.
+    fn send_capsule(&self, sqe: &Sqe, capsule: Capsule) -> Result<(), HostError> {
         let data: &[u8] = match &capsule {
             Capsule::None => &[],
             Capsule::Buf(b) => b,
@@ -503,28 +516,43 @@ impl Inner {
         let parts = Pdu::CapsuleCmd(CapsuleCmd { sqe: *sqe, data })
             .encode_parts(&self.cfg)
             .map_err(|e| HostError::InvalidRequest(format!("capsule: {e}")))?;
-        let _lock = self.send_lock.acquire().await;
-        if let Some(e) = self.dead_error() {
-            return Err(e);
-        }
-        match capsule {
-            Capsule::None => self.stream.send_vectored_all(&parts.header, &[]).await?,
+        let pdu = match capsule {
+            Capsule::None => OutPdu {
+                header: parts.header,
+                payload: None,
+                digest: None,
+            },
             Capsule::Bytes(v) => {
                 let mut all = parts.header;
                 all.extend_from_slice(&v);
                 if let Some(d) = parts.data_digest {
                     all.extend_from_slice(&d);
                 }
-                self.stream.send_vectored_all(&all, &[]).await?
-            }
-            Capsule::Buf(b) => {
-                self.stream.send_vectored_all(&parts.header, &[b]).await?;
-                if let Some(d) = parts.data_digest {
-                    self.stream.send_vectored_all(&d, &[]).await?;
+                OutPdu {
+                    header: all,
+                    payload: None,
+                    digest: None,
                 }
             }
-        }
+            Capsule::Buf(b) => OutPdu {
+                header: parts.header,
+                payload: Some(b),
+                digest: parts.data_digest,
+            },
+        };
+        self.push(pdu);
         Ok(())
+    }
+
+    /// Queues a PDU for the send task; returns its sequence number.
+    fn push(&self, pdu: OutPdu) -> u64 {
+        let seq = self.out_next.get();
+        self.out_next.set(seq + 1);
+        self.out.borrow_mut().push_back((seq, pdu));
+        if let Some(w) = self.out_waker.borrow_mut().take() {
+            w.wake();
+        }
+        seq
     }
 
     /// Waits for `cid`'s completion, killing the queue on timeout.
@@ -657,6 +685,12 @@ impl Inner {
         }
         let cause = Arc::new(cause);
         *self.dead.borrow_mut() = Some(cause.clone());
+        if let Some(w) = self.out_waker.borrow_mut().take() {
+            w.wake();
+        }
+        for w in self.flush_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
         // SAFETY: fd belongs to self.stream, which lives as long as self.
         unsafe {
             libc::shutdown(self.fd, libc::SHUT_RDWR);
@@ -711,11 +745,19 @@ impl Inner {
     async fn fatal(&self, e: PduError, echo: Vec<u8>) -> HostError {
         if let Some(t) = e.h2c_term_req(&echo) {
             if let Ok(bytes) = t.to_vec(&self.cfg) {
-                let send = async {
-                    let _lock = self.send_lock.acquire().await;
-                    let _ = self.stream.send_vectored_all(&bytes, &[]).await;
-                };
-                let _ = with_timeout(TERM_REQ_SEND_TIMEOUT, send).await;
+                let seq = self.push(OutPdu {
+                    header: bytes,
+                    payload: None,
+                    digest: None,
+                });
+                let sent = poll_fn(|cx| {
+                    if self.out_done.get() > seq || self.dead.borrow().is_some() {
+                        return Poll::Ready(());
+                    }
+                    self.flush_wakers.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                });
+                let _ = with_timeout(TERM_REQ_SEND_TIMEOUT, sent).await;
             }
         }
         HostError::Protocol(e)
@@ -816,16 +858,10 @@ async fn handle_pdu(inner: &Rc<Inner>, bytes: &[u8]) -> Next {
                 return Next::Stop(inner.fatal(e, bytes.to_vec()).await);
             }
             inner.bump(|s| s.r2ts += 1);
-            spawn(send_h2c_data(
-                inner.clone(),
-                r.cid,
-                r.ttag,
-                data,
-                r.offset,
-                r.len,
-            ))
-            .detach();
-            Next::Continue
+            match queue_h2c_data(inner, r.cid, r.ttag, &data, r.offset, r.len) {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Stop(e),
+            }
         }
         Pdu::C2HTermReq(t) => Next::Stop(HostError::Terminated {
             fes: t.fes,
@@ -964,25 +1000,25 @@ async fn receive_c2h_data(
     (next, head)
 }
 
-/// Answers one R2T: H2CData PDUs of at most MAXH2CDATA bytes covering
-/// `offset..offset+len` of the command's data, the last one flagged.
-async fn send_h2c_data(
-    inner: Rc<Inner>,
+/// Answers one R2T: queues H2CData PDUs of at most MAXH2CDATA bytes
+/// covering `offset..offset+len` of the command's data (slices of the
+/// caller's buffer, not copies), the last one flagged.
+fn queue_h2c_data(
+    inner: &Inner,
     cid: CommandId,
     ttag: u16,
-    data: IoBuf,
+    data: &IoBuf,
     offset: u32,
     len: u32,
-) {
+) -> Result<(), HostError> {
     let end = offset.saturating_add(len);
     let mut off = offset;
     let step = inner.maxh2cdata.max(4096);
     while off < end {
         let n = step.min(end - off);
-        let Some(chunk) = data.slice(off as usize, n as usize) else {
-            inner.die(HostError::Unexpected("R2T range outside the data".into()));
-            return;
-        };
+        let chunk = data
+            .slice(off as usize, n as usize)
+            .ok_or_else(|| HostError::Unexpected("R2T range outside the data".into()))?;
         let pdu = Pdu::H2CData(H2CData {
             cid,
             ttag,
@@ -990,33 +1026,170 @@ async fn send_h2c_data(
             last: off + n == end,
             data: &chunk,
         });
-        let parts = match pdu.encode_parts(&inner.cfg) {
-            Ok(p) => p,
-            Err(e) => {
-                inner.die(HostError::InvalidRequest(format!("H2CData: {e}")));
-                return;
-            }
-        };
-        let sent = async {
-            let _lock = inner.send_lock.acquire().await;
-            if let Some(e) = inner.dead_error() {
-                return Err(e);
-            }
-            inner
-                .stream
-                .send_vectored_all(&parts.header, std::slice::from_ref(&chunk))
-                .await?;
-            if let Some(d) = parts.data_digest {
-                inner.stream.send_vectored_all(&d, &[]).await?;
-            }
-            Ok::<(), HostError>(())
-        }
-        .await;
-        if let Err(e) = sent {
-            inner.die(e);
-            return;
-        }
+        let parts = pdu
+            .encode_parts(&inner.cfg)
+            .map_err(|e| HostError::InvalidRequest(format!("H2CData: {e}")))?;
+        inner.push(OutPdu {
+            header: parts.header,
+            payload: Some(chunk),
+            digest: parts.data_digest,
+        });
         inner.bump(|s| s.h2c_data_pdus += 1);
         off += n;
     }
+    Ok(())
+}
+
+/// Most header bytes gathered into one `sendmsg`.
+const SEND_BATCH_BYTES: usize = 64 * 1024;
+/// Most payload buffers gathered into one `sendmsg`.
+const SEND_BATCH_PAYLOADS: usize = 128;
+
+/// A batch ready for one `sendmsg`.
+struct Batch {
+    header: Vec<u8>,
+    segments: Vec<IoBuf>,
+    last_seq: Option<u64>,
+}
+
+/// Gathers queued PDUs into one scratch pool chunk (headers and digests,
+/// copied) interleaved with the payloads (not copied): one `sendmsg` for
+/// many PDUs, payloads included. `None` when the pool has no chunk.
+fn gather_scratch(inner: &Inner) -> Option<Batch> {
+    let pool = buffer_pool();
+    let cap = pool.chunk_size().min(SEND_BATCH_BYTES);
+    let mut scratch = pool.alloc(cap)?;
+    enum Seg {
+        Scratch(usize, usize),
+        Payload(IoBuf),
+    }
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut pos = 0usize;
+    let mut payloads = 0usize;
+    let mut last_seq = None;
+    {
+        let mut out = inner.out.borrow_mut();
+        while let Some((_, pdu)) = out.front() {
+            let need = pdu.header.len() + pdu.digest.map_or(0, |d| d.len());
+            if pos + need > cap || payloads >= SEND_BATCH_PAYLOADS {
+                break;
+            }
+            let Some((seq, pdu)) = out.pop_front() else {
+                break;
+            };
+            let mut put = |bytes: &[u8], segs: &mut Vec<Seg>| {
+                if let Some(dst) = scratch.get_mut(pos..pos + bytes.len()) {
+                    dst.copy_from_slice(bytes);
+                }
+                match segs.last_mut() {
+                    Some(Seg::Scratch(_, end)) if *end == pos => *end += bytes.len(),
+                    _ => segs.push(Seg::Scratch(pos, pos + bytes.len())),
+                }
+                pos += bytes.len();
+            };
+            put(&pdu.header, &mut segs);
+            if let Some(p) = pdu.payload {
+                segs.push(Seg::Payload(p));
+                payloads += 1;
+            }
+            if let Some(d) = pdu.digest {
+                put(&d, &mut segs);
+            }
+            last_seq = Some(seq);
+        }
+    }
+    let frozen = scratch.freeze();
+    let segments = segs
+        .into_iter()
+        .filter_map(|s| match s {
+            Seg::Scratch(a, b) => frozen.slice(a, b - a),
+            Seg::Payload(p) => Some(p),
+        })
+        .collect();
+    Some(Batch {
+        header: Vec::new(),
+        segments,
+        last_seq,
+    })
+}
+
+/// Without a scratch chunk: the headers of data-less PDUs and at most one
+/// payload; that payload's digest is left in `carry` for the next batch.
+fn gather_plain(inner: &Inner, carry: &mut Option<[u8; DIGEST_LEN]>) -> Batch {
+    let mut header = Vec::new();
+    if let Some(d) = carry.take() {
+        header.extend_from_slice(&d);
+    }
+    let mut segments = Vec::new();
+    let mut last_seq = None;
+    let mut out = inner.out.borrow_mut();
+    while header.len() < SEND_BATCH_BYTES {
+        let Some((seq, pdu)) = out.pop_front() else {
+            break;
+        };
+        header.extend_from_slice(&pdu.header);
+        last_seq = Some(seq);
+        if let Some(p) = pdu.payload {
+            segments.push(p);
+            *carry = pdu.digest;
+            break;
+        }
+    }
+    Batch {
+        header,
+        segments,
+        last_seq,
+    }
+}
+
+/// The send task: owns the socket's send side and drains the queue in
+/// batches, each one `sendmsg` (see [`gather_scratch`]); at QD 32 a burst
+/// of capsules, or of H2CData PDUs, leaves in one system call.
+async fn send_loop(inner: Rc<Inner>) {
+    let mut carry: Option<[u8; DIGEST_LEN]> = None;
+    loop {
+        let ready = poll_fn(|cx| {
+            if inner.dead.borrow().is_some() {
+                return Poll::Ready(false);
+            }
+            if carry.is_some() || !inner.out.borrow().is_empty() {
+                return Poll::Ready(true);
+            }
+            *inner.out_waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if !ready {
+            return;
+        }
+        let batch = match carry {
+            None => gather_scratch(&inner),
+            Some(_) => None,
+        }
+        .unwrap_or_else(|| gather_plain(&inner, &mut carry));
+        inner.bump(|s| s.send_ops += 1);
+        let sent = inner
+            .stream
+            .send_vectored_all(&batch.header, &batch.segments)
+            .await;
+        if let Err(e) = sent {
+            inner.die(e.into());
+            return;
+        }
+        if let Some(seq) = batch.last_seq {
+            inner.out_done.set(seq + 1);
+        }
+        for w in inner.flush_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// One PDU queued for sending: header bytes (copied; for capsules without
+/// in-capsule data, everything), an optional payload from a pool buffer and
+/// the payload's data digest.
+struct OutPdu {
+    header: Vec<u8>,
+    payload: Option<IoBuf>,
+    digest: Option<[u8; DIGEST_LEN]>,
 }
