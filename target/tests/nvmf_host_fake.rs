@@ -373,8 +373,7 @@ fn completion_for_a_command_not_in_flight_kills_the_queue() {
     t.join().expect("fake");
 }
 
-#[test]
-fn r2ts_are_answered_in_maxh2cdata_pieces() {
+fn r2t_pieces(exhaust_pool: bool) {
     let want = pattern(9, 32768);
     let expect = want.clone();
     let (addr, t) = fake(8192, move |mut s, cfg| {
@@ -420,11 +419,32 @@ fn r2ts_are_answered_in_maxh2cdata_pieces() {
     with_queue(addr, options(true), move |q| async move {
         let mut b = buffer_pool().alloc(32768).expect("chunk");
         b.copy_from_slice(&want);
+        // With the pool drained the send task cannot take a scratch chunk and
+        // falls back to one payload per sendmsg, its digest carried over.
+        let hog: Vec<_> = if exhaust_pool {
+            std::iter::from_fn(|| buffer_pool().alloc(4096)).collect()
+        } else {
+            Vec::new()
+        };
         q.write(1, 0, b.freeze()).await.expect("write");
+        drop(hog);
         let st = q.stats();
         assert_eq!((st.r2ts, st.h2c_data_pdus, st.in_capsule_writes), (2, 4, 0));
+        // Connect and write capsules, then per R2T: both pieces in one gathered
+        // sendmsg; or, without scratch, header+payload twice, the last digest alone.
+        assert_eq!(st.send_ops, if exhaust_pool { 8 } else { 4 }, "{st:?}");
     });
     t.join().expect("fake");
+}
+
+#[test]
+fn r2ts_are_answered_in_maxh2cdata_pieces() {
+    r2t_pieces(false);
+}
+
+#[test]
+fn r2t_pieces_without_a_scratch_chunk() {
+    r2t_pieces(true);
 }
 
 /// Never panics on what a target sends: valid responses to two reads and a
