@@ -138,13 +138,6 @@ impl ControllerInfo {
     pub fn namespace(&self, nsid: u32) -> Option<NamespaceData> {
         self.namespaces.lock().ok()?.get(&nsid).copied()
     }
-
-    /// Largest transfer of one command in bytes: MDTS, capped by the pool
-    /// chunk (a transfer lives in one chunk).
-    pub fn max_transfer(&self) -> u64 {
-        let chunk = buffer_pool().chunk_size() as u64;
-        self.identify.max_transfer().map_or(chunk, |m| m.min(chunk))
-    }
 }
 
 /// A connected controller: its admin queue on the current reactor.

@@ -114,7 +114,11 @@ impl IoQueue {
         Ok(IoQueue {
             q,
             namespaces: ctrl.namespaces(),
-            max_transfer: ctrl.max_transfer(),
+            // A transfer lives in one pool chunk; MDTS may lower that.
+            max_transfer: {
+                let chunk = buffer_pool().chunk_size() as u64;
+                ctrl.identify.max_transfer().map_or(chunk, |m| m.min(chunk))
+            },
             in_capsule_writes: o.in_capsule_writes,
             info: ctrl.clone(),
         })
@@ -165,6 +169,11 @@ impl IoQueue {
     /// Closes the connection; commands in flight fail with [`HostError::Closed`].
     pub fn close(&self) {
         self.q.kill(HostError::Closed);
+    }
+
+    /// Largest transfer of one command: MDTS, capped by the pool chunk.
+    pub fn max_transfer(&self) -> u64 {
+        self.max_transfer
     }
 
     /// A namespace as known when the queue was opened.

@@ -20,6 +20,20 @@
 //!   command's transfer, R2T ranges against the write), errors are typed
 //!   ([`HostError`]), and nothing a target sends can panic the host.
 //!
+//! Use, on a reactor (see `target/tests/nvmf_host_common` for a whole
+//! session):
+//!
+//! ```ignore
+//! let ctrl = Controller::connect(addr, "nqn.2024-01.io.example:vol0", hostnqn,
+//!                                ConnectOptions::default()).await?;
+//! let q = Rc::new(IoQueue::connect(ctrl.info(), 1, 32).await?); // any reactor
+//! let mut b = buffer_pool().alloc(4096).ok_or(HostError::NoBuffer)?;
+//! b.fill(7);
+//! q.write(1, 0, b.freeze()).await?;                  // NSID 1, LBA 0
+//! let buf = buffer_pool().alloc(4096).ok_or(HostError::NoBuffer)?;
+//! let (r, buf) = q.read(1, 0, 8, buf).await;         // 8 blocks of 512 B
+//! ```
+//!
 //! Modules: [`controller`] (connect sequence, admin commands, discovery,
 //! keep-alive), [`io`] (NVM I/O commands), [`parse`] (Identify and Discovery
 //! log decoders), [`error`]; the queue pair engine is private (`queue`).
