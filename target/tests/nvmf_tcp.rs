@@ -81,6 +81,8 @@ struct Host {
     cid: u16,
     cntlid: u16,
     maxh2cdata: u32,
+    cattr: u8,
+    saw_success_flag: bool,
 }
 
 /// What a command got back.
@@ -101,6 +103,8 @@ impl Host {
             cid: 0,
             cntlid: 0xffff,
             maxh2cdata: 0,
+            cattr: 0,
+            saw_success_flag: false,
         };
         h.send(&Pdu::IcReq(IcReq {
             hpda: 0,
@@ -211,6 +215,7 @@ impl Host {
                     let o = c.offset as usize;
                     data[o..o + c.data.len()].copy_from_slice(c.data);
                     if c.success {
+                        self.saw_success_flag = true;
                         return Reply {
                             cqe: Cqe::new(cid, Status::SUCCESS),
                             data,
@@ -241,7 +246,7 @@ impl Host {
             recfmt: 0,
             qid: QueueId(qid),
             sqsize: if qid == 0 { 31 } else { 127 },
-            cattr: 0,
+            cattr: self.cattr,
             kato,
             sgl: DataSgl::InCapsule {
                 offset: 0,
@@ -501,6 +506,32 @@ fn discovery_log_lists_the_subsystem() {
         &e[256..256 + DEFAULT_SUBSYSTEM_NQN.len()],
         DEFAULT_SUBSYSTEM_NQN.as_bytes()
     );
+    // A discovery log change notice when a subsystem appears.
+    assert!(h
+        .admin(0x09, 0, [0x0b, 1 << 31, 0, 0, 0, 0], 0)
+        .cqe
+        .status
+        .is_success());
+    let cid = h.next_cid();
+    let aer = Sqe::new(0x0c, cid, Nsid(0), DataSgl::Transport { len: 0 });
+    h.send(&Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: aer,
+        data: &[],
+    }));
+    rpc(&dir.0)
+        .call(
+            "nvmf_create_subsystem",
+            Some(json!({"nqn": "nqn.2026-11.io.mirrorpoint:new", "allow_any_host": true})),
+        )
+        .expect("create");
+    let raw = h.recv_raw().expect("aen");
+    match pdu::decode(&raw, &h.cfg).expect("decode").pdu {
+        Pdu::CapsuleResp(r) => {
+            assert_eq!(r.cqe.cid, cid);
+            assert_eq!(r.cqe.dw0, 2 | (0xf0 << 8) | (0x70 << 16));
+        }
+        p => panic!("{p:?}"),
+    }
     // No I/O queues on a discovery controller.
     let mut io = Host::connect_tcp(addr, false, false);
     io.cntlid = h.cntlid;
@@ -627,6 +658,47 @@ fn hostile_pdus_end_only_their_connection() {
         p => panic!("{p:?}"),
     }
 
+    // Bad data digest on H2CData: the write fails, nothing is written.
+    let mut sqe = Sqe::new(
+        0x01,
+        CommandId(41),
+        Nsid(1),
+        DataSgl::Transport { len: 4096 },
+    );
+    RwCommand {
+        slba: Lba(100),
+        nlb: 8,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
+    io.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
+    let raw = io.recv_raw().expect("r2t");
+    let r2t = match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::R2t(r) => r,
+        p => panic!("{p:?}"),
+    };
+    let mut v = Pdu::H2CData(H2CData {
+        cid: CommandId(41),
+        ttag: r2t.ttag,
+        offset: 0,
+        last: true,
+        data: &junk,
+    })
+    .to_vec(&io.cfg)
+    .expect("encode");
+    let n = v.len();
+    v[n - 2] ^= 0x80;
+    io.send_raw(&v);
+    let raw = io.recv_raw().expect("resp");
+    match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::CapsuleResp(r) => {
+            assert_eq!(r.cqe.cid, CommandId(41));
+            assert_eq!(r.cqe.status, Status::TRANSIENT_TRANSPORT_ERROR);
+        }
+        p => panic!("{p:?}"),
+    }
+
     // The good connection still works and acknowledged data is intact.
     assert_eq!(io.read(100, 8192).data, acked);
     let more = pattern(11, 4096);
@@ -649,6 +721,8 @@ impl Host {
             cid: 0,
             cntlid: 0xffff,
             maxh2cdata: 4096,
+            cattr: 0,
+            saw_success_flag: false,
         }
     }
 }
@@ -726,6 +800,13 @@ fn hosts_keep_alive_events_and_config() {
     assert!(h.connect(nqn, 0, 0).status.is_success());
     h.enable();
 
+    let ctrls = c
+        .call("nvmf_subsystem_get_controllers", Some(json!({"nqn": nqn})))
+        .expect("controllers");
+    assert_eq!(ctrls.as_array().map(Vec::len), Some(1));
+    assert_eq!(ctrls[0]["hostnqn"], HOSTNQN);
+    assert_eq!(ctrls[0]["cntlid"], h.cntlid);
+
     // Asynchronous event on a namespace change.
     assert!(h
         .admin(0x09, 0, [0x0b, 1 << 8, 0, 0, 0, 0], 0)
@@ -780,6 +861,20 @@ fn hosts_keep_alive_events_and_config() {
             .count(),
         3
     );
+
+    // Deleting a volume hot-removes its namespace.
+    c.call("bdev_delete", Some(json!({"name": "m2"})))
+        .expect("delete m2");
+    let subs = c
+        .call("nvmf_get_subsystems", Some(json!({"nqn": nqn})))
+        .expect("subsystems");
+    let nsids: Vec<u64> = subs[0]["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .filter_map(|n| n["nsid"].as_u64())
+        .collect();
+    assert_eq!(nsids, vec![1]);
 
     // Keep-alive: a controller with KATO 1 s and no Keep Alive is torn down,
     // its I/O queue with it.
@@ -883,5 +978,342 @@ fn pipelined_writes_wait_for_pool_chunks() {
         let r = io.read(u64::from(i) * 128, LEN);
         assert!(r.data == data[i as usize], "write {i} reads back");
     }
+    daemon.shutdown();
+}
+
+/// With SQ flow control disabled (Connect CATTR bit 2) and no data digest,
+/// a successful read ends with a C2HData carrying SUCCESS and no response
+/// capsule; with flow control on it never does.
+#[test]
+fn c2h_success_flag_only_without_sq_flow_control() {
+    let dir = TempDir::new("success");
+    let (daemon, addr) = start(&dir.0);
+    let (admin, mut io) = session(addr, false, false);
+    let d = pattern(3, 8192);
+    // Above in_capsule_data_size (4096) in-capsule data is refused on an I/O queue.
+    assert_eq!(
+        io.write(0, &d, true).status,
+        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
+    );
+    assert!(io.write(0, &d, false).status.is_success());
+    assert_eq!(io.read(0, 8192).data, d);
+    assert!(!io.saw_success_flag);
+    let mut fast = Host::connect_tcp(addr, false, false);
+    fast.cntlid = admin.cntlid;
+    fast.cattr = 1 << 2;
+    assert!(fast
+        .connect(DEFAULT_SUBSYSTEM_NQN, 2, 0)
+        .status
+        .is_success());
+    assert_eq!(fast.read(0, 8192).data, d);
+    assert!(fast.saw_success_flag);
+    // A failed read still gets a response capsule.
+    let e = fast.read((1u64 << 30) / 512, 4096);
+    assert_eq!(e.cqe.status, Status::LBA_OUT_OF_RANGE.with_dnr());
+    // And the next command on the queue works (the SUCCESS path freed the CID).
+    assert_eq!(fast.read(0, 4096).data, d[..4096]);
+    daemon.shutdown();
+}
+
+/// Transport options from a config file: a larger in-capsule size and a
+/// smaller MAXH2CDATA, honoured on the wire and written back by save_config.
+#[test]
+fn transport_options_from_a_config_file() {
+    let dir = TempDir::new("transport");
+    let nqn = "nqn.2026-11.io.mirrorpoint:cfg";
+    let cfg = json!({"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create", "params": {"name": "m0", "num_blocks": 8192, "block_size": 512}}]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP", "in_capsule_data_size": 8192, "io_unit_size": 16384, "max_io_size": 65536}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": nqn, "allow_any_host": true}},
+            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": nqn, "namespace": {"bdev_name": "m0"}}},
+            {"method": "nvmf_subsystem_add_listener", "params": {"nqn": nqn, "listen_address":
+                {"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "0"}}}]}
+    ]});
+    let path = dir.0.join("cfg.json");
+    std::fs::write(&path, serde_json::to_vec(&cfg).expect("json")).expect("write cfg");
+    let mut opts = options(&dir.0);
+    opts.config_file = Some(path);
+    let daemon = Daemon::start(opts).expect("daemon starts from config");
+    let addr = daemon
+        .state()
+        .nvmf
+        .subsystem(nqn)
+        .expect("sub")
+        .policy()
+        .listeners[0];
+    let mut admin = Host::connect_tcp(addr, false, false);
+    assert!(admin.connect(nqn, 0, 0).status.is_success());
+    admin.enable();
+    assert_eq!(admin.maxh2cdata, 16384);
+    let id = admin.admin(0x06, 0, [1, 0, 0, 0, 0, 0], 4096);
+    assert_eq!(id.data[77], 4, "MDTS 64 KiB");
+    let ioccsz = u32::from_le_bytes(id.data[1792..1796].try_into().expect("4"));
+    assert_eq!(ioccsz, (8192 + 64) / 16);
+    assert!(admin
+        .admin(0x09, 0, [0x07, 0, 0, 0, 0, 0], 0)
+        .cqe
+        .status
+        .is_success());
+    let mut io = Host::connect_tcp(addr, false, false);
+    io.cntlid = admin.cntlid;
+    assert!(io.connect(nqn, 1, 0).status.is_success());
+    let small = pattern(5, 8192);
+    assert!(io.write(0, &small, true).status.is_success());
+    let big = pattern(6, 65536);
+    assert!(
+        io.write(64, &big, false).status.is_success(),
+        "several H2CData per R2T"
+    );
+    assert_eq!(io.read(0, 8192).data, small);
+    assert!(io.read(64, 65536).data == big);
+    // Larger than MDTS: refused.
+    let too_big = vec![0u8; 131072];
+    assert_eq!(
+        io.write(512, &too_big, false).status,
+        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
+    );
+    let mut c = rpc(&dir.0);
+    let t = c.call("nvmf_get_transports", None).expect("transports");
+    assert_eq!(t[0]["in_capsule_data_size"], 8192);
+    assert_eq!(
+        rpc_err(c.call("nvmf_create_transport", Some(json!({"trtype": "TCP"})))),
+        -libc::EEXIST
+    );
+    let saved = c.call("save_config", None).expect("save");
+    let text = saved.to_string();
+    assert!(text.contains("nvmf_create_transport"), "{text}");
+    daemon.shutdown();
+}
+
+/// Many tiny PDUs in one TCP segment (16-byte H2CData PDUs followed by a
+/// capsule): the receiver's greedy head reads must split them exactly.
+fn tiny_pdus(hdgst: bool, ddgst: bool) {
+    let dir = TempDir::new(&format!("tiny-{hdgst}-{ddgst}"));
+    let (daemon, addr) = start(&dir.0);
+    let (_admin, mut io) = session(addr, hdgst, ddgst);
+    let data = pattern(77, 512);
+    let mut sqe = Sqe::new(0x01, CommandId(7), Nsid(1), DataSgl::Transport { len: 512 });
+    RwCommand {
+        slba: Lba(300),
+        nlb: 1,
+        fua: false,
+        deac: false,
+    }
+    .fill_sqe(&mut sqe);
+    io.send(&Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &[] }));
+    let raw = io.recv_raw().expect("r2t");
+    let r2t = match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+        Pdu::R2t(r) => r,
+        p => panic!("{p:?}"),
+    };
+    assert_eq!((r2t.offset, r2t.len), (0, 512));
+    let mut wire = Vec::new();
+    for (i, chunk) in data.chunks(16).enumerate() {
+        let p = Pdu::H2CData(H2CData {
+            cid: CommandId(7),
+            ttag: r2t.ttag,
+            offset: (i * 16) as u32,
+            last: (i + 1) * 16 == data.len(),
+            data: chunk,
+        });
+        p.encode(&io.cfg, &mut wire).expect("encode");
+    }
+    let flush = Sqe::new(0x00, CommandId(8), Nsid(1), DataSgl::Transport { len: 0 });
+    Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: flush,
+        data: &[],
+    })
+    .encode(&io.cfg, &mut wire)
+    .expect("encode");
+    io.send_raw(&wire);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let raw = io.recv_raw().expect("resp");
+        match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+            Pdu::CapsuleResp(r) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+                seen.push(r.cqe.cid.0);
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec![7, 8]);
+    io.cid = 100;
+    assert_eq!(io.read(300, 512).data, data);
+    daemon.shutdown();
+}
+
+#[test]
+fn tiny_pdus_back_to_back() {
+    tiny_pdus(false, false);
+}
+
+#[test]
+fn tiny_pdus_back_to_back_with_digests() {
+    tiny_pdus(true, true);
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Sends random commands (random opcode, NSID, CDWs, flags; no data or a
+/// little in-capsule data) on a queue and collects whatever comes back
+/// until each is answered or the connection closes. Returns the number
+/// answered.
+fn random_commands(h: &mut Host, rng: &mut Rng, n: usize, opcodes: &[u8]) -> usize {
+    let mut answered = 0;
+    for i in 0..n {
+        let cid = CommandId(1000 + i as u16);
+        let opcode = if rng.below(4) == 0 {
+            rng.next() as u8
+        } else {
+            opcodes[rng.below(opcodes.len() as u64) as usize]
+        };
+        let data = if rng.below(3) == 0 {
+            let n = rng.below(257) as usize;
+            rng.bytes(n)
+        } else {
+            Vec::new()
+        };
+        let sgl = if data.is_empty() {
+            DataSgl::Transport { len: 0 }
+        } else {
+            DataSgl::InCapsule {
+                offset: 0,
+                len: data.len() as u32,
+            }
+        };
+        let nsid = match rng.below(4) {
+            0 => 0,
+            1 => rng.next() as u32,
+            _ => 1,
+        };
+        let mut sqe = Sqe::new(opcode, cid, Nsid(nsid), sgl);
+        for c in sqe.cdw.iter_mut() {
+            *c = match rng.below(3) {
+                0 => 0,
+                1 => rng.below(64) as u32,
+                _ => rng.next() as u32,
+            };
+        }
+        // Never lower the keep-alive timer: the test must not race it.
+        if opcode == 0x09 && sqe.cdw[0] & 0xff == 0x0f {
+            sqe.cdw[0] = 0x07;
+        }
+        if rng.below(8) == 0 {
+            sqe.flags = rng.next() as u8;
+        }
+        let mut wire = Vec::new();
+        if Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &data })
+            .encode(&h.cfg, &mut wire)
+            .is_err()
+        {
+            continue;
+        }
+        if h.s.write_all(&wire).is_err() {
+            return answered;
+        }
+        // An AER is held: do not wait for it.
+        if opcode == 0x0c {
+            continue;
+        }
+        loop {
+            let Some(raw) = h.recv_raw() else {
+                return answered;
+            };
+            match pdu::decode(&raw, &h.cfg)
+                .expect("the target's PDUs decode")
+                .pdu
+            {
+                Pdu::CapsuleResp(r) if r.cqe.cid == cid => {
+                    answered += 1;
+                    break;
+                }
+                Pdu::CapsuleResp(_) => {} // a held AER completing
+                Pdu::C2HData(d) if d.cid == cid && d.success => {
+                    answered += 1;
+                    break;
+                }
+                Pdu::C2HData(_) => {}
+                Pdu::C2HTermReq(_) => return answered,
+                p => panic!("unexpected {p:?}"),
+            }
+        }
+    }
+    answered
+}
+
+/// Random commands on the admin and I/O queues and random byte streams on
+/// fresh connections never take the target down: afterwards a new session
+/// works and data written before is intact.
+#[test]
+fn random_commands_and_streams_do_not_hurt_the_target() {
+    let dir = TempDir::new("random");
+    let (daemon, addr) = start(&dir.0);
+    let (_keep_admin, mut keep) = session(addr, false, false);
+    let acked = pattern(42, 4096);
+    assert!(keep.write(2_000_000, &acked, true).status.is_success());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..4 {
+        let (mut admin, mut io) = session(addr, round % 2 == 1, round % 2 == 1);
+        let a = random_commands(
+            &mut admin,
+            &mut rng,
+            150,
+            &[0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18, 0x7f],
+        );
+        let b = random_commands(
+            &mut io,
+            &mut rng,
+            150,
+            &[0x00, 0x01, 0x02, 0x08, 0x09, 0x7f],
+        );
+        assert!(a + b >= 150, "round {round}: only {a} + {b} answered");
+    }
+    for _ in 0..30 {
+        let mut h = if rng.below(2) == 0 {
+            Host::connect_tcp(addr, rng.below(2) == 0, rng.below(2) == 0)
+        } else {
+            Host::connect_tcp_raw(addr)
+        };
+        let n = rng.below(600) as usize;
+        let mut junk = rng.bytes(n);
+        if rng.below(2) == 0 && junk.len() >= 8 {
+            // A plausible common header in front of random bytes.
+            let ty = [0x00, 0x02, 0x04, 0x06][rng.below(4) as usize];
+            let hlen = [128u8, 24, 72, 24][(ty / 2) as usize];
+            junk[0] = ty;
+            junk[2] = hlen;
+            let plen = (junk.len() as u32).max(u32::from(hlen));
+            junk[4..8].copy_from_slice(&plen.to_le_bytes());
+        }
+        let _ = h.s.write_all(&junk);
+        let _ = h.s.shutdown(std::net::Shutdown::Write);
+        while h.recv_raw().is_some() {}
+    }
+    // The target is fine: the old session and a new one work.
+    assert_eq!(keep.read(2_000_000, 4096).data, acked);
+    let (_a, mut fresh) = session(addr, true, true);
+    assert_eq!(fresh.read(2_000_000, 4096).data, acked);
     daemon.shutdown();
 }

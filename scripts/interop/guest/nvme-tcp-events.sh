@@ -11,7 +11,8 @@
 # connect to NQN; print "MP_WAITING_FOR_NS2" (the host then adds namespace 2
 # over RPC); wait for the kernel to rescan after the asynchronous event and
 # show a second namespace block device; write and read back 1 MiB on it;
-# disconnect.
+# reset the controller (the kernel tears the association down and connects
+# a new controller) and read it back again; disconnect.
 set -eu
 : "${NQN:?NQN must be set}"
 TRADDR=${TRADDR:-10.0.2.2}
@@ -48,5 +49,18 @@ echo 3 >/proc/sys/vm/drop_caches
 dd if=/dev/nvme${inst}n2 of=/tmp/r bs=64k count=16 2>/dev/null
 [ "$(sha256sum </tmp/d)" = "$(sha256sum </tmp/r)" ] || { echo "namespace 2 data mismatch"; exit 1; }
 echo "namespace 2 read back ok"
+
+echo "== reset controller nvme$inst"
+cntlid_before=$(cat /sys/class/nvme/nvme$inst/cntlid)
+echo 1 >/sys/class/nvme/nvme$inst/reset_controller
+i=0
+while [ "$(cat /sys/class/nvme/nvme$inst/state)" != live ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+state=$(cat /sys/class/nvme/nvme$inst/state)
+[ "$state" = live ] || { echo "controller state after reset: $state"; exit 1; }
+echo "live again: cntlid $cntlid_before -> $(cat /sys/class/nvme/nvme$inst/cntlid)"
+echo 3 >/proc/sys/vm/drop_caches
+dd if=/dev/nvme${inst}n2 of=/tmp/r2 bs=64k count=16 2>/dev/null
+[ "$(sha256sum </tmp/d)" = "$(sha256sum </tmp/r2)" ] || { echo "data mismatch after reset"; exit 1; }
+echo "read back ok after reset"
 echo 1 >/sys/class/nvme/nvme$inst/delete_controller
 echo "nvme-tcp events ok"

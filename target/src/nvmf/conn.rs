@@ -6,12 +6,16 @@
 //!   accepted socket to a reactor (round-robin); everything below runs there
 //!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
 //! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
-//!   the head into a small vector, then the data section straight into the
-//!   pool chunk it belongs in (a fresh chunk for in-capsule data, the
-//!   command's chunk at DATAO for H2CData), then the digest. The sans-IO
-//!   [`QueuePair`] validates the parts exactly as it would a contiguous PDU.
-//!   Data received for a PDU the queue pair then rejects is never written:
-//!   the rejection is fatal and the command's chunk is dropped.
+//!   the head into a small staging vector, then the data section straight
+//!   into the pool chunk it belongs in (a fresh chunk for in-capsule data,
+//!   the command's chunk at DATAO for H2CData), then the digest. The head
+//!   read is greedy up to one command-capsule head (72 or 76 bytes), so a
+//!   capsule costs one receive; what it brings beyond a shorter head (at
+//!   most 52 bytes of an H2CData section, or the next PDU) is copied from
+//!   the staging vector, the rest of the data is received in place. The
+//!   sans-IO [`QueuePair`] validates the parts exactly as it would a
+//!   contiguous PDU. Data received for a PDU the queue pair then rejects is
+//!   never written: the rejection is fatal and the command's chunk dropped.
 //! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
 //!   send task drains the queue of PDUs and sends each chunk with the bytes
 //!   before it (headers, digests) in one vectored `sendmsg` of the transport.
@@ -50,6 +54,8 @@ use std::time::{Duration, Instant};
 
 /// Largest PDU head (everything before the data section): PDO is one byte.
 const HEAD_MAX: usize = 256;
+/// The staging buffer: a head and what a greedy read may bring beyond it.
+const STAGE_LEN: usize = HEAD_MAX + pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
 /// In-capsule data accepted on the admin queue (and before Connect).
 const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a host that overruns its queue size is given to drain it.
@@ -511,17 +517,26 @@ impl Conn {
 }
 
 async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
-    let mut head = vec![0u8; HEAD_MAX];
+    // Bytes of the stream from the start of the current PDU: its head, and
+    // possibly (after a greedy read) the first bytes of what follows.
+    let mut stage = vec![0u8; STAGE_LEN];
+    let mut have = 0usize;
     let mut dg = vec![0u8; 4];
     loop {
-        let (r, h) = sock::recv_exact(&conn.fd, head, 0, pdu::CH_LEN).await;
-        head = h;
-        r?;
-        let ch = CommonHeader::parse(&head).unwrap_or_default();
+        let codec = conn.codec();
+        // One receive usually brings a whole command capsule head; it never
+        // asks for more than the smallest capsule head, so at most a few
+        // bytes of another PDU's data are ever staged (and copied) here.
+        let greedy = pdu::CAPSULE_CMD_HLEN + if codec.hdgst { pdu::DIGEST_LEN } else { 0 };
+        while have < pdu::CH_LEN {
+            let (r, b) = sock::recv_some(&conn.fd, stage, have, greedy).await;
+            stage = b;
+            have += r?;
+        }
+        let ch = CommonHeader::parse(&stage).unwrap_or_default();
         if ch.pdu_type == pdu::PduType::CapsuleCmd as u8 {
             conn.wait_for_slot().await?;
         }
-        let codec = conn.codec();
         let parts = match pdu::parts_layout(&ch, &codec) {
             Ok(p) if p.head_len <= HEAD_MAX => p,
             Ok(_) => {
@@ -529,25 +544,30 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     offset: pdu::ch_off::PDO,
                     what: "PDU head too long",
                 };
-                conn.term_req(e, head.get(..pdu::CH_LEN).unwrap_or(&[]));
+                conn.term_req(e, stage.get(..pdu::CH_LEN).unwrap_or(&[]));
                 return Err(Close::Fatal(e));
             }
             Err(e) => {
-                conn.term_req(e, head.get(..pdu::CH_LEN).unwrap_or(&[]));
+                conn.term_req(e, stage.get(..pdu::CH_LEN).unwrap_or(&[]));
                 return Err(Close::Fatal(e));
             }
         };
-        let (r, h) = sock::recv_exact(&conn.fd, head, pdu::CH_LEN, parts.head_len).await;
-        head = h;
-        r?;
+        if have < parts.head_len {
+            let (r, b) = sock::recv_exact(&conn.fd, stage, have, parts.head_len).await;
+            stage = b;
+            r?;
+            have = parts.head_len;
+        }
+        let head = &stage;
+        let mut consumed = parts.head_len;
         // Pick where the data section lands.
         let mut h2c_cid: Option<u16> = None;
         let mut dest: Option<(Dest, usize)> = None;
         if parts.data_len > 0 {
             let h2c = ch.pdu_type == pdu::PduType::H2CData as u8;
             let (d, at) = if h2c {
-                let cid = u16::from_le_bytes([head[8], head[9]]);
-                let datao = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as usize;
+                let cid = super::wire::u16_at(head, 8);
+                let datao = super::wire::u32_at(head, 12) as usize;
                 let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
                     let fits = p.buf.as_ref().is_some_and(|b| {
                         datao
@@ -573,28 +593,57 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     None => (Dest::Scratch(vec![0u8; parts.data_len]), 0),
                 }
             };
-            let end = at + parts.data_len;
+            // Data bytes already staged by the greedy head read.
+            let staged = (have - consumed).min(parts.data_len);
+            let src = stage.get(consumed..consumed + staged).unwrap_or(&[]);
+            let d = match d {
+                Dest::Pool(mut b) => {
+                    if let Some(dst) = b.get_mut(at..at + staged) {
+                        dst.copy_from_slice(src);
+                    }
+                    Dest::Pool(b)
+                }
+                Dest::Scratch(mut v) => {
+                    if let Some(dst) = v.get_mut(at..at + staged) {
+                        dst.copy_from_slice(src);
+                    }
+                    Dest::Scratch(v)
+                }
+            };
+            consumed += staged;
+            let (start, end) = (at + staged, at + parts.data_len);
             let (r, d) = match d {
-                Dest::Pool(b) => {
-                    let (r, b) = conn.stream.recv_exact(b, at..end).await;
+                Dest::Pool(b) if start < end => {
+                    let (r, b) = conn.stream.recv_exact(b, start..end).await;
                     (r, Dest::Pool(b))
                 }
-                Dest::Scratch(v) => {
-                    let (r, v) = sock::recv_exact(&conn.fd, v, at, end).await;
+                Dest::Scratch(v) if start < end => {
+                    let (r, v) = sock::recv_exact(&conn.fd, v, start, end).await;
                     (r, Dest::Scratch(v))
                 }
+                d => (Ok(()), d),
             };
             r?;
             dest = Some((d, at));
         }
         let ddgst = if parts.ddgst {
-            let (r, d) = sock::recv_exact(&conn.fd, dg, 0, 4).await;
-            dg = d;
-            r?;
-            Some(u32::from_le_bytes([dg[0], dg[1], dg[2], dg[3]]))
+            let staged = (have - consumed).min(pdu::DIGEST_LEN);
+            if let (Some(dst), Some(src)) =
+                (dg.get_mut(..staged), stage.get(consumed..consumed + staged))
+            {
+                dst.copy_from_slice(src);
+            }
+            consumed += staged;
+            if staged < pdu::DIGEST_LEN {
+                let (r, d) = sock::recv_exact(&conn.fd, dg, staged, pdu::DIGEST_LEN).await;
+                dg = d;
+                r?;
+            }
+            Some(super::wire::u32_at(&dg, 0))
         } else {
             None
         };
+        let head = &stage;
         let head_bytes = head.get(..parts.head_len).unwrap_or(&[]);
         let data: &[u8] = match &dest {
             Some((d, at)) => d.bytes().get(*at..*at + parts.data_len).unwrap_or(&[]),
@@ -635,6 +684,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 }
             }
         }
+        // Bytes of the next PDU that the greedy read brought: keep them.
+        let keep = have.saturating_sub(consumed);
+        if keep > 0 && have <= stage.len() {
+            stage.copy_within(consumed..have, 0);
+        }
+        have = keep;
         match ev {
             Owned::Connected(icresp) => {
                 let p = Pdu::IcResp(icresp);

@@ -23,8 +23,7 @@ use super::identify::{
     IdentifyController, IdentifyNamespace, NamespaceIds, IDENTIFY_LEN,
 };
 use super::log_page::{
-    self, changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, GetLogPage,
-    SmartLog,
+    changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, GetLogPage, SmartLog,
 };
 use super::spec::{
     fid, number_of_queues_dw0, property_get_completion, AdminOpcode, Cap, Cc, CntlId, Cqe, Csts,
@@ -90,6 +89,7 @@ struct State {
     events: VecDeque<u32>,
     changed_ns: BTreeSet<u32>,
     ns_notice_masked: bool,
+    discovery_notice_masked: bool,
     waker: Option<Waker>,
     last_keep_alive: Instant,
 }
@@ -178,6 +178,7 @@ impl Controller {
                 events: VecDeque::new(),
                 changed_ns: BTreeSet::new(),
                 ns_notice_masked: false,
+                discovery_notice_masked: false,
                 waker: None,
                 last_keep_alive: Instant::now(),
             }),
@@ -252,6 +253,11 @@ impl Controller {
         Ok(())
     }
 
+    /// I/O queues attached now.
+    pub fn io_queue_count(&self) -> usize {
+        lock(&self.state).io_qids.len()
+    }
+
     /// Releases an I/O queue ID when its connection ends.
     pub fn detach_io_queue(&self, qid: u16) {
         lock(&self.state).io_qids.remove(&qid);
@@ -271,6 +277,29 @@ impl Controller {
             // Type 2 (notice), info 0 (namespace attribute changed), log page 04h.
             st.events
                 .push_back(2 | (u32::from(lid::CHANGED_NAMESPACES) << 16));
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Notes a change of the discovery log (discovery controllers only):
+    /// queues a Discovery Log Page Change notice if the host enabled them
+    /// and has read the log since the last one.
+    pub fn discovery_log_changed(&self) {
+        if !self.subsystem.discovery {
+            return;
+        }
+        let waker = {
+            let mut st = lock(&self.state);
+            if st.aec & (1 << 31) == 0 || st.discovery_notice_masked {
+                return;
+            }
+            st.discovery_notice_masked = true;
+            // Type 2 (notice), info F0h (discovery log page change), log page 70h.
+            st.events
+                .push_back(2 | (0xf0 << 8) | (u32::from(lid::DISCOVERY) << 16));
             st.waker.take()
         };
         if let Some(w) = waker {
@@ -320,7 +349,8 @@ impl Controller {
             id.cntrltype = ControllerType::Discovery;
             id.nn = 0;
             id.oncs = 0;
-            id.oaes = 0;
+            // Discovery log page change notices.
+            id.oaes = 1 << 31;
             id.vwc = 0;
             id.cmic = 0;
         }
@@ -381,6 +411,9 @@ impl Controller {
         let cmd = GetLogPage::from_sqe(sqe);
         let page = match (self.subsystem.discovery, cmd.lid) {
             (true, lid::DISCOVERY) => {
+                if !cmd.rae {
+                    lock(&self.state).discovery_notice_masked = false;
+                }
                 let (genctr, entries) = (self.discovery_entries)(&self.hostnqn);
                 discovery_log(genctr, &entries).map_err(|_| Status::INTERNAL_ERROR)?
             }
@@ -405,12 +438,12 @@ impl Controller {
             (false, lid::FIRMWARE_SLOT) => {
                 let mut p = vec![0u8; 512];
                 // AFI: slot 1 active; FRS1: the firmware revision.
-                p[0] = 1;
-                for (d, c) in p[8..16]
-                    .iter_mut()
-                    .zip(FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' ')))
-                {
+                let fr = FIRMWARE_REVISION.bytes().chain(std::iter::repeat(b' '));
+                for (d, c) in p.iter_mut().skip(8).take(8).zip(fr) {
                     *d = c;
+                }
+                if let Some(afi) = p.first_mut() {
+                    *afi = 1;
                 }
                 p
             }
@@ -575,11 +608,11 @@ impl Controller {
         }
     }
 
-    /// Executes one admin command. `data` is the host's data for commands
-    /// that carry some; `max_transfer` is the length of the command's data
-    /// buffer (its SGL), which bounds what is returned.
-    pub fn execute_admin(&self, sqe: &Sqe, data: &[u8], max_transfer: u32) -> AdminOutcome {
-        let _ = data;
+    /// Executes one admin command. `_data` is the host's data for commands
+    /// that carry some (none of the supported ones reads it yet);
+    /// `max_transfer` is the length of the command's data buffer (its SGL),
+    /// which bounds what is returned.
+    pub fn execute_admin(&self, sqe: &Sqe, _data: &[u8], max_transfer: u32) -> AdminOutcome {
         if sqe.is_fabrics() {
             return match FabricsCommandType::from_u8(sqe.fctype()) {
                 Some(FabricsCommandType::PropertyGet | FabricsCommandType::PropertySet) => {
@@ -671,9 +704,6 @@ pub fn shutdown_fd(fd: &OwnedFd) {
         libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
     }
 }
-
-/// Re-export for tests and the discovery log builder.
-pub use log_page::DiscoveryEntry as Entry;
 
 #[cfg(test)]
 mod tests {
@@ -1019,5 +1049,39 @@ mod tests {
         .fill_sqe(&mut glp);
         let (r, _) = cqe(c.execute_admin(&glp, &[], 512));
         assert_eq!(r.status, Status::INVALID_LOG_PAGE.with_dnr());
+        // Discovery log change notices: enabled, one per read of the log.
+        cqe(c.execute_admin(
+            &admin(AdminOpcode::SetFeatures, 3, 0, [0x0b, 1 << 31, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
+        assert_eq!(
+            c.execute_admin(&admin(AdminOpcode::AsyncEventRequest, 9, 0, [0; 6]), &[], 0),
+            AdminOutcome::Held
+        );
+        c.discovery_log_changed();
+        c.discovery_log_changed();
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Noop));
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(
+            c.poll_event(&mut cx),
+            Poll::Ready(Some((CommandId(9), 2 | (0xf0 << 8) | (0x70 << 16))))
+        );
+        assert_eq!(
+            c.execute_admin(
+                &admin(AdminOpcode::AsyncEventRequest, 10, 0, [0; 6]),
+                &[],
+                0
+            ),
+            AdminOutcome::Held
+        );
+        assert!(
+            c.poll_event(&mut cx).is_pending(),
+            "masked until the log is read"
+        );
     }
 }

@@ -232,7 +232,33 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         t.nvm_subsystem(&p.nqn)
             .map_err(rpc_error)?
             .set_allow_any_host(p.allow_any_host);
+        t.discovery_changed();
         Ok(Value::Bool(true))
+    })?;
+    let t = target.clone();
+    methods.register("nvmf_subsystem_get_controllers", move |p| {
+        let p: Nqn = parse_params(p)?;
+        let s = t.subsystem(&p.nqn).ok_or_else(|| {
+            rpc_error(SubsystemError::NotFound(format!(
+                "no subsystem '{}'",
+                p.nqn
+            )))
+        })?;
+        let list: Vec<Value> = s
+            .controllers()
+            .iter()
+            .filter(|c| !c.is_dead())
+            .map(|c| {
+                json!({
+                    "cntlid": c.cntlid,
+                    "hostnqn": c.hostnqn,
+                    "hostid": format_uuid(&c.hostid),
+                    "num_io_qpairs": c.io_queue_count(),
+                    "keep_alive_timeout_ms": c.kato().as_millis() as u64,
+                })
+            })
+            .collect();
+        Ok(Value::Array(list))
     })?;
     let t = target.clone();
     methods.register("nvmf_get_subsystems", move |p| {

@@ -16,6 +16,48 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+/// One receive into `buf[start..end]`: the bytes that arrived (at least
+/// one), or `UnexpectedEof` when the peer closed.
+pub async fn recv_some(
+    fd: &Arc<OwnedFd>,
+    mut buf: Vec<u8>,
+    start: usize,
+    end: usize,
+) -> (io::Result<usize>, Vec<u8>) {
+    loop {
+        let (base, len) = (buf.as_mut_ptr(), buf.len());
+        if start >= end || end > len {
+            return (
+                Err(io::Error::other("receive range outside the buffer")),
+                buf,
+            );
+        }
+        let want = u32::try_from(end - start).unwrap_or(u32::MAX);
+        // SAFETY: start < end <= len, so the pointer stays inside the buffer.
+        let ptr = unsafe { base.add(start) };
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), ptr, want).build();
+        // SAFETY: the entry points into `buf`'s heap memory, which the op owns
+        // (with the descriptor) until the kernel completes it.
+        let op = unsafe { Op::submit(entry, OpKind::LongLived, (buf, fd.clone())) };
+        let (c, (b, _)) = op.await;
+        buf = b;
+        match c.into_io() {
+            Ok(0) => {
+                return (
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )),
+                    buf,
+                )
+            }
+            Ok(n) => return (Ok((n as usize).min(end - start)), buf),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
+            Err(e) => return (Err(e), buf),
+        }
+    }
+}
+
 /// Receives exactly the bytes `start..end` of `buf`. End of stream before
 /// that is `UnexpectedEof`.
 pub async fn recv_exact(

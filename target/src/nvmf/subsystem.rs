@@ -116,15 +116,14 @@ pub fn parse_hex16(s: &str) -> Option<[u8; 16]> {
 
 /// Formats 16 bytes as a canonical UUID string.
 pub fn format_uuid(b: &[u8; 16]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut out = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push_str(&format!("{x:02x}"));
+    }
+    out
 }
 
 /// Formats 16 bytes as 32 upper-case hex digits (SPDK's NGUID format).

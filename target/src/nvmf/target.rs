@@ -193,8 +193,15 @@ impl NvmfTarget {
         Ok(())
     }
 
-    fn changed(&self) {
+    /// The discovery log changed (subsystems, listeners or hosts): bump its
+    /// generation counter and notify discovery controllers that asked.
+    pub fn discovery_changed(&self) {
         self.genctr.fetch_add(1, Ordering::AcqRel);
+        if let Some(d) = self.subsystem(super::spec::DISCOVERY_NQN) {
+            for c in d.controllers() {
+                c.discovery_log_changed();
+            }
+        }
     }
 
     /// Every subsystem, discovery first, then in creation order.
@@ -229,7 +236,7 @@ impl NvmfTarget {
         let s = Arc::new(s);
         list.push(s.clone());
         drop(list);
-        self.changed();
+        self.discovery_changed();
         Ok(s)
     }
 
@@ -249,7 +256,7 @@ impl NvmfTarget {
         for c in s.controllers() {
             c.teardown("subsystem deleted");
         }
-        self.changed();
+        self.discovery_changed();
         Ok(())
     }
 
@@ -292,7 +299,7 @@ impl NvmfTarget {
             self.release_listener(bound);
             return Err(e);
         }
-        self.changed();
+        self.discovery_changed();
         Ok(bound)
     }
 
@@ -302,7 +309,7 @@ impl NvmfTarget {
         let a = addr.socket_addr()?;
         s.remove_listener(a)?;
         self.release_listener(a);
-        self.changed();
+        self.discovery_changed();
         Ok(())
     }
 
