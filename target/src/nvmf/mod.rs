@@ -23,12 +23,15 @@
 //!   transport options, listeners).
 //! * [`conn`]: one connection's receive loop, send task and dispatch.
 //! * [`sock`]: the io_uring socket operations the connections use.
+//! * [`host`]: a userspace NVMe/TCP initiator over the same codec, for tests
+//!   and the benchmark harness.
 //! * [`rpc`]: the `nvmf_*` admin methods and their save_config form.
 //!
 //! [`fuzz_decode_pdu`] and [`fuzz_queue_pair`] are entry points for fuzzing.
 
 pub mod conn;
 pub mod controller;
+pub mod host;
 pub mod identify;
 pub mod io;
 pub mod log_page;
