@@ -107,7 +107,8 @@ timeout $((RUNTIME * 8 + 120)) "$BIN" serve --config "$WORK/mp.json" --cores "$T
 MP=$!
 PIDS+=("$MP")
 for _ in $(seq 50); do grep -q ready "$WORK/mp.log" && break; sleep 0.2; done
-workloads mirrorpoint "$MP" "iscsi://127.0.0.1:$PORT/$IQN/1"
+MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
+workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
 kill "$MP"; sleep 1
 
 echo "== tgt on cpu $TARGET_CPU"
