@@ -38,6 +38,8 @@ pub struct InquiryFacts<'a> {
     pub thin: bool,
     pub block_size: u32,
     pub max_transfer_blocks: u32,
+    /// One pool chunk: the largest single volume I/O.
+    pub optimal_transfer_blocks: u32,
     pub max_unmap_lba_count: u32,
     pub max_unmap_descriptors: u32,
     pub max_write_same_blocks: u64,
@@ -155,7 +157,7 @@ pub fn vpd_page(code: u8, f: &InquiryFacts<'_>, nexus: &Nexus) -> Option<Vec<u8>
             let gran = u16::try_from((4096 / f.block_size.max(1)).max(1)).unwrap_or(1);
             b[2..4].copy_from_slice(&gran.to_be_bytes());
             b[4..8].copy_from_slice(&f.max_transfer_blocks.to_be_bytes());
-            b[8..12].copy_from_slice(&f.max_transfer_blocks.to_be_bytes());
+            b[8..12].copy_from_slice(&f.optimal_transfer_blocks.to_be_bytes());
             if f.thin {
                 b[16..20].copy_from_slice(&f.max_unmap_lba_count.to_be_bytes());
                 b[20..24].copy_from_slice(&f.max_unmap_descriptors.to_be_bytes());

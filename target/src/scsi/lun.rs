@@ -80,7 +80,10 @@ pub enum ResetKind {
 /// Upper bounds the handlers enforce and Block Limits reports.
 pub(crate) const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 pub(crate) const MAX_UNMAP_LBA_COUNT: u32 = u32::MAX;
-pub(crate) const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// MAXIMUM WRITE SAME LENGTH in blocks. Kept below 65536 on purpose:
+/// initiators (libiscsi among them) take a limit of 65536 or more as a
+/// promise that a plain WRITE of that many blocks works too.
+pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 0xffff;
 pub(crate) const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
 /// Nexuses remembered as lost (for I_T NEXUS LOSS OCCURRED), at most.
 const MAX_LOST: usize = 4096;
@@ -281,14 +284,20 @@ impl LogicalUnit {
         self.volume.block_size().bytes()
     }
 
-    /// The largest transfer in blocks (one pool chunk).
+    /// The largest transfer in blocks.
     pub(crate) fn max_transfer(&self) -> u32 {
         let chunk = mirrorpoint_poller::buffer_pool().chunk_size();
         super::max_transfer_blocks(self.block_size(), chunk)
     }
 
+    /// One pool chunk in blocks.
+    pub(crate) fn chunk_blocks(&self) -> u32 {
+        let chunk = mirrorpoint_poller::buffer_pool().chunk_size();
+        u32::try_from(chunk / self.block_size().max(1) as usize).unwrap_or(u32::MAX)
+    }
+
     pub(crate) fn max_write_same_blocks(&self) -> u64 {
-        MAX_WRITE_SAME_BYTES / u64::from(self.block_size().max(1))
+        MAX_WRITE_SAME_BLOCKS
     }
 
     /// Executes one command. `channel` must be a channel of [`Self::volume`]
@@ -436,6 +445,7 @@ impl LogicalUnit {
             thin: self.config.thin_provisioning,
             block_size: self.block_size(),
             max_transfer_blocks: self.max_transfer(),
+            optimal_transfer_blocks: self.chunk_blocks(),
             max_unmap_lba_count: MAX_UNMAP_LBA_COUNT,
             max_unmap_descriptors: MAX_UNMAP_DESCRIPTORS,
             max_write_same_blocks: self.max_write_same_blocks(),

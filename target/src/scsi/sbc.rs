@@ -162,13 +162,13 @@ impl LogicalUnit {
                     return Ok(ScsiResponse::good());
                 }
                 let data = DataOut::new(&task.data_out);
-                let bytes = self.bytes(rw.blocks);
-                if (data.len() as u64) < bytes {
-                    return Err(info_unit_error());
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, false).await;
+                    self.write_data(ch, rw.lba, &data, 0, self.bytes(blocks))
+                        .await?;
+                    self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
                 }
-                let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-                self.write_data(ch, rw.lba, &data, 0, bytes).await?;
-                self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
                 Ok(ScsiResponse::good())
             }
             op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => {
@@ -182,16 +182,16 @@ impl LogicalUnit {
                     return Ok(ScsiResponse::good());
                 }
                 let data = DataOut::new(&task.data_out);
-                let bytes = self.bytes(rw.blocks);
-                if (data.len() as u64) < bytes {
-                    return Err(info_unit_error());
-                }
-                let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-                self.write_data(ch, rw.lba, &data, 0, bytes).await?;
-                // Verification is against the medium: make it durable first.
-                self.flush_if(ch, true).await?;
-                if rw.bytchk == 1 {
-                    self.compare(ch, rw.lba, rw.blocks, &data, 0, false).await?;
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, false).await;
+                    self.write_data(ch, rw.lba, &data, 0, self.bytes(blocks))
+                        .await?;
+                    // Verification is against the medium: make it durable first.
+                    self.flush_if(ch, true).await?;
+                    if rw.bytchk == 1 {
+                        self.compare(ch, rw.lba, blocks, &data, 0, false).await?;
+                    }
                 }
                 Ok(ScsiResponse::good())
             }
@@ -242,6 +242,16 @@ impl LogicalUnit {
             }
             _ => Err(Sense::invalid_opcode().into()),
         }
+    }
+
+    /// How many of the command's blocks the Data-Out covers. An initiator
+    /// that announced less Data-Out than the CDB asks for (iSCSI EDTL <
+    /// transfer length) gets what it sent written and the rest ignored, as
+    /// FCP-4 prescribes for the same case and libiscsi expects; the
+    /// transport reports the overflow residual.
+    fn received_blocks(&self, rw: &Rw, data: &DataOut<'_>) -> u64 {
+        let bs = u64::from(self.block_size().max(1));
+        rw.blocks.min(data.len() as u64 / bs)
     }
 
     fn bytes(&self, blocks: u64) -> u64 {
@@ -438,6 +448,11 @@ impl LogicalUnit {
         let lba = c.be64(2);
         let n = u64::from(c.u8(13));
         if n == 0 {
+            // No blocks, yet Data-Out: the CDB and the transfer disagree
+            // (e.g. 256 blocks truncated into the one-byte field).
+            if !task.data_out.is_empty() || task.expected_data_out != 0 {
+                return Err(Sense::invalid_field_in_cdb(13, None).into());
+            }
             return Ok(ScsiResponse::good());
         }
         if n > u64::from(self.facts().max_compare_and_write_blocks) {
