@@ -54,10 +54,10 @@ use super::pdu::{
     DIGEST_LEN,
 };
 use super::registry::{CmdWindow, ConnInfo, IscsiTarget, NodeRuntime, Session};
-use super::scsi_fallback::{self as scsi_impl, ResetKind};
 use super::sense::scsi_response_sense_segment;
 use super::text::TextAssembler;
 use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask, TaskAttribute};
+use crate::scsi::{self as scsi_impl, ResetKind};
 use crate::volume::VolumeChannel;
 
 /// How long a login may sit waiting for the next PDU.
@@ -423,6 +423,28 @@ struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.session.remove_conn(self.id);
+        // The last connection of a session that was not reinstated (the
+        // reinstating login already reported its loss): the I_T nexus ends,
+        // which releases SPC-2 reservations and queues I_T NEXUS LOSS.
+        let live = self
+            .target
+            .sessions()
+            .iter()
+            .any(|o| Arc::ptr_eq(o, &self.session));
+        if live && self.session.conn_count() == 0 {
+            if let Some(node) = self
+                .session
+                .target_name
+                .as_deref()
+                .and_then(|t| self.target.node(t))
+            {
+                let s = &self.session;
+                let nexus = nexus_for(&s.initiator_name, s.isid, &node.name, s.tpgt);
+                for l in node.luns.values() {
+                    l.lu.nexus_lost(&nexus);
+                }
+            }
+        }
         self.target.remove_session_if_empty(&self.session);
     }
 }

@@ -32,7 +32,7 @@ use super::login::{
 };
 use super::negotiation::{NegotiationLimits, SessionParams, SessionType};
 use super::pdu::{CmdSn, Isid, Tsih};
-use super::scsi_fallback::{LogicalUnit, LunConfig};
+use crate::scsi::{LogicalUnit, LunConfig};
 use crate::volume::Volume;
 
 /// Prefix SPDK-style short target names get.
