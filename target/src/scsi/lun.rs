@@ -94,6 +94,10 @@ fn key(n: &Nexus) -> NexusKey {
     (n.initiator_port.clone(), n.target_port.clone())
 }
 
+fn is(k: &NexusKey, n: &Nexus) -> bool {
+    k.0 == n.initiator_port && k.1 == n.target_port
+}
+
 #[derive(Debug, Default)]
 struct NexusState {
     ua: VecDeque<Asc>,
@@ -109,34 +113,62 @@ impl NexusState {
 }
 
 pub(crate) struct State {
-    nexuses: HashMap<NexusKey, NexusState>,
+    /// Per initiator port: (target port, state) of each nexus seen.
+    nexuses: HashMap<String, Vec<(String, NexusState)>>,
     lost: VecDeque<NexusKey>,
     pub(crate) pr: PrState,
     pub(crate) spc2: Spc2,
     pub(crate) mode: ModeState,
     ports: BTreeSet<u16>,
+    scratch: NexusState,
 }
 
 impl State {
+    /// The state of `n`, created (with its first unit attention) when the
+    /// LU sees it for the first time. The lookup allocates nothing: this
+    /// runs for every command.
     fn nexus(&mut self, n: &Nexus) -> &mut NexusState {
-        let k = key(n);
-        let was_lost = self.lost.iter().position(|l| *l == k);
-        self.ports.insert(n.relative_port);
-        self.nexuses.entry(k).or_insert_with(|| {
+        let known = self
+            .nexuses
+            .get(n.initiator_port.as_str())
+            .is_some_and(|v| v.iter().any(|(t, _)| *t == n.target_port));
+        if !known {
+            self.ports.insert(n.relative_port);
+            let was_lost = self.lost.iter().any(|l| is(l, n));
             let mut s = NexusState::default();
-            s.push(if was_lost.is_some() {
+            s.push(if was_lost {
                 Asc::I_T_NEXUS_LOSS_OCCURRED
             } else {
                 Asc::POWER_ON_OCCURRED
             });
-            s
-        })
+            self.nexuses
+                .entry(n.initiator_port.clone())
+                .or_default()
+                .push((n.target_port.clone(), s));
+        }
+        let found = self
+            .nexuses
+            .get_mut(n.initiator_port.as_str())
+            .and_then(|v| v.iter_mut().find(|(t, _)| *t == n.target_port));
+        match found {
+            Some((_, s)) => s,
+            // Cannot happen (inserted above); a throw-away state keeps this total.
+            None => {
+                self.scratch = NexusState::default();
+                &mut self.scratch
+            }
+        }
+    }
+
+    fn all_nexus_states(&mut self) -> impl Iterator<Item = (&str, &str, &mut NexusState)> {
+        self.nexuses
+            .iter_mut()
+            .flat_map(|(i, v)| v.iter_mut().map(move |(t, s)| (i.as_str(), t.as_str(), s)))
     }
 
     fn ua_all(&mut self, asc: Asc, except: Option<&Nexus>) {
-        let skip = except.map(key);
-        for (k, s) in self.nexuses.iter_mut() {
-            if Some(k) != skip.as_ref() {
+        for (i, t, s) in self.all_nexus_states() {
+            if except.map_or(true, |n| n.initiator_port != i || n.target_port != t) {
                 s.push(asc);
             }
         }
@@ -144,8 +176,8 @@ impl State {
 
     fn deliver(&mut self, uas: Vec<UaTarget>) {
         for u in uas {
-            for ((i, t), s) in self.nexuses.iter_mut() {
-                if *i == u.initiator && u.target.as_ref().map_or(true, |x| x == t) {
+            for (i, t, s) in self.all_nexus_states() {
+                if i == u.initiator && u.target.as_deref().map_or(true, |x| x == t) {
                     s.push(u.asc);
                 }
             }
@@ -256,6 +288,7 @@ impl LogicalUnit {
                 spc2: Spc2::default(),
                 mode: default_mode,
                 ports: BTreeSet::new(),
+                scratch: NexusState::default(),
             }),
             locks: RangeLocks::default(),
             lba_status,
@@ -564,7 +597,7 @@ impl LogicalUnit {
         let _ = by;
         let mut st = self.state();
         st.spc2 = Spc2::default();
-        for s in st.nexuses.values_mut() {
+        for (_, _, s) in st.all_nexus_states() {
             s.prevent = false;
         }
         let asc = match kind {
@@ -586,9 +619,17 @@ impl LogicalUnit {
         let mut st = self.state();
         st.spc2.release(nexus);
         st.pr.nexus_lost(nexus);
-        let k = key(nexus);
-        if st.nexuses.remove(&k).is_some() && !st.lost.contains(&k) {
-            st.lost.push_back(k);
+        let mut removed = false;
+        if let Some(v) = st.nexuses.get_mut(nexus.initiator_port.as_str()) {
+            let before = v.len();
+            v.retain(|(t, _)| *t != nexus.target_port);
+            removed = v.len() != before;
+            if v.is_empty() {
+                st.nexuses.remove(nexus.initiator_port.as_str());
+            }
+        }
+        if removed && !st.lost.iter().any(|l| is(l, nexus)) {
+            st.lost.push_back(key(nexus));
             if st.lost.len() > MAX_LOST {
                 st.lost.pop_front();
             }
