@@ -227,6 +227,23 @@ impl LogicalUnit {
                 Ok(ScsiResponse::good())
             }
             op::COMPARE_AND_WRITE => self.compare_and_write(ch, c, task, snap).await,
+            op::ORWRITE_16 => {
+                let rw = Rw::decode(c)?;
+                self.check_rw(&rw)?;
+                self.writable(&snap)?;
+                if rw.blocks == 0 {
+                    return Ok(ScsiResponse::good());
+                }
+                let data = DataOut::new(&task.data_out);
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    // Read, OR, write back: atomic like COMPARE AND WRITE.
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, true).await;
+                    self.or_write(ch, rw.lba, blocks, &data).await?;
+                    self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
+                }
+                Ok(ScsiResponse::good())
+            }
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(ch, c, task, snap).await,
             op::UNMAP => self.unmap(ch, c, task, snap).await,
             op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => {
@@ -350,6 +367,36 @@ impl LogicalUnit {
                     pos += n;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// ORWRITE: each block becomes its current contents OR the Data-Out.
+    async fn or_write(
+        &self,
+        ch: &VolumeChannel,
+        lba: u64,
+        blocks: u64,
+        data: &DataOut<'_>,
+    ) -> Result<(), Fail> {
+        let pool = buffer_pool();
+        let bs = u64::from(self.block_size());
+        let chunk = (pool.chunk_size() as u64 / bs).max(1) * bs;
+        let total = self.bytes(blocks);
+        let start = self.offset(lba).0;
+        let mut done = 0u64;
+        while done < total {
+            let n = chunk.min(total - done);
+            let buf = pool.alloc(n as usize).ok_or(Fail::Busy)?;
+            let (r, mut buf) = ch.read(ByteOffset(start + done), buf).await;
+            r.map_err(|e| volume_fail(&e, false))?;
+            let theirs = data.to_vec(done as usize, n as usize);
+            for (b, t) in buf.iter_mut().zip(&theirs) {
+                *b |= t;
+            }
+            let (r, _) = ch.write(ByteOffset(start + done), buf.freeze()).await;
+            r.map_err(|e| volume_fail(&e, true))?;
+            done += n;
         }
         Ok(())
     }

@@ -621,6 +621,26 @@ fn compare_and_write() {
 }
 
 #[test]
+fn orwrite() {
+    let e = env();
+    let a = nx("a");
+    e.clear_ua(&a);
+    assert!(e.cmd(&a, &write10(40, 2), &[0x0f; 1024], 0).good());
+    assert!(e
+        .cmd(&a, &cdb16(op::ORWRITE_16, 0x08, 40, 2), &[0x30; 1024], 0)
+        .good());
+    assert_eq!(e.cmd(&a, &read10(40, 2), &[], 1024).data, [0x3f; 1024]);
+    assert!(e.cmd(&a, &cdb16(op::ORWRITE_16, 0, 2048, 0), &[], 0).good());
+    e.cmd(&a, &cdb16(op::ORWRITE_16, 0, 2049, 0), &[], 0)
+        .expect(
+            SenseKey::IllegalRequest,
+            Asc::LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE,
+        );
+    e.cmd(&a, &cdb16(op::ORWRITE_16, 0x20, 0, 1), &[0; 512], 0)
+        .expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
+}
+
+#[test]
 fn transfers_above_block_limits_are_refused() {
     let e = env_with(70000, BlockSize::B512, LunConfig::default(), 1);
     let a = nx("a");
