@@ -152,7 +152,7 @@ pub fn vpd_page(code: u8, f: &InquiryFacts<'_>, nexus: &Nexus) -> Option<Vec<u8>
         }
         VPD_BLOCK_LIMITS => {
             let mut b = vec![0u8; 0x3c];
-            b[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is rejected
+            // WSNZ = 0: WRITE SAME with 0 blocks writes to the end.
             b[1] = f.max_compare_and_write_blocks;
             let gran = u16::try_from((4096 / f.block_size.max(1)).max(1)).unwrap_or(1);
             b[2..4].copy_from_slice(&gran.to_be_bytes());

@@ -543,11 +543,15 @@ impl LogicalUnit {
         if unmap && !self.config().thin_provisioning {
             return Err(Sense::invalid_field_in_cdb(1, Some(3)).into());
         }
-        if rw.blocks == 0 {
-            // WSNZ=1.
-            return Err(Sense::invalid_field_in_cdb(rw.len_byte, None).into());
-        }
         rw.check_range(self.num_blocks())?;
+        // WSNZ=0: zero blocks means "to the end of the medium".
+        let mut rw = rw;
+        if rw.blocks == 0 {
+            rw.blocks = self.num_blocks() - rw.lba;
+            if rw.blocks == 0 {
+                return Ok(ScsiResponse::good());
+            }
+        }
         if rw.blocks > self.max_write_same_blocks() {
             return Err(Sense::invalid_field_in_cdb(rw.len_byte, None).into());
         }

@@ -388,7 +388,7 @@ fn vpd_pages() {
     }
     let bl = vpd(&e, 0xb0);
     assert_eq!(bl.len(), 64);
-    assert_eq!(bl[4] & 1, 1, "WSNZ");
+    assert_eq!(bl[4] & 1, 0, "WSNZ");
     let be32 = |at: usize| u32::from_be_bytes(bl[at..at + 4].try_into().expect("4"));
     assert_eq!(be32(8), 2048, "maximum transfer: eight chunks");
     assert_eq!(be32(12), 256, "optimal transfer: one chunk");
@@ -796,10 +796,18 @@ fn write_same_and_unmap() {
         .cmd(&a, &cdb16(op::WRITE_SAME_16, 0x08, 10, 2), &blk, 0)
         .good());
     assert_eq!(e.cmd(&a, &read10(10, 1), &[], 512).data, blk);
-    // Rejections: ANCHOR, zero blocks (WSNZ), bad Data-Out size, protection, range.
+    // Zero blocks: to the end of the medium (WSNZ=0).
+    assert!(e
+        .cmd(&a, &cdb16(op::WRITE_SAME_16, 0, 2040, 0), &blk, 0)
+        .good());
+    let r = e.cmd(&a, &read10(2040, 8), &[], 4096);
+    assert!(r.data.chunks(512).all(|c| c == blk));
+    assert!(e
+        .cmd(&a, &cdb16(op::WRITE_SAME_16, 0, 2048, 0), &blk, 0)
+        .good());
+    // Rejections: ANCHOR, bad Data-Out size, protection, range.
     for (flags, n, data, asc) in [
         (0x10u8, 1u32, blk.clone(), Asc::INVALID_FIELD_IN_CDB),
-        (0x00, 0, blk.clone(), Asc::INVALID_FIELD_IN_CDB),
         (
             0x08,
             1,
