@@ -569,13 +569,17 @@ impl LogicalUnit {
         let off = self.offset(rw.lba);
         let len = ByteLen(self.bytes(rw.blocks));
         let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-        if pattern.iter().all(|&b| b == 0) {
-            let r = if unmap {
-                ch.unmap(off, len).await
-            } else {
-                ch.write_zeroes(off, len).await
-            };
-            r.map_err(|e| volume_fail(&e, true))?;
+        // UNMAP=1 deallocates whatever the Data-Out block holds, as LIO and
+        // tgt do and initiators expect; the blocks then read as zeroes
+        // (LBPRZ=1), which is what READ CAPACITY and VPD B2h announce.
+        if unmap {
+            ch.unmap(off, len)
+                .await
+                .map_err(|e| volume_fail(&e, true))?;
+        } else if pattern.iter().all(|&b| b == 0) {
+            ch.write_zeroes(off, len)
+                .await
+                .map_err(|e| volume_fail(&e, true))?;
         } else {
             let pool = buffer_pool();
             let chunk = (pool.chunk_size() / bs).max(1) * bs;

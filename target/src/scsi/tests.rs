@@ -791,11 +791,12 @@ fn write_same_and_unmap() {
         .good());
     let r = e.cmd(&a, &read10(200, 256), &[], 256 * 512);
     assert!(r.data[..512 * 256].iter().all(|&b| b == 0));
-    // UNMAP with a non-zero block writes it (unmapped blocks read zero).
+    // UNMAP deallocates whatever the block holds: it reads back as zeroes.
+    assert!(e.cmd(&a, &write10(10, 1), &blk, 0).good());
     assert!(e
         .cmd(&a, &cdb16(op::WRITE_SAME_16, 0x08, 10, 2), &blk, 0)
         .good());
-    assert_eq!(e.cmd(&a, &read10(10, 1), &[], 512).data, blk);
+    assert_eq!(e.cmd(&a, &read10(10, 1), &[], 512).data, [0; 512]);
     // Zero blocks: to the end of the medium (WSNZ=0).
     assert!(e
         .cmd(&a, &cdb16(op::WRITE_SAME_16, 0, 2040, 0), &blk, 0)
