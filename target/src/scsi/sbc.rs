@@ -448,9 +448,6 @@ impl LogicalUnit {
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&self.num_blocks().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size().to_be_bytes());
-        // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB is the unit the
-        // backends (pages, O_DIRECT, file system blocks) work best in.
-        d[13] = (4096 / self.block_size().max(1)).max(1).trailing_zeros() as u8 & 0x0f;
         if self.config().thin_provisioning {
             d[14] = 0xc0; // LBPME, LBPRZ
         }
