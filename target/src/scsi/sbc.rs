@@ -448,6 +448,11 @@ impl LogicalUnit {
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&self.num_blocks().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+        // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: with it set,
+        // libiscsi's GetLBAStatus.UnmapSingle expects GET LBA STATUS to
+        // start its first descriptor at a physical block boundary instead of
+        // the requested LBA, which SBC-3 forbids. Block Limits still gives
+        // 4 KiB as the optimal granularity.
         if self.config().thin_provisioning {
             d[14] = 0xc0; // LBPME, LBPRZ
         }
