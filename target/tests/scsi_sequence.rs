@@ -21,7 +21,7 @@ fn runtime() -> Runtime {
         reactor: ReactorConfig {
             pool: PoolConfig {
                 chunk_size: 128 * 1024,
-                chunk_count: 64,
+                chunk_count: 256,
                 huge_pages: false,
             },
             ..ReactorConfig::default()

@@ -38,6 +38,8 @@ pub struct InquiryFacts<'a> {
     pub thin: bool,
     pub block_size: u32,
     pub max_transfer_blocks: u32,
+    /// One pool chunk: the largest single volume I/O.
+    pub optimal_transfer_blocks: u32,
     pub max_unmap_lba_count: u32,
     pub max_unmap_descriptors: u32,
     pub max_write_same_blocks: u64,
@@ -150,12 +152,12 @@ pub fn vpd_page(code: u8, f: &InquiryFacts<'_>, nexus: &Nexus) -> Option<Vec<u8>
         }
         VPD_BLOCK_LIMITS => {
             let mut b = vec![0u8; 0x3c];
-            b[0] = 0x01; // WSNZ: WRITE SAME with 0 blocks is rejected
+            // WSNZ = 0: WRITE SAME with 0 blocks writes to the end.
             b[1] = f.max_compare_and_write_blocks;
             let gran = u16::try_from((4096 / f.block_size.max(1)).max(1)).unwrap_or(1);
             b[2..4].copy_from_slice(&gran.to_be_bytes());
             b[4..8].copy_from_slice(&f.max_transfer_blocks.to_be_bytes());
-            b[8..12].copy_from_slice(&f.max_transfer_blocks.to_be_bytes());
+            b[8..12].copy_from_slice(&f.optimal_transfer_blocks.to_be_bytes());
             if f.thin {
                 b[16..20].copy_from_slice(&f.max_unmap_lba_count.to_be_bytes());
                 b[20..24].copy_from_slice(&f.max_unmap_descriptors.to_be_bytes());

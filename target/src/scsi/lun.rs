@@ -80,7 +80,10 @@ pub enum ResetKind {
 /// Upper bounds the handlers enforce and Block Limits reports.
 pub(crate) const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 pub(crate) const MAX_UNMAP_LBA_COUNT: u32 = u32::MAX;
-pub(crate) const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// MAXIMUM WRITE SAME LENGTH in blocks. Kept below 65536 on purpose:
+/// initiators (libiscsi among them) take a limit of 65536 or more as a
+/// promise that a plain WRITE of that many blocks works too.
+pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 0xffff;
 pub(crate) const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
 /// Nexuses remembered as lost (for I_T NEXUS LOSS OCCURRED), at most.
 const MAX_LOST: usize = 4096;
@@ -89,6 +92,10 @@ type NexusKey = (String, String);
 
 fn key(n: &Nexus) -> NexusKey {
     (n.initiator_port.clone(), n.target_port.clone())
+}
+
+fn is(k: &NexusKey, n: &Nexus) -> bool {
+    k.0 == n.initiator_port && k.1 == n.target_port
 }
 
 #[derive(Debug, Default)]
@@ -106,34 +113,62 @@ impl NexusState {
 }
 
 pub(crate) struct State {
-    nexuses: HashMap<NexusKey, NexusState>,
+    /// Per initiator port: (target port, state) of each nexus seen.
+    nexuses: HashMap<String, Vec<(String, NexusState)>>,
     lost: VecDeque<NexusKey>,
     pub(crate) pr: PrState,
     pub(crate) spc2: Spc2,
     pub(crate) mode: ModeState,
     ports: BTreeSet<u16>,
+    scratch: NexusState,
 }
 
 impl State {
+    /// The state of `n`, created (with its first unit attention) when the
+    /// LU sees it for the first time. The lookup allocates nothing: this
+    /// runs for every command.
     fn nexus(&mut self, n: &Nexus) -> &mut NexusState {
-        let k = key(n);
-        let was_lost = self.lost.iter().position(|l| *l == k);
-        self.ports.insert(n.relative_port);
-        self.nexuses.entry(k).or_insert_with(|| {
+        let known = self
+            .nexuses
+            .get(n.initiator_port.as_str())
+            .is_some_and(|v| v.iter().any(|(t, _)| *t == n.target_port));
+        if !known {
+            self.ports.insert(n.relative_port);
+            let was_lost = self.lost.iter().any(|l| is(l, n));
             let mut s = NexusState::default();
-            s.push(if was_lost.is_some() {
+            s.push(if was_lost {
                 Asc::I_T_NEXUS_LOSS_OCCURRED
             } else {
                 Asc::POWER_ON_OCCURRED
             });
-            s
-        })
+            self.nexuses
+                .entry(n.initiator_port.clone())
+                .or_default()
+                .push((n.target_port.clone(), s));
+        }
+        let found = self
+            .nexuses
+            .get_mut(n.initiator_port.as_str())
+            .and_then(|v| v.iter_mut().find(|(t, _)| *t == n.target_port));
+        match found {
+            Some((_, s)) => s,
+            // Cannot happen (inserted above); a throw-away state keeps this total.
+            None => {
+                self.scratch = NexusState::default();
+                &mut self.scratch
+            }
+        }
+    }
+
+    fn all_nexus_states(&mut self) -> impl Iterator<Item = (&str, &str, &mut NexusState)> {
+        self.nexuses
+            .iter_mut()
+            .flat_map(|(i, v)| v.iter_mut().map(move |(t, s)| (i.as_str(), t.as_str(), s)))
     }
 
     fn ua_all(&mut self, asc: Asc, except: Option<&Nexus>) {
-        let skip = except.map(key);
-        for (k, s) in self.nexuses.iter_mut() {
-            if Some(k) != skip.as_ref() {
+        for (i, t, s) in self.all_nexus_states() {
+            if except.map_or(true, |n| n.initiator_port != i || n.target_port != t) {
                 s.push(asc);
             }
         }
@@ -141,8 +176,8 @@ impl State {
 
     fn deliver(&mut self, uas: Vec<UaTarget>) {
         for u in uas {
-            for ((i, t), s) in self.nexuses.iter_mut() {
-                if *i == u.initiator && u.target.as_ref().map_or(true, |x| x == t) {
+            for (i, t, s) in self.all_nexus_states() {
+                if i == u.initiator && u.target.as_deref().map_or(true, |x| x == t) {
                     s.push(u.asc);
                 }
             }
@@ -253,6 +288,7 @@ impl LogicalUnit {
                 spc2: Spc2::default(),
                 mode: default_mode,
                 ports: BTreeSet::new(),
+                scratch: NexusState::default(),
             }),
             locks: RangeLocks::default(),
             lba_status,
@@ -281,14 +317,20 @@ impl LogicalUnit {
         self.volume.block_size().bytes()
     }
 
-    /// The largest transfer in blocks (one pool chunk).
+    /// The largest transfer in blocks.
     pub(crate) fn max_transfer(&self) -> u32 {
         let chunk = mirrorpoint_poller::buffer_pool().chunk_size();
         super::max_transfer_blocks(self.block_size(), chunk)
     }
 
+    /// One pool chunk in blocks.
+    pub(crate) fn chunk_blocks(&self) -> u32 {
+        let chunk = mirrorpoint_poller::buffer_pool().chunk_size();
+        u32::try_from(chunk / self.block_size().max(1) as usize).unwrap_or(u32::MAX)
+    }
+
     pub(crate) fn max_write_same_blocks(&self) -> u64 {
-        MAX_WRITE_SAME_BYTES / u64::from(self.block_size().max(1))
+        MAX_WRITE_SAME_BLOCKS
     }
 
     /// Executes one command. `channel` must be a channel of [`Self::volume`]
@@ -436,6 +478,7 @@ impl LogicalUnit {
             thin: self.config.thin_provisioning,
             block_size: self.block_size(),
             max_transfer_blocks: self.max_transfer(),
+            optimal_transfer_blocks: self.chunk_blocks(),
             max_unmap_lba_count: MAX_UNMAP_LBA_COUNT,
             max_unmap_descriptors: MAX_UNMAP_DESCRIPTORS,
             max_write_same_blocks: self.max_write_same_blocks(),
@@ -554,7 +597,7 @@ impl LogicalUnit {
         let _ = by;
         let mut st = self.state();
         st.spc2 = Spc2::default();
-        for s in st.nexuses.values_mut() {
+        for (_, _, s) in st.all_nexus_states() {
             s.prevent = false;
         }
         let asc = match kind {
@@ -576,9 +619,17 @@ impl LogicalUnit {
         let mut st = self.state();
         st.spc2.release(nexus);
         st.pr.nexus_lost(nexus);
-        let k = key(nexus);
-        if st.nexuses.remove(&k).is_some() && !st.lost.contains(&k) {
-            st.lost.push_back(k);
+        let mut removed = false;
+        if let Some(v) = st.nexuses.get_mut(nexus.initiator_port.as_str()) {
+            let before = v.len();
+            v.retain(|(t, _)| *t != nexus.target_port);
+            removed = v.len() != before;
+            if v.is_empty() {
+                st.nexuses.remove(nexus.initiator_port.as_str());
+            }
+        }
+        if removed && !st.lost.iter().any(|l| is(l, nexus)) {
+            st.lost.push_back(key(nexus));
             if st.lost.len() > MAX_LOST {
                 st.lost.pop_front();
             }

@@ -171,13 +171,22 @@ pub fn lun_not_supported(task: &ScsiTask<'_>) -> ScsiResponse {
     r.unwrap_or_else(|f| f.into_response(false))
 }
 
-/// The MAXIMUM TRANSFER LENGTH reported in the Block Limits VPD page, in
-/// blocks: one pool chunk, the largest single volume I/O.
+/// Most pool chunks one command may move (Data-In or Data-Out).
+pub const MAX_TRANSFER_CHUNKS: usize = 8;
+
+/// The MAXIMUM TRANSFER LENGTH reported in the Block Limits VPD page (and
+/// enforced), in blocks: [`MAX_TRANSFER_CHUNKS`] pool chunks (1 MiB with
+/// 128 KiB chunks). A single volume I/O is at most one chunk, which Block
+/// Limits reports as the OPTIMAL TRANSFER LENGTH; larger commands are split
+/// into several volume I/Os and several Data-In buffers. One chunk as the
+/// maximum would be too small: initiators (and libiscsi's own tests) send
+/// 257-block writes without consulting Block Limits.
 pub fn max_transfer_blocks(block_size: u32, chunk_size: usize) -> u32 {
     if block_size == 0 {
         return 0;
     }
-    u32::try_from(chunk_size / block_size as usize).unwrap_or(u32::MAX)
+    let bytes = chunk_size.saturating_mul(MAX_TRANSFER_CHUNKS);
+    u32::try_from(bytes / block_size as usize).unwrap_or(u32::MAX)
 }
 
 /// MEDIUM ERROR sense for a failed volume request, or the matching

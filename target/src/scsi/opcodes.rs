@@ -247,6 +247,27 @@ pub static COMMANDS: &[Command] = &[
         ]
     ),
     cmd!(
+        op::ORWRITE_16,
+        [
+            op::ORWRITE_16,
+            0xf8,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0x1f,
+            C
+        ]
+    ),
+    cmd!(
         op::WRITE_16,
         [
             op::WRITE_16,

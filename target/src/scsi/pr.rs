@@ -584,7 +584,9 @@ impl Spc2 {
 
     /// Whether `n` is blocked by a reservation someone else holds.
     pub fn blocks(&self, n: &Nexus) -> bool {
-        self.holder.as_ref().is_some_and(|h| *h != Self::key(n))
+        self.holder
+            .as_ref()
+            .is_some_and(|(i, t)| *i != n.initiator_port || *t != n.target_port)
     }
 
     /// RESERVE: conflicts if another nexus holds it.

@@ -162,13 +162,13 @@ impl LogicalUnit {
                     return Ok(ScsiResponse::good());
                 }
                 let data = DataOut::new(&task.data_out);
-                let bytes = self.bytes(rw.blocks);
-                if (data.len() as u64) < bytes {
-                    return Err(info_unit_error());
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, false).await;
+                    self.write_data(ch, rw.lba, &data, 0, self.bytes(blocks))
+                        .await?;
+                    self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
                 }
-                let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-                self.write_data(ch, rw.lba, &data, 0, bytes).await?;
-                self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
                 Ok(ScsiResponse::good())
             }
             op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => {
@@ -182,16 +182,16 @@ impl LogicalUnit {
                     return Ok(ScsiResponse::good());
                 }
                 let data = DataOut::new(&task.data_out);
-                let bytes = self.bytes(rw.blocks);
-                if (data.len() as u64) < bytes {
-                    return Err(info_unit_error());
-                }
-                let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-                self.write_data(ch, rw.lba, &data, 0, bytes).await?;
-                // Verification is against the medium: make it durable first.
-                self.flush_if(ch, true).await?;
-                if rw.bytchk == 1 {
-                    self.compare(ch, rw.lba, rw.blocks, &data, 0, false).await?;
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, false).await;
+                    self.write_data(ch, rw.lba, &data, 0, self.bytes(blocks))
+                        .await?;
+                    // Verification is against the medium: make it durable first.
+                    self.flush_if(ch, true).await?;
+                    if rw.bytchk == 1 {
+                        self.compare(ch, rw.lba, blocks, &data, 0, false).await?;
+                    }
                 }
                 Ok(ScsiResponse::good())
             }
@@ -227,6 +227,23 @@ impl LogicalUnit {
                 Ok(ScsiResponse::good())
             }
             op::COMPARE_AND_WRITE => self.compare_and_write(ch, c, task, snap).await,
+            op::ORWRITE_16 => {
+                let rw = Rw::decode(c)?;
+                self.check_rw(&rw)?;
+                self.writable(&snap)?;
+                if rw.blocks == 0 {
+                    return Ok(ScsiResponse::good());
+                }
+                let data = DataOut::new(&task.data_out);
+                let blocks = self.received_blocks(&rw, &data);
+                if blocks > 0 {
+                    // Read, OR, write back: atomic like COMPARE AND WRITE.
+                    let _g = self.locks.lock(rw.lba, rw.lba + blocks, true).await;
+                    self.or_write(ch, rw.lba, blocks, &data).await?;
+                    self.flush_if(ch, rw.fua || !snap.mode.wce).await?;
+                }
+                Ok(ScsiResponse::good())
+            }
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(ch, c, task, snap).await,
             op::UNMAP => self.unmap(ch, c, task, snap).await,
             op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => {
@@ -242,6 +259,16 @@ impl LogicalUnit {
             }
             _ => Err(Sense::invalid_opcode().into()),
         }
+    }
+
+    /// How many of the command's blocks the Data-Out covers. An initiator
+    /// that announced less Data-Out than the CDB asks for (iSCSI EDTL <
+    /// transfer length) gets what it sent written and the rest ignored, as
+    /// FCP-4 prescribes for the same case and libiscsi expects; the
+    /// transport reports the overflow residual.
+    fn received_blocks(&self, rw: &Rw, data: &DataOut<'_>) -> u64 {
+        let bs = u64::from(self.block_size().max(1));
+        rw.blocks.min(data.len() as u64 / bs)
     }
 
     fn bytes(&self, blocks: u64) -> u64 {
@@ -344,6 +371,36 @@ impl LogicalUnit {
         Ok(())
     }
 
+    /// ORWRITE: each block becomes its current contents OR the Data-Out.
+    async fn or_write(
+        &self,
+        ch: &VolumeChannel,
+        lba: u64,
+        blocks: u64,
+        data: &DataOut<'_>,
+    ) -> Result<(), Fail> {
+        let pool = buffer_pool();
+        let bs = u64::from(self.block_size());
+        let chunk = (pool.chunk_size() as u64 / bs).max(1) * bs;
+        let total = self.bytes(blocks);
+        let start = self.offset(lba).0;
+        let mut done = 0u64;
+        while done < total {
+            let n = chunk.min(total - done);
+            let buf = pool.alloc(n as usize).ok_or(Fail::Busy)?;
+            let (r, mut buf) = ch.read(ByteOffset(start + done), buf).await;
+            r.map_err(|e| volume_fail(&e, false))?;
+            let theirs = data.to_vec(done as usize, n as usize);
+            for (b, t) in buf.iter_mut().zip(&theirs) {
+                *b |= t;
+            }
+            let (r, _) = ch.write(ByteOffset(start + done), buf.freeze()).await;
+            r.map_err(|e| volume_fail(&e, true))?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Compares `blocks` at `lba` with Data-Out from `from` (or, with
     /// `single`, every block with the first Data-Out block); MISCOMPARE
     /// carries the Data-Out offset of the first differing byte.
@@ -391,6 +448,11 @@ impl LogicalUnit {
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&self.num_blocks().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+        // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: with it set,
+        // libiscsi's GetLBAStatus.UnmapSingle expects GET LBA STATUS to
+        // start its first descriptor at a physical block boundary instead of
+        // the requested LBA, which SBC-3 forbids. Block Limits still gives
+        // 4 KiB as the optimal granularity.
         if self.config().thin_provisioning {
             d[14] = 0xc0; // LBPME, LBPRZ
         }
@@ -438,6 +500,11 @@ impl LogicalUnit {
         let lba = c.be64(2);
         let n = u64::from(c.u8(13));
         if n == 0 {
+            // No blocks, yet Data-Out: the CDB and the transfer disagree
+            // (e.g. 256 blocks truncated into the one-byte field).
+            if !task.data_out.is_empty() || task.expected_data_out != 0 {
+                return Err(Sense::invalid_field_in_cdb(13, None).into());
+            }
             return Ok(ScsiResponse::good());
         }
         if n > u64::from(self.facts().max_compare_and_write_blocks) {
@@ -481,11 +548,15 @@ impl LogicalUnit {
         if unmap && !self.config().thin_provisioning {
             return Err(Sense::invalid_field_in_cdb(1, Some(3)).into());
         }
-        if rw.blocks == 0 {
-            // WSNZ=1.
-            return Err(Sense::invalid_field_in_cdb(rw.len_byte, None).into());
-        }
         rw.check_range(self.num_blocks())?;
+        // WSNZ=0: zero blocks means "to the end of the medium".
+        let mut rw = rw;
+        if rw.blocks == 0 {
+            rw.blocks = self.num_blocks() - rw.lba;
+            if rw.blocks == 0 {
+                return Ok(ScsiResponse::good());
+            }
+        }
         if rw.blocks > self.max_write_same_blocks() {
             return Err(Sense::invalid_field_in_cdb(rw.len_byte, None).into());
         }
@@ -503,13 +574,17 @@ impl LogicalUnit {
         let off = self.offset(rw.lba);
         let len = ByteLen(self.bytes(rw.blocks));
         let _g = self.locks.lock(rw.lba, rw.lba + rw.blocks, false).await;
-        if pattern.iter().all(|&b| b == 0) {
-            let r = if unmap {
-                ch.unmap(off, len).await
-            } else {
-                ch.write_zeroes(off, len).await
-            };
-            r.map_err(|e| volume_fail(&e, true))?;
+        // UNMAP=1 deallocates whatever the Data-Out block holds, as LIO and
+        // tgt do and initiators expect; the blocks then read as zeroes
+        // (LBPRZ=1), which is what READ CAPACITY and VPD B2h announce.
+        if unmap {
+            ch.unmap(off, len)
+                .await
+                .map_err(|e| volume_fail(&e, true))?;
+        } else if pattern.iter().all(|&b| b == 0) {
+            ch.write_zeroes(off, len)
+                .await
+                .map_err(|e| volume_fail(&e, true))?;
         } else {
             let pool = buffer_pool();
             let chunk = (pool.chunk_size() / bs).max(1) * bs;

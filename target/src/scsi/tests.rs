@@ -388,16 +388,14 @@ fn vpd_pages() {
     }
     let bl = vpd(&e, 0xb0);
     assert_eq!(bl.len(), 64);
-    assert_eq!(bl[4] & 1, 1, "WSNZ");
-    assert_eq!(
-        u32::from_be_bytes(bl[8..12].try_into().expect("4")),
-        256,
-        "one chunk"
-    );
+    assert_eq!(bl[4] & 1, 0, "WSNZ");
+    let be32 = |at: usize| u32::from_be_bytes(bl[at..at + 4].try_into().expect("4"));
+    assert_eq!(be32(8), 2048, "maximum transfer: eight chunks");
+    assert_eq!(be32(12), 256, "optimal transfer: one chunk");
     assert_eq!(u32::from_be_bytes(bl[24..28].try_into().expect("4")), 256);
     assert_ne!(u32::from_be_bytes(bl[20..24].try_into().expect("4")), 0);
-    assert_eq!(max_transfer_blocks(512, 128 * 1024), 256);
-    assert_eq!(max_transfer_blocks(4096, 128 * 1024), 32);
+    assert_eq!(max_transfer_blocks(512, 128 * 1024), 2048);
+    assert_eq!(max_transfer_blocks(4096, 128 * 1024), 256);
     assert_eq!(max_transfer_blocks(0, 128 * 1024), 0);
     let bdc = vpd(&e, 0xb1);
     assert_eq!(&bdc[4..6], &[0, 1], "non-rotating");
@@ -476,12 +474,9 @@ fn read_write_round_trip_and_errors() {
     assert_eq!(r.data, data[..200]);
     let r = e.cmd(&a, &read10(100, 2), &[], 0);
     assert!(r.good() && r.data.is_empty());
-    // Largest transfer is one chunk: 256 blocks in one buffer; 257 rejected.
-    let r = e.cmd(&a, &read10(0, 256), &[], 256 * 512);
-    assert!(r.good() && r.data.len() == 256 * 512 && r.buffers == 1);
-    let r = e.cmd(&a, &read10(0, 257), &[], 257 * 512);
-    r.expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
-    assert_eq!(r.field_pointer(), (true, 7));
+    // A transfer larger than a chunk comes back in several buffers.
+    let r = e.cmd(&a, &read10(0, 1024), &[], 1024 * 512);
+    assert!(r.good() && r.data.len() == 1024 * 512 && r.buffers == 4);
     // Zero blocks: GOOD, even at the capacity; past it: out of range.
     assert!(e.cmd(&a, &read10(2048, 0), &[], 0).good());
     for (lba, n) in [(2049u32, 0u16), (2047, 2), (u32::MAX, 1)] {
@@ -501,11 +496,14 @@ fn read_write_round_trip_and_errors() {
     let r = e.cmd(&a, &c, &[], 512);
     r.expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
     assert_eq!(r.field_pointer(), (true, 1));
-    // Less Data-Out than the CDB needs.
-    e.cmd(&a, &write10(0, 2), &w, 0).expect(
-        SenseKey::IllegalRequest,
-        Asc::INVALID_FIELD_IN_INFORMATION_UNIT,
-    );
+    // Less Data-Out than the CDB needs: what was sent is written, whole
+    // blocks only (the transport reports the overflow residual).
+    assert!(e.cmd(&a, &write10(300, 1), &pattern(1, 512), 0).good());
+    assert!(e.cmd(&a, &write10(301, 1), &pattern(1, 512), 0).good());
+    assert!(e.cmd(&a, &write10(300, 2), &w, 0).good());
+    assert!(e.cmd(&a, &write10(301, 1), &w[..200], 0).good());
+    let r = e.cmd(&a, &read10(300, 2), &[], 1024);
+    assert_eq!(r.data, [w.clone(), pattern(1, 512)].concat());
     // More is fine: the surplus is ignored.
     assert!(e
         .cmd(&a, &write10(0, 1), &[w.clone(), w.clone()].concat(), 0)
@@ -616,6 +614,58 @@ fn compare_and_write() {
     assert!(e
         .cmd(&a, &cdb16(op::COMPARE_AND_WRITE, 0, 0, 0), &[], 0)
         .good());
+    // 256 blocks do not fit the one-byte field: a zero count with Data-Out.
+    let r = e.cmd(&a, &cdb16(op::COMPARE_AND_WRITE, 0, 0, 0), &[0; 1024], 0);
+    r.expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
+    assert_eq!(r.field_pointer(), (true, 13));
+}
+
+#[test]
+fn orwrite() {
+    let e = env();
+    let a = nx("a");
+    e.clear_ua(&a);
+    assert!(e.cmd(&a, &write10(40, 2), &[0x0f; 1024], 0).good());
+    assert!(e
+        .cmd(&a, &cdb16(op::ORWRITE_16, 0x08, 40, 2), &[0x30; 1024], 0)
+        .good());
+    assert_eq!(e.cmd(&a, &read10(40, 2), &[], 1024).data, [0x3f; 1024]);
+    assert!(e.cmd(&a, &cdb16(op::ORWRITE_16, 0, 2048, 0), &[], 0).good());
+    e.cmd(&a, &cdb16(op::ORWRITE_16, 0, 2049, 0), &[], 0)
+        .expect(
+            SenseKey::IllegalRequest,
+            Asc::LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE,
+        );
+    e.cmd(&a, &cdb16(op::ORWRITE_16, 0x20, 0, 1), &[0; 512], 0)
+        .expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
+}
+
+#[test]
+fn transfers_above_block_limits_are_refused() {
+    let e = env_with(70000, BlockSize::B512, LunConfig::default(), 1);
+    let a = nx("a");
+    e.clear_ua(&a);
+    let r = e.cmd(&a, &read10(0, 2048), &[], 2048 * 512);
+    assert!(r.good() && r.buffers == 8);
+    for c in [read10(0, 2049), write10(0, 2049)] {
+        let r = e.cmd(&a, &c, &[], 2049 * 512);
+        r.expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
+        assert_eq!(r.field_pointer(), (true, 7));
+    }
+    // WRITE SAME is limited to 65535 blocks (Block Limits says so).
+    let bl = e.cmd(&a, &[op::INQUIRY, 1, 0xb0, 0, 64, 0], &[], 64).data;
+    assert_eq!(&bl[36..44], &0xffffu64.to_be_bytes());
+    assert!(e
+        .cmd(&a, &cdb16(op::WRITE_SAME_16, 0x08, 0, 0xffff), &[0; 512], 0)
+        .good());
+    let r = e.cmd(
+        &a,
+        &cdb16(op::WRITE_SAME_16, 0x08, 0, 0x10000),
+        &[0; 512],
+        0,
+    );
+    r.expect(SenseKey::IllegalRequest, Asc::INVALID_FIELD_IN_CDB);
+    assert_eq!(r.field_pointer(), (true, 10));
 }
 
 /// Tasks on two reactors increment a counter block with COMPARE AND WRITE
@@ -741,15 +791,24 @@ fn write_same_and_unmap() {
         .good());
     let r = e.cmd(&a, &read10(200, 256), &[], 256 * 512);
     assert!(r.data[..512 * 256].iter().all(|&b| b == 0));
-    // UNMAP with a non-zero block writes it (unmapped blocks read zero).
+    // UNMAP deallocates whatever the block holds: it reads back as zeroes.
+    assert!(e.cmd(&a, &write10(10, 1), &blk, 0).good());
     assert!(e
         .cmd(&a, &cdb16(op::WRITE_SAME_16, 0x08, 10, 2), &blk, 0)
         .good());
-    assert_eq!(e.cmd(&a, &read10(10, 1), &[], 512).data, blk);
-    // Rejections: ANCHOR, zero blocks (WSNZ), bad Data-Out size, protection, range.
+    assert_eq!(e.cmd(&a, &read10(10, 1), &[], 512).data, [0; 512]);
+    // Zero blocks: to the end of the medium (WSNZ=0).
+    assert!(e
+        .cmd(&a, &cdb16(op::WRITE_SAME_16, 0, 2040, 0), &blk, 0)
+        .good());
+    let r = e.cmd(&a, &read10(2040, 8), &[], 4096);
+    assert!(r.data.chunks(512).all(|c| c == blk));
+    assert!(e
+        .cmd(&a, &cdb16(op::WRITE_SAME_16, 0, 2048, 0), &blk, 0)
+        .good());
+    // Rejections: ANCHOR, bad Data-Out size, protection, range.
     for (flags, n, data, asc) in [
         (0x10u8, 1u32, blk.clone(), Asc::INVALID_FIELD_IN_CDB),
-        (0x00, 0, blk.clone(), Asc::INVALID_FIELD_IN_CDB),
         (
             0x08,
             1,
