@@ -23,6 +23,9 @@ echo "== Linux kernel NVMe/TCP host against the target (QEMU guest)"
 cargo build -p mirrorpoint-target --bin mirrorpoint
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh
 
+echo "== Linux kernel iSCSI initiator against the target (QEMU guest, with and without digests)"
+MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/iscsi-mirrorpoint.sh
+
 echo "== our NVMe/TCP initiator against the Linux kernel's nvmet-tcp target (QEMU guest)"
 ./scripts/interop/nvmet-host-check.sh
 

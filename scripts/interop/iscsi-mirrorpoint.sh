@@ -4,15 +4,19 @@
 # mkfs.ext4, write, read back and compare, fsck, logout; once without and
 # once with CRC32C header and data digests.
 #
-# Usage: scripts/interop/iscsi-mirrorpoint.sh   (runs setup.sh first; root for apt)
+# Usage: [MIRRORPOINT=path/to/mirrorpoint] scripts/interop/iscsi-mirrorpoint.sh
+#        (runs setup.sh first; root for apt)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 ./scripts/interop/setup.sh >/dev/null
-cargo build -q -p mirrorpoint-target --bin mirrorpoint
+if [ -z "${MIRRORPOINT:-}" ]; then
+    cargo build -q -p mirrorpoint-target --bin mirrorpoint
+    MIRRORPOINT=$ROOT/build/debug/mirrorpoint
+fi
 WORK=$(mktemp -d /tmp/mp-kernel-iscsi.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-timeout 600 "$ROOT/build/debug/mirrorpoint" serve --no-pin --rpc-socket "$WORK/rpc.sock" \
+timeout 600 "$MIRRORPOINT" serve --no-pin --rpc-socket "$WORK/rpc.sock" \
     --data-dir "$WORK/data" --iscsi-listen "127.0.0.1:$PORT" >"$WORK/log" 2>&1 &
 MP=$!
 trap 'kill $MP 2>/dev/null || true; rm -rf "$WORK"' EXIT
