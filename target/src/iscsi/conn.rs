@@ -15,11 +15,21 @@
 //! - The command window is the session's (shared by its connections, under
 //!   a mutex taken once per command); commands ahead of ExpCmdSN wait here
 //!   until the gap fills, commands outside the window are dropped silently
-//!   (RFC 7143 §3.2.2.1), immediate ones are served at once.
-//! - Error recovery level 0: a PDU that breaks sequencing (DataSN, buffer
-//!   offset, header digest) ends the connection after a Reject; a PDU with a
-//!   bad field or an unsupported opcode gets a Reject and the connection
-//!   continues. Nothing a peer sends can panic this code.
+//!   (RFC 7143 §3.2.2.1), immediate ones are served at once. MaxCmdSN is
+//!   ExpCmdSN + queue depth - commands in flight - 1, so `queue_depth`
+//!   bounds what a session can have outstanding (and the buffers it holds).
+//! - Residuals are computed here, against the transfer length the CDB asks
+//!   for (reads and writes) or the data the SCSI layer returned; a write
+//!   whose CDB asks for more than EDTL is handed to the SCSI layer with its
+//!   transfer length cut to the whole blocks EDTL covers (FCP-4's overflow
+//!   rule: process normally, move no data beyond EDTL).
+//! - Error recovery level 0: a header digest error ends the connection (the
+//!   framing can no longer be trusted); a broken Data-Out sequence (DataSN,
+//!   buffer offset, TTT, too much data), a data digest error or an oversized
+//!   segment gets a Reject and abandons that one task; a PDU with a bad field
+//!   or an unsupported opcode gets a Reject. In all those cases the
+//!   connection and its other tasks carry on. Nothing a peer sends can panic
+//!   this code.
 //! - A ticker task per connection sends NOP-In pings on an idle connection,
 //!   drops it when a ping goes unanswered, and ends it when the control plane
 //!   asks (session reinstatement, target deleted, logout of another CID).
