@@ -434,7 +434,7 @@ impl IscsiTarget {
     pub fn new(reactors: Vec<ReactorHandle>, volumes: VolumeLookup) -> Arc<Self> {
         let limits = NegotiationLimits {
             max_connections: 4,
-            max_outstanding_r2t: 1,
+            max_outstanding_r2t: 4,
             ..NegotiationLimits::default()
         };
         Arc::new(IscsiTarget {
