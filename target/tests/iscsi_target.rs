@@ -924,3 +924,24 @@ fn unanswered_nop_in_pings_drop_the_connection() {
     }
     assert!(b.ping());
 }
+
+#[test]
+fn deleting_a_node_closes_its_sessions_and_refuses_new_logins() {
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    assert!(a.ping());
+    // Portal and initiator groups in use cannot go.
+    assert!(mirrorpoint_target::iscsi::portal::delete_portal_group(&t.target, 1).is_err());
+    assert!(t.target.remove_initiator_group(1).is_err());
+    assert_eq!(t.target.sessions().len(), 1);
+    t.target.remove_target_node(IQN).expect("delete node");
+    assert!(!a.ping(), "session closed");
+    let mut b = Ini::connect(t.addr);
+    assert_eq!(b.login(2, &[]).map_err(|e| e.0), Err(2));
+    // Now the groups can be deleted, and the portal stops listening.
+    t.target.remove_initiator_group(1).expect("ig");
+    mirrorpoint_target::iscsi::portal::delete_portal_group(&t.target, 1).expect("pg");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(TcpStream::connect(t.addr).is_err(), "listener closed");
+}
