@@ -263,7 +263,28 @@ impl Ini {
                 self.hd = p.value == "CRC32C";
             }
         }
+        // A new I_T nexus starts with a unit attention (POWER ON OCCURRED,
+        // or I_T NEXUS LOSS OCCURRED after reinstatement): clear it the way
+        // initiators do, so the tests see plain command results.
+        for _ in 0..4 {
+            if self.tur() == 0 {
+                break;
+            }
+        }
         Ok(())
+    }
+
+    /// TEST UNIT READY; returns the status.
+    fn tur(&mut self) -> u8 {
+        let c = self.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+        self.send(&Bhs::ScsiCommand(c), &[]);
+        loop {
+            match self.recv().expect("TUR answer") {
+                (Bhs::ScsiResponse(r), _) => return r.status,
+                (Bhs::NopIn(_), _) => {}
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        }
     }
 
     fn next_itt(&mut self) -> Itt {
@@ -387,14 +408,14 @@ fn login_inquiry_write_read_with_immediate_unsolicited_and_r2t() {
     let t = start();
     let mut a = Ini::connect(t.addr);
     a.login(1, &[]).expect("login");
-    let c = a.cmd(&[0x12, 0, 0, 0, 96, 0], true, false, 96);
+    let c = a.cmd(&[0x12, 0, 0, 0, 255, 0], true, false, 255);
     a.send(&Bhs::ScsiCommand(c), &[]);
     let (b, d) = a.recv().expect("inquiry");
     let Bhs::DataIn(h) = b else {
         panic!("expected Data-In")
     };
     assert!(h.has_status && h.status == 0);
-    assert_eq!(h.residual_count, 96 - d.len() as u32);
+    assert_eq!(h.residual_count, 255 - d.len() as u32);
     assert!(h.underflow);
     // 300 KiB: immediate 64 KiB, then R2Ts of MaxBurstLength.
     let data = pattern(7, 300 * 1024);
