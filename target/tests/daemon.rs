@@ -45,6 +45,8 @@ fn options(dir: &Path) -> DaemonOptions {
         },
         pin: false,
         iscsi_listen: "127.0.0.1:0".into(),
+        // Parallel tests must not contend for the NVMe/TCP default port.
+        nvmf_default_listen: None,
         ..DaemonOptions::default()
     }
 }
@@ -199,8 +201,13 @@ fn admin_socket_volumes_io_and_config_round_trip() {
             .len(),
         3
     );
-    assert_eq!(cfg["subsystems"][1]["subsystem"], "iscsi");
-    let iscsi_calls: Vec<String> = cfg["subsystems"][1]["config"]
+    let iscsi = cfg["subsystems"]
+        .as_array()
+        .expect("subsystems")
+        .iter()
+        .find(|s| s["subsystem"] == "iscsi")
+        .expect("iscsi subsystem");
+    let iscsi_calls: Vec<String> = iscsi["config"]
         .as_array()
         .expect("iscsi calls")
         .iter()

@@ -33,7 +33,7 @@ const INITIATOR: &str = "iqn.2026-11.io.mirrorpoint:initiator";
 struct Target {
     _rt: Runtime,
     addr: SocketAddr,
-    _target: Arc<IscsiTarget>,
+    target: Arc<IscsiTarget>,
 }
 
 fn start() -> Target {
@@ -105,7 +105,7 @@ fn start() -> Target {
     Target {
         _rt: rt,
         addr: addrs[0],
-        _target: target,
+        target,
     }
 }
 
@@ -121,6 +121,8 @@ struct Ini {
     hd: bool,
     /// Ask for header digests at login.
     want_hd: bool,
+    /// Data-In PDUs with F=1 in the last read.
+    f_bits: usize,
 }
 
 fn send_raw(s: &mut TcpStream, bytes: &[u8]) {
@@ -141,6 +143,7 @@ impl Ini {
             max_burst: 262_144,
             hd: false,
             want_hd: false,
+            f_bits: 0,
         }
     }
 
@@ -186,11 +189,28 @@ impl Ini {
     }
 
     fn login(&mut self, isid: u8, extra: &[(&str, &str)]) -> Result<(), (u8, u8)> {
+        self.login_full(isid, 0, 1, false, INITIATOR, extra)
+            .map(drop)
+    }
+
+    /// Full login; returns the TSIH.
+    fn login_full(
+        &mut self,
+        isid: u8,
+        tsih: u16,
+        cid: u16,
+        discovery: bool,
+        initiator: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<u16, (u8, u8)> {
         let mut t = TextBuilder::new();
-        t.push("InitiatorName", INITIATOR)
-            .push("TargetName", IQN)
-            .push("SessionType", "Normal")
-            .push("AuthMethod", "None");
+        t.push("InitiatorName", initiator);
+        if discovery {
+            t.push("SessionType", "Discovery");
+        } else {
+            t.push("TargetName", IQN).push("SessionType", "Normal");
+        }
+        t.push("AuthMethod", "None");
         for (k, v) in extra {
             t.push(k, v);
         }
@@ -203,9 +223,9 @@ impl Ini {
                 version_max: 0,
                 version_min: 0,
                 isid: Isid([0x80, 0, 0, 0, 0, isid]),
-                tsih: Tsih(0),
+                tsih: Tsih(tsih),
                 itt: Itt(0),
-                cid: Cid(1),
+                cid: Cid(cid),
                 cmd_sn: CmdSn(cmd_sn),
                 exp_stat_sn: StatSn(exp),
             })
@@ -230,11 +250,14 @@ impl Ini {
         let mut t = TextBuilder::new();
         t.push("HeaderDigest", if self.want_hd { "CRC32C" } else { "None" })
             .push("DataDigest", "None")
-            .push("InitialR2T", "No")
-            .push("ImmediateData", "Yes")
-            .push("MaxRecvDataSegmentLength", "65536")
-            .push("MaxBurstLength", "262144")
-            .push("FirstBurstLength", "65536");
+            .push("MaxRecvDataSegmentLength", "65536");
+        if !discovery && tsih == 0 {
+            t.push("InitialR2T", "No")
+                .push("ImmediateData", "Yes")
+                .push("MaxBurstLength", "32768")
+                .push("FirstBurstLength", "16384")
+                .push("MaxConnections", "2");
+        }
         self.send(
             &req(
                 true,
@@ -263,24 +286,62 @@ impl Ini {
                 self.hd = p.value == "CRC32C";
             }
         }
-        // A new I_T nexus starts with a unit attention (POWER ON OCCURRED,
-        // or I_T NEXUS LOSS OCCURRED after reinstatement): clear it the way
-        // initiators do, so the tests see plain command results.
-        for _ in 0..4 {
-            if self.tur() == 0 {
-                break;
+        if !discovery && tsih == 0 {
+            // A new I_T nexus starts with a unit attention (power on /
+            // reset); TEST UNIT READY consumes it.
+            for _ in 0..4 {
+                let c = self.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+                self.send(&Bhs::ScsiCommand(c), &[]);
+                match self.recv() {
+                    Some((Bhs::ScsiResponse(r), _)) if r.status == 0 => break,
+                    Some((Bhs::ScsiResponse(_), _)) => {}
+                    other => panic!("TEST UNIT READY: {other:?}"),
+                }
             }
         }
-        Ok(())
+        Ok(r.tsih.0)
     }
 
-    /// TEST UNIT READY; returns the status.
-    fn tur(&mut self) -> u8 {
-        let c = self.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
-        self.send(&Bhs::ScsiCommand(c), &[]);
+    /// SendTargets=All in a discovery session: the target names.
+    fn send_targets(&mut self) -> Vec<String> {
+        let itt = self.next_itt();
+        let req = Bhs::TextRequest(mirrorpoint_target::iscsi::pdu::TextRequest {
+            immediate: true,
+            final_: true,
+            continue_: false,
+            lun: Lun::default(),
+            itt,
+            ttt: Ttt::RESERVED,
+            cmd_sn: CmdSn(self.cmd_sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+        });
+        self.send(&req, b"SendTargets=All\0");
+        let (b, data) = self.recv().expect("text response");
+        assert!(matches!(b, Bhs::TextResponse(_)), "{b:?}");
+        parse(&data)
+            .expect("text")
+            .iter()
+            .filter(|p| p.key == "TargetName")
+            .map(|p| p.value.to_string())
+            .collect()
+    }
+
+    fn logout(&mut self, reason: mirrorpoint_target::iscsi::pdu::LogoutReason, cid: u16) -> u8 {
+        let itt = self.next_itt();
+        let sn = self.cmd_sn;
+        self.cmd_sn += 1;
+        let req = Bhs::LogoutRequest(mirrorpoint_target::iscsi::pdu::LogoutRequest {
+            immediate: false,
+            reason,
+            itt,
+            cid: Cid(cid),
+            cmd_sn: CmdSn(sn),
+            exp_stat_sn: StatSn(self.exp_stat_sn),
+        });
+        self.send(&req, &[]);
         loop {
-            match self.recv().expect("TUR answer") {
-                (Bhs::ScsiResponse(r), _) => return r.status,
+            match self.recv().expect("logout response") {
+                (Bhs::LogoutResponse(r), _) => return r.response,
                 (Bhs::NopIn(_), _) => {}
                 (other, _) => panic!("unexpected {other:?}"),
             }
@@ -321,10 +382,12 @@ impl Ini {
         let c = self.cmd(&cdb, true, false, u32::from(blocks) * 512);
         self.send(&Bhs::ScsiCommand(c), &[]);
         let mut data = Vec::new();
+        self.f_bits = 0;
         loop {
             match self.recv().expect("read answer") {
                 (Bhs::DataIn(d), seg) => {
                     assert_eq!(d.buffer_offset as usize, data.len());
+                    self.f_bits += usize::from(d.final_);
                     data.extend(seg);
                     if d.has_status {
                         return (d.status, data);
@@ -346,6 +409,10 @@ impl Ini {
         cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
         let c = self.cmd(&cdb, false, true, data.len() as u32);
         let itt = c.itt;
+        let mut c = c;
+        // With no immediate data and InitialR2T=No, say no unsolicited
+        // Data-Out follows (F=1): everything then comes through R2Ts.
+        c.final_ = true;
         self.send(&Bhs::ScsiCommand(c), &data[..imm]);
         loop {
             match self.recv().expect("write answer") {
@@ -354,7 +421,7 @@ impl Ini {
                     let end = off + r.desired_data_transfer_length as usize;
                     let mut sn = 0;
                     while off < end {
-                        let n = (end - off).min(65536);
+                        let n = (end - off).min(8192);
                         let d = DataOut {
                             final_: off + n == end,
                             lun: Lun::default(),
@@ -408,24 +475,32 @@ fn login_inquiry_write_read_with_immediate_unsolicited_and_r2t() {
     let t = start();
     let mut a = Ini::connect(t.addr);
     a.login(1, &[]).expect("login");
-    let c = a.cmd(&[0x12, 0, 0, 0, 255, 0], true, false, 255);
+    let c = a.cmd(&[0x12, 0, 0, 0, 96, 0], true, false, 96);
     a.send(&Bhs::ScsiCommand(c), &[]);
     let (b, d) = a.recv().expect("inquiry");
     let Bhs::DataIn(h) = b else {
         panic!("expected Data-In")
     };
     assert!(h.has_status && h.status == 0);
-    assert_eq!(h.residual_count, 255 - d.len() as u32);
-    assert!(h.underflow);
-    // 300 KiB: immediate 64 KiB, then R2Ts of MaxBurstLength.
-    let data = pattern(7, 300 * 1024);
-    assert_eq!(a.write10(16, &data, 65536), 0);
+    assert_eq!(h.residual_count, 96 - d.len() as u32);
+    assert_eq!(h.underflow, d.len() < 96);
+    // 120 KiB (the SCSI layer's largest transfer is one 128 KiB pool
+    // chunk): 16 KiB immediate (FirstBurstLength), the rest in R2Ts of
+    // MaxBurstLength (32 KiB), one outstanding at a time.
+    let data = pattern(7, 120 * 1024);
+    assert_eq!(a.write10(16, &data, 16384), 0);
     let (st, back) = a.read10(16, (data.len() / 512) as u16);
     assert_eq!(st, 0);
     assert_eq!(back, data);
     // Small write with everything immediate.
     let small = pattern(9, 4096);
     assert_eq!(a.write10(2000, &small, 4096), 0);
+    // Nothing immediate: all of it through R2Ts.
+    let r2t_only = pattern(10, 64 * 1024);
+    assert_eq!(a.write10(3000, &r2t_only, 0), 0);
+    assert_eq!(a.read10(3000, 128).1, r2t_only);
+    // 64 KiB of Data-In with MaxBurstLength 32 KiB: two sequences.
+    assert_eq!(a.f_bits, 2);
     assert_eq!(a.read10(2000, 8).1, small);
     assert!(a.ping());
 }
@@ -655,4 +730,197 @@ fn header_digest_errors_drop_only_that_connection() {
     );
     assert!(good.ping());
     assert_eq!(good.read10(300, 8), (0, keep));
+}
+
+#[test]
+fn discovery_lists_only_what_the_initiator_may_see() {
+    let t = start();
+    t.target
+        .add_initiator_group(InitiatorGroupSpec {
+            tag: 2,
+            initiators: vec!["iqn.2026-11.io.mirrorpoint:someone-else".into()],
+            netmasks: vec!["ANY".into()],
+        })
+        .expect("ig");
+    t.target
+        .add_target_node(TargetNodeSpec {
+            name: "private".into(),
+            alias_name: None,
+            luns: vec![LunSpec {
+                bdev_name: "m0".into(),
+                lun_id: 0,
+            }],
+            pg_ig_maps: vec![PgIgMap {
+                pg_tag: 1,
+                ig_tag: 2,
+            }],
+            queue_depth: 16,
+            disable_chap: true,
+            require_chap: false,
+            mutual_chap: false,
+            chap_group: None,
+            chap: None,
+            header_digest: false,
+            data_digest: false,
+        })
+        .expect("node");
+    let mut d = Ini::connect(t.addr);
+    d.login_full(1, 0, 1, true, INITIATOR, &[])
+        .expect("discovery login");
+    assert_eq!(d.send_targets(), vec![IQN.to_string()]);
+    // The same request split over two Text Requests (C=1, then the
+    // target's TTT).
+    let itt = d.next_itt();
+    let mut req = mirrorpoint_target::iscsi::pdu::TextRequest {
+        immediate: true,
+        final_: false,
+        continue_: true,
+        lun: Lun::default(),
+        itt,
+        ttt: Ttt::RESERVED,
+        cmd_sn: CmdSn(d.cmd_sn),
+        exp_stat_sn: StatSn(d.exp_stat_sn),
+    };
+    d.send(&Bhs::TextRequest(req.clone()), b"SendTar");
+    let (b, data) = d.recv().expect("empty text response");
+    let Bhs::TextResponse(r) = b else {
+        panic!("{b:?}")
+    };
+    assert!(!r.final_ && !r.continue_ && !r.ttt.is_reserved() && data.is_empty());
+    req.final_ = true;
+    req.continue_ = false;
+    req.ttt = r.ttt;
+    d.send(&Bhs::TextRequest(req), b"gets=All\0");
+    let (b, data) = d.recv().expect("text response");
+    assert!(matches!(b, Bhs::TextResponse(ref r) if r.final_), "{b:?}");
+    assert!(String::from_utf8_lossy(&data).contains(IQN));
+    // A normal login to the hidden node is refused.
+    let mut n = Ini::connect(t.addr);
+    let mut t2 = TextBuilder::new();
+    t2.push("InitiatorName", INITIATOR)
+        .push("TargetName", "iqn.2026-11.io.mirrorpoint:private")
+        .push("AuthMethod", "None");
+    let req = Bhs::LoginRequest(LoginRequest {
+        transit: true,
+        continue_: false,
+        csg: Stage::SecurityNegotiation,
+        nsg: Stage::LoginOperationalNegotiation,
+        version_max: 0,
+        version_min: 0,
+        isid: Isid([0x80, 0, 0, 0, 0, 3]),
+        tsih: Tsih(0),
+        itt: Itt(0),
+        cid: Cid(0),
+        cmd_sn: CmdSn(1),
+        exp_stat_sn: StatSn(0),
+    });
+    n.send(&req, t2.as_bytes());
+    match n.recv() {
+        Some((Bhs::LoginResponse(r), _)) => assert_eq!(r.status_class, 2),
+        other => panic!("{other:?}"),
+    }
+    // The other initiator sees both.
+    let mut o = Ini::connect(t.addr);
+    o.login_full(
+        1,
+        0,
+        1,
+        true,
+        "iqn.2026-11.io.mirrorpoint:someone-else",
+        &[],
+    )
+    .expect("discovery login");
+    let mut names = o.send_targets();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn two_connections_share_one_session_and_logout_closes_it() {
+    use mirrorpoint_target::iscsi::pdu::LogoutReason;
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    let tsih = a.login_full(7, 0, 1, false, INITIATOR, &[]).expect("login");
+    assert!(tsih != 0);
+    assert_eq!(a.read10(0, 1).0, 0);
+    let mut b = Ini::connect(t.addr);
+    b.cmd_sn = a.cmd_sn;
+    b.login_full(7, tsih, 2, false, INITIATOR, &[])
+        .expect("second connection");
+    // Commands on either connection share the session's CmdSN space.
+    let data = pattern(11, 2048);
+    assert_eq!(b.write10(40, &data, 2048), 0);
+    a.cmd_sn = b.cmd_sn;
+    assert_eq!(a.read10(40, 4), (0, data));
+    b.cmd_sn = a.cmd_sn;
+    // CmdSN n+1 on the second connection before n on the first: the
+    // second waits for the gap, then both are answered.
+    let n = a.cmd_sn;
+    b.cmd_sn = n + 1;
+    let later = b.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    b.send(&Bhs::ScsiCommand(later.clone()), &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    let first = a.cmd(&[0, 0, 0, 0, 0, 0], false, false, 0);
+    assert_eq!(first.cmd_sn.0, n);
+    a.send(&Bhs::ScsiCommand(first.clone()), &[]);
+    assert_eq!(a.recv().expect("first").0.itt(), first.itt);
+    assert_eq!(b.recv().expect("second").0.itt(), later.itt);
+    a.cmd_sn = n + 2;
+    b.cmd_sn = n + 2;
+    // Closing the second connection leaves the first one working.
+    assert_eq!(b.logout(LogoutReason::CloseConnection, 2), 0);
+    assert!(b.recv().is_none());
+    a.cmd_sn = b.cmd_sn;
+    assert!(a.ping());
+    assert_eq!(a.read10(40, 1).0, 0);
+    assert_eq!(a.logout(LogoutReason::CloseSession, 1), 0);
+    assert!(a.recv().is_none());
+    assert!(
+        t.target.sessions().is_empty() || {
+            std::thread::sleep(Duration::from_millis(200));
+            t.target.sessions().is_empty()
+        }
+    );
+}
+
+#[test]
+fn unanswered_nop_in_pings_drop_the_connection() {
+    let t = start();
+    *t.target.nop.lock().unwrap() = (1, 1);
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    // Do not answer the target's NOP-In: after interval + timeout the
+    // target closes the connection.
+    let start = std::time::Instant::now();
+    let mut pinged = false;
+    loop {
+        match a.recv() {
+            Some((Bhs::NopIn(n), _)) => {
+                assert!(n.itt.is_reserved() && !n.ttt.is_reserved());
+                pinged = true;
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+            None => break,
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    assert!(pinged, "the target pinged before dropping");
+    // An answering initiator stays connected.
+    let mut b = Ini::connect(t.addr);
+    b.login(2, &[]).expect("login");
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        if let Some((Bhs::NopIn(n), _)) = b.recv() {
+            let ans = NopOut {
+                immediate: true,
+                lun: Lun::default(),
+                itt: Itt::RESERVED,
+                ttt: n.ttt,
+                cmd_sn: CmdSn(b.cmd_sn),
+                exp_stat_sn: StatSn(b.exp_stat_sn),
+            };
+            b.send(&Bhs::NopOut(ans), &[]);
+        }
+    }
+    assert!(b.ping());
 }

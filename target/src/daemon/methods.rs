@@ -99,7 +99,10 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
                 ));
             }
             s.volumes.delete(&params.name).map_err(create_error)?;
-            tracing::info!(name = params.name, "deleted volume");
+            // Hot-remove it from every NVMe-oF subsystem (hosts get a
+            // namespace change notice), as SPDK does for a removed bdev.
+            let removed = s.nvmf.remove_volume(&params.name);
+            tracing::info!(name = params.name, namespaces = removed, "deleted volume");
             Ok(Value::Bool(true))
         })?;
     }
@@ -211,6 +214,10 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
             SubsystemConfig {
                 subsystem: "bdev".to_string(),
                 config: bdev,
+            },
+            SubsystemConfig {
+                subsystem: "nvmf".to_string(),
+                config: crate::nvmf::rpc::config_calls(&state.nvmf),
             },
             SubsystemConfig {
                 subsystem: "iscsi".to_string(),

@@ -226,7 +226,7 @@ impl Reader {
         let mut data = None;
         let mut bad_data_digest = false;
         if n > 0 {
-            let buf = buffer_pool().alloc(n).ok_or(ConnError::NoBuffer)?;
+            let buf = alloc_wait(n).await?;
             let (r, buf) = s.recv_exact(buf, 0..n).await;
             r?;
             let buf = buf.freeze();
@@ -325,6 +325,7 @@ async fn run(
             window: std::sync::Mutex::new(CmdWindow {
                 exp_cmd_sn: res.exp_cmd_sn,
                 depth,
+                in_flight: 0,
             }),
             conns: std::sync::Mutex::new(Vec::new()),
         });
@@ -400,6 +401,8 @@ async fn run(
     let _guard = ConnGuard {
         target: target.clone(),
         session,
+        node: conn.node.clone(),
+        nexus: conn.nexus.clone(),
         id,
     };
     let ticker = spawn(ticker(Rc::downgrade(&conn)));
@@ -417,35 +420,24 @@ async fn run(
 struct ConnGuard {
     target: Arc<IscsiTarget>,
     session: Arc<Session>,
+    node: Option<Arc<NodeRuntime>>,
+    nexus: Nexus,
     id: u64,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.session.remove_conn(self.id);
-        // The last connection of a session that was not reinstated (the
-        // reinstating login already reported its loss): the I_T nexus ends,
-        // which releases SPC-2 reservations and queues I_T NEXUS LOSS.
-        let live = self
-            .target
-            .sessions()
-            .iter()
-            .any(|o| Arc::ptr_eq(o, &self.session));
-        if live && self.session.conn_count() == 0 {
-            if let Some(node) = self
-                .session
-                .target_name
-                .as_deref()
-                .and_then(|t| self.target.node(t))
-            {
-                let s = &self.session;
-                let nexus = nexus_for(&s.initiator_name, s.isid, &node.name, s.tpgt);
-                for l in node.luns.values() {
-                    l.lu.nexus_lost(&nexus);
+        // The last connection gone ends the session (ERL 0, no
+        // Time2Retain): the I_T nexus is lost, and the SCSI layer drops
+        // what it kept for it (SPC-2 reservations, unit attentions).
+        if self.target.remove_session_if_empty(&self.session) {
+            if let Some(n) = &self.node {
+                for l in n.luns.values() {
+                    l.lu.nexus_lost(&self.nexus);
                 }
             }
         }
-        self.target.remove_session_if_empty(&self.session);
     }
 }
 
@@ -498,6 +490,46 @@ async fn login(
 struct TaskCtl {
     lun: u64,
     aborted: Cell<bool>,
+    /// Its place in the session's window; given back (reopening the window)
+    /// just before the status goes out, or when the task is dropped.
+    slot: RefCell<Option<Slot>>,
+}
+
+impl TaskCtl {
+    fn new(lun: u64, session: &Arc<Session>) -> Rc<TaskCtl> {
+        session.window().in_flight += 1;
+        Rc::new(TaskCtl {
+            lun,
+            aborted: Cell::new(false),
+            slot: RefCell::new(Some(Slot(session.clone()))),
+        })
+    }
+    fn release(&self) {
+        drop(self.slot.borrow_mut().take());
+    }
+}
+
+/// One unit of a session's in-flight count.
+struct Slot(Arc<Session>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut w = self.0.window();
+        w.in_flight = w.in_flight.saturating_sub(1);
+    }
+}
+
+/// A pool chunk, waiting a little when the pool is momentarily empty
+/// (commands in flight hold chunks until they complete).
+async fn alloc_wait(len: usize) -> Result<IoBufMut, ConnError> {
+    let pool = buffer_pool();
+    for _ in 0..2000 {
+        if let Some(b) = pool.alloc(len) {
+            return Ok(b);
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    Err(ConnError::NoBuffer)
 }
 
 /// An outstanding R2T.
@@ -514,6 +546,8 @@ struct WriteCollect {
     ctl: Rc<TaskCtl>,
     cmd: ScsiCommand,
     cdb: Vec<u8>,
+    /// The SCSI transfer length of the original CDB, when known.
+    spdtl: Option<u64>,
     /// Bytes to collect: min(EDTL, SCSI transfer length when known).
     want: u32,
     bufs: Vec<IoBuf>,
@@ -582,6 +616,28 @@ fn scsi_transfer_len(cdb: &[u8], block_size: u32) -> Option<u64> {
         _ => return None,
     };
     Some(blocks * u64::from(block_size))
+}
+
+/// Rewrites the TRANSFER LENGTH of a WRITE / WRITE AND VERIFY (10, 12,
+/// 16) CDB to `blocks` (a smaller value: see the overflow rule where it is
+/// called). WRITE(6) is left alone (its 0 means 256 blocks).
+fn clamp_write_blocks(cdb: &mut [u8], blocks: u32) {
+    let (at, width) = match cdb.first() {
+        Some(0x2a | 0x2e) => (7, 2),
+        Some(0xaa | 0xae) => (6, 4),
+        Some(0x8a | 0x8e) => (10, 4),
+        _ => return,
+    };
+    let v = blocks.to_be_bytes();
+    let src = if width == 2 {
+        let b = u16::try_from(blocks).unwrap_or(u16::MAX).to_be_bytes();
+        vec![b[0], b[1]]
+    } else {
+        v.to_vec()
+    };
+    if let Some(dst) = cdb.get_mut(at..at + width) {
+        dst.copy_from_slice(&src);
+    }
 }
 
 /// SAM single-level LUN; `None` for formats we do not use.
@@ -697,7 +753,7 @@ impl Conn {
             trailer[pad..pad + 4].copy_from_slice(&pdu::digest_bytes(crc));
             tn += 4;
         }
-        let mut t = buffer_pool().alloc(tn).ok_or(ConnError::NoBuffer)?;
+        let mut t = alloc_wait(tn).await?;
         t.copy_from_slice(&trailer[..tn]);
         let mut all: Vec<IoBuf> = bufs.to_vec();
         all.push(t.freeze());
@@ -808,27 +864,32 @@ impl Conn {
             }
             Verdict::Now => {
                 self.clone().command(bhs, p).await?;
-                // Release held commands whose turn has come.
-                loop {
-                    let next = {
-                        let exp = self.session.window().exp_cmd_sn;
-                        let mut st = self.st.borrow_mut();
-                        let i = st.held.iter().position(|(s, _)| *s == exp);
-                        i.map(|i| st.held.swap_remove(i))
-                    };
-                    let Some((sn, p)) = next else { break };
-                    if let Verdict::Now = self.verdict(sn, false) {
-                        if let Ok(b) = p.bhs.clone() {
-                            self.clone().command(b, p).await?;
-                        }
-                    }
-                    if self.st.borrow().done {
-                        break;
-                    }
-                }
-                Ok(())
+                self.release_held().await
             }
         }
+    }
+
+    /// Runs held commands whose turn has come (the gap before them was
+    /// filled here, or on another connection of the session).
+    async fn release_held(self: Rc<Self>) -> Result<(), ConnError> {
+        loop {
+            let next = {
+                let exp = self.session.window().exp_cmd_sn;
+                let mut st = self.st.borrow_mut();
+                let i = st.held.iter().position(|(s, _)| *s == exp);
+                i.map(|i| st.held.swap_remove(i))
+            };
+            let Some((sn, p)) = next else { break };
+            if let Verdict::Now = self.verdict(sn, false) {
+                if let Ok(b) = p.bhs.clone() {
+                    self.clone().command(b, p).await?;
+                }
+            }
+            if self.st.borrow().done {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// A command whose CmdSN was accepted.
@@ -935,18 +996,28 @@ impl Conn {
         if self.st.borrow().tasks.contains_key(&c.itt.0) {
             return self.reject(RejectReason::TaskInProgress, &p.raw).await;
         }
-        let ctl = Rc::new(TaskCtl {
-            lun,
-            aborted: Cell::new(false),
-        });
         let edtl = c.expected_data_transfer_length;
+        let bs = self.lun_volume_block(lun);
+        // The transfer the CDB asks for (reads and writes), for residuals.
+        let spdtl = bs.and_then(|bs| scsi_transfer_len(&cdb, bs));
+        if let (true, Some(bs), Some(s)) = (c.write, bs, spdtl) {
+            if s > u64::from(edtl) {
+                // Overflow on a write (FCP-4 §9.4.2, as iSCSI inherits it):
+                // process the command normally, but transfer no data beyond
+                // EDTL. The SCSI layer sees a CDB for the whole blocks that
+                // EDTL covers; the residual is reported against the
+                // original length.
+                clamp_write_blocks(&mut cdb, edtl / bs);
+            }
+        }
+        let ctl = TaskCtl::new(lun, &self.session);
         let imm_len = p.data().len() as u32;
         if !c.write || edtl == 0 {
             if imm_len > 0 {
                 return self.reject(RejectReason::ProtocolError, &p.raw).await;
             }
             self.st.borrow_mut().tasks.insert(c.itt.0, ctl.clone());
-            self.start(ctl, c, cdb, Vec::new());
+            self.start(ctl, c, cdb, spdtl, Vec::new());
             return Ok(());
         }
         // A write: check immediate data against the negotiated limits.
@@ -958,9 +1029,6 @@ impl Conn {
         {
             return self.reject(RejectReason::ProtocolError, &p.raw).await;
         }
-        let spdtl = self
-            .lun_volume_block(lun)
-            .and_then(|bs| scsi_transfer_len(&cdb, bs));
         let want = spdtl.map_or(edtl, |s| u32::try_from(s).unwrap_or(u32::MAX).min(edtl));
         if want > MAX_WRITE_BYTES {
             // Answer now; any Data-Out that follows finds no task and is dropped.
@@ -973,12 +1041,13 @@ impl Conn {
                 ),
                 data_in: Vec::new(),
             };
-            return self.respond(&c, &cdb, resp, 0).await;
+            return self.respond(&c, spdtl, resp).await;
         }
         let mut w = WriteCollect {
             ctl: ctl.clone(),
             cmd: c.clone(),
             cdb,
+            spdtl,
             want,
             bufs: p.data.into_iter().collect(),
             received: imm_len,
@@ -1005,12 +1074,13 @@ impl Conn {
                 ctl,
                 cmd,
                 cdb,
+                spdtl,
                 bufs,
                 want,
                 ..
             } = w;
             let bufs = truncate(bufs, want as usize);
-            self.start(ctl, cmd, cdb, bufs);
+            self.start(ctl, cmd, cdb, spdtl, bufs);
             return Ok(());
         }
         let mut new = Vec::new();
@@ -1153,10 +1223,16 @@ impl Conn {
     }
 
     /// Runs a command as its own task.
-    fn start(self: Rc<Self>, ctl: Rc<TaskCtl>, c: ScsiCommand, cdb: Vec<u8>, data: Vec<IoBuf>) {
+    fn start(
+        self: Rc<Self>,
+        ctl: Rc<TaskCtl>,
+        c: ScsiCommand,
+        cdb: Vec<u8>,
+        spdtl: Option<u64>,
+        data: Vec<IoBuf>,
+    ) {
         spawn(async move {
             let itt = c.itt.0;
-            let data_len: usize = data.iter().map(|b| b.len()).sum();
             let resp = self.execute(&ctl, &c, &cdb, data).await;
             let mine = self
                 .st
@@ -1167,10 +1243,11 @@ impl Conn {
             if mine {
                 self.st.borrow_mut().tasks.remove(&itt);
             }
+            ctl.release();
             if ctl.aborted.get() || !mine {
                 return;
             }
-            if let Err(e) = self.respond(&c, &cdb, resp, data_len).await {
+            if let Err(e) = self.respond(&c, spdtl, resp).await {
                 tracing::debug!("send failed: {e}");
                 let _ = self.stream.shutdown(Shutdown::Both).await;
             }
@@ -1218,15 +1295,10 @@ impl Conn {
     async fn respond(
         &self,
         c: &ScsiCommand,
-        cdb: &[u8],
+        spdtl: Option<u64>,
         resp: ScsiResponse,
-        _data_out_len: usize,
     ) -> Result<(), ConnError> {
         let edtl = u64::from(c.expected_data_transfer_length);
-        let lun = decode_lun(c.lun).unwrap_or(u64::MAX);
-        let spdtl = self
-            .lun_volume_block(lun)
-            .and_then(|bs| scsi_transfer_len(cdb, bs));
         let data_len = resp.data_in_len() as u64;
         // Residuals (RFC 7143 §11.4.5): against the SCSI transfer length
         // when we know it, else against what was actually moved.
@@ -1243,32 +1315,41 @@ impl Conn {
         let send_data = c.read && data_len > 0;
         let piggyback = send_data && resp.sense.is_none();
         if send_data {
+            // PDUs of at most the initiator's MaxRecvDataSegmentLength, in
+            // sequences of at most MaxBurstLength (F=1 ends each sequence).
             let max = self.framing_out.max_recv.max(512) as usize;
-            let mut pieces: Vec<Vec<IoBuf>> = Vec::new();
+            let burst = self.params.max_burst_length.max(512) as usize;
+            let mut pieces: Vec<(Vec<IoBuf>, bool)> = Vec::new();
             let mut cur: Vec<IoBuf> = Vec::new();
             let mut cur_len = 0usize;
+            let mut total = 0usize;
             for b in &resp.data_in {
                 let mut off = 0;
                 while off < b.len() {
-                    let take = (b.len() - off).min(max - cur_len);
+                    let to_burst_end = burst - total % burst;
+                    let room = (max - cur_len).min(to_burst_end);
+                    let take = (b.len() - off).min(room);
                     if let Some(s) = b.slice(off, take) {
                         cur.push(s);
                     }
                     cur_len += take;
                     off += take;
-                    if cur_len == max {
-                        pieces.push(std::mem::take(&mut cur));
+                    total += take;
+                    let burst_end = total % burst == 0;
+                    if cur_len == max || burst_end {
+                        pieces.push((std::mem::take(&mut cur), burst_end));
                         cur_len = 0;
                     }
                 }
             }
             if !cur.is_empty() {
-                pieces.push(cur);
+                pieces.push((cur, true));
             }
             let n = pieces.len();
             let mut offset = 0u32;
-            for (i, piece) in pieces.into_iter().enumerate() {
+            for (i, (piece, seq_end)) in pieces.into_iter().enumerate() {
                 let last = i + 1 == n;
+                let fin = last || seq_end;
                 let st = last && piggyback;
                 let plen: usize = piece.iter().map(|b| b.len()).sum();
                 let dsn = DataSn(data_sn);
@@ -1277,7 +1358,7 @@ impl Conn {
                     st,
                     |s, e, m| {
                         Bhs::DataIn(DataIn {
-                            final_: last,
+                            final_: fin,
                             acknowledge: false,
                             overflow: st && over,
                             underflow: st && under,
@@ -1445,8 +1526,10 @@ impl Conn {
 
     async fn text(&self, t: pdu::TextRequest, p: InPdu) -> Result<(), ConnError> {
         let max = self.framing_out.max_recv.max(512) as usize;
-        // Continuation of our long response.
-        if !t.ttt.is_reserved() {
+        // Continuation of our long response (a TTT of ours while no request
+        // text is being assembled).
+        let assembling = self.st.borrow().text.in_progress();
+        if !t.ttt.is_reserved() && !assembling {
             let pending = self.st.borrow_mut().text_out.take();
             let Some((ttt, mut rest)) = pending.filter(|(ttt, _)| *ttt == t.ttt.0) else {
                 return self.reject(RejectReason::InvalidPduField, &p.raw).await;
@@ -1456,15 +1539,16 @@ impl Conn {
             if more {
                 self.st.borrow_mut().text_out = Some((ttt, rest));
             }
-            return self.text_response(&t, &chunk, more, ttt).await;
+            return self.text_response(&t, &chunk, !more, more, ttt).await;
         }
         let assembled = self.st.borrow_mut().text.push(p.data(), t.continue_);
         let whole = match assembled {
             Ok(Some(w)) => w,
             Ok(None) => {
-                // More request text follows: acknowledge with an empty response.
+                // More request text follows (C=1): an empty response with
+                // F=0 and a TTT asks for the rest (RFC 7143 §11.10.2).
                 let ttt = self.new_ttt();
-                return self.text_response(&t, &[], true, ttt).await;
+                return self.text_response(&t, &[], false, false, ttt).await;
             }
             Err(_) => {
                 self.st.borrow_mut().text.reset();
@@ -1495,7 +1579,7 @@ impl Conn {
                 if more {
                     self.st.borrow_mut().text_out = Some((ttt, rest));
                 }
-                self.text_response(&t, &out, more, ttt).await
+                self.text_response(&t, &out, !more, more, ttt).await
             }
             Err(reason) => self.reject(reason, &p.raw).await,
         }
@@ -1515,18 +1599,19 @@ impl Conn {
         &self,
         t: &pdu::TextRequest,
         data: &[u8],
-        more: bool,
+        final_: bool,
+        continue_: bool,
         ttt: u32,
     ) -> Result<(), ConnError> {
         self.send(
             true,
             |s, e, m| {
                 Bhs::TextResponse(TextResponse {
-                    final_: !more,
-                    continue_: more,
+                    final_,
+                    continue_,
                     lun: t.lun,
                     itt: t.itt,
-                    ttt: if more { Ttt(ttt) } else { Ttt::RESERVED },
+                    ttt: if final_ { Ttt::RESERVED } else { Ttt(ttt) },
                     stat_sn: s,
                     exp_cmd_sn: e,
                     max_cmd_sn: m,
@@ -1567,6 +1652,12 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
         let Some(c) = conn.upgrade() else { return };
         let removed = c.node.as_ref().is_some_and(|n| n.is_removed());
         if c.kill.load(Ordering::Acquire) || removed {
+            let _ = c.stream.shutdown(Shutdown::Both).await;
+            return;
+        }
+        // Held commands whose gap another connection of the session filled.
+        let held = !c.st.borrow().held.is_empty();
+        if held && c.clone().release_held().await.is_err() {
             let _ = c.stream.shutdown(Shutdown::Both).await;
             return;
         }
@@ -1611,5 +1702,86 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lun_decoding() {
+        assert_eq!(decode_lun(Lun::from_u64(0)), Some(0));
+        assert_eq!(decode_lun(Lun([0, 5, 0, 0, 0, 0, 0, 0])), Some(5));
+        assert_eq!(decode_lun(Lun([0x41, 0x02, 0, 0, 0, 0, 0, 0])), Some(0x102));
+        assert_eq!(decode_lun(Lun([0x01, 0x02, 0, 0, 0, 0, 0, 0])), None);
+        assert_eq!(decode_lun(Lun([0xc0, 0, 0, 0, 0, 0, 0, 0])), None);
+    }
+
+    #[test]
+    fn transfer_lengths_and_clamping() {
+        let mut w10 = [0x2a, 0, 0, 0, 0, 0, 0, 0, 4, 0];
+        assert_eq!(scsi_transfer_len(&w10, 512), Some(2048));
+        clamp_write_blocks(&mut w10, 1);
+        assert_eq!(scsi_transfer_len(&w10, 512), Some(512));
+        let mut w16 = [0u8; 16];
+        w16[0] = 0x8a;
+        w16[13] = 8;
+        assert_eq!(scsi_transfer_len(&w16, 4096), Some(32768));
+        clamp_write_blocks(&mut w16, 0);
+        assert_eq!(scsi_transfer_len(&w16, 4096), Some(0));
+        // WRITE(6): 0 means 256 blocks, never clamped.
+        let mut w6 = [0x0a, 0, 0, 0, 0, 0];
+        assert_eq!(scsi_transfer_len(&w6, 512), Some(256 * 512));
+        clamp_write_blocks(&mut w6, 1);
+        assert_eq!(w6[4], 0);
+        assert_eq!(scsi_transfer_len(&[0x12, 0, 0, 0, 36, 0], 512), None);
+        assert_eq!(scsi_transfer_len(&[], 512), None);
+    }
+
+    #[test]
+    fn window_shrinks_with_tasks_in_flight() {
+        let mut w = CmdWindow {
+            exp_cmd_sn: CmdSn(10),
+            depth: 4,
+            in_flight: 0,
+        };
+        assert_eq!(w.max_cmd_sn(), CmdSn(13));
+        w.in_flight = 3;
+        assert_eq!(w.max_cmd_sn(), CmdSn(10));
+        w.in_flight = 4;
+        assert_eq!(w.max_cmd_sn(), CmdSn(9), "closed: ExpCmdSN - 1");
+        w.in_flight = 9;
+        assert_eq!(w.max_cmd_sn(), CmdSn(9));
+        w.exp_cmd_sn = CmdSn(u32::MAX);
+        w.in_flight = 0;
+        assert_eq!(w.max_cmd_sn(), CmdSn(2), "wraps");
+    }
+
+    #[test]
+    fn raw_cmd_sn_only_for_commands() {
+        let mut raw = [0u8; BHS_LEN];
+        raw[0] = 0x41; // immediate SCSI Command
+        raw[24..28].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(raw_cmd_sn(&raw), Some((CmdSn(7), true)));
+        raw[0] = 0x05; // Data-Out carries no CmdSN
+        assert_eq!(raw_cmd_sn(&raw), None);
+    }
+
+    #[test]
+    fn truncation_slices_without_copying() {
+        let pool = mirrorpoint_poller::BufferPool::new(mirrorpoint_poller::PoolConfig {
+            chunk_size: 4096,
+            chunk_count: 4,
+            huge_pages: false,
+        })
+        .expect("pool");
+        let a = pool.alloc(1000).expect("a").freeze();
+        let b = pool.alloc(1000).expect("b").freeze();
+        let t = truncate(vec![a.clone(), b], 1500);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].len(), 500);
+        assert_eq!(t[0].as_ptr(), a.as_ptr());
+        assert!(truncate(vec![a], 0).is_empty());
     }
 }

@@ -10,8 +10,8 @@
 //! On top of it sit the target itself: [`registry`] (portal groups,
 //! initiator groups, target nodes, sessions), [`portal`] (listeners),
 //! [`conn`] (one connection's login and full feature phase on its reactor),
-//! [`rpc`] (the `iscsi_*` admin methods) and [`scsi_fallback`] (a minimal
-//! block command set used until the SCSI layer of `crate::scsi` lands).
+//! [`rpc`] (the `iscsi_*` admin methods). Commands go to the SCSI layer
+//! in [`crate::scsi`] through its task contract.
 
 pub mod conn;
 pub mod login;
@@ -20,7 +20,6 @@ pub mod pdu;
 pub mod portal;
 pub mod registry;
 pub mod rpc;
-pub mod scsi_fallback;
 pub mod sense;
 pub mod text;
 

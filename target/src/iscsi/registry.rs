@@ -238,12 +238,17 @@ pub struct CmdWindow {
     pub exp_cmd_sn: CmdSn,
     /// Window size (queue depth).
     pub depth: u32,
+    /// SCSI tasks accepted and not yet answered, session-wide.
+    pub in_flight: u32,
 }
 
 impl CmdWindow {
-    /// MaxCmdSN to advertise.
+    /// MaxCmdSN to advertise: the window shrinks by the tasks in flight, so
+    /// an initiator never has more than `depth` commands outstanding
+    /// (MaxCmdSN = ExpCmdSN - 1 closes it).
     pub fn max_cmd_sn(&self) -> CmdSn {
-        self.exp_cmd_sn.serial_add(self.depth.max(1) - 1)
+        let open = self.depth.max(1).saturating_sub(self.in_flight);
+        self.exp_cmd_sn.serial_add(open).serial_add(u32::MAX)
     }
 }
 
@@ -929,12 +934,17 @@ impl IscsiTarget {
         old
     }
 
-    /// Removes a session with no connections left.
-    pub fn remove_session_if_empty(&self, s: &Arc<Session>) {
+    /// Removes a session with no connections left; true when this call
+    /// removed it (false if it still has connections or was already gone,
+    /// e.g. replaced by a reinstating login).
+    pub fn remove_session_if_empty(&self, s: &Arc<Session>) -> bool {
         let mut sessions = lock(&self.sessions);
-        if s.conn_count() == 0 {
-            sessions.retain(|o| !Arc::ptr_eq(o, s));
+        if s.conn_count() != 0 {
+            return false;
         }
+        let before = sessions.len();
+        sessions.retain(|o| !Arc::ptr_eq(o, s));
+        sessions.len() != before
     }
 
     /// Every session.

@@ -17,7 +17,7 @@ pub mod registry;
 pub mod uring;
 
 use crate::units::{BlockSize, ByteLen, ByteOffset};
-use mirrorpoint_poller::{IoBuf, IoBufMut};
+use mirrorpoint_poller::{yield_now, IoBuf, IoBufMut};
 use serde::Serialize;
 use std::io;
 use std::sync::Arc;
@@ -265,7 +265,11 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.read(offset, buf).await,
-            ChannelInner::Malloc(m) => m.read(offset, buf),
+            ChannelInner::Malloc(m) => {
+                let out = m.read(offset, buf);
+                yield_now().await;
+                out
+            }
         }
     }
 
@@ -276,7 +280,11 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.write(offset, buf).await,
-            ChannelInner::Malloc(m) => m.write(offset, buf),
+            ChannelInner::Malloc(m) => {
+                let out = m.write(offset, buf);
+                yield_now().await;
+                out
+            }
         }
     }
 

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# 4k random read/write at QD1 and QD32 over iSCSI, mirrorpoint against tgt,
+# on the same backing file, with fio's libiscsi engine (built by
+# build-fio-libiscsi.sh). Reports IOPS, mean latency and each target's CPU
+# time per I/O (utime+stime of the target process over the run, from
+# /proc/PID/stat). Writes bench/results/compare-tgt-iscsi.md.
+#
+# Placement: the target on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
+# Everything on 127.0.0.1; every run is bounded (RUNTIME seconds each).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+RUNTIME=${RUNTIME:-15}
+SIZE=${SIZE:-1G}
+TARGET_CPU=${TARGET_CPU:-1}
+FIO_CPU=${FIO_CPU:-0}
+OUT=bench/results/compare-tgt-iscsi.md
+# tmpfs: both targets then run on the page cache (tmpfs has no O_DIRECT,
+# mirrorpoint falls back to buffered I/O), so the comparison is of the
+# iSCSI stacks, not of a disk.
+WORK=$(mktemp -d "${BENCH_DIR:-/dev/shm}/mp-bench.XXXXXX")
+IQN=iqn.2026-11.io.mirrorpoint:bench
+PIDS=()
+TGT_CTL=
+cleanup() {
+    if [ -n "$TGT_CTL" ]; then
+        tgtadm -C "$TGT_CTL" --lld iscsi --op delete --mode target --tid 1 --force 2>/dev/null || true
+        tgtadm -C "$TGT_CTL" --lld iscsi --op delete --mode system 2>/dev/null || true
+    fi
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+FIO=$(./bench/scripts/build-fio-libiscsi.sh | tail -1)
+command -v tgtd >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tgt >/dev/null; }
+echo "== building mirrorpoint (release)"
+cargo build -q --release -p mirrorpoint-target --bin mirrorpoint
+BIN=$ROOT/build/release/mirrorpoint
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+ticks() { # PID -> utime+stime in clock ticks (threads included)
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+HZ=$(getconf CLK_TCK)
+
+echo "== backing file $SIZE"
+truncate -s "$SIZE" "$WORK/backing.img"
+# Fill it once so neither target reads holes.
+dd if=/dev/urandom of="$WORK/backing.img" bs=1M count=$(( $(stat -c %s "$WORK/backing.img") >> 20 )) conv=notrunc status=none
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+
+run_fio() { # NAME PID URL RW QD
+    local name=$1 pid=$2 url=$3 rw=$4 qd=$5
+    local esc=${url//:/\\:}
+    local before after
+    before=$(ticks "$pid")
+    taskset -c "$FIO_CPU" "$FIO" --name=job --ioengine=libiscsi --filename="$esc" \
+        --rw="$rw" --bs=4k --iodepth="$qd" --runtime="$RUNTIME" --time_based \
+        --size="$SIZE" --randrepeat=0 --norandommap --output-format=json \
+        --output="$WORK/fio.json" >/dev/null 2>"$WORK/fio.err" || { cat "$WORK/fio.err"; return 1; }
+    after=$(ticks "$pid")
+    python3 - "$WORK/fio.json" "$name" "$rw" "$qd" "$((after - before))" "$HZ" >>"$RESULTS" <<'PY'
+import json, sys
+path, name, rw, qd, dticks, hz = sys.argv[1:]
+j = json.load(open(path))["jobs"][0]
+d = j["read"] if "read" in rw else j["write"]
+ios = d["total_ios"]
+iops = d["iops"]
+lat = d["clat_ns"]["mean"] / 1000.0
+cpu_us = int(dticks) / int(hz) * 1e6 / max(ios, 1)
+print(f"{name}\t{rw}\t{qd}\t{iops:.0f}\t{lat:.1f}\t{cpu_us:.2f}")
+PY
+    tail -1 "$RESULTS"
+}
+
+workloads() { # NAME PID URL
+    for rw in randread randwrite; do
+        for qd in 1 32; do
+            run_fio "$1" "$2" "$3" "$rw" "$qd"
+        done
+    done
+}
+
+echo "== mirrorpoint on cpu $TARGET_CPU"
+PORT=$(free_port)
+cat >"$WORK/mp.json" <<EOF
+{"subsystems": [
+  {"subsystem": "bdev", "config": [
+    {"method": "bdev_uring_create", "params": {"name": "bench", "filename": "$WORK/backing.img", "block_size": 512}}
+  ]},
+  {"subsystem": "iscsi", "config": [
+    {"method": "iscsi_create_portal_group", "params": {"tag": 1, "portals": [{"host": "127.0.0.1", "port": "$PORT"}]}},
+    {"method": "iscsi_create_initiator_group", "params": {"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.1/32"]}},
+    {"method": "iscsi_create_target_node", "params": {"name": "$IQN", "luns": [{"bdev_name": "bench", "lun_id": 1}],
+      "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 64, "disable_chap": true}}
+  ]}
+]}
+EOF
+timeout $((RUNTIME * 8 + 120)) "$BIN" serve --config "$WORK/mp.json" --cores "$TARGET_CPU" \
+    --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" >"$WORK/mp.log" 2>&1 &
+MP=$!
+PIDS+=("$MP")
+for _ in $(seq 50); do grep -q ready "$WORK/mp.log" && break; sleep 0.2; done
+MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
+workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
+kill "$MP"; sleep 1
+
+echo "== tgt on cpu $TARGET_CPU"
+TPORT=$(free_port)
+TGT_CTL=$((TPORT % 1000 + 100))
+timeout $((RUNTIME * 8 + 120)) taskset -c "$TARGET_CPU" tgtd -f -C "$TGT_CTL" \
+    --iscsi portal=127.0.0.1:$TPORT >"$WORK/tgtd.log" 2>&1 &
+TG=$!
+PIDS+=("$TG")
+sleep 1
+TGTPID=$(pgrep -n -x tgtd)
+tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
+tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/backing.img"
+tgtadm -C "$TGT_CTL" --lld iscsi --op bind --mode target --tid 1 -I ALL
+workloads tgt "$TGTPID" "iscsi://127.0.0.1:$TPORT/$IQN/1"
+
+mkdir -p "$(dirname "$OUT")"
+{
+    echo "# iSCSI: mirrorpoint vs tgt, 4k random I/O (fio libiscsi engine)"
+    echo
+    echo "$(date -u +%F), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU, same ${SIZE} backing file on tmpfs,"
+    echo "${RUNTIME}s per run. CPU/IO = target process utime+stime over the run / I/Os completed."
+    echo
+    echo "| target | workload | QD | IOPS | mean lat (us) | target CPU per I/O (us) |"
+    echo "|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r name rw qd iops lat cpu; do
+        echo "| $name | $rw | $qd | $iops | $lat | $cpu |"
+    done <"$RESULTS"
+} >"$OUT"
+cat "$OUT"
