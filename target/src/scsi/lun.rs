@@ -657,3 +657,10 @@ pub(crate) fn param_list(task: &ScsiTask<'_>, len: usize) -> CmdResult<Vec<u8>> 
     }
     Ok(d.to_vec(0, len))
 }
+
+/// One `LogicalUnit` is shared by every session on every core.
+#[allow(dead_code)]
+fn assert_shared() {
+    fn is<T: Send + Sync>() {}
+    is::<LogicalUnit>();
+}
