@@ -29,6 +29,13 @@ MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/iscsi-mirrorpoint.s
 echo "== our NVMe/TCP initiator against the Linux kernel's nvmet-tcp target (QEMU guest)"
 ./scripts/interop/nvmet-host-check.sh
 
+echo "== iSCSI conformance (libiscsi iscsi-test-cu -t ALL, floor in scripts/iscsi-conformance.floor)"
+if ! command -v iscsi-test-cu >/dev/null 2>&1; then
+    echo "iscsi-test-cu is missing: install libiscsi-bin (apt-get install libiscsi-bin; .ci/run does)" >&2
+    exit 1
+fi
+./scripts/iscsi-conformance.sh
+
 echo "== workspace tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
@@ -36,9 +43,3 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
-echo "== iSCSI conformance (libiscsi iscsi-test-cu -t ALL, floor in scripts/iscsi-conformance.floor)"
-if command -v iscsi-test-cu >/dev/null 2>&1; then
-    ./scripts/iscsi-conformance.sh
-else
-    echo "iscsi-test-cu not installed (apt-get install libiscsi-bin): skipped"
-fi

@@ -10,6 +10,10 @@
 #   DATA_MB       size of the file written and read back (default 8)
 #   KEEP_LOGGED_IN=1  skip the logout at the end
 #   DIGESTS=1     ask for CRC32C header and data digests
+#   CHAP_USER, CHAP_SECRET     log in with CHAP (one-way)
+#   CHAP_MUSER, CHAP_MSECRET   also authenticate the target (mutual CHAP)
+#   EXPECT_LOGIN_FAILURE=1     the login must be refused (e.g. a wrong
+#                 secret); the script then succeeds without doing I/O
 #
 # No SendTargets discovery: a target listening on the host's 127.0.0.1 would
 # advertise that address, which the guest cannot reach; the node record is
@@ -43,6 +47,27 @@ if [ "${DIGESTS:-0}" = 1 ]; then
         iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" -o update \
             -n "node.conn[0].iscsi.$k" -v CRC32C
     done
+fi
+node_set() {
+    iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" -o update -n "$1" -v "$2"
+}
+if [ -n "${CHAP_USER:-}" ]; then
+    node_set node.session.auth.authmethod CHAP
+    node_set node.session.auth.username "$CHAP_USER"
+    node_set node.session.auth.password "$CHAP_SECRET"
+    if [ -n "${CHAP_MUSER:-}" ]; then
+        node_set node.session.auth.username_in "$CHAP_MUSER"
+        node_set node.session.auth.password_in "$CHAP_MSECRET"
+    fi
+    echo "CHAP as $CHAP_USER${CHAP_MUSER:+, mutual with $CHAP_MUSER}"
+fi
+if [ "${EXPECT_LOGIN_FAILURE:-0}" = 1 ]; then
+    if iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" --login; then
+        echo "login succeeded but must have been refused"; exit 1
+    fi
+    [ ! -b /dev/sda ] || { echo "/dev/sda appeared after a refused login"; exit 1; }
+    echo "login refused as expected"
+    exit 0
 fi
 iscsiadm -m node -T "$TARGET_IQN" -p "$PORTAL" --login
 i=0
