@@ -62,6 +62,7 @@ done
 [ -x "$MP" ] && [ -x "$BENCH" ] ||
     die "build first: cargo build --release -p mirrorpoint-bench -p mirrorpoint-target"
 command -v python3 >/dev/null || die "python3 is needed to read the JSON"
+case $FILE in /*) ;; *) FILE=$PWD/$FILE ;; esac  # the target resolves it from its own cwd
 OUT=${OUT:-$(mktemp -d /tmp/mp-nvmf-bench.XXXXXX)}
 mkdir -p "$OUT"
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
