@@ -292,21 +292,18 @@ impl LocalArgs {
                 return invalid(format!("--block-size {b}: must be 512 or 4096"));
             }
         }
-        let chunk = self.chunk_size;
-        if chunk == 0 || chunk % 4096 != 0 || chunk > (16 << 20) {
-            return invalid(format!(
-                "--chunk-size {chunk}: must be a non-zero multiple of 4096 up to 16M"
-            ));
-        }
-        if self.bs == 0 {
-            return invalid("--bs must be more than 0".into());
-        }
-        if self.bs > chunk {
-            return invalid(format!(
-                "--bs {} is larger than the pool chunk size {chunk} (the largest single I/O)",
-                self.bs
-            ));
-        }
+        let load = load_config(LoadArgs {
+            workload: self.workload,
+            rwmixread: self.rwmixread,
+            bs: self.bs,
+            qd: self.qd,
+            cores: &self.cores,
+            time: self.time,
+            ramp: self.ramp,
+            busy_poll: self.busy_poll,
+            idle_timeout_us: self.idle_timeout_us,
+            chunk_size: self.chunk_size,
+        })?;
         let block = u64::from(self.block_size.unwrap_or(512));
         if self.bs % block != 0 {
             return invalid(format!(
@@ -317,19 +314,6 @@ impl LocalArgs {
         if self.qd == 0 || self.qd > MAX_QD {
             return invalid(format!("--qd {}: must be between 1 and {MAX_QD}", self.qd));
         }
-        let read_percent = match (self.workload.is_mixed(), self.rwmixread) {
-            (true, Some(p)) if p > 100 => {
-                return invalid(format!("--rwmixread {p}: must be between 0 and 100"))
-            }
-            (true, p) => p.unwrap_or(50),
-            (false, Some(_)) => {
-                return invalid(format!(
-                    "--rwmixread applies to rw and randrw, not {}",
-                    self.workload.name()
-                ))
-            }
-            (false, None) => self.workload.read_percent(0),
-        };
         let size = match (self.backend, self.size) {
             (BackendKind::Malloc, None) => Some(DEFAULT_MALLOC_SIZE),
             (_, s) => s,
@@ -344,30 +328,21 @@ impl LocalArgs {
                 ));
             }
         }
-        let cores = parse_cores(&self.cores).map_err(BenchError::InvalidArgument)?;
         Ok(LocalConfig {
             backend: self.backend,
             file: self.file.clone(),
             size,
             block_size: self.block_size,
-            workload: self.workload,
-            read_percent,
-            bs: self.bs,
-            qd: self.qd,
-            cores,
-            time: seconds("time", self.time, false)?,
-            ramp: seconds("ramp", self.ramp, true)?,
-            busy_poll: self.busy_poll,
-            idle_timeout: match self.idle_timeout_us {
-                Some(us) if us > 10_000_000 => {
-                    return invalid(format!("--idle-timeout-us {us}: at most 10000000"))
-                }
-                Some(_) if self.busy_poll => {
-                    return invalid("--idle-timeout-us has no effect with --busy-poll".into())
-                }
-                us => us.map(Duration::from_micros),
-            },
-            chunk_size: chunk as usize,
+            workload: load.workload,
+            read_percent: load.read_percent,
+            bs: load.bs,
+            qd: load.qd,
+            cores: load.cores,
+            time: load.time,
+            ramp: load.ramp,
+            busy_poll: load.busy_poll,
+            idle_timeout: load.idle_timeout,
+            chunk_size: load.chunk_size,
         })
     }
 }
