@@ -425,6 +425,11 @@ pub struct NvmfArgs {
     /// Ask for data digests (CRC32C on every data PDU).
     #[arg(long)]
     pub data_digest: bool,
+    /// Connect I/O queues with SQ flow control disabled, so the target may
+    /// end a read with a SUCCESS-flagged C2HData instead of a separate
+    /// response capsule (SPDK hosts do this; Linux never does).
+    #[arg(long)]
+    pub no_sq_flow_control: bool,
     /// The bench's reactors spin instead of blocking in the ring when idle.
     #[arg(long)]
     pub busy_poll: bool,
@@ -461,6 +466,7 @@ impl NvmfArgs {
             ramp: 0.0,
             header_digest: false,
             data_digest: false,
+            no_sq_flow_control: false,
             busy_poll: false,
             idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
@@ -522,6 +528,7 @@ impl NvmfArgs {
             connections: self.connections,
             header_digest: self.header_digest,
             data_digest: self.data_digest,
+            no_sq_flow_control: self.no_sq_flow_control,
             target_pid: self.target_pid,
             load,
         })
@@ -545,6 +552,8 @@ pub struct NvmfConfig {
     pub header_digest: bool,
     /// Data digests asked for.
     pub data_digest: bool,
+    /// I/O queues connect without SQ flow control.
+    pub no_sq_flow_control: bool,
     /// Target process whose CPU time is measured.
     pub target_pid: Option<u32>,
     /// The load (`qd` is per connection).

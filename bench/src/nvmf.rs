@@ -51,6 +51,7 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         header_digest: config.header_digest,
         data_digest: config.data_digest,
         io_queues: config.connections as u16,
+        disable_sq_flow_control: config.no_sq_flow_control,
         ..ConnectOptions::default()
     };
     let (addr, nqn, hostnqn) = (config.addr, config.nqn.clone(), config.hostnqn.clone());
@@ -150,6 +151,7 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         qd_per_connection: load.qd,
         header_digest: connected.digests.0,
         data_digest: connected.digests.1,
+        sq_flow_control: !config.no_sq_flow_control,
     });
     report.target_cpu = measured
         .target

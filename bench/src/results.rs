@@ -213,6 +213,9 @@ pub struct NvmfSession {
     pub header_digest: bool,
     /// Data digests negotiated.
     pub data_digest: bool,
+    /// I/O queues connected with SQ flow control (off: reads may end with a
+    /// SUCCESS-flagged C2HData).
+    pub sq_flow_control: bool,
 }
 
 /// One target thread's CPU time over the window.

@@ -148,11 +148,12 @@ fn digests_and_target_cpu() {
     let mut args = short(&t, Workload::Randrw, 4, 1);
     args.header_digest = true;
     args.data_digest = true;
+    args.no_sq_flow_control = true;
     args.target_pid = Some(std::process::id());
     let r = run_nvmf(&args.validate().expect("valid")).expect("run");
     check_sane(&r);
     let n = r.nvmf.as_ref().expect("session facts");
-    assert!(n.header_digest && n.data_digest);
+    assert!(n.header_digest && n.data_digest && !n.sq_flow_control);
     // The target is this process: its CPU includes the bench's own.
     let tc = r.target_cpu.as_ref().expect("target CPU reported");
     assert_eq!(tc.pid, std::process::id());
