@@ -3,13 +3,17 @@
 //! Shaped like SPDK's bdevperf: the load runs inside the process on the same
 //! reactors and volume channels a front end would use, so what it measures
 //! is the cost of `poller` + `target` and nothing else. Each reactor opens
-//! its own [`VolumeChannel`] and spawns `qd` local tasks; each task owns its
+//! its own channel(s) ([`Channel`]: a [`VolumeChannel`] for `local`, one
+//! NVMe/TCP I/O queue per connection for `nvmf`, see `crate::nvmf`) and
+//! spawns `qd` local tasks per channel; each task owns its
 //! pool buffer(s) for the whole run (a write buffer is filled once, before
 //! the clock starts), its own [`Pattern`], and loops "next I/O, submit,
 //! await, record" until the deadline.
 //!
 //! The hot loop allocates nothing, makes no syscalls of its own (the ring's
-//! submissions are the reactor's) and reads the clock once per I/O: the
+//! submissions are the reactor's; over NVMe/TCP whatever the initiator
+//! does per command is part of what the bench's CPU figure measures) and
+//! reads the clock once per I/O: the
 //! completion time of one I/O is the issue time of the next, since a task
 //! issues again straight away. The exception is the malloc backend, which
 //! completes inline without ever suspending the task: there each task
