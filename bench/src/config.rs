@@ -12,6 +12,7 @@
 use crate::error::BenchError;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,11 +32,13 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands; network front ends (NVMe/TCP, iSCSI) will join `local`.
+/// The subcommands; iSCSI will join `local` and `nvmf`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// bdevperf-style load on a volume inside this process.
     Local(LocalArgs),
+    /// The same load on a namespace over NVMe/TCP, with our userspace initiator.
+    Nvmf(NvmfArgs),
 }
 
 /// The backend of the volume under test.
@@ -289,21 +292,18 @@ impl LocalArgs {
                 return invalid(format!("--block-size {b}: must be 512 or 4096"));
             }
         }
-        let chunk = self.chunk_size;
-        if chunk == 0 || chunk % 4096 != 0 || chunk > (16 << 20) {
-            return invalid(format!(
-                "--chunk-size {chunk}: must be a non-zero multiple of 4096 up to 16M"
-            ));
-        }
-        if self.bs == 0 {
-            return invalid("--bs must be more than 0".into());
-        }
-        if self.bs > chunk {
-            return invalid(format!(
-                "--bs {} is larger than the pool chunk size {chunk} (the largest single I/O)",
-                self.bs
-            ));
-        }
+        let load = load_config(LoadArgs {
+            workload: self.workload,
+            rwmixread: self.rwmixread,
+            bs: self.bs,
+            qd: self.qd,
+            cores: &self.cores,
+            time: self.time,
+            ramp: self.ramp,
+            busy_poll: self.busy_poll,
+            idle_timeout_us: self.idle_timeout_us,
+            chunk_size: self.chunk_size,
+        })?;
         let block = u64::from(self.block_size.unwrap_or(512));
         if self.bs % block != 0 {
             return invalid(format!(
@@ -314,19 +314,6 @@ impl LocalArgs {
         if self.qd == 0 || self.qd > MAX_QD {
             return invalid(format!("--qd {}: must be between 1 and {MAX_QD}", self.qd));
         }
-        let read_percent = match (self.workload.is_mixed(), self.rwmixread) {
-            (true, Some(p)) if p > 100 => {
-                return invalid(format!("--rwmixread {p}: must be between 0 and 100"))
-            }
-            (true, p) => p.unwrap_or(50),
-            (false, Some(_)) => {
-                return invalid(format!(
-                    "--rwmixread applies to rw and randrw, not {}",
-                    self.workload.name()
-                ))
-            }
-            (false, None) => self.workload.read_percent(0),
-        };
         let size = match (self.backend, self.size) {
             (BackendKind::Malloc, None) => Some(DEFAULT_MALLOC_SIZE),
             (_, s) => s,
@@ -341,35 +328,323 @@ impl LocalArgs {
                 ));
             }
         }
-        let cores = parse_cores(&self.cores).map_err(BenchError::InvalidArgument)?;
         Ok(LocalConfig {
             backend: self.backend,
             file: self.file.clone(),
             size,
             block_size: self.block_size,
-            workload: self.workload,
-            read_percent,
-            bs: self.bs,
-            qd: self.qd,
-            cores,
-            time: seconds("time", self.time, false)?,
-            ramp: seconds("ramp", self.ramp, true)?,
-            busy_poll: self.busy_poll,
-            idle_timeout: match self.idle_timeout_us {
-                Some(us) if us > 10_000_000 => {
-                    return invalid(format!("--idle-timeout-us {us}: at most 10000000"))
-                }
-                Some(_) if self.busy_poll => {
-                    return invalid("--idle-timeout-us has no effect with --busy-poll".into())
-                }
-                us => us.map(Duration::from_micros),
-            },
-            chunk_size: chunk as usize,
+            workload: load.workload,
+            read_percent: load.read_percent,
+            bs: load.bs,
+            qd: load.qd,
+            cores: load.cores,
+            time: load.time,
+            ramp: load.ramp,
+            busy_poll: load.busy_poll,
+            idle_timeout: load.idle_timeout,
+            chunk_size: load.chunk_size,
         })
     }
 }
 
+/// What the driver needs of any run: the load and the reactors it runs on.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// I/O pattern.
+    pub workload: Workload,
+    /// Percentage of reads.
+    pub read_percent: u8,
+    /// Bytes per I/O.
+    pub bs: u64,
+    /// I/Os in flight per core (`local`) or per connection (`nvmf`).
+    pub qd: usize,
+    /// CPU ids, one reactor each, in order.
+    pub cores: Vec<usize>,
+    /// Measured window.
+    pub time: Duration,
+    /// Unmeasured warm-up before it.
+    pub ramp: Duration,
+    /// Reactors never block.
+    pub busy_poll: bool,
+    /// Spin this long without work before blocking (None: runtime default).
+    pub idle_timeout: Option<Duration>,
+    /// Pool chunk size.
+    pub chunk_size: usize,
+}
+
+/// Host NQN the benchmark connects as unless `--hostnqn` says otherwise.
+pub const DEFAULT_HOSTNQN: &str =
+    "nqn.2014-08.org.nvmexpress:uuid:6d6972726f72-706f696e742d62656e6368";
+/// Most NVMe/TCP I/O queues one run opens.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Deepest NVMe/TCP I/O queue (the initiator's SQ is one entry larger).
+pub const MAX_NVMF_QD: usize = 1024;
+
+/// Arguments of `mirrorpoint-bench nvmf`, as typed.
+#[derive(Debug, Clone, Args)]
+pub struct NvmfArgs {
+    /// Target address (IPv4 or [IPv6] with port).
+    #[arg(long, default_value = "127.0.0.1:4420")]
+    pub addr: String,
+    /// Subsystem NQN.
+    #[arg(long)]
+    pub nqn: String,
+    /// Namespace ID to drive.
+    #[arg(long, default_value_t = 1)]
+    pub nsid: u32,
+    /// Host NQN to connect as.
+    #[arg(long, default_value = DEFAULT_HOSTNQN)]
+    pub hostnqn: String,
+    /// I/O pattern.
+    #[arg(long, value_enum, default_value_t = Workload::Randread)]
+    pub workload: Workload,
+    /// Percentage of reads in rw/randrw.
+    #[arg(long)]
+    pub rwmixread: Option<u8>,
+    /// Bytes per I/O (K/M suffixes allowed).
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    pub bs: u64,
+    /// I/Os in flight per connection (I/O queue).
+    #[arg(long, default_value_t = 1)]
+    pub qd: usize,
+    /// I/O queues (one TCP connection each), spread round-robin over --cores.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+    /// CPUs to run the bench's reactors on: a list like 0 or 0,1 or 0-3.
+    #[arg(long, default_value = "0")]
+    pub cores: String,
+    /// Measured seconds (fractions allowed).
+    #[arg(long, default_value_t = 10.0)]
+    pub time: f64,
+    /// Seconds of load before measuring starts (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Ask for header digests (CRC32C on every PDU header).
+    #[arg(long)]
+    pub header_digest: bool,
+    /// Ask for data digests (CRC32C on every data PDU).
+    #[arg(long)]
+    pub data_digest: bool,
+    /// Connect I/O queues with SQ flow control disabled, so the target may
+    /// end a read with a SUCCESS-flagged C2HData instead of a separate
+    /// response capsule (SPDK hosts do this; Linux never does).
+    #[arg(long)]
+    pub no_sq_flow_control: bool,
+    /// The bench's reactors spin instead of blocking in the ring when idle.
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// Microseconds the bench's reactors spin without work before blocking.
+    #[arg(long)]
+    pub idle_timeout_us: Option<u64>,
+    /// Pool chunk size in bytes (largest single I/O); K/M suffixes allowed.
+    #[arg(long, default_value = "128K", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Process ID of the target: its CPU time over the measured window is
+    /// read from /proc/PID/stat (and per thread from /proc/PID/task).
+    #[arg(long)]
+    pub target_pid: Option<u32>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl NvmfArgs {
+    /// Arguments with the defaults, for `nqn` at `addr`.
+    pub fn new(addr: &str, nqn: &str) -> NvmfArgs {
+        NvmfArgs {
+            addr: addr.into(),
+            nqn: nqn.into(),
+            nsid: 1,
+            hostnqn: DEFAULT_HOSTNQN.into(),
+            workload: Workload::Randread,
+            rwmixread: None,
+            bs: 4096,
+            qd: 1,
+            connections: 1,
+            cores: "0".into(),
+            time: 10.0,
+            ramp: 0.0,
+            header_digest: false,
+            data_digest: false,
+            no_sq_flow_control: false,
+            busy_poll: false,
+            idle_timeout_us: None,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            target_pid: None,
+            json: false,
+        }
+    }
+
+    /// Checks the arguments against each other.
+    pub fn validate(&self) -> Result<NvmfConfig, BenchError> {
+        let invalid = |m: String| Err(BenchError::InvalidArgument(m));
+        let addr = match self.addr.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            _ => return invalid(format!("--addr '{}': not an address:port", self.addr)),
+        };
+        if self.nqn.trim().is_empty() {
+            return invalid("--nqn must not be empty".into());
+        }
+        if self.nsid == 0 || self.nsid == u32::MAX {
+            return invalid(format!("--nsid {}: not a valid namespace ID", self.nsid));
+        }
+        if self.connections == 0 || self.connections > MAX_CONNECTIONS {
+            return invalid(format!(
+                "--connections {}: must be between 1 and {MAX_CONNECTIONS}",
+                self.connections
+            ));
+        }
+        if self.qd == 0 || self.qd > MAX_NVMF_QD {
+            return invalid(format!(
+                "--qd {}: must be between 1 and {MAX_NVMF_QD}",
+                self.qd
+            ));
+        }
+        let load = load_config(LoadArgs {
+            workload: self.workload,
+            rwmixread: self.rwmixread,
+            bs: self.bs,
+            qd: self.qd,
+            cores: &self.cores,
+            time: self.time,
+            ramp: self.ramp,
+            busy_poll: self.busy_poll,
+            idle_timeout_us: self.idle_timeout_us,
+            chunk_size: self.chunk_size,
+        })?;
+        if self.bs % 512 != 0 {
+            return invalid(format!("--bs {} is not a multiple of 512", self.bs));
+        }
+        if let Some(pid) = self.target_pid {
+            if !std::path::Path::new(&format!("/proc/{pid}/stat")).exists() {
+                return invalid(format!("--target-pid {pid}: no such process"));
+            }
+        }
+        Ok(NvmfConfig {
+            addr,
+            nqn: self.nqn.clone(),
+            nsid: self.nsid,
+            hostnqn: self.hostnqn.clone(),
+            connections: self.connections,
+            header_digest: self.header_digest,
+            data_digest: self.data_digest,
+            no_sq_flow_control: self.no_sq_flow_control,
+            target_pid: self.target_pid,
+            load,
+        })
+    }
+}
+
+/// A checked `nvmf` run.
+#[derive(Debug, Clone)]
+pub struct NvmfConfig {
+    /// Target address.
+    pub addr: SocketAddr,
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Namespace driven.
+    pub nsid: u32,
+    /// Host NQN.
+    pub hostnqn: String,
+    /// I/O queues (TCP connections).
+    pub connections: usize,
+    /// Header digests asked for.
+    pub header_digest: bool,
+    /// Data digests asked for.
+    pub data_digest: bool,
+    /// I/O queues connect without SQ flow control.
+    pub no_sq_flow_control: bool,
+    /// Target process whose CPU time is measured.
+    pub target_pid: Option<u32>,
+    /// The load (`qd` is per connection).
+    pub load: LoadConfig,
+}
+
+/// The load arguments both subcommands share, as typed.
+struct LoadArgs<'a> {
+    workload: Workload,
+    rwmixread: Option<u8>,
+    bs: u64,
+    qd: usize,
+    cores: &'a str,
+    time: f64,
+    ramp: f64,
+    busy_poll: bool,
+    idle_timeout_us: Option<u64>,
+    chunk_size: u64,
+}
+
+/// Checks of the load arguments both subcommands share.
+fn load_config(a: LoadArgs<'_>) -> Result<LoadConfig, BenchError> {
+    let invalid = |m: String| Err(BenchError::InvalidArgument(m));
+    let chunk = a.chunk_size;
+    if chunk == 0 || chunk % 4096 != 0 || chunk > (16 << 20) {
+        return invalid(format!(
+            "--chunk-size {chunk}: must be a non-zero multiple of 4096 up to 16M"
+        ));
+    }
+    if a.bs == 0 {
+        return invalid("--bs must be more than 0".into());
+    }
+    if a.bs > chunk {
+        return invalid(format!(
+            "--bs {} is larger than the pool chunk size {chunk} (the largest single I/O)",
+            a.bs
+        ));
+    }
+    let read_percent = match (a.workload.is_mixed(), a.rwmixread) {
+        (true, Some(p)) if p > 100 => {
+            return invalid(format!("--rwmixread {p}: must be between 0 and 100"))
+        }
+        (true, p) => p.unwrap_or(50),
+        (false, Some(_)) => {
+            return invalid(format!(
+                "--rwmixread applies to rw and randrw, not {}",
+                a.workload.name()
+            ))
+        }
+        (false, None) => a.workload.read_percent(0),
+    };
+    let cores = parse_cores(a.cores).map_err(BenchError::InvalidArgument)?;
+    Ok(LoadConfig {
+        workload: a.workload,
+        read_percent,
+        bs: a.bs,
+        qd: a.qd,
+        cores,
+        time: seconds("time", a.time, false)?,
+        ramp: seconds("ramp", a.ramp, true)?,
+        busy_poll: a.busy_poll,
+        idle_timeout: match a.idle_timeout_us {
+            Some(us) if us > 10_000_000 => {
+                return invalid(format!("--idle-timeout-us {us}: at most 10000000"))
+            }
+            Some(_) if a.busy_poll => {
+                return invalid("--idle-timeout-us has no effect with --busy-poll".into())
+            }
+            us => us.map(Duration::from_micros),
+        },
+        chunk_size: chunk as usize,
+    })
+}
+
 impl LocalConfig {
+    /// The load part of the run, for the driver.
+    pub fn load(&self) -> LoadConfig {
+        LoadConfig {
+            workload: self.workload,
+            read_percent: self.read_percent,
+            bs: self.bs,
+            qd: self.qd,
+            cores: self.cores.clone(),
+            time: self.time,
+            ramp: self.ramp,
+            busy_poll: self.busy_poll,
+            idle_timeout: self.idle_timeout,
+            chunk_size: self.chunk_size,
+        }
+    }
+
     /// Checks the I/O size against the volume as created: `bs` must be a
     /// multiple of its block size and fit in it at least once.
     pub fn check_geometry(&self, block_size: u32, volume_bytes: u64) -> Result<(), BenchError> {

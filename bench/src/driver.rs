@@ -3,13 +3,17 @@
 //! Shaped like SPDK's bdevperf: the load runs inside the process on the same
 //! reactors and volume channels a front end would use, so what it measures
 //! is the cost of `poller` + `target` and nothing else. Each reactor opens
-//! its own [`VolumeChannel`] and spawns `qd` local tasks; each task owns its
+//! its own channel(s) ([`Channel`]: a [`VolumeChannel`] for `local`, one
+//! NVMe/TCP I/O queue per connection for `nvmf`, see `crate::nvmf`) and
+//! spawns `qd` local tasks per channel; each task owns its
 //! pool buffer(s) for the whole run (a write buffer is filled once, before
 //! the clock starts), its own [`Pattern`], and loops "next I/O, submit,
 //! await, record" until the deadline.
 //!
 //! The hot loop allocates nothing, makes no syscalls of its own (the ring's
-//! submissions are the reactor's) and reads the clock once per I/O: the
+//! submissions are the reactor's; over NVMe/TCP whatever the initiator
+//! does per command is part of what the bench's CPU figure measures) and
+//! reads the clock once per I/O: the
 //! completion time of one I/O is the issue time of the next, since a task
 //! issues again straight away. The exception is the malloc backend, which
 //! completes inline without ever suspending the task: there each task
@@ -28,21 +32,24 @@
 //! not recorded. The main thread samples `getrusage` and the reactors'
 //! counters at the window's edges while the reactors run.
 
-use crate::config::{BackendKind, LocalConfig};
-use crate::error::BenchError;
+use crate::config::{BackendKind, LoadConfig, LocalConfig};
+use crate::error::{BenchError, IoFailure};
 use crate::results::{
     build_report, new_histogram, CoreResult, CpuTimes, ReactorWindow, Report, RunFacts,
 };
+use crate::targetcpu::{ProcSample, TargetCpu};
 use crate::workload::Pattern;
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::{
-    buffer_pool, oneshot, IoBuf, IoBufMut, OneshotReceiver, PoolConfig, ReactorConfig,
-    ReactorError, Runtime, RuntimeConfig,
+    buffer_pool, oneshot, IoBuf, IoBufMut, OneshotReceiver, OneshotSender, PoolConfig,
+    ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig, StatsSnapshot,
 };
+use mirrorpoint_target::nvmf::host::IoQueue;
 use mirrorpoint_target::units::{BlockSize, ByteOffset};
 use mirrorpoint_target::volume::registry::{MallocParams, UringParams};
-use mirrorpoint_target::volume::{Volume, VolumeChannel, VolumeError, VolumeRegistry, VolumeSpec};
+use mirrorpoint_target::volume::{Volume, VolumeChannel, VolumeRegistry, VolumeSpec};
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +65,7 @@ const FILL: u8 = 0xa5;
 
 /// The instants every task works to.
 #[derive(Debug, Clone, Copy)]
-struct Window {
+pub(crate) struct Window {
     /// Tasks begin issuing.
     start: Instant,
     /// I/Os issued from here on are measured.
@@ -67,17 +74,72 @@ struct Window {
     end: Instant,
 }
 
+/// Where a task's I/Os go: a volume channel in this process, or an NVMe/TCP
+/// I/O queue. Both are opened on the reactor that uses them.
+pub(crate) enum Channel {
+    /// `local`: the volume directly.
+    Volume(VolumeChannel),
+    /// `nvmf`: one I/O queue (TCP connection) of the controller.
+    Nvmf {
+        /// The queue.
+        q: IoQueue,
+        /// Namespace driven.
+        nsid: u32,
+        /// Its block size in bytes.
+        block: u64,
+    },
+}
+
+impl Channel {
+    async fn read(&self, offset: u64, buf: IoBufMut) -> (Result<(), IoFailure>, IoBufMut) {
+        match self {
+            Channel::Volume(ch) => {
+                let (r, b) = ch.read(ByteOffset(offset), buf).await;
+                (r.map_err(IoFailure::from), b)
+            }
+            Channel::Nvmf { q, nsid, block } => {
+                let blocks = (buf.len() as u64 / block) as u32;
+                let (r, b) = q.read(*nsid, offset / block, blocks, buf).await;
+                (r.map_err(IoFailure::from), b)
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, buf: IoBuf) -> (Result<(), IoFailure>, IoBuf) {
+        match self {
+            Channel::Volume(ch) => {
+                let (r, b) = ch.write(ByteOffset(offset), buf).await;
+                (r.map_err(IoFailure::from), b)
+            }
+            Channel::Nvmf { q, nsid, block } => {
+                // The initiator sends from a shared view of the chunk, so the
+                // task keeps its buffer (no copy, no refill).
+                let r = q.write(*nsid, offset / block, buf.clone()).await;
+                (r.map_err(IoFailure::from), buf)
+            }
+        }
+    }
+}
+
+/// One channel's share of a reactor's load.
+pub(crate) struct Lane {
+    /// Where its tasks' I/Os go.
+    pub(crate) ch: Rc<Channel>,
+    /// Index (over the whole run) of its first task; its tasks follow.
+    pub(crate) first_task: u64,
+}
+
 /// One reactor's shared state: its histogram and counters.
 struct CoreState {
     latency: RefCell<Histogram<u64>>,
     reads: Cell<u64>,
     writes: Cell<u64>,
     errors: Cell<u64>,
-    first_error: RefCell<Option<VolumeError>>,
+    first_error: RefCell<Option<IoFailure>>,
 }
 
 impl CoreState {
-    fn fail(&self, e: VolumeError) {
+    fn fail(&self, e: IoFailure) {
         self.errors.set(self.errors.get() + 1);
         let mut first = self.first_error.borrow_mut();
         if first.is_none() {
@@ -94,7 +156,7 @@ struct TaskBuffers {
 
 /// One task's loop.
 async fn worker(
-    ch: Rc<VolumeChannel>,
+    ch: Rc<Channel>,
     state: Rc<CoreState>,
     mut pattern: Pattern,
     mut bufs: TaskBuffers,
@@ -104,15 +166,14 @@ async fn worker(
     let mut issued = Instant::now();
     loop {
         let io = pattern.next_io();
-        let offset = ByteOffset(io.offset);
         let result = if io.read {
             let Some(buf) = bufs.read.take() else { break };
-            let (r, buf) = ch.read(offset, buf).await;
+            let (r, buf) = ch.read(io.offset, buf).await;
             bufs.read = Some(buf);
             r
         } else {
             let Some(buf) = bufs.write.take() else { break };
-            let (r, buf) = ch.write(offset, buf).await;
+            let (r, buf) = ch.write(io.offset, buf).await;
             bufs.write = Some(buf);
             r
         };
@@ -144,39 +205,63 @@ async fn worker(
     }
 }
 
-/// What a reactor does: set up, say ready, wait for the start, run, report.
-async fn core_main(
-    core: usize,
-    cores: usize,
-    volume: Arc<Volume>,
-    config: LocalConfig,
-    ready: mirrorpoint_poller::OneshotSender<Result<(), BenchError>>,
-    go: OneshotReceiver<Window>,
-) -> Result<CoreResult, BenchError> {
-    let setup = || -> Result<(Rc<VolumeChannel>, Vec<TaskBuffers>), BenchError> {
-        let ch = Rc::new(volume.channel());
-        let pool = buffer_pool();
-        let bs = config.bs as usize;
-        let mut all = Vec::with_capacity(config.qd);
-        for task in 0..config.qd {
-            let none = || BenchError::NoBuffer { core, task };
-            let read = match config.read_percent {
-                0 => None,
-                _ => Some(pool.alloc(bs).ok_or_else(none)?),
-            };
-            let write = match config.read_percent {
-                100 => None,
-                _ => {
-                    let mut b = pool.alloc(bs).ok_or_else(none)?;
-                    b.fill(FILL);
-                    Some(b.freeze())
-                }
-            };
-            all.push(TaskBuffers { read, write });
-        }
-        Ok((ch, all))
+/// What the driver needs to know about the run besides the load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    /// Bytes the I/Os may address.
+    pub(crate) volume_bytes: u64,
+    /// Tasks over all reactors (for spreading sequential cursors).
+    pub(crate) tasks_total: u64,
+    /// Tasks yield after each I/O (the backend completes inline).
+    pub(crate) yield_each_io: bool,
+}
+
+fn task_buffers(load: &LoadConfig, core: usize, task: usize) -> Result<TaskBuffers, BenchError> {
+    let pool = buffer_pool();
+    let bs = load.bs as usize;
+    let none = || BenchError::NoBuffer { core, task };
+    let read = match load.read_percent {
+        0 => None,
+        _ => Some(pool.alloc(bs).ok_or_else(none)?),
     };
-    let (ch, buffers) = match setup() {
+    let write = match load.read_percent {
+        100 => None,
+        _ => {
+            let mut b = pool.alloc(bs).ok_or_else(none)?;
+            b.fill(FILL);
+            Some(b.freeze())
+        }
+    };
+    Ok(TaskBuffers { read, write })
+}
+
+/// What a reactor does: set up its lanes (`setup`), take `load.qd` task
+/// buffers per lane, say ready, wait for the start, run, report.
+pub(crate) async fn core_main<S>(
+    core: usize,
+    setup: S,
+    load: LoadConfig,
+    shape: Shape,
+    ready: OneshotSender<Result<(), BenchError>>,
+    go: OneshotReceiver<Window>,
+) -> Result<CoreResult, BenchError>
+where
+    S: Future<Output = Result<Vec<Lane>, BenchError>>,
+{
+    let prepared = async {
+        let lanes = setup.await?;
+        let mut all = Vec::new();
+        for lane in lanes {
+            let mut bufs = Vec::with_capacity(load.qd);
+            for task in 0..load.qd {
+                bufs.push(task_buffers(&load, core, all.len() * load.qd + task)?);
+            }
+            all.push((lane, bufs));
+        }
+        Ok::<_, BenchError>(all)
+    }
+    .await;
+    let lanes = match prepared {
         Ok(s) => {
             ready.send(Ok(()));
             s
@@ -198,36 +283,31 @@ async fn core_main(
         first_error: RefCell::new(None),
     });
     mirrorpoint_poller::sleep_until(window.start).await;
-    let tasks_total = (cores * config.qd) as u64;
-    let yield_each_io = config.backend == BackendKind::Malloc;
-    let volume_bytes = volume.size().0;
-    let tasks: Vec<_> = buffers
-        .into_iter()
-        .enumerate()
-        .map(|(i, bufs)| {
+    let mut tasks = Vec::new();
+    for (lane, bufs) in lanes {
+        for (i, b) in bufs.into_iter().enumerate() {
             let pattern = Pattern::new(
-                config.workload.is_random(),
-                config.read_percent,
-                config.bs,
-                volume_bytes,
-                (core * config.qd + i) as u64,
-                tasks_total,
+                load.workload.is_random(),
+                load.read_percent,
+                load.bs,
+                shape.volume_bytes,
+                lane.first_task + i as u64,
+                shape.tasks_total,
                 SEED,
             );
-            mirrorpoint_poller::spawn(worker(
-                ch.clone(),
+            tasks.push(mirrorpoint_poller::spawn(worker(
+                lane.ch.clone(),
                 state.clone(),
                 pattern,
-                bufs,
+                b,
                 window,
-                yield_each_io,
-            ))
-        })
-        .collect();
+                shape.yield_each_io,
+            )));
+        }
+    }
     for t in tasks {
         t.await;
     }
-    drop(ch);
     if let Some(first) = state.first_error.borrow_mut().take() {
         return Err(BenchError::Io {
             core,
@@ -281,31 +361,49 @@ fn create_volume(config: &LocalConfig) -> Result<(VolumeRegistry, Arc<Volume>), 
     Ok((registry, volume))
 }
 
-/// Pool and ring settings that fit the run.
-fn runtime_config(config: &LocalConfig) -> RuntimeConfig {
-    let per_task = if config.read_percent == 0 || config.read_percent == 100 {
+/// Pool and ring settings that fit the run: `tasks_per_core` tasks on the
+/// busiest reactor, and `extra_chunks` more for whatever else it runs.
+pub(crate) fn runtime_config(
+    load: &LoadConfig,
+    tasks_per_core: usize,
+    extra_chunks: usize,
+) -> RuntimeConfig {
+    let per_task = if load.read_percent == 0 || load.read_percent == 100 {
         1
     } else {
         2
     };
-    let chunks = (config.qd * per_task + SPARE_CHUNKS).min(mirrorpoint_poller::buffer::MAX_CHUNKS);
-    let ring_entries = (config.qd.max(64) as u32).next_power_of_two().max(1024);
+    let chunks = (tasks_per_core * per_task + SPARE_CHUNKS + extra_chunks)
+        .min(mirrorpoint_poller::buffer::MAX_CHUNKS);
+    let ring_entries = (tasks_per_core.max(64) as u32)
+        .next_power_of_two()
+        .max(1024);
     RuntimeConfig {
-        cores: config.cores.clone(),
+        cores: load.cores.clone(),
         reactor: ReactorConfig {
             ring_entries,
-            idle_timeout: config
+            idle_timeout: load
                 .idle_timeout
                 .unwrap_or(ReactorConfig::default().idle_timeout),
-            busy_poll: config.busy_poll,
+            busy_poll: load.busy_poll,
             pool: PoolConfig {
-                chunk_size: config.chunk_size,
+                chunk_size: load.chunk_size,
                 chunk_count: chunks,
                 huge_pages: true,
             },
         },
         pin: true,
     }
+}
+
+/// Starts the reactors, mapping an unusable CPU to a bad argument.
+pub(crate) fn start_runtime(config: RuntimeConfig) -> Result<Runtime, BenchError> {
+    Runtime::start(config).map_err(|e| match e {
+        ReactorError::NoSuchCore(c) => BenchError::InvalidArgument(format!(
+            "--cores: CPU {c} is not available to this process"
+        )),
+        e => BenchError::Runtime(e),
+    })
 }
 
 fn sleep_until(t: Instant) {
@@ -315,37 +413,42 @@ fn sleep_until(t: Instant) {
     }
 }
 
-/// Runs `mirrorpoint-bench local` and returns what it measured.
-pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
-    let (registry, volume) = create_volume(config)?;
-    let volume_bytes = volume.size().0;
-    let block_size = volume.block_size().bytes();
-    config.check_geometry(block_size, volume_bytes)?;
-    let o_direct = match config.backend {
-        BackendKind::Uring => volume.info().driver_specific["uring"]["o_direct"].as_bool(),
-        BackendKind::Malloc => None,
-    };
-    let rt_config = runtime_config(config);
-    let idle_timeout = rt_config.reactor.idle_timeout;
-    let mut runtime = Runtime::start(rt_config).map_err(|e| match e {
-        ReactorError::NoSuchCore(c) => BenchError::InvalidArgument(format!(
-            "--cores: CPU {c} is not available to this process"
-        )),
-        e => BenchError::Runtime(e),
-    })?;
-    let handles = runtime.handles().to_vec();
+/// What the main thread saw of a run.
+pub(crate) struct Measured {
+    /// Each reactor's result.
+    pub(crate) cores: Vec<CoreResult>,
+    /// This process's CPU time over the window.
+    pub(crate) cpu: CpuTimes,
+    /// Reactor counters around the window.
+    pub(crate) windows: Vec<ReactorWindow>,
+    /// The target's CPU time over the window, if a pid was given.
+    pub(crate) target: Option<TargetCpu>,
+}
 
+/// Runs one [`core_main`] per reactor (made by `spawn_core`), starts them
+/// together once all are set up, samples CPU and counters at the edges of
+/// the measured window, and collects the results. The runtime is left
+/// running for the caller to shut down.
+pub(crate) fn drive<F>(
+    handles: &[ReactorHandle],
+    load: &LoadConfig,
+    target_pid: Option<u32>,
+    mut spawn_core: F,
+) -> Result<Measured, BenchError>
+where
+    F: FnMut(
+        &ReactorHandle,
+        OneshotSender<Result<(), BenchError>>,
+        OneshotReceiver<Window>,
+    ) -> OneshotReceiver<Result<CoreResult, BenchError>>,
+{
     let mut readies = Vec::new();
     let mut gos = Vec::new();
     let mut results = Vec::new();
-    for h in &handles {
+    for h in handles {
         let (ready_tx, ready_rx) = oneshot();
         let (go_tx, go_rx) = oneshot();
-        let core = h.index();
-        let cores = handles.len();
-        let volume = volume.clone();
-        let cfg = config.clone();
-        results.push(h.spawn(move || core_main(core, cores, volume, cfg, ready_tx, go_rx)));
+        results.push(spawn_core(h, ready_tx, go_rx));
         readies.push(ready_rx);
         gos.push(go_tx);
     }
@@ -362,26 +465,27 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         for r in results {
             let _ = r.recv_blocking();
         }
-        runtime.shutdown();
         return Err(e);
     }
 
     let start = Instant::now() + Duration::from_millis(5);
     let window = Window {
         start,
-        measure_from: start + config.ramp,
-        end: start + config.ramp + config.time,
+        measure_from: start + load.ramp,
+        end: start + load.ramp + load.time,
     };
     for g in gos {
         g.send(window);
     }
 
     sleep_until(window.measure_from);
+    let target0 = target_pid.map(ProcSample::take).transpose();
     let cpu0 = CpuTimes::now();
-    let stats0: Vec<_> = handles.iter().map(|h| h.stats()).collect();
+    let stats0: Vec<StatsSnapshot> = handles.iter().map(|h| h.stats()).collect();
     sleep_until(window.end);
+    let target1 = target_pid.map(ProcSample::take).transpose();
     let cpu1 = CpuTimes::now();
-    let stats1: Vec<_> = handles.iter().map(|h| h.stats()).collect();
+    let stats1: Vec<StatsSnapshot> = handles.iter().map(|h| h.stats()).collect();
 
     let mut cores = Vec::new();
     let mut first_error = None;
@@ -392,18 +496,15 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
             Err(_) => first_error = first_error.or(Some(BenchError::ReactorLost(i))),
         }
     }
-    runtime.shutdown();
-    drop(volume);
-    drop(registry);
     if let Some(e) = first_error {
         return Err(e);
     }
-    let facts = RunFacts {
-        volume_bytes,
-        block_size,
-        o_direct,
-        idle_timeout,
-        measured: config.time,
+    let target = match (target0?, target1?) {
+        (Some(a), Some(b)) => Some(b.since(&a)),
+        _ => None,
+    };
+    Ok(Measured {
+        cores,
         cpu: cpu1.since(cpu0),
         windows: handles
             .iter()
@@ -415,6 +516,61 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
                 end,
             })
             .collect(),
+        target,
+    })
+}
+
+/// Runs `mirrorpoint-bench local` and returns what it measured.
+pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
+    let (registry, volume) = create_volume(config)?;
+    let volume_bytes = volume.size().0;
+    let block_size = volume.block_size().bytes();
+    config.check_geometry(block_size, volume_bytes)?;
+    let o_direct = match config.backend {
+        BackendKind::Uring => volume.info().driver_specific["uring"]["o_direct"].as_bool(),
+        BackendKind::Malloc => None,
     };
-    build_report(config, &facts, &cores)
+    let load = config.load();
+    let rt_config = runtime_config(&load, load.qd, 0);
+    let idle_timeout = rt_config.reactor.idle_timeout;
+    let mut runtime = start_runtime(rt_config)?;
+    let handles = runtime.handles().to_vec();
+    let cores = handles.len();
+    let shape = Shape {
+        volume_bytes,
+        tasks_total: (cores * load.qd) as u64,
+        yield_each_io: config.backend == BackendKind::Malloc,
+    };
+    let measured = drive(&handles, &load, None, |h, ready, go| {
+        let core = h.index();
+        let volume = volume.clone();
+        let load = load.clone();
+        let first_task = (core * load.qd) as u64;
+        h.spawn(move || {
+            let setup = async move {
+                Ok(vec![Lane {
+                    ch: Rc::new(Channel::Volume(volume.channel())),
+                    first_task,
+                }])
+            };
+            core_main(core, setup, load, shape, ready, go)
+        })
+    });
+    runtime.shutdown();
+    drop(volume);
+    drop(registry);
+    let measured = measured?;
+    let facts = RunFacts {
+        volume_bytes,
+        block_size,
+        o_direct,
+        idle_timeout,
+        measured: config.time,
+        cpu: measured.cpu,
+        windows: measured.windows,
+    };
+    let mut report = build_report(&load, &facts, &measured.cores)?;
+    report.backend = Some(config.backend);
+    report.file = config.file.as_ref().map(|p| p.display().to_string());
+    Ok(report)
 }

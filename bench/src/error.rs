@@ -5,6 +5,7 @@
 //! failed runs) and tests can match on what went wrong rather than on text.
 
 use mirrorpoint_poller::ReactorError;
+use mirrorpoint_target::nvmf::host::HostError;
 use mirrorpoint_target::volume::{CreateError, VolumeError};
 
 /// Why a benchmark could not be set up or did not finish.
@@ -35,14 +36,32 @@ pub enum BenchError {
         /// Failed I/Os on that reactor.
         count: u64,
         /// The first failure.
-        first: VolumeError,
+        first: IoFailure,
     },
+    /// The NVMe/TCP controller or an I/O queue could not be brought up, or
+    /// the namespace does not fit the run.
+    #[error("NVMe/TCP: {0}")]
+    Nvmf(String),
+    /// The target's CPU time could not be read.
+    #[error("target CPU: {0}")]
+    TargetCpu(String),
     /// A reactor went away before reporting its results.
     #[error("reactor {0} stopped before reporting its results")]
     ReactorLost(usize),
     /// Histograms could not be created or merged.
     #[error("latency histogram: {0}")]
     Histogram(String),
+}
+
+/// One failed I/O: from a local volume or over NVMe/TCP.
+#[derive(Debug, thiserror::Error)]
+pub enum IoFailure {
+    /// A volume channel's error.
+    #[error("{0}")]
+    Volume(#[from] VolumeError),
+    /// The initiator's error (transport, or an NVMe status).
+    #[error("{0}")]
+    Nvmf(#[from] HostError),
 }
 
 impl BenchError {

@@ -4,22 +4,27 @@
 //! in-process and look at the [`results::Report`] directly, and so that the
 //! future network subcommands (NVMe/TCP, iSCSI) can reuse the workload,
 //! histogram and output code. `local` is the bdevperf-style mode: load on a
-//! volume inside this process.
+//! volume inside this process; `nvmf` runs the same load over NVMe/TCP.
 //!
 //! - [`config`]: the command line and its checks;
 //! - [`workload`]: offsets and read/write choice per I/O;
 //! - [`driver`]: the per-core tasks and the run's timing;
 //! - [`results`]: histograms, CPU and reactor counters, the report;
+//! - [`nvmf`]: the NVMe/TCP session around the driver;
+//! - [`targetcpu`]: the target process's CPU time from `/proc`;
 //! - [`output`]: the text table and JSON.
 
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod nvmf;
 pub mod output;
 pub mod results;
+pub mod targetcpu;
 pub mod workload;
 
-pub use config::{Cli, Command, LocalArgs, LocalConfig};
+pub use config::{Cli, Command, LocalArgs, LocalConfig, NvmfArgs, NvmfConfig};
 pub use driver::run_local;
 pub use error::BenchError;
+pub use nvmf::run_nvmf;
 pub use results::Report;

@@ -5,13 +5,23 @@
 //! bad arguments, as clap uses, 1 for runs that failed).
 
 use clap::Parser;
-use mirrorpoint_bench::{output, run_local, BenchError, Cli, Command};
+use mirrorpoint_bench::{output, run_local, run_nvmf, BenchError, Cli, Command};
 
 fn run(cli: Cli) -> Result<(), BenchError> {
     match cli.command {
         Command::Local(args) => {
             let config = args.validate()?;
             let report = run_local(&config)?;
+            if args.json {
+                println!("{}", output::json(&report));
+            } else {
+                print!("{}", output::table(&report));
+            }
+            Ok(())
+        }
+        Command::Nvmf(args) => {
+            let config = args.validate()?;
+            let report = run_nvmf(&config)?;
             if args.json {
                 println!("{}", output::json(&report));
             } else {

@@ -30,30 +30,47 @@ pub fn table(report: &Report) -> String {
     } else {
         report.workload.to_string()
     };
-    let target = match &report.file {
-        Some(f) => format!(
-            "uring {f} (O_DIRECT {})",
-            if report.o_direct == Some(true) {
-                "on"
-            } else {
-                "off"
-            }
-        ),
-        None => "malloc".to_string(),
+    let idle = if report.busy_poll {
+        ", busy-poll".to_string()
+    } else {
+        format!(", idle timeout {} us", report.idle_timeout_us)
     };
-    let _ = writeln!(
-        out,
-        "volume: {target}, {} bytes, {}-byte blocks; ramp {:.1} s, measured {:.1} s{}",
-        report.volume_bytes,
-        report.block_size,
-        report.ramp_s,
-        report.time_s,
-        if report.busy_poll {
-            ", busy-poll".to_string()
-        } else {
-            format!(", idle timeout {} us", report.idle_timeout_us)
-        }
-    );
+    if let Some(n) = &report.nvmf {
+        let _ = writeln!(
+            out,
+            "nvmf: {} {} nsid {} (cntlid {}), {} bytes, {}-byte blocks; {} connection(s) x qd {}; \
+             digests: header {}, data {}; ramp {:.1} s, measured {:.1} s{idle}",
+            n.addr,
+            n.nqn,
+            n.nsid,
+            n.cntlid,
+            report.volume_bytes,
+            report.block_size,
+            n.connections,
+            n.qd_per_connection,
+            if n.header_digest { "on" } else { "off" },
+            if n.data_digest { "on" } else { "off" },
+            report.ramp_s,
+            report.time_s,
+        );
+    } else {
+        let target = match &report.file {
+            Some(f) => format!(
+                "uring {f} (O_DIRECT {})",
+                if report.o_direct == Some(true) {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+            None => "malloc".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "volume: {target}, {} bytes, {}-byte blocks; ramp {:.1} s, measured {:.1} s{idle}",
+            report.volume_bytes, report.block_size, report.ramp_s, report.time_s,
+        );
+    }
     let _ = writeln!(
         out,
         "{:<14} {:>7} {:>5} {:>6} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -92,6 +109,21 @@ pub fn table(report: &Report) -> String {
         "cpu: user {:.2} s, sys {:.2} s over the window; {} reads, {} writes",
         report.cpu.user_s, report.cpu.sys_s, report.reads, report.writes
     );
+    if let Some(t) = &report.target_cpu {
+        let _ = writeln!(
+            out,
+            "target pid {}: user {:.2} s, sys {:.2} s ({:.0}% of a core); {:.2} us CPU per I/O, \
+             {:.0} IOPS per core-second",
+            t.pid, t.user_s, t.sys_s, t.core_pct, t.us_per_io, t.iops_per_core_s
+        );
+        for th in &t.threads {
+            let _ = writeln!(
+                out,
+                "  thread {} ({}): user {:.2} s, sys {:.2} s, {:.2} us per I/O",
+                th.tid, th.name, th.user_s, th.sys_s, th.us_per_io
+            );
+        }
+    }
     for r in &report.reactors {
         let _ = writeln!(
             out,

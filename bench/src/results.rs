@@ -7,8 +7,9 @@
 //! [`Report`], a plain serialisable struct that the text table and the JSON
 //! output both print from, so the two can never disagree.
 
-use crate::config::{BackendKind, LocalConfig};
+use crate::config::{BackendKind, LoadConfig};
 use crate::error::BenchError;
+use crate::targetcpu::TargetCpu;
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::StatsSnapshot;
 use serde::Serialize;
@@ -139,10 +140,10 @@ pub struct ReactorWindow {
 /// The result of one run: everything the table and the JSON show.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
-    /// Always "local" for now.
+    /// "local" or "nvmf".
     pub mode: &'static str,
-    /// Volume backend.
-    pub backend: BackendKind,
+    /// Volume backend (`local`).
+    pub backend: Option<BackendKind>,
     /// The backing file (uring).
     pub file: Option<String>,
     /// Whether the uring backend uses O_DIRECT.
@@ -185,6 +186,103 @@ pub struct Report {
     pub cpu: CpuUsage,
     /// Each reactor over the measured window.
     pub reactors: Vec<ReactorUsage>,
+    /// The NVMe/TCP session (`nvmf`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvmf: Option<NvmfSession>,
+    /// The target's CPU time over the measured window (`nvmf --target-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_cpu: Option<TargetCpuReport>,
+}
+
+/// What an `nvmf` run connected to.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NvmfSession {
+    /// Target address.
+    pub addr: String,
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Namespace driven.
+    pub nsid: u32,
+    /// Controller ID.
+    pub cntlid: u16,
+    /// I/O queues (TCP connections) used.
+    pub connections: usize,
+    /// I/Os in flight per connection.
+    pub qd_per_connection: usize,
+    /// Header digests negotiated.
+    pub header_digest: bool,
+    /// Data digests negotiated.
+    pub data_digest: bool,
+    /// I/O queues connected with SQ flow control (off: reads may end with a
+    /// SUCCESS-flagged C2HData).
+    pub sq_flow_control: bool,
+}
+
+/// One target thread's CPU time over the window.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetThreadCpu {
+    /// Thread ID.
+    pub tid: u32,
+    /// Its name (`comm`).
+    pub name: String,
+    /// User seconds.
+    pub user_s: f64,
+    /// System seconds.
+    pub sys_s: f64,
+    /// (user + sys) per measured I/O, in microseconds.
+    pub us_per_io: f64,
+}
+
+/// The target's CPU time over the measured window, from `/proc/PID/stat`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetCpuReport {
+    /// Target process.
+    pub pid: u32,
+    /// Clock ticks per second of the counters (their resolution).
+    pub clock_ticks_per_s: u64,
+    /// User seconds, all threads.
+    pub user_s: f64,
+    /// System seconds, all threads.
+    pub sys_s: f64,
+    /// (user + sys) per measured I/O, in microseconds.
+    pub us_per_io: f64,
+    /// Measured I/Os per second of target CPU time (IOPS per busy core).
+    pub iops_per_core_s: f64,
+    /// Share of one core the target used, in percent.
+    pub core_pct: f64,
+    /// Threads that used CPU in the window, busiest first.
+    pub threads: Vec<TargetThreadCpu>,
+}
+
+impl TargetCpuReport {
+    /// The report of `cpu` for `ops` I/Os over `secs` seconds.
+    pub fn new(cpu: &TargetCpu, ops: u64, secs: f64) -> TargetCpuReport {
+        let per_io = |s: f64| if ops > 0 { s * 1e6 / ops as f64 } else { 0.0 };
+        let total = cpu.user_s + cpu.sys_s;
+        let mut threads: Vec<_> = cpu
+            .threads
+            .iter()
+            .filter(|t| t.user_s + t.sys_s > 0.0)
+            .map(|t| TargetThreadCpu {
+                tid: t.tid,
+                name: t.name.clone(),
+                user_s: t.user_s,
+                sys_s: t.sys_s,
+                us_per_io: per_io(t.user_s + t.sys_s),
+            })
+            .collect();
+        threads.sort_by(|a, b| (b.user_s + b.sys_s).total_cmp(&(a.user_s + a.sys_s)));
+        TargetCpuReport {
+            pid: cpu.pid,
+            clock_ticks_per_s: cpu.ticks_per_s,
+            user_s: cpu.user_s,
+            sys_s: cpu.sys_s,
+            us_per_io: per_io(total),
+            iops_per_core_s: if total > 0.0 { ops as f64 / total } else { 0.0 },
+            core_pct: 100.0 * total / secs.max(f64::MIN_POSITIVE),
+            threads,
+        }
+    }
 }
 
 /// Run facts the driver knows besides the measurements.
@@ -212,7 +310,7 @@ fn us(ns: f64) -> f64 {
 
 /// Merges per-core results into the report.
 pub fn build_report(
-    config: &LocalConfig,
+    config: &LoadConfig,
     facts: &RunFacts,
     cores: &[CoreResult],
 ) -> Result<Report, BenchError> {
@@ -275,8 +373,8 @@ pub fn build_report(
         .collect();
     Ok(Report {
         mode: "local",
-        backend: config.backend,
-        file: config.file.as_ref().map(|p| p.display().to_string()),
+        backend: None,
+        file: None,
         o_direct: facts.o_direct,
         volume_bytes: facts.volume_bytes,
         block_size: facts.block_size,
@@ -305,5 +403,7 @@ pub fn build_report(
             },
         },
         reactors,
+        nvmf: None,
+        target_cpu: None,
     })
 }
