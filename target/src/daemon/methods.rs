@@ -168,6 +168,7 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         }
         Ok(config)
     })?;
+    crate::mirror::service::register(methods, state)?;
     Ok(())
 }
 
@@ -197,11 +198,26 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
             params: Some(spec.params()),
         })
         .collect();
+    let mirror = state
+        .mirror
+        .config_calls()
+        .into_iter()
+        .map(|(method, params)| ConfigCall {
+            method,
+            params: Some(params),
+        })
+        .collect();
     ConfigFile {
-        subsystems: vec![SubsystemConfig {
-            subsystem: "bdev".to_string(),
-            config: bdev,
-        }],
+        subsystems: vec![
+            SubsystemConfig {
+                subsystem: "bdev".to_string(),
+                config: bdev,
+            },
+            SubsystemConfig {
+                subsystem: "mirror".to_string(),
+                config: mirror,
+            },
+        ],
     }
 }
 

@@ -92,6 +92,8 @@ pub struct DaemonState {
     pub reactors: Vec<ReactorHandle>,
     /// The options the daemon started with.
     pub options: DaemonOptions,
+    /// Mirrors, hosted legs, the site's agent.
+    pub mirror: crate::mirror::service::MirrorService,
 }
 
 /// A running target.
@@ -137,6 +139,7 @@ impl Daemon {
             volumes: VolumeRegistry::new(),
             reactors: runtime.handles().to_vec(),
             options: options.clone(),
+            mirror: Default::default(),
         });
         let methods = Arc::new(MethodRegistry::new());
         methods::register(&methods, &state)?;
@@ -215,6 +218,7 @@ impl Daemon {
         if let Some(server) = self.server.take() {
             server.shutdown();
         }
+        self.state.mirror.shutdown();
         if let Some(mut rt) = self.runtime.take() {
             rt.shutdown();
         }
