@@ -169,6 +169,7 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         Ok(config)
     })?;
     crate::mirror::service::register(methods, state)?;
+    crate::mirror::service::register_diag(methods, state)?;
     Ok(())
 }
 

@@ -340,6 +340,8 @@ pub fn set_site(state: &Arc<DaemonState>, p: SiteParams) -> Result<Value, SvcErr
     let bound = std_listener
         .local_addr()
         .map_err(|e| err(libc::EIO, e.to_string()))?;
+    std::fs::create_dir_all(MirrorService::data_dir(state))
+        .map_err(|e| err(libc::EIO, format!("data dir: {e}")))?;
     // Allocations hosted here survive restarts.
     let path = MirrorService::alloc_path(state, &p.name);
     if path.exists() {
@@ -349,6 +351,10 @@ pub fn set_site(state: &Arc<DaemonState>, p: SiteParams) -> Result<Value, SvcErr
             .map_err(|e| err(libc::EINVAL, format!("{}: {e}", path.display())))?;
         *lock(&svc.allocations) = allocs;
     }
+    // Saved with the port actually bound, so a restart keeps the address
+    // the other sites know.
+    let mut p = p;
+    p.listen = bound;
     *lock(&svc.site) = Some(p.clone());
     *lock(&svc.listening) = Some(bound);
     let st = state.clone();
@@ -489,12 +495,12 @@ fn report_capacity(state: &Arc<DaemonState>) {
 fn local_allocate(state: &DaemonState, mirror: u64, size: u64, via: &str) -> Result<Vec<ExtentRec>, (Status, String)> {
     let svc = &state.mirror;
     let site = svc.site().ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
+    let caps = capacity(state);
     let mut allocs = lock(&svc.allocations);
     if let Some(a) = allocs.iter().find(|a| a.mirror_id == mirror) {
         return Ok(a.extents.clone());
     }
     let servers = lock(&svc.servers).clone();
-    let caps = capacity(state);
     let mut order: Vec<&ServerCapacity> = caps.iter().filter(|c| c.health == Health::Healthy).collect();
     order.sort_by(|a, b| b.free.0.cmp(&a.free.0));
     let size = size.div_ceil(4096) * 4096;
@@ -1313,6 +1319,101 @@ pub fn register(
     methods.register("mirror_set_resync_rate", move |p| {
         let r: RateParams = parse_params(p)?;
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Diagnostic I/O through the volume API (tests, kill -9 drills, operators
+// checking a leg): deterministic patterns and checksums.
+
+/// The byte at `pos` of the pattern of `seed` (what `bdev_write_pattern` writes).
+pub fn pattern_byte(seed: u64, pos: u64) -> u8 {
+    let x = (seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (x >> ((pos % 8) * 8)) as u8
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatternParams {
+    name: String,
+    offset: u64,
+    len: u64,
+    seed: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrcParams {
+    name: String,
+    offset: u64,
+    len: u64,
+}
+
+fn pick_reactor(state: &DaemonState) -> Option<mirrorpoint_poller::ReactorHandle> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = state.reactors.len().max(1) as u64;
+    state.reactors.get((NEXT.fetch_add(1, Ordering::Relaxed) % n) as usize).cloned()
+}
+
+/// Registers `bdev_write_pattern` and `bdev_read_crc`.
+pub fn register_diag(
+    methods: &crate::rpc::MethodRegistry,
+    state: &Arc<DaemonState>,
+) -> Result<(), crate::rpc::RegisterError> {
+    use crate::rpc::{parse_params, RpcError};
+    let s = state.clone();
+    methods.register("bdev_write_pattern", move |p| {
+        let p: PatternParams = parse_params(p)?;
+        let vol = s.volumes.get(&p.name).ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
+        let r = pick_reactor(&s).ok_or_else(|| RpcError::internal("no reactor"))?;
+        let res = r
+            .block_on(move || async move {
+                let ch = vol.channel();
+                let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+                let mut off = p.offset;
+                let end = p.offset.saturating_add(p.len);
+                while off < end {
+                    let n = chunk.min(end - off);
+                    let mut b = super::link::alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
+                    for (i, x) in b.iter_mut().enumerate() {
+                        *x = pattern_byte(p.seed, off + i as u64);
+                    }
+                    let (r, _) = ch.write(ByteOffset(off), b.freeze()).await;
+                    r.map_err(|e| e.to_string())?;
+                    off += n;
+                }
+                Ok::<(), String>(())
+            })
+            .map_err(|_| RpcError::internal("reactor stopped"))?;
+        res.map_err(|e| RpcError::app(-libc::EIO, e))?;
+        Ok(Value::Bool(true))
+    })?;
+    let s = state.clone();
+    methods.register("bdev_read_crc", move |p| {
+        let p: CrcParams = parse_params(p)?;
+        let vol = s.volumes.get(&p.name).ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
+        let r = pick_reactor(&s).ok_or_else(|| RpcError::internal("no reactor"))?;
+        let res = r
+            .block_on(move || async move {
+                let ch = vol.channel();
+                let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+                let mut crc = 0u32;
+                let mut off = p.offset;
+                let end = p.offset.saturating_add(p.len);
+                while off < end {
+                    let n = chunk.min(end - off);
+                    let b = super::link::alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
+                    let (r, b) = ch.read(ByteOffset(off), b).await;
+                    r.map_err(|e| e.to_string())?;
+                    crc = crc32c::crc32c_append(crc, &b);
+                    off += n;
+                }
+                Ok::<u32, String>(crc)
+            })
+            .map_err(|_| RpcError::internal("reactor stopped"))?;
+        let crc = res.map_err(|e| RpcError::app(-libc::EIO, e))?;
+        Ok(json!({"crc32c": crc}))
     })?;
     Ok(())
 }
