@@ -90,6 +90,8 @@ enum Req {
     Log(Vec<u64>, OneshotSender<io::Result<()>>),
     /// Write everything that changed, then answer.
     Commit(OneshotSender<io::Result<()>>),
+    /// Commit with every idle region dropped from the log (clean stop).
+    Drain(OneshotSender<io::Result<()>>),
     Stop,
 }
 
@@ -361,7 +363,7 @@ impl MirrorMeta {
             al: Vec::new(),
             span,
         };
-        writer.commit(&[]).map_err(io_err)?;
+        writer.commit(&[], AL_TARGET).map_err(io_err)?;
         std::thread::Builder::new()
             .name("mirror-meta".into())
             .spawn(move || writer.run(rx))
@@ -536,7 +538,10 @@ impl MirrorMeta {
     /// Stops the metadata thread after a final commit (a clean stop leaves
     /// an empty activity log).
     pub fn close(&self) {
-        let _ = self.commit_blocking();
+        let (tx, rx) = oneshot();
+        if self.send(Req::Drain(tx)).is_ok() {
+            let _ = rx.recv_blocking();
+        }
         let _ = self.send(Req::Stop);
     }
 }
@@ -559,6 +564,7 @@ impl Writer {
             let mut add = Vec::new();
             let mut replies = Vec::new();
             let mut stop = false;
+            let mut drain = false;
             for req in batch {
                 match req {
                     Req::Log(regions, tx) => {
@@ -566,10 +572,14 @@ impl Writer {
                         replies.push(tx);
                     }
                     Req::Commit(tx) => replies.push(tx),
+                    Req::Drain(tx) => {
+                        drain = true;
+                        replies.push(tx);
+                    }
                     Req::Stop => stop = true,
                 }
             }
-            let res = self.commit(&add);
+            let res = self.commit(&add, if drain { 0 } else { AL_TARGET });
             for tx in replies {
                 tx.send(match &res {
                     Ok(()) => Ok(()),
@@ -588,7 +598,7 @@ impl Writer {
     /// One commit: log `add`, evict idle regions beyond the target, write
     /// dirty bitmap pages (synced first when a region leaves the log), then
     /// the superblock, synced; then mark `add` logged.
-    fn commit(&mut self, add: &[u64]) -> io::Result<()> {
+    fn commit(&mut self, add: &[u64], target: usize) -> io::Result<()> {
         let m = self.meta.clone();
         for &r in add {
             if !self.al.contains(&r) {
@@ -598,7 +608,7 @@ impl Writer {
         // Oldest first; evict idle ones while over the target.
         let mut evicted = false;
         let mut i = 0;
-        while self.al.len() > AL_TARGET && i < self.al.len() {
+        while self.al.len() > target && i < self.al.len() {
             let r = self.al[i] as usize;
             if add.contains(&self.al[i]) {
                 i += 1;
@@ -658,5 +668,94 @@ impl Writer {
         }
         m.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("mp-meta-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        // The metadata futures only wait on oneshots answered by a thread.
+        struct W(std::thread::Thread);
+        impl std::task::Wake for W {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(W(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn activity_log_survives_a_crash_as_dirty_regions() {
+        let path = tmp("al");
+        let m = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("open");
+        assert_eq!(m.dirty_regions(0), 0);
+        block_on(m.begin_write(5 * (64 << 10) + 512, 4096)).expect("logged");
+        block_on(m.begin_write(9 * (64 << 10), 128 << 10)).expect("logged");
+        m.end_write(9 * (64 << 10), 128 << 10);
+        // A region written while degraded, durable only through the log.
+        m.set_dirty(0, 700 % m.regions());
+        // "Crash": no close; open the file again.
+        let again = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("reopen");
+        assert_eq!(again.recovered_from_al, 3);
+        for r in [5, 9, 10] {
+            assert!(again.is_dirty(0, r), "region {r}");
+        }
+        assert!(!again.is_dirty(0, 4));
+        // A clean close leaves nothing to recover.
+        again.close();
+        let third = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("reopen");
+        assert_eq!(third.recovered_from_al, 0);
+        assert_eq!(third.dirty_regions(0), 3);
+        third.close();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn evicted_regions_keep_their_bits() {
+        let path = tmp("evict");
+        let m = MirrorMeta::open(&path, 1 << 30, 64 << 10, 2, false).expect("open");
+        for r in 0..(AL_TARGET as u64 + 50) {
+            block_on(m.begin_write(r * (64 << 10), 4096)).expect("logged");
+            m.set_dirty(1, r);
+            m.end_write(r * (64 << 10), 4096);
+        }
+        let again = MirrorMeta::open(&path, 1 << 30, 64 << 10, 2, false).expect("reopen");
+        assert_eq!(again.dirty_regions(1), AL_TARGET as u64 + 50);
+        assert!(again.recovered_from_al <= AL_TARGET as u64 + 1);
+        assert!(matches!(
+            MirrorMeta::open(&path, 1 << 29, 64 << 10, 2, false),
+            Err(MetaError::Mismatch { .. })
+        ));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn new_file_with_full_sync_marks_every_region() {
+        let path = tmp("full");
+        let m = MirrorMeta::open(&path, (64 << 20) + 4096, 1 << 20, 1, true).expect("open");
+        assert_eq!(m.regions(), 65);
+        assert_eq!(m.dirty_regions(0), 65);
+        assert_eq!(m.next_dirty(0, 64), Some(64));
+        for r in 0..65 {
+            m.clear_dirty(0, r);
+        }
+        assert_eq!(m.next_dirty(0, 0), None);
+        let _ = std::fs::remove_file(&path);
     }
 }
