@@ -39,24 +39,49 @@ fn pair(tag: &str, with_proxy: bool, extra: Value) -> Pair {
     // No single storage server of the remote site has room for the leg.
     let s1 = b.uring("s1", 40 * MIB);
     let s2 = b.uring("s2", 40 * MIB);
-    b.call("agent_add_storage_server", json!({"name": "ss1", "id": 1, "volumes": ["s1"]}));
-    b.call("agent_add_storage_server", json!({"name": "ss2", "id": 2, "volumes": ["s2"]}));
+    b.call(
+        "agent_add_storage_server",
+        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
+    );
+    b.call(
+        "agent_add_storage_server",
+        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
+    );
     let proxy = with_proxy.then(|| Proxy::start("127.0.0.4", b.addr));
     let west = proxy.as_ref().map_or(b.addr, |p| p.addr);
-    a.call("agent_add_peer", json!({"name": "west", "domain": 2, "address": west.to_string()}));
-    b.call("agent_add_peer", json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}));
-    wait_for(Duration::from_secs(10), "the remote agent's capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    a.call(
+        "agent_add_peer",
+        json!({"name": "west", "domain": 2, "address": west.to_string()}),
+    );
+    b.call(
+        "agent_add_peer",
+        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the remote agent's capacity report",
+        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
+    );
     let local = a.uring("local", SIZE);
-    let mut params = json!({"name": "m0", "volume": "local", "link_timeout_ms": 600, "resync_rate": 0});
+    let mut params =
+        json!({"name": "m0", "volume": "local", "link_timeout_ms": 600, "resync_rate": 0});
     if let (Some(p), Some(e)) = (params.as_object_mut(), extra.as_object()) {
         p.extend(e.clone());
     }
     let created = a.call("mirror_create", params);
     let leg = LegMap::from_create(&created, &[s1, s2]);
-    assert!(leg.0.len() >= 2, "the leg should span both storage servers: {created:#}");
-    Pair { _dir: dir, a, b, leg, local, proxy }
+    assert!(
+        leg.0.len() >= 2,
+        "the leg should span both storage servers: {created:#}"
+    );
+    Pair {
+        _dir: dir,
+        a,
+        b,
+        leg,
+        local,
+        proxy,
+    }
 }
 
 impl Pair {
@@ -85,7 +110,11 @@ fn write_sync(site: &Site, core: usize, name: &str, offset: u64, len: usize, fil
         .block_on(move || async move {
             let mut b = buffer_pool().alloc(len).expect("buffer");
             b.fill(fill);
-            vol.channel().write(ByteOffset(offset), b.freeze()).await.0.expect("mirrored write")
+            vol.channel()
+                .write(ByteOffset(offset), b.freeze())
+                .await
+                .0
+                .expect("mirrored write")
         })
         .unwrap();
 }
@@ -126,12 +155,17 @@ fn concurrent_overlapping_writes_leave_identical_legs() {
                                 } else {
                                     (r >> 8) % (256 - blocks) * 4096 // hot 1 MiB
                                 };
-                                let mut b = buffer_pool().alloc((blocks * 4096) as usize).expect("buffer");
+                                let mut b = buffer_pool()
+                                    .alloc((blocks * 4096) as usize)
+                                    .expect("buffer");
                                 let stamp = (core as u64) << 56 | t << 48 | i;
                                 for (k, c) in b.chunks_mut(8).enumerate() {
                                     c.copy_from_slice(&(stamp ^ k as u64).to_le_bytes());
                                 }
-                                ch.write(ByteOffset(off), b.freeze()).await.0.expect("write");
+                                ch.write(ByteOffset(off), b.freeze())
+                                    .await
+                                    .0
+                                    .expect("write");
                             }
                         })
                     })
@@ -148,7 +182,10 @@ fn concurrent_overlapping_writes_leave_identical_legs() {
     let elapsed = t0.elapsed();
     p.a.wait_leg("m0", "synced", Duration::from_secs(60));
     let s = p.a.status("m0");
-    assert!(s["overlap_waits"].as_u64().unwrap() > 0, "no write ever overlapped: {s:#}");
+    assert!(
+        s["overlap_waits"].as_u64().unwrap() > 0,
+        "no write ever overlapped: {s:#}"
+    );
     eprintln!("3840 writes on 2 cores x 16 tasks in {elapsed:?}; status {s:#}");
     p.compare();
 }
@@ -161,16 +198,29 @@ fn cut_link_degrades_and_resyncs_only_dirty_regions() {
     let mut p = pair("cut", true, json!({}));
     p.a.wait_leg("m0", "synced", Duration::from_secs(60));
     write_sync(&p.a, 0, "m0", 0, 64 * 1024, 1);
-    let copied0 = p.a.status("m0")["legs"][0]["resync_copied_bytes"].as_u64().unwrap();
+    let copied0 = p.a.status("m0")["legs"][0]["resync_copied_bytes"]
+        .as_u64()
+        .unwrap();
     let proxy = p.proxy.as_ref().unwrap();
     proxy.set(CUT);
     // Writes keep completing; 11 distinct regions get written.
     let t = Instant::now();
     write_sync(&p.a, 1, "m0", 3 * MIB, 8192, 2);
-    assert!(t.elapsed() < Duration::from_secs(5), "a write waited {:?} on a cut link", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a write waited {:?} on a cut link",
+        t.elapsed()
+    );
     p.a.wait_leg("m0", "degraded", Duration::from_secs(5));
     for k in 0..10u64 {
-        write_sync(&p.a, (k % 2) as usize, "m0", (10 + k) * MIB + 4096, 8192, 3 + k as u8);
+        write_sync(
+            &p.a,
+            (k % 2) as usize,
+            "m0",
+            (10 + k) * MIB + 4096,
+            8192,
+            3 + k as u8,
+        );
     }
     let s = p.a.status("m0");
     assert_eq!(s["legs"][0]["dirty_regions"], 11, "{s:#}");
@@ -179,7 +229,11 @@ fn cut_link_degrades_and_resyncs_only_dirty_regions() {
     p.a.wait_leg("m0", "synced", Duration::from_secs(30));
     let s = p.a.status("m0");
     let copied = s["legs"][0]["resync_copied_bytes"].as_u64().unwrap() - copied0;
-    assert_eq!(copied, 11 * REGION, "resync must copy only the dirty regions: {s:#}");
+    assert_eq!(
+        copied,
+        11 * REGION,
+        "resync must copy only the dirty regions: {s:#}"
+    );
     assert_eq!(s["legs"][0]["dirty_regions"], 0);
     p.compare();
 }
@@ -219,7 +273,10 @@ fn stall_and_corruption_during_a_verifying_workload() {
                                 let mut b = buffer_pool().alloc(REGION as usize).expect("buffer");
                                 b.fill(0);
                                 b[..8].copy_from_slice(&(owner << 32 | v).to_le_bytes());
-                                ch.write(ByteOffset(off), b.freeze()).await.0.expect("host write failed");
+                                ch.write(ByteOffset(off), b.freeze())
+                                    .await
+                                    .0
+                                    .expect("host write failed");
                                 model[slot] = owner << 32 | v;
                                 acked.fetch_add(1, Ordering::Relaxed);
                                 mirrorpoint_poller::sleep(Duration::from_millis(2)).await;
@@ -242,7 +299,10 @@ fn stall_and_corruption_during_a_verifying_workload() {
     let before = acked.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(p.a.leg_state("m0"), "degraded");
-    assert!(acked.load(Ordering::Relaxed) > before + 20, "writes stopped while the link stalled");
+    assert!(
+        acked.load(Ordering::Relaxed) > before + 20,
+        "writes stopped while the link stalled"
+    );
     proxy.set(CUT);
     proxy.set(PASS);
     p.a.wait_leg("m0", "synced", Duration::from_secs(30));
@@ -266,10 +326,16 @@ fn stall_and_corruption_during_a_verifying_workload() {
             }
             let off = ((owner * 8 + slot as u64) * REGION * 2 + 8 * MIB) as usize;
             let got = u64::from_le_bytes(local[off..off + 8].try_into().unwrap());
-            assert_eq!(got, *want, "acknowledged write lost (owner {owner}, slot {slot})");
+            assert_eq!(
+                got, *want,
+                "acknowledged write lost (owner {owner}, slot {slot})"
+            );
         }
     }
-    eprintln!("{} acknowledged writes verified; status {s:#}", acked.load(Ordering::Relaxed));
+    eprintln!(
+        "{} acknowledged writes verified; status {s:#}",
+        acked.load(Ordering::Relaxed)
+    );
 }
 
 fn read_msg(s: &mut std::net::TcpStream, framer: &Framer) -> Option<Message<'static>> {
@@ -286,20 +352,37 @@ fn read_msg(s: &mut std::net::TcpStream, framer: &Framer) -> Option<Message<'sta
         }
     }
     match framer.decode_message(&buf).ok()? {
-        Decoded::Complete { value: (_, Message::Error(e)), .. } => Some(Message::Error(e)),
-        Decoded::Complete { value: (_, Message::Hello(h)), .. } => Some(Message::Hello(h)),
-        Decoded::Complete { value: (_, Message::HelloAck(h)), .. } => Some(Message::HelloAck(h)),
+        Decoded::Complete {
+            value: (_, Message::Error(e)),
+            ..
+        } => Some(Message::Error(e)),
+        Decoded::Complete {
+            value: (_, Message::Hello(h)),
+            ..
+        } => Some(Message::Hello(h)),
+        Decoded::Complete {
+            value: (_, Message::HelloAck(h)),
+            ..
+        } => Some(Message::HelloAck(h)),
         _ => None,
     }
 }
 
-fn error_code_after_hello(addr: std::net::SocketAddr, secret: &[u8], version: ProtocolVersion) -> Option<ErrorCode> {
+fn error_code_after_hello(
+    addr: std::net::SocketAddr,
+    secret: &[u8],
+    version: ProtocolVersion,
+) -> Option<ErrorCode> {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let cfg = HandshakeConfig::new(SharedSecret::new(secret).unwrap(), SiteName::new("mallory").unwrap());
+    let cfg = HandshakeConfig::new(
+        SharedSecret::new(secret).unwrap(),
+        SiteName::new("mallory").unwrap(),
+    );
     let (mut init, hello) = Initiator::start(cfg).unwrap();
     let framer = Framer::default().with_version(version);
-    s.write_all(&hello.encode_to_vec(&framer, RequestTag(0)).unwrap()).unwrap();
+    s.write_all(&hello.encode_to_vec(&framer, RequestTag(0)).unwrap())
+        .unwrap();
     let reader = Framer::default();
     for _ in 0..4 {
         match read_msg(&mut s, &reader)? {
@@ -324,7 +407,11 @@ fn bad_peers_are_refused_and_the_daemon_keeps_serving() {
     p.a.wait_leg("m0", "synced", Duration::from_secs(60));
     let addr = p.b.addr;
     assert_eq!(
-        error_code_after_hello(addr, b"a wrong secret of enough length", ProtocolVersion::CURRENT),
+        error_code_after_hello(
+            addr,
+            b"a wrong secret of enough length",
+            ProtocolVersion::CURRENT
+        ),
         Some(ErrorCode::AuthFailed)
     );
     assert_eq!(
@@ -336,7 +423,7 @@ fn bad_peers_are_refused_and_the_daemon_keeps_serving() {
     g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut sink = Vec::new();
     let _ = g.read_to_end(&mut sink); // closed by the daemon
-    // Both daemons still serve: admin socket, mirror I/O, identical legs.
+                                      // Both daemons still serve: admin socket, mirror I/O, identical legs.
     p.b.call("agent_get_sites", json!({}));
     write_sync(&p.a, 0, "m0", 5 * MIB, 65536, 0xee);
     assert_eq!(p.a.leg_state("m0"), "synced");
@@ -378,9 +465,22 @@ fn clean_restart_from_saved_config_needs_no_resync() {
     write_sync(&p.a, 0, "m0", 0, 65536, 7);
     let adir = p.a.dir.clone();
     let cfg = p.a.call("save_config", json!({}));
-    let mirror_sub = cfg["subsystems"].as_array().unwrap().iter().find(|s| s["subsystem"] == "mirror").unwrap();
-    let methods: Vec<&str> = mirror_sub["config"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["agent_set_site", "agent_add_peer", "mirror_create"]);
+    let mirror_sub = cfg["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subsystem"] == "mirror")
+        .unwrap();
+    let methods: Vec<&str> = mirror_sub["config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        ["agent_set_site", "agent_add_peer", "mirror_create"]
+    );
     p.a.daemon.take().unwrap().shutdown();
     let cfgfile = adir.join("saved.json");
     std::fs::write(&cfgfile, cfg.to_string()).unwrap();

@@ -29,7 +29,11 @@ impl Proc {
         std::fs::create_dir_all(dir).unwrap();
         let sock = dir.join("rpc.sock");
         let _ = std::fs::remove_file(&sock);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_mirrorpoint"))
             .args(["serve", "-m", "0,1", "--no-pin", "--buffers", "256"])
             .arg("-c")
@@ -43,8 +47,13 @@ impl Proc {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn mirrorpoint");
-        wait_for(Duration::from_secs(20), "the admin socket", || RpcClient::connect(&sock).is_ok());
-        Proc { child: Some(child), dir: dir.to_path_buf() }
+        wait_for(Duration::from_secs(20), "the admin socket", || {
+            RpcClient::connect(&sock).is_ok()
+        });
+        Proc {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn rpc(&self) -> RpcClient {
@@ -54,7 +63,10 @@ impl Proc {
     fn call(&self, method: &str, params: Value) -> Value {
         match self.rpc().call(method, Some(params)) {
             Ok(v) => v,
-            Err(e) => panic!("{method}: {e:?}\nlog:\n{}", std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()),
+            Err(e) => panic!(
+                "{method}: {e:?}\nlog:\n{}",
+                std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+            ),
         }
     }
 
@@ -73,7 +85,10 @@ impl Proc {
     }
 
     fn leg_state(&self) -> String {
-        self.call("mirror_get_status", json!({"name": "m0"}))[0]["legs"][0]["state"].as_str().unwrap().to_string()
+        self.call("mirror_get_status", json!({"name": "m0"}))[0]["legs"][0]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn wait_synced(&self, limit: Duration) {
@@ -101,7 +116,9 @@ impl Drop for Proc {
 }
 
 fn crc_of_pattern(seed: u64, offset: u64, len: u64) -> u32 {
-    let v: Vec<u8> = (offset..offset + len).map(|p| pattern_byte(seed, p)).collect();
+    let v: Vec<u8> = (offset..offset + len)
+        .map(|p| pattern_byte(seed, p))
+        .collect();
     crc32c::crc32c(&v)
 }
 
@@ -114,7 +131,12 @@ fn slot_offset(slot: usize) -> u64 {
 }
 
 /// Writers through the admin socket's bdev_write_pattern until `stop` or an error.
-fn workload(sock: PathBuf, model: Model, stop: Arc<AtomicBool>, threads: usize) -> Vec<std::thread::JoinHandle<u64>> {
+fn workload(
+    sock: PathBuf,
+    model: Model,
+    stop: Arc<AtomicBool>,
+    threads: usize,
+) -> Vec<std::thread::JoinHandle<u64>> {
     (0..threads)
         .map(|t| {
             let (sock, model, stop) = (sock.clone(), model.clone(), stop.clone());
@@ -145,10 +167,18 @@ fn verify(a: &Proc, model: &Model) {
         if *acked == 0 && maybe.is_none() {
             continue;
         }
-        let got = a.call("bdev_read_crc", json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT}))["crc32c"].as_u64().unwrap() as u32;
+        let got = a.call(
+            "bdev_read_crc",
+            json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT}),
+        )["crc32c"]
+            .as_u64()
+            .unwrap() as u32;
         let ok_acked = *acked != 0 && got == crc_of_pattern(*acked, slot_offset(slot), SLOT);
         let ok_maybe = maybe.is_some_and(|s| got == crc_of_pattern(s, slot_offset(slot), SLOT));
-        assert!(ok_acked || ok_maybe, "slot {slot}: acknowledged write (seed {acked:#x}) lost");
+        assert!(
+            ok_acked || ok_maybe,
+            "slot {slot}: acknowledged write (seed {acked:#x}) lost"
+        );
     }
 }
 
@@ -160,19 +190,48 @@ fn kill_9_of_either_site_loses_no_acknowledged_write() {
     let mut a = Proc::start(&dir.0.join("a"), &empty);
     let mut b = Proc::start(&dir.0.join("b"), &empty);
     let aaddr = a.call("agent_set_site", json!({"name": "east", "domain": 1, "listen": "127.0.0.2:0", "secret": SECRET, "master": true}))["listen"].as_str().unwrap().to_string();
-    let baddr = b.call("agent_set_site", json!({"name": "west", "domain": 2, "listen": "127.0.0.3:0", "secret": SECRET}))["listen"].as_str().unwrap().to_string();
-    let files: Vec<PathBuf> = ["s1", "s2"].iter().map(|n| dir.0.join("b").join(format!("{n}.img"))).collect();
+    let baddr = b.call(
+        "agent_set_site",
+        json!({"name": "west", "domain": 2, "listen": "127.0.0.3:0", "secret": SECRET}),
+    )["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let files: Vec<PathBuf> = ["s1", "s2"]
+        .iter()
+        .map(|n| dir.0.join("b").join(format!("{n}.img")))
+        .collect();
     for (i, f) in files.iter().enumerate() {
         let n = format!("s{}", i + 1);
-        b.call("bdev_uring_create", json!({"name": n, "filename": f, "size": 40 * MIB, "block_size": 4096}));
-        b.call("agent_add_storage_server", json!({"name": format!("ss{}", i + 1), "id": i + 1, "volumes": [n]}));
+        b.call(
+            "bdev_uring_create",
+            json!({"name": n, "filename": f, "size": 40 * MIB, "block_size": 4096}),
+        );
+        b.call(
+            "agent_add_storage_server",
+            json!({"name": format!("ss{}", i + 1), "id": i + 1, "volumes": [n]}),
+        );
     }
-    a.call("agent_add_peer", json!({"name": "west", "domain": 2, "address": baddr}));
-    b.call("agent_add_peer", json!({"name": "east", "domain": 1, "address": aaddr, "master": true}));
-    wait_for(Duration::from_secs(10), "capacity report", || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null());
+    a.call(
+        "agent_add_peer",
+        json!({"name": "west", "domain": 2, "address": baddr}),
+    );
+    b.call(
+        "agent_add_peer",
+        json!({"name": "east", "domain": 1, "address": aaddr, "master": true}),
+    );
+    wait_for(Duration::from_secs(10), "capacity report", || {
+        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
+    });
     let local = dir.0.join("a").join("local.img");
-    a.call("bdev_uring_create", json!({"name": "local", "filename": local, "size": SIZE, "block_size": 4096}));
-    let created = a.call("mirror_create", json!({"name": "m0", "volume": "local", "link_timeout_ms": 800, "resync_rate": 0}));
+    a.call(
+        "bdev_uring_create",
+        json!({"name": "local", "filename": local, "size": SIZE, "block_size": 4096}),
+    );
+    let created = a.call(
+        "mirror_create",
+        json!({"name": "m0", "volume": "local", "link_timeout_ms": 800, "resync_rate": 0}),
+    );
     let leg = LegMap::from_create(&created, &files);
     a.wait_synced(Duration::from_secs(60));
     let acfg = a.save();
@@ -191,10 +250,19 @@ fn kill_9_of_either_site_loses_no_acknowledged_write() {
     a.wait_synced(Duration::from_secs(60));
     let s = a.call("mirror_get_status", json!({"name": "m0"}))[0].clone();
     let copied = s["legs"][0]["resync_copied_bytes"].as_u64().unwrap();
-    assert!(copied > 0 && copied <= 400 * 64 * 1024, "resync after the crash copied {copied} bytes: {s:#}");
-    eprintln!("primary kill -9 after {acked} acknowledged writes; recovery resynced {copied} bytes");
+    assert!(
+        copied > 0 && copied <= 400 * 64 * 1024,
+        "resync after the crash copied {copied} bytes: {s:#}"
+    );
+    eprintln!(
+        "primary kill -9 after {acked} acknowledged writes; recovery resynced {copied} bytes"
+    );
     verify(&a, &model);
-    assert_same(&read_file(&local, SIZE), &leg.read(SIZE), "after primary kill -9");
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "after primary kill -9",
+    );
 
     // 2. kill -9 the remote daemon in the middle of writes.
     let stop = Arc::new(AtomicBool::new(false));
@@ -210,9 +278,20 @@ fn kill_9_of_either_site_loses_no_acknowledged_write() {
     a.wait_synced(Duration::from_secs(60));
     eprintln!("remote kill -9: {acked} writes acknowledged meanwhile, none failed");
     // No writer saw an error: every in-flight seed was acknowledged.
-    assert!(model.lock().unwrap().iter().all(|(_, maybe)| maybe.is_none()));
+    assert!(model
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, maybe)| maybe.is_none()));
     verify(&a, &model);
-    a.call("bdev_read_crc", json!({"name": "m0", "offset": 0, "len": 4096}));
-    assert_same(&read_file(&local, SIZE), &leg.read(SIZE), "after remote kill -9");
+    a.call(
+        "bdev_read_crc",
+        json!({"name": "m0", "offset": 0, "len": 4096}),
+    );
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "after remote kill -9",
+    );
     drop(b);
 }

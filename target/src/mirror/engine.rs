@@ -610,6 +610,9 @@ impl Mirror {
     }
 }
 
+/// A leg's part of a mirrored I/O: the local leg's result, or `None`.
+type LegFuture<'a> = Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>> + 'a>>;
+
 /// The per-core handle front ends use (through [`VolumeChannel`]).
 pub struct MirrorChannel {
     mirror: Arc<Mirror>,
@@ -628,7 +631,11 @@ impl MirrorChannel {
     }
 
     /// Reads are served by the local leg.
-    pub async fn read(&self, offset: ByteOffset, buf: IoBufMut) -> (Result<(), VolumeError>, IoBufMut) {
+    pub async fn read(
+        &self,
+        offset: ByteOffset,
+        buf: IoBufMut,
+    ) -> (Result<(), VolumeError>, IoBufMut) {
         self.local.read(offset, buf).await
     }
 
@@ -645,10 +652,11 @@ impl MirrorChannel {
         }
         match m.cfg.ack {
             AckPolicy::Sync => {
-                let mut futs: Vec<Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>> + '_>>> =
-                    Vec::with_capacity(1 + m.legs.len());
+                let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
                 let lb = buf.clone();
-                futs.push(Box::pin(async move { Some(self.local.write(offset, lb).await.0) }));
+                futs.push(Box::pin(async move {
+                    Some(self.local.write(offset, lb).await.0)
+                }));
                 for idx in 0..m.legs.len() {
                     let b = buf.clone();
                     futs.push(Box::pin(async move {
@@ -697,15 +705,19 @@ impl MirrorChannel {
     /// Flushes the local leg and every live remote leg.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let m = &self.mirror;
-        let mut futs: Vec<Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>> + '_>>> =
-            vec![Box::pin(async { Some(self.local.flush().await) })];
+        let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
         for idx in 0..m.legs.len() {
             futs.push(Box::pin(async move {
                 m.leg_flush(idx).await;
                 None
             }));
         }
-        join_all(futs).await.into_iter().flatten().next().unwrap_or(Ok(()))
+        join_all(futs)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or(Ok(()))
     }
 }
 
@@ -904,12 +916,20 @@ async fn supervise(m: Arc<Mirror>, idx: usize) {
             }
             Err(BringUp::Retry(reason)) => {
                 if !logged_down {
-                    tracing::info!(mirror = m.name, leg = idx, "mirror leg not reachable yet: {reason}");
+                    tracing::info!(
+                        mirror = m.name,
+                        leg = idx,
+                        "mirror leg not reachable yet: {reason}"
+                    );
                     logged_down = true;
                 }
                 *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = reason;
                 if leg.state() == LegState::Syncing {
-                    m.leg_failed(idx, leg.link_gen.load(Ordering::SeqCst), "resync interrupted");
+                    m.leg_failed(
+                        idx,
+                        leg.link_gen.load(Ordering::SeqCst),
+                        "resync interrupted",
+                    );
                 }
                 sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -934,7 +954,11 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     match plan(m, idx, &theirs).map_err(BringUp::Refused)? {
         Plan::Incremental => {}
         Plan::Full => {
-            tracing::warn!(mirror = m.name, leg = idx, "leg came back blank: full resync");
+            tracing::warn!(
+                mirror = m.name,
+                leg = idx,
+                "leg came back blank: full resync"
+            );
             m.meta.set_all_dirty(idx);
         }
     }
@@ -942,9 +966,9 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     let mut waits = Vec::new();
     for r in &m.reactors {
         let mm = m.clone();
-        waits.push(r.spawn(move || async move {
-            connect_link(mm, idx, gen, true).await.map(|_| ())
-        }));
+        waits.push(
+            r.spawn(move || async move { connect_link(mm, idx, gen, true).await.map(|_| ()) }),
+        );
     }
     for w in waits {
         match w.await {
@@ -978,7 +1002,9 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     );
     resync(m, idx, gen).await.map_err(BringUp::Retry)?;
     // Leg now holds our data: make it durable there and adopt our generation.
-    let link = m.core_link(idx).ok_or_else(|| BringUp::Retry("link lost".into()))?;
+    let link = m
+        .core_link(idx)
+        .ok_or_else(|| BringUp::Retry("link lost".into()))?;
     let stamp = m.seq.peek();
     match link
         .request(
@@ -1039,7 +1065,8 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
     let rs = m.meta.region_size();
     let size = m.local.size().0;
     let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
-    leg.resync_total.store(m.meta.dirty_regions(idx), Ordering::Relaxed);
+    leg.resync_total
+        .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
     leg.resync_pass_copied.store(0, Ordering::Relaxed);
     let started = Instant::now();
     *leg.resync_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
@@ -1116,7 +1143,12 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
         }
     }
     if copied > 0 {
-        tracing::info!(mirror = m.name, leg = idx, bytes = copied, "resync pass done");
+        tracing::info!(
+            mirror = m.name,
+            leg = idx,
+            bytes = copied,
+            "resync pass done"
+        );
     }
     Ok(())
 }

@@ -277,7 +277,9 @@ impl MirrorMeta {
         }
         let span = bitmap_span(regions);
         let mk_bits = || -> Box<[AtomicU64]> {
-            (0..regions.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
+            (0..regions.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect()
         };
         let mut bits: Vec<Box<[AtomicU64]>> = (0..legs).map(|_| mk_bits()).collect();
         let (gens, al, seq) = match existing {
@@ -309,7 +311,11 @@ impl MirrorMeta {
                     for words in bits.iter_mut() {
                         for (i, w) in words.iter_mut().enumerate() {
                             let left = regions - (i as u64) * 64;
-                            *w.get_mut() = if left >= 64 { u64::MAX } else { (1u64 << left) - 1 };
+                            *w.get_mut() = if left >= 64 {
+                                u64::MAX
+                            } else {
+                                (1u64 << left) - 1
+                            };
                         }
                     }
                 }
@@ -643,8 +649,10 @@ impl Writer {
                 for w in &words[first..last] {
                     buf.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
                 }
-                self.file
-                    .write_all_at(&buf, BITMAP_START + leg as u64 * self.span + p as u64 * SLOT)?;
+                self.file.write_all_at(
+                    &buf,
+                    BITMAP_START + leg as u64 * self.span + p as u64 * SLOT,
+                )?;
                 wrote_pages = true;
             }
         }

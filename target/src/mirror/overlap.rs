@@ -48,7 +48,9 @@ impl OverlapDetector {
     pub fn new(stripe_shift: u32, buckets: usize) -> Arc<Self> {
         Arc::new(OverlapDetector {
             stripe_shift,
-            buckets: (0..buckets.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            buckets: (0..buckets.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             next_id: AtomicU64::new(1),
             waits: AtomicU64::new(0),
         })
@@ -239,7 +241,8 @@ mod tests {
         const BS: u64 = 512;
         let d = OverlapDetector::new(12, 4); // 8 blocks a stripe, 4 buckets: collisions
         let owner: Arc<Vec<AtomicU32>> = Arc::new((0..BLOCKS).map(|_| AtomicU32::new(0)).collect());
-        let last_id: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
+        let last_id: Arc<Vec<AtomicU64>> =
+            Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
         let threads: Vec<_> = (1..=4u32)
             .map(|t| {
                 let (d, owner, last_id) = (d.clone(), owner.clone(), last_id.clone());

@@ -256,8 +256,12 @@ fn err(errno: i32, message: impl Into<String>) -> SvcError {
 fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
     let secret = SharedSecret::new(site.secret.as_bytes())
         .map_err(|e| err(libc::EINVAL, format!("secret: {e}")))?;
-    let name = SiteName::new(&site.name)
-        .map_err(|_| err(libc::EINVAL, format!("site name '{}' is not valid", site.name)))?;
+    let name = SiteName::new(&site.name).map_err(|_| {
+        err(
+            libc::EINVAL,
+            format!("site name '{}' is not valid", site.name),
+        )
+    })?;
     Ok(HandshakeConfig::new(secret, name))
 }
 
@@ -335,8 +339,12 @@ pub fn set_site(state: &Arc<DaemonState>, p: SiteParams) -> Result<Value, SvcErr
     if svc.site().is_some() {
         return Err(err(libc::EEXIST, "the site is already configured"));
     }
-    let std_listener = std::net::TcpListener::bind(p.listen)
-        .map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot listen on {}: {e}", p.listen)))?;
+    let std_listener = std::net::TcpListener::bind(p.listen).map_err(|e| {
+        err(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("cannot listen on {}: {e}", p.listen),
+        )
+    })?;
     let bound = std_listener
         .local_addr()
         .map_err(|e| err(libc::EIO, e.to_string()))?;
@@ -406,10 +414,17 @@ pub fn set_site(state: &Arc<DaemonState>, p: SiteParams) -> Result<Value, SvcErr
 
 /// `agent_add_peer`.
 pub fn add_peer(state: &DaemonState, p: PeerParams) -> Result<Value, SvcError> {
-    SiteName::new(&p.name).map_err(|_| err(libc::EINVAL, format!("peer name '{}' is not valid", p.name)))?;
+    SiteName::new(&p.name)
+        .map_err(|_| err(libc::EINVAL, format!("peer name '{}' is not valid", p.name)))?;
     let mut peers = lock(&state.mirror.peers);
-    if peers.iter().any(|x| x.name == p.name || x.domain == p.domain) {
-        return Err(err(libc::EEXIST, format!("peer '{}' or domain {} already known", p.name, p.domain)));
+    if peers
+        .iter()
+        .any(|x| x.name == p.name || x.domain == p.domain)
+    {
+        return Err(err(
+            libc::EEXIST,
+            format!("peer '{}' or domain {} already known", p.name, p.domain),
+        ));
     }
     peers.push(p);
     Ok(Value::Bool(true))
@@ -418,7 +433,10 @@ pub fn add_peer(state: &DaemonState, p: PeerParams) -> Result<Value, SvcError> {
 /// `agent_add_storage_server`.
 pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result<Value, SvcError> {
     if p.id == 0 || p.volumes.is_empty() {
-        return Err(err(libc::EINVAL, "a storage server needs a non-zero id and at least one volume"));
+        return Err(err(
+            libc::EINVAL,
+            "a storage server needs a non-zero id and at least one volume",
+        ));
     }
     for v in &p.volumes {
         let vol = state
@@ -426,12 +444,18 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
             .get(v)
             .ok_or_else(|| err(libc::ENODEV, format!("no volume named '{v}'")))?;
         if vol.mirror().is_some() {
-            return Err(err(libc::EINVAL, format!("'{v}' is a mirror, not a local volume")));
+            return Err(err(
+                libc::EINVAL,
+                format!("'{v}' is a mirror, not a local volume"),
+            ));
         }
     }
     let mut servers = lock(&state.mirror.servers);
     if servers.iter().any(|s| s.id == p.id || s.name == p.name) {
-        return Err(err(libc::EEXIST, format!("storage server '{}' (id {}) exists", p.name, p.id)));
+        return Err(err(
+            libc::EEXIST,
+            format!("storage server '{}' (id {}) exists", p.name, p.id),
+        ));
     }
     servers.push(p);
     Ok(Value::Bool(true))
@@ -460,7 +484,11 @@ fn capacity(state: &DaemonState) -> Vec<ServerCapacity> {
                 .sum();
             ServerCapacity {
                 server: StorageServerId(s.id),
-                health: if healthy { Health::Healthy } else { Health::Failed },
+                health: if healthy {
+                    Health::Healthy
+                } else {
+                    Health::Failed
+                },
                 total: ByteLen(total),
                 free: ByteLen(total.saturating_sub(used)),
             }
@@ -492,17 +520,27 @@ fn report_capacity(state: &Arc<DaemonState>) {
 
 /// Allocates `size` bytes from this domain's servers (or returns the
 /// existing allocation of the mirror), persisted before it is returned.
-fn local_allocate(state: &DaemonState, mirror: u64, size: u64, via: &str) -> Result<Vec<ExtentRec>, (Status, String)> {
+fn local_allocate(
+    state: &DaemonState,
+    mirror: u64,
+    size: u64,
+    via: &str,
+) -> Result<Vec<ExtentRec>, (Status, String)> {
     let svc = &state.mirror;
-    let site = svc.site().ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
+    let site = svc
+        .site()
+        .ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
     let caps = capacity(state);
     let mut allocs = lock(&svc.allocations);
     if let Some(a) = allocs.iter().find(|a| a.mirror_id == mirror) {
         return Ok(a.extents.clone());
     }
     let servers = lock(&svc.servers).clone();
-    let mut order: Vec<&ServerCapacity> = caps.iter().filter(|c| c.health == Health::Healthy).collect();
-    order.sort_by(|a, b| b.free.0.cmp(&a.free.0));
+    let mut order: Vec<&ServerCapacity> = caps
+        .iter()
+        .filter(|c| c.health == Health::Healthy)
+        .collect();
+    order.sort_by_key(|c| std::cmp::Reverse(c.free.0));
     let size = size.div_ceil(4096) * 4096;
     let mut extents = Vec::new();
     let mut logical = 0u64;
@@ -527,7 +565,12 @@ fn local_allocate(state: &DaemonState, mirror: u64, size: u64, via: &str) -> Res
             for &(a, b) in used.iter().filter(|(a, b)| *b > base && *a < vend) {
                 if a > pos {
                     let take = (a - pos).min(size - logical);
-                    extents.push(ExtentRec { server: s.id, device_offset: pos, len: take, logical_offset: logical });
+                    extents.push(ExtentRec {
+                        server: s.id,
+                        device_offset: pos,
+                        len: take,
+                        logical_offset: logical,
+                    });
                     logical += take;
                     if logical == size {
                         break 'servers;
@@ -537,7 +580,12 @@ fn local_allocate(state: &DaemonState, mirror: u64, size: u64, via: &str) -> Res
             }
             if vend > pos {
                 let take = (vend - pos).min(size - logical);
-                extents.push(ExtentRec { server: s.id, device_offset: pos, len: take, logical_offset: logical });
+                extents.push(ExtentRec {
+                    server: s.id,
+                    device_offset: pos,
+                    len: take,
+                    logical_offset: logical,
+                });
                 logical += take;
                 if logical == size {
                     break 'servers;
@@ -547,12 +595,31 @@ fn local_allocate(state: &DaemonState, mirror: u64, size: u64, via: &str) -> Res
         }
     }
     if logical < size {
-        return Err((Status::NoSpace, format!("domain {} has {} free bytes, {size} asked", site.domain, logical)));
+        return Err((
+            Status::NoSpace,
+            format!(
+                "domain {} has {} free bytes, {size} asked",
+                site.domain, logical
+            ),
+        ));
     }
-    allocs.push(Allocation { mirror_id: mirror, via: via.to_string(), size, extents: extents.clone(), generation: 0 });
+    allocs.push(Allocation {
+        mirror_id: mirror,
+        via: via.to_string(),
+        size,
+        extents: extents.clone(),
+        generation: 0,
+    });
     let path = MirrorService::alloc_path(state, &site.name);
-    write_json_atomically(&path, &*allocs).map_err(|e| (Status::IoError, format!("{}: {e}", path.display())))?;
-    tracing::info!(mirror, size, extents = extents.len(), via, "allocated a mirror leg");
+    write_json_atomically(&path, &*allocs)
+        .map_err(|e| (Status::IoError, format!("{}: {e}", path.display())))?;
+    tracing::info!(
+        mirror,
+        size,
+        extents = extents.len(),
+        via,
+        "allocated a mirror leg"
+    );
     Ok(extents)
 }
 
@@ -575,16 +642,31 @@ fn local_release(state: &DaemonState, mirror: u64) -> Status {
 }
 
 /// The master's choice: a domain (not the asker's) with room, and its extents.
-fn master_allocate(state: &DaemonState, asker: &str, mirror: u64, size: u64, want: u32) -> Result<(u32, Vec<ExtentRec>), (Status, String)> {
-    let site = state.mirror.site().ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
+fn master_allocate(
+    state: &DaemonState,
+    asker: &str,
+    mirror: u64,
+    size: u64,
+    want: u32,
+) -> Result<(u32, Vec<ExtentRec>), (Status, String)> {
+    let site = state
+        .mirror
+        .site()
+        .ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
     let peers = lock(&state.mirror.peers).clone();
     let asker_domain = if asker == site.name {
         site.domain
     } else {
-        peers.iter().find(|p| p.name == asker).map_or(0, |p| p.domain)
+        peers
+            .iter()
+            .find(|p| p.name == asker)
+            .map_or(0, |p| p.domain)
     };
     let free = |caps: &[ServerCapacity]| -> u64 {
-        caps.iter().filter(|c| c.health == Health::Healthy).map(|c| c.free.0).sum()
+        caps.iter()
+            .filter(|c| c.health == Health::Healthy)
+            .map(|c| c.free.0)
+            .sum()
     };
     let mut candidates: Vec<(u32, u64)> = Vec::new();
     candidates.push((site.domain, free(&capacity(state))));
@@ -594,24 +676,40 @@ fn master_allocate(state: &DaemonState, asker: &str, mirror: u64, size: u64, wan
         }
     }
     candidates.retain(|(d, f)| *d != asker_domain && (want == 0 || *d == want) && *f >= size);
-    candidates.sort_by(|a, b| b.1.cmp(&a.1));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
     let Some(&(chosen, _)) = candidates.first() else {
-        return Err((Status::NoSpace, format!("no domain{} has {size} free bytes", if want == 0 { String::new() } else { format!(" {want}") })));
+        return Err((
+            Status::NoSpace,
+            format!(
+                "no domain{} has {size} free bytes",
+                if want == 0 {
+                    String::new()
+                } else {
+                    format!(" {want}")
+                }
+            ),
+        ));
     };
     if chosen == site.domain {
         return local_allocate(state, mirror, size, asker).map(|e| (chosen, e));
     }
-    let peer = peers
-        .iter()
-        .find(|p| p.domain == chosen)
-        .ok_or((Status::NotFound, format!("domain {chosen} has no known address")))?;
-    let req = Message::AllocateRequest(AllocateRequest { mirror: MirrorId(mirror), size: ByteLen(size), domain: DomainId(chosen) });
+    let peer = peers.iter().find(|p| p.domain == chosen).ok_or((
+        Status::NotFound,
+        format!("domain {chosen} has no known address"),
+    ))?;
+    let req = Message::AllocateRequest(AllocateRequest {
+        mirror: MirrorId(mirror),
+        size: ByteLen(size),
+        domain: DomainId(chosen),
+    });
     let replies = agent_call(&site, peer.address, &req, 1).map_err(|e| (Status::Busy, e))?;
     match replies.last() {
         Some(Message::AllocateResponse(r)) if r.status == Status::Ok => {
             Ok((chosen, r.extents.iter().map(ExtentRec::from).collect()))
         }
-        Some(Message::AllocateResponse(r)) => Err((r.status, format!("domain {chosen} refused: {:?}", r.status))),
+        Some(Message::AllocateResponse(r)) => {
+            Err((r.status, format!("domain {chosen} refused: {:?}", r.status)))
+        }
         _ => Err((Status::Busy, format!("domain {chosen} gave no allocation"))),
     }
 }
@@ -621,14 +719,16 @@ fn master_allocate(state: &DaemonState, asker: &str, mirror: u64, size: u64, wan
 
 fn read_frame_blocking(s: &mut StdTcpStream, framer: &Framer) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; 32];
-    s.read_exact(&mut buf).map_err(|e| format!("receive: {e}"))?;
+    s.read_exact(&mut buf)
+        .map_err(|e| format!("receive: {e}"))?;
     loop {
         match framer.poll(&buf).map_err(|e| format!("malformed: {e}"))? {
             Decoded::Complete { .. } => return Ok(buf),
             Decoded::NeedMore(n) => {
                 let at = buf.len();
                 buf.resize(at + n, 0);
-                s.read_exact(&mut buf[at..]).map_err(|e| format!("receive: {e}"))?;
+                s.read_exact(&mut buf[at..])
+                    .map_err(|e| format!("receive: {e}"))?;
             }
         }
     }
@@ -650,21 +750,34 @@ fn to_static(m: Message<'_>) -> Option<Message<'static>> {
 
 fn recv_blocking(s: &mut StdTcpStream, framer: &Framer) -> Result<Message<'static>, String> {
     let buf = read_frame_blocking(s, framer)?;
-    match framer.decode_message(&buf).map_err(|e| format!("malformed: {e}"))? {
-        Decoded::Complete { value: (_, m), .. } => to_static(m).ok_or_else(|| "unexpected message".to_string()),
+    match framer
+        .decode_message(&buf)
+        .map_err(|e| format!("malformed: {e}"))?
+    {
+        Decoded::Complete { value: (_, m), .. } => {
+            to_static(m).ok_or_else(|| "unexpected message".to_string())
+        }
         Decoded::NeedMore(_) => Err("short frame".into()),
     }
 }
 
 fn send_blocking(s: &mut StdTcpStream, framer: &Framer, m: &Message<'_>) -> Result<(), String> {
-    let bytes = m.encode_to_vec(framer, RequestTag(0)).map_err(|e| e.to_string())?;
+    let bytes = m
+        .encode_to_vec(framer, RequestTag(0))
+        .map_err(|e| e.to_string())?;
     s.write_all(&bytes).map_err(|e| format!("send: {e}"))
 }
 
 /// Connects to an agent, authenticates, sends `req` and reads `replies` messages.
-fn agent_call(site: &SiteParams, addr: SocketAddr, req: &Message<'_>, replies: usize) -> Result<Vec<Message<'static>>, String> {
+fn agent_call(
+    site: &SiteParams,
+    addr: SocketAddr,
+    req: &Message<'_>,
+    replies: usize,
+) -> Result<Vec<Message<'static>>, String> {
     let cfg = hs_config(site).map_err(|e| e.message)?;
-    let mut s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(15)));
     let _ = s.set_nodelay(true);
@@ -676,7 +789,9 @@ fn agent_call(site: &SiteParams, addr: SocketAddr, req: &Message<'_>, replies: u
         if let Message::Error(e) = &msg {
             return Err(format!("{addr} refused: {:?}: {}", e.code, e.text));
         }
-        let step = m.handle(&msg).map_err(|e| format!("handshake with {addr}: {e}"))?;
+        let step = m
+            .handle(&msg)
+            .map_err(|e| format!("handshake with {addr}: {e}"))?;
         for x in &step.send {
             send_blocking(&mut s, &framer, x)?;
         }
@@ -698,13 +813,25 @@ fn agent_call(site: &SiteParams, addr: SocketAddr, req: &Message<'_>, replies: u
 }
 
 /// Serves one agent request on a plain thread.
-fn serve_agent(state: Arc<DaemonState>, mut s: StdTcpStream, framer: Framer, peer: String, first: Message<'static>) {
+fn serve_agent(
+    state: Arc<DaemonState>,
+    mut s: StdTcpStream,
+    framer: Framer,
+    peer: String,
+    first: Message<'static>,
+) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
     let _ = s.set_nonblocking(false);
     let reply: Vec<Message<'static>> = match first {
         Message::CapacityReport(r) => {
             if state.mirror.site().is_some_and(|x| x.master) {
-                lock(&state.mirror.reports).insert(r.domain.0, Report { report: r, at: Instant::now() });
+                lock(&state.mirror.reports).insert(
+                    r.domain.0,
+                    Report {
+                        report: r,
+                        at: Instant::now(),
+                    },
+                );
             }
             Vec::new()
         }
@@ -714,24 +841,41 @@ fn serve_agent(state: Arc<DaemonState>, mut s: StdTcpStream, framer: Framer, pee
             let res = if master {
                 master_allocate(&state, &peer, r.mirror.0, r.size.0, r.domain.0)
             } else {
-                local_allocate(&state, r.mirror.0, r.size.0, &peer).map(|e| (site.as_ref().map_or(0, |x| x.domain), e))
+                local_allocate(&state, r.mirror.0, r.size.0, &peer)
+                    .map(|e| (site.as_ref().map_or(0, |x| x.domain), e))
             };
             match res {
                 Ok((domain, ext)) => {
                     let mut v = Vec::new();
                     if master {
-                        v.push(Message::CapacityReport(CapacityReport { domain: DomainId(domain), reported_at: Timestamp(now_ns()), servers: Vec::new() }));
+                        v.push(Message::CapacityReport(CapacityReport {
+                            domain: DomainId(domain),
+                            reported_at: Timestamp(now_ns()),
+                            servers: Vec::new(),
+                        }));
                     }
-                    v.push(Message::AllocateResponse(AllocateResponse { mirror: r.mirror, status: Status::Ok, extents: ext.iter().map(Extent::from).collect() }));
+                    v.push(Message::AllocateResponse(AllocateResponse {
+                        mirror: r.mirror,
+                        status: Status::Ok,
+                        extents: ext.iter().map(Extent::from).collect(),
+                    }));
                     v
                 }
                 Err((status, why)) => {
                     tracing::warn!(mirror = r.mirror.0, "allocation for {peer} failed: {why}");
                     let mut v = Vec::new();
                     if master {
-                        v.push(Message::CapacityReport(CapacityReport { domain: DomainId(0), reported_at: Timestamp(now_ns()), servers: Vec::new() }));
+                        v.push(Message::CapacityReport(CapacityReport {
+                            domain: DomainId(0),
+                            reported_at: Timestamp(now_ns()),
+                            servers: Vec::new(),
+                        }));
                     }
-                    v.push(Message::AllocateResponse(AllocateResponse { mirror: r.mirror, status, extents: Vec::new() }));
+                    v.push(Message::AllocateResponse(AllocateResponse {
+                        mirror: r.mirror,
+                        status,
+                        extents: Vec::new(),
+                    }));
                     v
                 }
             }
@@ -740,7 +884,10 @@ fn serve_agent(state: Arc<DaemonState>, mut s: StdTcpStream, framer: Framer, pee
             let site = state.mirror.site();
             let status = match site {
                 Some(s) if s.master && r.domain.0 != s.domain => {
-                    let peer = lock(&state.mirror.peers).iter().find(|p| p.domain == r.domain.0).cloned();
+                    let peer = lock(&state.mirror.peers)
+                        .iter()
+                        .find(|p| p.domain == r.domain.0)
+                        .cloned();
                     match peer.map(|p| agent_call(&s, p.address, &Message::ReleaseRequest(r), 1)) {
                         Some(Ok(v)) => match v.last() {
                             Some(Message::ReleaseAck(a)) => a.status,
@@ -751,9 +898,15 @@ fn serve_agent(state: Arc<DaemonState>, mut s: StdTcpStream, framer: Framer, pee
                 }
                 _ => local_release(&state, r.mirror.0),
             };
-            vec![Message::ReleaseAck(ReleaseAck { mirror: r.mirror, status })]
+            vec![Message::ReleaseAck(ReleaseAck {
+                mirror: r.mirror,
+                status,
+            })]
         }
-        _ => vec![Message::Error(ErrorMsg { code: ErrorCode::UnexpectedMessage, text: "not an agent request".into() })],
+        _ => vec![Message::Error(ErrorMsg {
+            code: ErrorCode::UnexpectedMessage,
+            text: "not an agent request".into(),
+        })],
     };
     for m in &reply {
         if let Err(e) = send_blocking(&mut s, &framer, m) {
@@ -845,7 +998,10 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         let mut base = 0u64;
         let mut found = None;
         for v in &s.volumes {
-            let vol = state.volumes.get(v).ok_or_else(|| format!("volume '{v}' of server {} is missing", s.name))?;
+            let vol = state
+                .volumes
+                .get(v)
+                .ok_or_else(|| format!("volume '{v}' of server {} is missing", s.name))?;
             let sz = vol.size().0;
             if e.device_offset >= base && e.device_offset + e.len <= base + sz {
                 found = Some((vol, e.device_offset - base));
@@ -853,10 +1009,25 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
             }
             base += sz;
         }
-        let (volume, offset) = found.ok_or_else(|| format!("extent at {} of server {} is outside its volumes", e.device_offset, s.name))?;
-        pieces.push(Piece { logical: e.logical_offset, len: e.len, volume, offset });
+        let (volume, offset) = found.ok_or_else(|| {
+            format!(
+                "extent at {} of server {} is outside its volumes",
+                e.device_offset, s.name
+            )
+        })?;
+        pieces.push(Piece {
+            logical: e.logical_offset,
+            len: e.len,
+            volume,
+            offset,
+        });
     }
-    let t = Arc::new(LegTarget { mirror, size: alloc.size, pieces, gen: AtomicU64::new(alloc.generation) });
+    let t = Arc::new(LegTarget {
+        mirror,
+        size: alloc.size,
+        pieces,
+        gen: AtomicU64::new(alloc.generation),
+    });
     lock(&svc.targets).insert(mirror, t.clone());
     Ok(t)
 }
@@ -865,9 +1036,13 @@ fn persist_generation(state: &DaemonState, mirror: u64, gen: u64) -> Result<(), 
     let svc = &state.mirror;
     let site = svc.site().ok_or("site not configured")?;
     let mut allocs = lock(&svc.allocations);
-    let a = allocs.iter_mut().find(|a| a.mirror_id == mirror).ok_or("allocation gone")?;
+    let a = allocs
+        .iter_mut()
+        .find(|a| a.mirror_id == mirror)
+        .ok_or("allocation gone")?;
     a.generation = gen;
-    write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs).map_err(|e| e.to_string())
+    write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
+        .map_err(|e| e.to_string())
 }
 
 struct Hosted {
@@ -878,10 +1053,14 @@ struct Hosted {
 impl Hosted {
     async fn write(&self, offset: u64, data: IoBuf) -> Status {
         let len = data.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.target.size) {
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > self.target.size)
+        {
             return Status::OutOfRange;
         }
-        let mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>>> = Vec::new();
+        let mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>>> =
+            Vec::new();
         for (p, ch) in self.target.pieces.iter().zip(&self.chans) {
             let (a, b) = (offset.max(p.logical), (offset + len).min(p.logical + p.len));
             if a >= b {
@@ -891,7 +1070,9 @@ impl Hosted {
                 return Status::InvalidRequest;
             };
             let at = p.offset + (a - p.logical);
-            futs.push(Box::pin(async move { ch.write(ByteOffset(at), slice).await.0.is_ok() }));
+            futs.push(Box::pin(async move {
+                ch.write(ByteOffset(at), slice).await.0.is_ok()
+            }));
         }
         if join_all(futs).await.into_iter().all(|ok| ok) {
             Status::Ok
@@ -914,12 +1095,22 @@ impl Hosted {
     }
 }
 
-async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, first: GenerationExchange, peer: SocketAddr) {
+async fn serve_leg(
+    state: Arc<DaemonState>,
+    conn: Rc<Conn>,
+    tag: RequestTag,
+    first: GenerationExchange,
+    peer: SocketAddr,
+) {
     let target = match leg_target(&state, first.mirror.0) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%peer, "mirror link refused: {e}");
-            conn.refuse(Message::Error(ErrorMsg { code: ErrorCode::UnexpectedPeer, text: e })).await;
+            conn.refuse(Message::Error(ErrorMsg {
+                code: ErrorCode::UnexpectedPeer,
+                text: e,
+            }))
+            .await;
             return;
         }
     };
@@ -930,9 +1121,17 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
         current: Generation(mine),
         bitmap: Generation(0),
         history: [Generation(0); 2],
-        flags: if mine != 0 { GenerationFlags::UP_TO_DATE } else { GenerationFlags(0) },
+        flags: if mine != 0 {
+            GenerationFlags::UP_TO_DATE
+        } else {
+            GenerationFlags(0)
+        },
     };
-    if conn.send(tag, &Message::GenerationExchange(reply), &[]).await.is_err() {
+    if conn
+        .send(tag, &Message::GenerationExchange(reply), &[])
+        .await
+        .is_err()
+    {
         return;
     }
     if mine != 0 && first.current.0 != mine {
@@ -941,7 +1140,11 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
             target.mirror, first.current.0
         );
         tracing::error!(%peer, "{text}");
-        conn.refuse(Message::Error(ErrorMsg { code: ErrorCode::UnexpectedPeer, text })).await;
+        conn.refuse(Message::Error(ErrorMsg {
+            code: ErrorCode::UnexpectedPeer,
+            text,
+        }))
+        .await;
         return;
     }
     let hosted = Rc::new(Hosted {
@@ -975,7 +1178,9 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
                 let (c, h) = (conn.clone(), hosted.clone());
                 spawn(async move {
                     let status = h.write(offset, data).await;
-                    let _ = c.send(tag, &Message::WriteAck(WriteAck { seq, status }), &[]).await;
+                    let _ = c
+                        .send(tag, &Message::WriteAck(WriteAck { seq, status }), &[])
+                        .await;
                 })
                 .detach();
             }
@@ -983,13 +1188,20 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
                 let (c, h) = (conn.clone(), hosted.clone());
                 spawn(async move {
                     let status = h.flush().await;
-                    let _ = c.send(tag, &Message::FlushAck(FlushAck { seq, status }), &[]).await;
+                    let _ = c
+                        .send(tag, &Message::FlushAck(FlushAck { seq, status }), &[])
+                        .await;
                 })
                 .detach();
             }
             LegMsg::Heartbeat(hb) => {
                 let now = Timestamp(now_ns());
-                let ack = Message::HeartbeatAck(HeartbeatAck { counter: hb.counter, echo_sent: hb.sent, received: now, replied: now });
+                let ack = Message::HeartbeatAck(HeartbeatAck {
+                    counter: hb.counter,
+                    echo_sent: hb.sent,
+                    received: now,
+                    replied: now,
+                });
                 let c = conn.clone();
                 spawn(async move {
                     let _ = c.send(tag, &ack, &[]).await;
@@ -1006,7 +1218,9 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
                         let (tx, rx) = oneshot();
                         let st2 = st.clone();
                         let mirror = h.target.mirror;
-                        std::thread::spawn(move || tx.send(persist_generation(&st2, mirror, g.current.0)));
+                        std::thread::spawn(move || {
+                            tx.send(persist_generation(&st2, mirror, g.current.0))
+                        });
                         match rx.await {
                             Ok(Ok(())) => h.target.gen.store(g.current.0, Ordering::SeqCst),
                             _ => status = Status::IoError,
@@ -1015,7 +1229,11 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
                     let cur = h.target.gen.load(Ordering::SeqCst);
                     let reply = GenerationExchange {
                         current: Generation(cur),
-                        flags: if status == Status::Ok { GenerationFlags::UP_TO_DATE } else { GenerationFlags(0) },
+                        flags: if status == Status::Ok {
+                            GenerationFlags::UP_TO_DATE
+                        } else {
+                            GenerationFlags(0)
+                        },
                         bitmap: Generation(0),
                         history: [Generation(0); 2],
                         ..g
@@ -1026,7 +1244,11 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
             }
             LegMsg::Other(t) => {
                 tracing::warn!(%peer, "unexpected {t} on a mirror link, dropping it");
-                conn.refuse(Message::Error(ErrorMsg { code: ErrorCode::UnexpectedMessage, text: format!("unexpected {t}") })).await;
+                conn.refuse(Message::Error(ErrorMsg {
+                    code: ErrorCode::UnexpectedMessage,
+                    text: format!("unexpected {t}"),
+                }))
+                .await;
                 return;
             }
         }
@@ -1034,8 +1256,13 @@ async fn serve_leg(state: Arc<DaemonState>, conn: Rc<Conn>, tag: RequestTag, fir
 }
 
 enum LegMsg {
-    Write { seq: super::wire::SeqNo, offset: u64 },
-    Flush { seq: super::wire::SeqNo },
+    Write {
+        seq: super::wire::SeqNo,
+        offset: u64,
+    },
+    Flush {
+        seq: super::wire::SeqNo,
+    },
     Heartbeat(super::wire::Heartbeat),
     Adopt(GenerationExchange),
     Other(String),
@@ -1043,10 +1270,15 @@ enum LegMsg {
 
 fn to_owned_leg(m: Message<'_>) -> LegMsg {
     match m {
-        Message::Write(w) => LegMsg::Write { seq: w.seq, offset: w.offset.0 },
+        Message::Write(w) => LegMsg::Write {
+            seq: w.seq,
+            offset: w.offset.0,
+        },
         Message::Flush(f) => LegMsg::Flush { seq: f.seq },
         Message::Heartbeat(h) => LegMsg::Heartbeat(h),
-        Message::GenerationExchange(g) if g.flags.0 & GenerationFlags::UP_TO_DATE.0 != 0 => LegMsg::Adopt(g),
+        Message::GenerationExchange(g) if g.flags.0 & GenerationFlags::UP_TO_DATE.0 != 0 => {
+            LegMsg::Adopt(g)
+        }
         other => LegMsg::Other(format!("{:?}", other.msg_type())),
     }
 }
@@ -1065,31 +1297,49 @@ fn meta_path(state: &DaemonState, name: &str) -> PathBuf {
 /// `mirror_create`.
 pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, SvcError> {
     let svc = &state.mirror;
-    let site = svc.site().ok_or_else(|| err(libc::EINVAL, "configure the site first (agent_set_site)"))?;
-    if lock(&svc.mirrors).iter().any(|(x, _)| x.name == p.name) || state.volumes.get(&p.name).is_some() {
-        return Err(err(libc::EEXIST, format!("a volume named '{}' exists", p.name)));
+    let site = svc
+        .site()
+        .ok_or_else(|| err(libc::EINVAL, "configure the site first (agent_set_site)"))?;
+    if lock(&svc.mirrors).iter().any(|(x, _)| x.name == p.name)
+        || state.volumes.get(&p.name).is_some()
+    {
+        return Err(err(
+            libc::EEXIST,
+            format!("a volume named '{}' exists", p.name),
+        ));
     }
     let region_size = p.region_size.unwrap_or(64 << 10);
     let ack = match p.ack.as_deref() {
         None | Some("sync") => AckPolicy::Sync,
         Some("async") => AckPolicy::Async,
-        Some(x) => return Err(err(libc::EINVAL, format!("ack must be \"sync\" or \"async\", not \"{x}\""))),
+        Some(x) => {
+            return Err(err(
+                libc::EINVAL,
+                format!("ack must be \"sync\" or \"async\", not \"{x}\""),
+            ))
+        }
     };
-    std::fs::create_dir_all(MirrorService::data_dir(state)).map_err(|e| err(libc::EIO, e.to_string()))?;
+    std::fs::create_dir_all(MirrorService::data_dir(state))
+        .map_err(|e| err(libc::EIO, e.to_string()))?;
     let local = match (&p.volume, p.size) {
-        (Some(v), _) => state.volumes.get(v).ok_or_else(|| err(libc::ENODEV, format!("no volume named '{v}'")))?,
+        (Some(v), _) => state
+            .volumes
+            .get(v)
+            .ok_or_else(|| err(libc::ENODEV, format!("no volume named '{v}'")))?,
         (None, Some(size)) => {
             let name = format!("{}_local", p.name);
             let v = state
                 .volumes
-                .create(crate::volume::VolumeSpec::Uring(crate::volume::registry::UringParams {
-                    name: name.clone(),
-                    filename: MirrorService::data_dir(state).join(format!("{name}.img")),
-                    block_size: None,
-                    size: Some(size),
-                    queue_depth: None,
-                    uuid: None,
-                }))
+                .create(crate::volume::VolumeSpec::Uring(
+                    crate::volume::registry::UringParams {
+                        name: name.clone(),
+                        filename: MirrorService::data_dir(state).join(format!("{name}.img")),
+                        block_size: None,
+                        size: Some(size),
+                        queue_depth: None,
+                        uuid: None,
+                    },
+                ))
                 .map_err(|e| err(libc::EINVAL, e.to_string()))?;
             p.volume = Some(name);
             p.size = None;
@@ -1103,56 +1353,148 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     let size = local.size().0;
     let rpath = record_path(state, &p.name);
     let record: MirrorRecord = if rpath.exists() {
-        let text = std::fs::read_to_string(&rpath).map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
-        let r: MirrorRecord = serde_json::from_str(&text).map_err(|e| err(libc::EINVAL, format!("{}: {e}", rpath.display())))?;
+        let text = std::fs::read_to_string(&rpath)
+            .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
+        let r: MirrorRecord = serde_json::from_str(&text)
+            .map_err(|e| err(libc::EINVAL, format!("{}: {e}", rpath.display())))?;
         if p.mirror_id.is_some_and(|id| id != r.mirror_id) || r.size != size {
-            return Err(err(libc::EINVAL, format!("{} describes another mirror (id {}, {} bytes)", rpath.display(), r.mirror_id, r.size)));
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "{} describes another mirror (id {}, {} bytes)",
+                    rpath.display(),
+                    r.mirror_id,
+                    r.size
+                ),
+            ));
         }
         r
     } else {
-        let id = p.mirror_id.unwrap_or_else(|| super::meta::random_gen() >> 1);
+        let id = p
+            .mirror_id
+            .unwrap_or_else(|| super::meta::random_gen() >> 1);
         let want = p.domain.unwrap_or(0);
         let (domain, extents) = if site.master {
-            master_allocate(state, &site.name, id, size, want).map_err(|(s, e)| err(-status_errno(s), e))?
+            master_allocate(state, &site.name, id, size, want)
+                .map_err(|(s, e)| err(-status_errno(s), e))?
         } else {
-            let master = lock(&svc.peers).iter().find(|x| x.master).cloned().ok_or_else(|| err(libc::EINVAL, "no master agent configured (agent_add_peer with master: true)"))?;
-            let req = Message::AllocateRequest(AllocateRequest { mirror: MirrorId(id), size: ByteLen(size), domain: DomainId(want) });
-            let replies = agent_call(&site, master.address, &req, 2).map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
+            let master = lock(&svc.peers)
+                .iter()
+                .find(|x| x.master)
+                .cloned()
+                .ok_or_else(|| {
+                    err(
+                        libc::EINVAL,
+                        "no master agent configured (agent_add_peer with master: true)",
+                    )
+                })?;
+            let req = Message::AllocateRequest(AllocateRequest {
+                mirror: MirrorId(id),
+                size: ByteLen(size),
+                domain: DomainId(want),
+            });
+            let replies = agent_call(&site, master.address, &req, 2)
+                .map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
             match (replies.first(), replies.get(1)) {
-                (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a))) if a.status == Status::Ok => {
+                (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a)))
+                    if a.status == Status::Ok =>
+                {
                     (c.domain.0, a.extents.iter().map(ExtentRec::from).collect())
                 }
                 (_, Some(Message::AllocateResponse(a))) => {
-                    return Err(err(-status_errno(a.status), format!("master agent could not allocate {size} bytes: {:?}", a.status)))
+                    return Err(err(
+                        -status_errno(a.status),
+                        format!(
+                            "master agent could not allocate {size} bytes: {:?}",
+                            a.status
+                        ),
+                    ))
                 }
                 _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
             }
         };
-        let peer = lock(&svc.peers).iter().find(|x| x.domain == domain).cloned().ok_or_else(|| err(libc::EINVAL, format!("domain {domain} was chosen but no peer of that domain is configured here")))?;
-        let r = MirrorRecord { mirror_id: id, size, legs: vec![LegRecord { site: peer.name, domain, address: peer.address, extents }] };
-        write_json_atomically(&rpath, &r).map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
+        let peer = lock(&svc.peers)
+            .iter()
+            .find(|x| x.domain == domain)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!(
+                        "domain {domain} was chosen but no peer of that domain is configured here"
+                    ),
+                )
+            })?;
+        let r = MirrorRecord {
+            mirror_id: id,
+            size,
+            legs: vec![LegRecord {
+                site: peer.name,
+                domain,
+                address: peer.address,
+                extents,
+            }],
+        };
+        write_json_atomically(&rpath, &r)
+            .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
         r
     };
     p.mirror_id = Some(record.mirror_id);
-    let meta = MirrorMeta::open(&meta_path(state, &p.name), size, region_size, record.legs.len(), true)
-        .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let meta = MirrorMeta::open(
+        &meta_path(state, &p.name),
+        size,
+        region_size,
+        record.legs.len(),
+        true,
+    )
+    .map_err(|e| err(libc::EIO, e.to_string()))?;
     let cfg = EngineConfig {
         ack,
         max_lag_ios: p.max_lag_ios.unwrap_or(64),
         resync_rate: p.resync_rate.unwrap_or(256 << 20),
         link_timeout: Duration::from_millis(p.link_timeout_ms.unwrap_or(3000).max(100)),
     };
-    let legs = record.legs.iter().map(|l| LegConfig { site: l.site.clone(), address: l.address }).collect();
+    let legs = record
+        .legs
+        .iter()
+        .map(|l| LegConfig {
+            site: l.site.clone(),
+            address: l.address,
+        })
+        .collect();
     let hs = hs_config(&site)?;
-    let engine = Mirror::start(p.name.clone(), MirrorId(record.mirror_id), local.clone(), meta.clone(), legs, cfg, hs, state.reactors.clone());
-    let vol = Volume::new(p.name.clone(), random_uuid(), local.block_size(), local.num_blocks(), crate::volume::Backend::Mirror(engine.clone()));
+    let engine = Mirror::start(
+        p.name.clone(),
+        MirrorId(record.mirror_id),
+        local.clone(),
+        meta.clone(),
+        legs,
+        cfg,
+        hs,
+        state.reactors.clone(),
+    );
+    let vol = Volume::new(
+        p.name.clone(),
+        random_uuid(),
+        local.block_size(),
+        local.num_blocks(),
+        crate::volume::Backend::Mirror(engine.clone()),
+    );
     if let Err(e) = state.volumes.register(vol) {
         engine.stop();
         return Err(err(libc::EEXIST, e.to_string()));
     }
     lock(&svc.mirrors).push((p.clone(), engine));
-    tracing::info!(mirror = p.name, id = record.mirror_id, legs = record.legs.len(), recovered = meta.recovered_from_al, "mirror created");
-    Ok(json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().map(|l| json!({"site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}))
+    tracing::info!(
+        mirror = p.name,
+        id = record.mirror_id,
+        legs = record.legs.len(),
+        recovered = meta.recovered_from_al,
+        "mirror created"
+    );
+    Ok(
+        json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().map(|l| json!({"site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}),
+    )
 }
 
 fn status_errno(s: Status) -> i32 {
@@ -1169,7 +1511,10 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
     let (p, m) = {
         let mut ms = lock(&svc.mirrors);
-        let pos = ms.iter().position(|(p, _)| p.name == name).ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
+        let pos = ms
+            .iter()
+            .position(|(p, _)| p.name == name)
+            .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
         ms.remove(pos)
     };
     let _ = state.volumes.delete(name);
@@ -1179,8 +1524,15 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
         if let Ok(r) = serde_json::from_str::<MirrorRecord>(&text) {
             let master = lock(&svc.peers).iter().find(|x| x.master).cloned();
             for leg in &r.legs {
-                let req = Message::ReleaseRequest(ReleaseRequest { mirror: MirrorId(r.mirror_id), domain: DomainId(leg.domain) });
-                let addr = if site.master { Some(leg.address) } else { master.as_ref().map(|m| m.address) };
+                let req = Message::ReleaseRequest(ReleaseRequest {
+                    mirror: MirrorId(r.mirror_id),
+                    domain: DomainId(leg.domain),
+                });
+                let addr = if site.master {
+                    Some(leg.address)
+                } else {
+                    master.as_ref().map(|m| m.address)
+                };
                 if let Some(a) = addr {
                     if let Err(e) = agent_call(&site, a, &req, 1) {
                         tracing::warn!(mirror = name, "releasing the leg at {}: {e}", leg.site);
@@ -1200,7 +1552,7 @@ pub fn status(state: &DaemonState, name: Option<&str>) -> Result<Value, SvcError
     let ms = lock(&state.mirror.mirrors);
     let out: Vec<Value> = ms
         .iter()
-        .filter(|(p, _)| name.is_none_or(|n| n == p.name))
+        .filter(|(p, _)| name.map_or(true, |n| n == p.name))
         .map(|(_, m)| json!(m.status()))
         .collect();
     if let Some(n) = name {
@@ -1214,7 +1566,10 @@ pub fn status(state: &DaemonState, name: Option<&str>) -> Result<Value, SvcError
 /// `mirror_set_resync_rate`.
 pub fn set_resync_rate(state: &DaemonState, name: &str, bps: u64) -> Result<Value, SvcError> {
     let ms = lock(&state.mirror.mirrors);
-    let (_, m) = ms.iter().find(|(p, _)| p.name == name).ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
+    let (_, m) = ms
+        .iter()
+        .find(|(p, _)| p.name == name)
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
     m.set_resync_rate(bps);
     Ok(Value::Bool(true))
 }
@@ -1293,7 +1648,9 @@ pub fn register(
         set_site(&s, parse_params(p)?).map_err(rpc_err)
     })?;
     let s = state.clone();
-    methods.register("agent_add_peer", move |p| add_peer(&s, parse_params(p)?).map_err(rpc_err))?;
+    methods.register("agent_add_peer", move |p| {
+        add_peer(&s, parse_params(p)?).map_err(rpc_err)
+    })?;
     let s = state.clone();
     methods.register("agent_add_storage_server", move |p| {
         add_storage_server(&s, parse_params(p)?).map_err(rpc_err)
@@ -1304,7 +1661,9 @@ pub fn register(
         Ok(sites(&s))
     })?;
     let s = state.clone();
-    methods.register("mirror_create", move |p| create(&s, parse_params(p)?).map_err(rpc_err))?;
+    methods.register("mirror_create", move |p| {
+        create(&s, parse_params(p)?).map_err(rpc_err)
+    })?;
     let s = state.clone();
     methods.register("mirror_delete", move |p| {
         let n: NameOnly = parse_params(p)?;
@@ -1329,7 +1688,8 @@ pub fn register(
 
 /// The byte at `pos` of the pattern of `seed` (what `bdev_write_pattern` writes).
 pub fn pattern_byte(seed: u64, pos: u64) -> u8 {
-    let x = (seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x =
+        (seed ^ (pos / 8).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (x >> ((pos % 8) * 8)) as u8
 }
 
@@ -1353,7 +1713,10 @@ struct CrcParams {
 fn pick_reactor(state: &DaemonState) -> Option<mirrorpoint_poller::ReactorHandle> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = state.reactors.len().max(1) as u64;
-    state.reactors.get((NEXT.fetch_add(1, Ordering::Relaxed) % n) as usize).cloned()
+    state
+        .reactors
+        .get((NEXT.fetch_add(1, Ordering::Relaxed) % n) as usize)
+        .cloned()
 }
 
 /// Registers `bdev_write_pattern` and `bdev_read_crc`.
@@ -1365,7 +1728,10 @@ pub fn register_diag(
     let s = state.clone();
     methods.register("bdev_write_pattern", move |p| {
         let p: PatternParams = parse_params(p)?;
-        let vol = s.volumes.get(&p.name).ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
+        let vol = s
+            .volumes
+            .get(&p.name)
+            .ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
         let r = pick_reactor(&s).ok_or_else(|| RpcError::internal("no reactor"))?;
         let res = r
             .block_on(move || async move {
@@ -1375,7 +1741,9 @@ pub fn register_diag(
                 let end = p.offset.saturating_add(p.len);
                 while off < end {
                     let n = chunk.min(end - off);
-                    let mut b = super::link::alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
+                    let mut b = super::link::alloc_wait(n as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     for (i, x) in b.iter_mut().enumerate() {
                         *x = pattern_byte(p.seed, off + i as u64);
                     }
@@ -1392,7 +1760,10 @@ pub fn register_diag(
     let s = state.clone();
     methods.register("bdev_read_crc", move |p| {
         let p: CrcParams = parse_params(p)?;
-        let vol = s.volumes.get(&p.name).ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
+        let vol = s
+            .volumes
+            .get(&p.name)
+            .ok_or_else(|| RpcError::app(-libc::ENODEV, format!("no volume named '{}'", p.name)))?;
         let r = pick_reactor(&s).ok_or_else(|| RpcError::internal("no reactor"))?;
         let res = r
             .block_on(move || async move {
@@ -1403,7 +1774,9 @@ pub fn register_diag(
                 let end = p.offset.saturating_add(p.len);
                 while off < end {
                     let n = chunk.min(end - off);
-                    let b = super::link::alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
+                    let b = super::link::alloc_wait(n as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let (r, b) = ch.read(ByteOffset(off), b).await;
                     r.map_err(|e| e.to_string())?;
                     crc = crc32c::crc32c_append(crc, &b);

@@ -203,7 +203,9 @@ impl Volume {
         let inner = match &self.backend {
             Backend::Uring(u) => ChannelInner::Uring(u.channel()),
             Backend::Malloc(m) => ChannelInner::Malloc(m.clone()),
-            Backend::Mirror(m) => ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m))),
+            Backend::Mirror(m) => {
+                ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
+            }
         };
         VolumeChannel {
             volume: self.clone(),

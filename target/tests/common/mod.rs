@@ -67,7 +67,9 @@ pub const SECRET: &str = "correct horse battery staple 42";
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MP_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MP_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -171,7 +173,8 @@ impl LegMap {
             let mut f = std::fs::File::open(file).expect("leg file");
             use std::os::unix::fs::FileExt;
             let end = (*lo + *len).min(size);
-            f.read_exact_at(&mut out[*lo as usize..end as usize], *off).expect("read leg");
+            f.read_exact_at(&mut out[*lo as usize..end as usize], *off)
+                .expect("read leg");
             let _ = f.flush();
         }
         out
@@ -195,7 +198,10 @@ pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
             .zip(b.chunks(4096))
             .filter(|(x, y)| x != y)
             .count();
-        panic!("{what}: legs differ first at byte {first} (block {}), {diff_blocks} blocks differ", first / 4096);
+        panic!(
+            "{what}: legs differ first at byte {first} (block {}), {diff_blocks} blocks differ",
+            first / 4096
+        );
     }
 }
 
@@ -231,7 +237,13 @@ impl Proxy {
             stop: Arc::new(AtomicBool::new(false)),
             forwarded: Arc::new(AtomicU64::new(0)),
         };
-        let (mode, conns, stop, delay, fwd) = (p.mode.clone(), p.conns.clone(), p.stop.clone(), p.delay_us.clone(), p.forwarded.clone());
+        let (mode, conns, stop, delay, fwd) = (
+            p.mode.clone(),
+            p.conns.clone(),
+            p.stop.clone(),
+            p.delay_us.clone(),
+            p.forwarded.clone(),
+        );
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let (client, _) = match l.accept() {
@@ -257,7 +269,11 @@ impl Proxy {
                     c.push(server.try_clone().unwrap());
                 }
                 for (from, to, corrupting) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap(), true),
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        true,
+                    ),
                     (server, client, false),
                 ] {
                     let (mode, delay, fwd) = (mode.clone(), delay.clone(), fwd.clone());
@@ -289,7 +305,14 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, corrupting: bool, mode: &AtomicU8, delay: &AtomicU64, fwd: &AtomicU64) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    corrupting: bool,
+    mode: &AtomicU8,
+    delay: &AtomicU64,
+    fwd: &AtomicU64,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -307,7 +330,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, corrupting: bool, mode: &AtomicU
                 _ => break,
             }
         }
-        if corrupting && mode.compare_exchange(CORRUPT, PASS, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+        if corrupting
+            && mode
+                .compare_exchange(CORRUPT, PASS, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
             buf[n / 2] ^= 0x5a;
         }
         let d = delay.load(Ordering::SeqCst);
