@@ -130,7 +130,17 @@ fn xorshift(x: &mut u64) -> u64 {
 /// initial full sync is still copying: the legs must come out identical.
 #[test]
 fn concurrent_overlapping_writes_leave_identical_legs() {
-    let mut p = pair("concurrent", false, json!({}));
+    concurrent_writes("concurrent", json!({}));
+}
+
+/// The same with the async acknowledgement policy (bounded lag).
+#[test]
+fn async_policy_writes_leave_identical_legs() {
+    concurrent_writes("async", json!({"ack": "async", "max_lag_ios": 8}));
+}
+
+fn concurrent_writes(tag: &str, extra: Value) {
+    let mut p = pair(tag, false, extra);
     let st = p.a.daemon.as_ref().unwrap().state().clone();
     let vol = st.volumes.get("m0").unwrap();
     let t0 = Instant::now();
@@ -225,9 +235,24 @@ fn cut_link_degrades_and_resyncs_only_dirty_regions() {
     let s = p.a.status("m0");
     assert_eq!(s["legs"][0]["dirty_regions"], 11, "{s:#}");
     assert_eq!(s["legs"][0]["dirty_bytes"], 11 * REGION, "{s:#}");
+    // Resync is rate-limited: 704 KiB at 1 MiB/s takes most of a second.
+    p.a.call(
+        "mirror_set_resync_rate",
+        json!({"name": "m0", "bytes_per_second": MIB}),
+    );
+    let t = Instant::now();
     p.proxy.as_ref().unwrap().set(PASS);
     p.a.wait_leg("m0", "synced", Duration::from_secs(30));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "resync ignored its rate limit ({took:?})"
+    );
     let s = p.a.status("m0");
+    assert!(
+        s["legs"][0]["resync_rate_bps"].as_u64().unwrap() <= 2 * MIB,
+        "{s:#}"
+    );
     let copied = s["legs"][0]["resync_copied_bytes"].as_u64().unwrap() - copied0;
     assert_eq!(
         copied,

@@ -705,6 +705,14 @@ impl MirrorChannel {
     /// Flushes the local leg and every live remote leg.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let m = &self.mirror;
+        if m.cfg.ack == AckPolicy::Async {
+            // Writes already completed to the host must reach the legs first
+            // (each either acknowledges them or has them in its bitmap).
+            let t0 = Instant::now();
+            while m.lag_ios.load(Ordering::Acquire) > 0 && t0.elapsed() < m.cfg.link_timeout * 2 {
+                sleep(Duration::from_millis(1)).await;
+            }
+        }
         let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
         for idx in 0..m.legs.len() {
             futs.push(Box::pin(async move {
