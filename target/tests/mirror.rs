@@ -521,3 +521,97 @@ fn clean_restart_from_saved_config_needs_no_resync() {
     write_sync(&p.a, 1, "m0", 2 * MIB, 65536, 8);
     p.compare();
 }
+
+/// Three sites: the master agent (no storage of its own) picks the domain
+/// for a mirror asked for by another site, relays the allocation, and a
+/// mirror_delete releases it.
+#[test]
+fn master_agent_allocates_for_another_site() {
+    let dir = TempDir::new("agents");
+    let mut hq = Site::start(&dir.0.join("hq"), "hq", 3, "127.0.0.5", true);
+    let mut east = Site::start(&dir.0.join("east"), "east", 1, "127.0.0.2", false);
+    let mut west = Site::start(&dir.0.join("west"), "west", 2, "127.0.0.3", false);
+    let s1 = west.uring("s1", 24 * MIB);
+    let s2 = west.uring("s2", 24 * MIB);
+    west.call(
+        "agent_add_storage_server",
+        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
+    );
+    west.call(
+        "agent_add_storage_server",
+        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
+    );
+    let (ha, ea, wa) = (
+        hq.addr.to_string(),
+        east.addr.to_string(),
+        west.addr.to_string(),
+    );
+    hq.call(
+        "agent_add_peer",
+        json!({"name": "east", "domain": 1, "address": ea}),
+    );
+    hq.call(
+        "agent_add_peer",
+        json!({"name": "west", "domain": 2, "address": wa}),
+    );
+    east.call(
+        "agent_add_peer",
+        json!({"name": "hq", "domain": 3, "address": ha, "master": true}),
+    );
+    east.call(
+        "agent_add_peer",
+        json!({"name": "west", "domain": 2, "address": wa}),
+    );
+    west.call(
+        "agent_add_peer",
+        json!({"name": "hq", "domain": 3, "address": ha, "master": true}),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "both capacity reports at the master",
+        || {
+            let s = hq.call("agent_get_sites", json!({}));
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| !p["last_report_ms"].is_null())
+        },
+    );
+    let sites = hq.call("agent_get_sites", json!({}));
+    assert_eq!(sites["peers"][1]["free_bytes"], 48 * MIB, "{sites:#}");
+    let local = east.uring("local", 32 * MIB);
+    // Asking for a domain without room fails cleanly.
+    let e = east.rpc.call(
+        "mirror_create",
+        Some(json!({"name": "m9", "volume": "local", "domain": 1})),
+    );
+    assert!(format!("{e:?}").contains("allocate"), "{e:?}");
+    let created = east.call(
+        "mirror_create",
+        json!({"name": "m0", "volume": "local", "resync_rate": 0}),
+    );
+    assert_eq!(created["legs"][0]["site"], "west");
+    let leg = LegMap::from_create(&created, &[s1, s2]);
+    assert!(leg.0.len() >= 2, "no server alone has 32 MiB: {created:#}");
+    east.wait_leg("m0", "synced", Duration::from_secs(60));
+    write_sync(&east, 0, "m0", 30 * MIB, 65536, 0x42);
+    flush(&east, "m0");
+    assert_same(
+        &read_file(&local, 32 * MIB),
+        &leg.read(32 * MIB),
+        "east vs west",
+    );
+    let hosted = west.call("agent_get_sites", json!({}))["hosted_legs"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(hosted, 1);
+    east.call("mirror_delete", json!({"name": "m0"}));
+    wait_for(Duration::from_secs(5), "the release", || {
+        west.call("agent_get_sites", json!({}))["hosted_legs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+}

@@ -1095,6 +1095,9 @@ impl Hosted {
     }
 }
 
+/// A hosted leg's link with nothing received for this long is dropped.
+const LEG_IDLE_LIMIT: Duration = Duration::from_secs(15);
+
 async fn serve_leg(
     state: Arc<DaemonState>,
     conn: Rc<Conn>,
@@ -1153,10 +1156,17 @@ async fn serve_leg(
     });
     let framer = conn.framer();
     loop {
-        let mut f: RawFrame = match conn.recv().await {
-            Ok(f) => f,
-            Err(e) => {
+        // The primary sends heartbeats at least every second: a link
+        // silent for much longer is dead (its peer may never send a FIN).
+        let mut f: RawFrame = match super::link::timeout(LEG_IDLE_LIMIT, conn.recv()).await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
                 tracing::debug!(%peer, "mirror link closed: {e}");
+                return;
+            }
+            None => {
+                tracing::warn!(%peer, "mirror link silent for {LEG_IDLE_LIMIT:?}, dropping it");
+                conn.abort();
                 return;
             }
         };
