@@ -45,7 +45,12 @@ fn run(site: &Site, name: &str, bs: u64, qd: usize, secs: f64, random: bool) -> 
                                     seq = (seq + 1) % blocks;
                                     seq * bs
                                 };
-                                let mut b = buffer_pool().alloc(bs as usize).expect("buffer");
+                                let mut b = loop {
+                                    match buffer_pool().alloc(bs as usize) {
+                                        Some(b) => break b,
+                                        None => mirrorpoint_poller::yield_now().await,
+                                    }
+                                };
                                 b[..8].copy_from_slice(&x.to_le_bytes());
                                 let s = Instant::now();
                                 ch.write(ByteOffset(off), b.freeze())

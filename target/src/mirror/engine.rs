@@ -108,7 +108,8 @@ pub struct LegConfig {
 pub struct EngineConfig {
     /// Acknowledgement policy.
     pub ack: AckPolicy,
-    /// Async policy: most remote writes in flight per core before writes wait.
+    /// Async policy: most remote writes in flight per core before writes wait
+    /// (each holds its pool chunk until every leg has it).
     pub max_lag_ios: usize,
     /// Resync bandwidth cap in bytes per second (0: none).
     pub resync_rate: u64,
@@ -142,6 +143,8 @@ impl Leg {
 
 thread_local! {
     static LINKS: RefCell<HashMap<(u64, usize), Rc<CoreLink>>> = RefCell::new(HashMap::new());
+    /// Async policy: this core's bound on remote writes in flight, per mirror.
+    static LAG: RefCell<HashMap<u64, Rc<LocalSemaphore>>> = RefCell::new(HashMap::new());
 }
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -625,7 +628,12 @@ impl MirrorChannel {
     pub fn new(mirror: &Arc<Mirror>) -> MirrorChannel {
         MirrorChannel {
             local: mirror.local.channel(),
-            lag: Rc::new(LocalSemaphore::new(mirror.cfg.max_lag_ios.max(1))),
+            lag: LAG.with(|l| {
+                l.borrow_mut()
+                    .entry(mirror.uid)
+                    .or_insert_with(|| Rc::new(LocalSemaphore::new(mirror.cfg.max_lag_ios.max(1))))
+                    .clone()
+            }),
             mirror: mirror.clone(),
         }
     }

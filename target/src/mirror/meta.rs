@@ -44,8 +44,11 @@ const SLOT: u64 = 4096;
 const BITMAP_START: u64 = 2 * SLOT;
 /// Most remote legs one mirror keeps bitmaps for.
 pub const MAX_LEGS: usize = 4;
-/// Most regions the activity log keeps (a soft limit: when every logged
-/// region has writes in flight, the log grows past it rather than stall).
+/// Granularity of the activity log: 4 MiB extents (as DRBD's), whatever the
+/// bitmap's region size, so a hot set of a GiB fits the log.
+pub const AL_EXTENT_SHIFT: u32 = 22;
+/// Most extents the activity log keeps (a soft limit: when every logged
+/// extent has writes in flight, the log grows past it rather than stall).
 pub const AL_TARGET: usize = 256;
 /// Hard limit: what fits in a superblock.
 const AL_MAX: usize = 400;
@@ -127,6 +130,7 @@ fn bitmap_span(regions: u64) -> u64 {
 /// What a superblock holds.
 struct Super {
     seq: u64,
+    al_shift: u32,
     region_size: u64,
     volume_size: u64,
     legs: usize,
@@ -141,7 +145,7 @@ fn encode_super(s: &Super) -> Vec<u8> {
     b.extend_from_slice(&s.region_size.to_le_bytes());
     b.extend_from_slice(&s.volume_size.to_le_bytes());
     b.extend_from_slice(&s.gens.current.to_le_bytes());
-    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&u64::from(AL_EXTENT_SHIFT).to_le_bytes());
     b.extend_from_slice(&s.gens.history[0].to_le_bytes());
     b.extend_from_slice(&s.gens.history[1].to_le_bytes());
     b.extend_from_slice(&(s.legs as u32).to_le_bytes());
@@ -194,8 +198,13 @@ fn decode_super(b: &[u8]) -> Option<Super> {
     }
     let al_start = HEADER_LEN + MAX_LEGS * LEG_LEN;
     let al = (0..al_len).map(|i| u64_at(b, al_start + i * 8)).collect();
+    let al_shift = u64_at(b, 40);
+    if !(12..=40).contains(&al_shift) {
+        return None;
+    }
     Some(Super {
         seq: u64_at(b, 8),
+        al_shift: al_shift as u32,
         region_size: u64_at(b, 16),
         volume_size: u64_at(b, 24),
         legs,
@@ -282,7 +291,7 @@ impl MirrorMeta {
                 .collect()
         };
         let mut bits: Vec<Box<[AtomicU64]>> = (0..legs).map(|_| mk_bits()).collect();
-        let (gens, al, seq) = match existing {
+        let (gens, al, seq, al_shift) = match existing {
             Some(s) => {
                 if s.region_size != region_size || s.volume_size != volume_size || s.legs != legs {
                     return Err(mismatch(format!(
@@ -298,7 +307,7 @@ impl MirrorMeta {
                         *w.get_mut() = u64_at(c, 0);
                     }
                 }
-                (s.gens, s.al, s.seq)
+                (s.gens, s.al, s.seq, s.al_shift)
             }
             None => {
                 file.set_len(BITMAP_START + span * legs as u64)
@@ -319,10 +328,11 @@ impl MirrorMeta {
                         }
                     }
                 }
-                (gens, Vec::new(), 0)
+                (gens, Vec::new(), 0, AL_EXTENT_SHIFT)
             }
         };
         let pages = span / SLOT;
+        let extents = volume_size.div_ceil(1 << AL_EXTENT_SHIFT);
         let meta = MirrorMeta {
             path: path.to_path_buf(),
             volume_size,
@@ -343,8 +353,8 @@ impl MirrorMeta {
             page_dirty: (0..legs)
                 .map(|_| (0..pages).map(|_| AtomicBool::new(true)).collect())
                 .collect(),
-            inflight: (0..regions).map(|_| AtomicU32::new(0)).collect(),
-            logged: (0..regions).map(|_| AtomicBool::new(false)).collect(),
+            inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
+            logged: (0..extents).map(|_| AtomicBool::new(false)).collect(),
             gens: Mutex::new(gens),
             gens_dirty: AtomicBool::new(true),
             tx: Mutex::new(mpsc::channel().0),
@@ -352,8 +362,10 @@ impl MirrorMeta {
             commits: AtomicU64::new(0),
         };
         // Crash recovery: whatever the log held may differ between legs.
-        for &r in &al {
-            if r < regions {
+        let shift = region_size.trailing_zeros();
+        for &e in &al {
+            let (start, end) = (e << al_shift, (e + 1) << al_shift);
+            for r in (start >> shift)..(end.div_ceil(region_size)).min(regions) {
                 for leg in 0..legs {
                     meta.set_dirty(leg, r);
                 }
@@ -377,8 +389,8 @@ impl MirrorMeta {
         if !al.is_empty() {
             tracing::warn!(
                 path = %path.display(),
-                regions = al.len(),
-                "mirror metadata: activity log held regions after an unclean stop; they will be resynced"
+                extents = al.len(),
+                "mirror metadata: activity log held extents after an unclean stop; their regions will be resynced"
             );
         }
         Ok(meta)
@@ -487,11 +499,18 @@ impl MirrorMeta {
         self.commits.load(Ordering::Relaxed)
     }
 
+    fn extents_of(offset: u64, len: u64) -> (u64, u64) {
+        (
+            offset >> AL_EXTENT_SHIFT,
+            (offset + len.max(1) - 1) >> AL_EXTENT_SHIFT,
+        )
+    }
+
     /// Called before a write to `[offset, offset+len)` is issued: counts it
-    /// in flight and makes sure its regions are durably in the activity log.
-    /// Fast path: atomics only. Pair with [`MirrorMeta::end_write`].
+    /// in flight and makes sure its activity-log extents are durably logged.
+    /// Fast path: atomics only. Always pair with [`MirrorMeta::end_write`].
     pub async fn begin_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        let (first, last) = self.regions_of(offset, len);
+        let (first, last) = Self::extents_of(offset, len);
         let mut missing = Vec::new();
         for r in first..=last {
             self.inflight[r as usize].fetch_add(1, Ordering::SeqCst);
@@ -511,7 +530,7 @@ impl MirrorMeta {
     /// The write covered by [`MirrorMeta::begin_write`] completed on every leg
     /// (or was accounted in the bitmaps).
     pub fn end_write(&self, offset: u64, len: u64) {
-        let (first, last) = self.regions_of(offset, len);
+        let (first, last) = Self::extents_of(offset, len);
         for r in first..=last {
             self.inflight[r as usize].fetch_sub(1, Ordering::SeqCst);
         }
@@ -663,6 +682,7 @@ impl Writer {
         self.seq += 1;
         let sb = encode_super(&Super {
             seq: self.seq,
+            al_shift: AL_EXTENT_SHIFT,
             region_size: m.region_size(),
             volume_size: m.volume_size,
             legs: m.legs,
@@ -710,42 +730,54 @@ mod tests {
 
     #[test]
     fn activity_log_survives_a_crash_as_dirty_regions() {
+        const EXT: u64 = 1 << AL_EXTENT_SHIFT;
+        const R: u64 = 64 << 10;
         let path = tmp("al");
-        let m = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("open");
+        let m = MirrorMeta::open(&path, 64 << 20, R, 1, false).expect("open");
         assert_eq!(m.dirty_regions(0), 0);
-        block_on(m.begin_write(5 * (64 << 10) + 512, 4096)).expect("logged");
-        block_on(m.begin_write(9 * (64 << 10), 128 << 10)).expect("logged");
-        m.end_write(9 * (64 << 10), 128 << 10);
+        block_on(m.begin_write(5 * EXT + 512, 4096)).expect("logged");
+        block_on(m.begin_write(9 * EXT - R, 2 * R)).expect("logged"); // spans 8 and 9
+        m.end_write(9 * EXT - R, 2 * R);
         // A region written while degraded, durable only through the log.
-        m.set_dirty(0, 700 % m.regions());
+        m.set_dirty(0, 3);
         // "Crash": no close; open the file again.
-        let again = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("reopen");
+        let again = MirrorMeta::open(&path, 64 << 20, R, 1, false).expect("reopen");
         assert_eq!(again.recovered_from_al, 3);
-        for r in [5, 9, 10] {
+        let per = EXT / R;
+        assert_eq!(again.dirty_regions(0), 3 * per);
+        for r in [5 * per, 6 * per - 1, 8 * per, 10 * per - 1] {
             assert!(again.is_dirty(0, r), "region {r}");
         }
-        assert!(!again.is_dirty(0, 4));
+        assert!(!again.is_dirty(0, 3) && !again.is_dirty(0, 6 * per));
         // A clean close leaves nothing to recover.
         again.close();
-        let third = MirrorMeta::open(&path, 64 << 20, 64 << 10, 1, false).expect("reopen");
+        let third = MirrorMeta::open(&path, 64 << 20, R, 1, false).expect("reopen");
         assert_eq!(third.recovered_from_al, 0);
-        assert_eq!(third.dirty_regions(0), 3);
+        assert_eq!(third.dirty_regions(0), 3 * per);
         third.close();
         let _ = std::fs::remove_file(&path);
     }
 
     #[test]
-    fn evicted_regions_keep_their_bits() {
+    fn evicted_extents_keep_their_bits() {
+        const EXT: u64 = 1 << AL_EXTENT_SHIFT;
         let path = tmp("evict");
-        let m = MirrorMeta::open(&path, 1 << 30, 64 << 10, 2, false).expect("open");
-        for r in 0..(AL_TARGET as u64 + 50) {
-            block_on(m.begin_write(r * (64 << 10), 4096)).expect("logged");
-            m.set_dirty(1, r);
-            m.end_write(r * (64 << 10), 4096);
+        let n = AL_TARGET as u64 + 50;
+        let size = 2 << 30;
+        let m = MirrorMeta::open(&path, size, 64 << 10, 2, false).expect("open");
+        for e in 0..n {
+            block_on(m.begin_write(e * EXT, 4096)).expect("logged");
+            m.set_dirty(1, e * (EXT >> 16));
+            m.end_write(e * EXT, 4096);
         }
-        let again = MirrorMeta::open(&path, 1 << 30, 64 << 10, 2, false).expect("reopen");
-        assert_eq!(again.dirty_regions(1), AL_TARGET as u64 + 50);
+        let again = MirrorMeta::open(&path, size, 64 << 10, 2, false).expect("reopen");
         assert!(again.recovered_from_al <= AL_TARGET as u64 + 1);
+        for e in 0..n {
+            assert!(
+                again.is_dirty(1, e * (EXT >> 16)),
+                "extent {e} lost its bit"
+            );
+        }
         assert!(matches!(
             MirrorMeta::open(&path, 1 << 29, 64 << 10, 2, false),
             Err(MetaError::Mismatch { .. })
