@@ -198,12 +198,31 @@ impl CoreLink {
         self.next_tag.set(tag + 1);
         let (tx, rx) = oneshot();
         self.pending.borrow_mut().insert(tag, tx);
+        // The answer (or the link's death, which drops the sender) ends the
+        // request even while the send is still stuck in a dead socket.
         let fut = async {
-            self.conn
-                .send(RequestTag(tag), msg, payload)
-                .await
-                .map_err(|e| format!("send: {e}"))?;
-            rx.await.map_err(|_| "link closed".to_string())
+            let mut send = std::pin::pin!(self.conn.send(RequestTag(tag), msg, payload));
+            let mut rx = std::pin::pin!(rx);
+            let mut sent = false;
+            std::future::poll_fn(|cx| {
+                if !sent {
+                    match send.as_mut().poll(cx) {
+                        std::task::Poll::Ready(Err(e)) => {
+                            return std::task::Poll::Ready(Err(format!("send: {e}")))
+                        }
+                        std::task::Poll::Ready(Ok(())) => sent = true,
+                        std::task::Poll::Pending => {}
+                    }
+                }
+                match rx.as_mut().poll(cx) {
+                    std::task::Poll::Ready(Ok(r)) => std::task::Poll::Ready(Ok(r)),
+                    std::task::Poll::Ready(Err(_)) => {
+                        std::task::Poll::Ready(Err("link closed".to_string()))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            })
+            .await
         };
         match timeout(limit, fut).await {
             Some(r) => r,
@@ -560,11 +579,29 @@ impl Mirror {
                     Ok(_) => "unexpected reply to a write".to_string(),
                     Err(e) => e,
                 };
+                // Same Dekker window as above: a bring-up switching the leg
+                // to Syncing either sees this bit or is restarted by it.
+                leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
                 self.mark_dirty(idx, offset, len);
                 if link.kill() {
-                    LINKS.with(|l| l.borrow_mut().remove(&(self.uid, idx)));
+                    LINKS.with(|l| {
+                        let mut l = l.borrow_mut();
+                        if l.get(&(self.uid, idx))
+                            .is_some_and(|c| Rc::ptr_eq(c, &link))
+                        {
+                            l.remove(&(self.uid, idx));
+                        }
+                    });
                 }
-                self.leg_failed(idx, link.gen, &reason);
+                // Whatever link this was (even one of an older link
+                // generation), a bit set while the leg is live must send the
+                // leg through another resync pass.
+                if leg.state().is_live() {
+                    self.leg_failed(idx, leg.link_gen.load(Ordering::SeqCst), &reason);
+                } else {
+                    self.leg_failed(idx, link.gen, &reason);
+                }
+                leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
                 false
             }
         }
@@ -761,7 +798,10 @@ async fn connect_link(
         conn: Rc::new(conn),
         gen,
         pending: RefCell::new(HashMap::new()),
-        next_tag: Cell::new(1),
+        // The high half of the tags names the link session (the leg's link
+        // generation): the leg fences writes of links of another session
+        // once a new session opened (see service::serve_leg).
+        next_tag: Cell::new((gen << 32) | 1),
         dead: Cell::new(false),
         last_rx: Cell::new(Instant::now()),
     });

@@ -221,6 +221,11 @@ struct LegTarget {
     size: u64,
     pieces: Vec<Piece>,
     gen: AtomicU64,
+    /// The primary's current link session (high half of the tag of the
+    /// GenerationExchange that opened the newest link).
+    session: AtomicU64,
+    /// Writes being applied, over all links.
+    inflight: AtomicU64,
 }
 
 /// Everything mirror-related of a daemon.
@@ -1027,6 +1032,8 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         size: alloc.size,
         pieces,
         gen: AtomicU64::new(alloc.generation),
+        session: AtomicU64::new(u64::MAX),
+        inflight: AtomicU64::new(0),
     });
     lock(&svc.targets).insert(mirror, t.clone());
     Ok(t)
@@ -1117,6 +1124,16 @@ async fn serve_leg(
             return;
         }
     };
+    // Fence: a new link session starts. Links of another session stop
+    // applying writes (a write of a dead link still in a socket buffer must
+    // not land after the primary resynced its region), and writes already
+    // being applied finish before this link is answered.
+    let session = tag.0 >> 32;
+    target.session.store(session, Ordering::SeqCst);
+    let t0 = Instant::now();
+    while target.inflight.load(Ordering::SeqCst) != 0 && t0.elapsed() < Duration::from_secs(30) {
+        mirrorpoint_poller::sleep(Duration::from_millis(1)).await;
+    }
     let mine = target.gen.load(Ordering::SeqCst);
     let reply = GenerationExchange {
         mirror: first.mirror,
@@ -1185,9 +1202,18 @@ async fn serve_leg(
                     return;
                 };
                 let data = data.freeze();
+                let t = &hosted.target;
+                t.inflight.fetch_add(1, Ordering::SeqCst);
+                if t.session.load(Ordering::SeqCst) != session {
+                    t.inflight.fetch_sub(1, Ordering::SeqCst);
+                    tracing::info!(%peer, "write on a link of an older session fenced, dropping the link");
+                    conn.abort();
+                    return;
+                }
                 let (c, h) = (conn.clone(), hosted.clone());
                 spawn(async move {
                     let status = h.write(offset, data).await;
+                    h.target.inflight.fetch_sub(1, Ordering::SeqCst);
                     let _ = c
                         .send(tag, &Message::WriteAck(WriteAck { seq, status }), &[])
                         .await;

@@ -198,8 +198,16 @@ pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
             .zip(b.chunks(4096))
             .filter(|(x, y)| x != y)
             .count();
+        let blocks: Vec<String> = a
+            .chunks(4096)
+            .zip(b.chunks(4096))
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .take(8)
+            .map(|(i, (x, y))| format!("block {i}: {:02x?} vs {:02x?}", &x[..8], &y[..8]))
+            .collect();
         panic!(
-            "{what}: legs differ first at byte {first} (block {}), {diff_blocks} blocks differ",
+            "{what}: legs differ first at byte {first} (block {}), {diff_blocks} blocks differ: {blocks:?}",
             first / 4096
         );
     }
