@@ -21,6 +21,13 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
 echo "== fuzz smoke (every cargo-fuzz target, briefly)"
 ./scripts/fuzz-smoke.sh "${MP_FUZZ_SECONDS:-15}"
 
+echo "== Linux kernel NVMe/TCP host against the target (QEMU guest)"
+cargo build -p mirrorpoint-target --bin mirrorpoint
+MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh
+
+echo "== our NVMe/TCP initiator against the Linux kernel's nvmet-tcp target (QEMU guest)"
+./scripts/interop/nvmet-host-check.sh
+
 echo "== workspace tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

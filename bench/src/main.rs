@@ -1,2 +1,31 @@
-//! mirrorpoint-bench: measures volumes and front ends.
-fn main() {}
+//! The `mirrorpoint-bench` binary: parses the command line, runs, prints.
+//!
+//! Everything of substance is in the library so tests can call it; this
+//! file only maps errors to one line on stderr and an exit status (2 for
+//! bad arguments, as clap uses, 1 for runs that failed).
+
+use clap::Parser;
+use mirrorpoint_bench::{output, run_local, BenchError, Cli, Command};
+
+fn run(cli: Cli) -> Result<(), BenchError> {
+    match cli.command {
+        Command::Local(args) => {
+            let config = args.validate()?;
+            let report = run_local(&config)?;
+            if args.json {
+                println!("{}", output::json(&report));
+            } else {
+                print!("{}", output::table(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("mirrorpoint-bench: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

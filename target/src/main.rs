@@ -46,7 +46,7 @@ struct ServeArgs {
     #[arg(long)]
     busy_poll: bool,
     /// Spin this many microseconds without work before blocking.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 50)]
     idle_timeout_us: u64,
     /// Bytes per buffer-pool chunk (largest single I/O), multiple of 4096.
     #[arg(long, default_value_t = 128 * 1024)]
@@ -57,6 +57,23 @@ struct ServeArgs {
     /// Do not pin reactor threads to their CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Where the built-in default exports its volume over NVMe/TCP
+    /// (IPv4 address:port, port 0 picks one), or "none".
+    #[arg(long, default_value = mirrorpoint_target::daemon::DEFAULT_NVMF_LISTEN, value_parser = parse_listen)]
+    nvmf_listen: ListenOpt,
+}
+
+/// A parsed `--nvmf-listen` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ListenOpt(Option<std::net::SocketAddrV4>);
+
+fn parse_listen(s: &str) -> Result<ListenOpt, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(ListenOpt(None));
+    }
+    s.parse()
+        .map(|a| ListenOpt(Some(a)))
+        .map_err(|_| format!("'{s}' is not an IPv4 address:port or \"none\""))
 }
 
 #[derive(clap::Args)]
@@ -167,6 +184,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             huge_pages: true,
         },
         pin: !args.no_pin,
+        nvmf_default_listen: args.nvmf_listen.0,
     };
     let daemon = match Daemon::start(options) {
         Ok(d) => d,
@@ -240,6 +258,18 @@ fn rpc(args: RpcArgs) -> ExitCode {
 mod tests {
     use super::{parse_core_list as parse_cores, Cli};
     use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn nvmf_listen_values() {
+        use super::{parse_listen, ListenOpt};
+        assert_eq!(parse_listen("none"), Ok(ListenOpt(None)));
+        assert_eq!(
+            parse_listen("127.0.0.1:4420"),
+            Ok(ListenOpt(Some("127.0.0.1:4420".parse().expect("addr"))))
+        );
+        assert!(parse_listen("localhost:4420").is_err());
+        assert!(parse_listen("127.0.0.1").is_err());
+    }
 
     #[test]
     fn core_lists() {

@@ -44,6 +44,8 @@ fn options(dir: &Path) -> DaemonOptions {
             huge_pages: false,
         },
         pin: false,
+        // Parallel tests must not contend for the NVMe/TCP default port.
+        nvmf_default_listen: None,
         ..DaemonOptions::default()
     }
 }

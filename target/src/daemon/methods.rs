@@ -90,7 +90,10 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         methods.register(method, move |p| {
             let params: NameParam = parse_params(p)?;
             s.volumes.delete(&params.name).map_err(create_error)?;
-            tracing::info!(name = params.name, "deleted volume");
+            // Hot-remove it from every NVMe-oF subsystem (hosts get a
+            // namespace change notice), as SPDK does for a removed bdev.
+            let removed = s.nvmf.remove_volume(&params.name);
+            tracing::info!(name = params.name, namespaces = removed, "deleted volume");
             Ok(Value::Bool(true))
         })?;
     }
@@ -217,6 +220,10 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
             SubsystemConfig {
                 subsystem: "mirror".to_string(),
                 config: mirror,
+            },
+            SubsystemConfig {
+                subsystem: "nvmf".to_string(),
+                config: crate::nvmf::rpc::config_calls(&state.nvmf),
             },
         ],
     }

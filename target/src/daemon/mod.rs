@@ -10,6 +10,7 @@
 pub mod config;
 pub mod methods;
 
+use crate::nvmf::NvmfTarget;
 use crate::rpc::{MethodRegistry, RpcServer, ServerConfig, ServerError};
 use crate::volume::registry::UringParams;
 use crate::volume::{VolumeRegistry, VolumeSpec};
@@ -17,6 +18,7 @@ use config::{ConfigError, ConfigFile};
 use mirrorpoint_poller::{
     PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
 };
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,10 @@ pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 pub const DEFAULT_VOLUME_NAME: &str = "vol0";
 /// Where the default configuration keeps its data.
 pub const DEFAULT_DATA_DIR: &str = "/var/tmp/mirrorpoint";
+/// The NVMe-oF subsystem the default configuration exports its volume in.
+pub const DEFAULT_SUBSYSTEM_NQN: &str = "nqn.2026-11.io.mirrorpoint:vol0";
+/// Where the default configuration listens for NVMe/TCP hosts.
+pub const DEFAULT_NVMF_LISTEN: &str = "127.0.0.1:4420";
 
 /// How to start the daemon.
 #[derive(Debug, Clone)]
@@ -47,6 +53,8 @@ pub struct DaemonOptions {
     pub pool: PoolConfig,
     /// Pin reactor threads to their CPUs.
     pub pin: bool,
+    /// Where the built-in default exports its volume over NVMe/TCP (None: not exported).
+    pub nvmf_default_listen: Option<SocketAddrV4>,
 }
 
 impl Default for DaemonOptions {
@@ -60,6 +68,7 @@ impl Default for DaemonOptions {
             idle_timeout: ReactorConfig::default().idle_timeout,
             pool: PoolConfig::default(),
             pin: true,
+            nvmf_default_listen: DEFAULT_NVMF_LISTEN.parse().ok(),
         }
     }
 }
@@ -94,6 +103,8 @@ pub struct DaemonState {
     pub options: DaemonOptions,
     /// Mirrors, hosted legs, the site's agent.
     pub mirror: crate::mirror::service::MirrorService,
+    /// The NVMe/TCP target.
+    pub nvmf: Arc<NvmfTarget>,
 }
 
 /// A running target.
@@ -135,14 +146,18 @@ impl Daemon {
                 "adaptive polling"
             }
         ));
+        let nvmf = NvmfTarget::new(runtime.handles().to_vec(), options.pool.chunk_size)
+            .map_err(|e| DaemonError::Default(e.to_string()))?;
         let state = Arc::new(DaemonState {
             volumes: VolumeRegistry::new(),
             reactors: runtime.handles().to_vec(),
             options: options.clone(),
             mirror: Default::default(),
+            nvmf,
         });
         let methods = Arc::new(MethodRegistry::new());
         methods::register(&methods, &state)?;
+        crate::nvmf::rpc::register(&methods, &state)?;
         match &options.config_file {
             Some(path) => {
                 let cfg = ConfigFile::read(path)?;
@@ -152,6 +167,7 @@ impl Daemon {
             None => {
                 let line = Self::apply_default(&state, &options)?;
                 report.push(line);
+                report.extend(Self::apply_default_nvmf(&state, &options, &methods));
             }
         }
         for info in state.volumes.infos() {
@@ -198,6 +214,44 @@ impl Daemon {
         ))
     }
 
+    /// Exports the default volume over NVMe/TCP. A listener that cannot be
+    /// opened (port taken) is reported, not fatal: the admin socket still
+    /// comes up so the operator can add one.
+    fn apply_default_nvmf(
+        state: &DaemonState,
+        options: &DaemonOptions,
+        methods: &MethodRegistry,
+    ) -> Vec<String> {
+        let mut lines = Vec::new();
+        let calls = [
+            (
+                "nvmf_create_subsystem",
+                serde_json::json!({"nqn": DEFAULT_SUBSYSTEM_NQN, "allow_any_host": true,
+                    "serial_number": "MP0000000000000001", "model_number": "mirrorpoint vol0"}),
+            ),
+            (
+                "nvmf_subsystem_add_ns",
+                serde_json::json!({"nqn": DEFAULT_SUBSYSTEM_NQN, "namespace": {"bdev_name": DEFAULT_VOLUME_NAME}}),
+            ),
+        ];
+        for (m, p) in calls {
+            if let Err(e) = methods.call(m, Some(p)) {
+                lines.push(format!("default NVMe-oF export: {m} failed: {e}"));
+                return lines;
+            }
+        }
+        if let Some(addr) = options.nvmf_default_listen {
+            let la = crate::nvmf::subsystem::ListenAddress::from_addr(addr);
+            match state.nvmf.add_listener(DEFAULT_SUBSYSTEM_NQN, &la) {
+                Ok(bound) => lines.push(format!(
+                    "NVMe/TCP: {DEFAULT_SUBSYSTEM_NQN} (volume '{DEFAULT_VOLUME_NAME}') on {bound}, any host"
+                )),
+                Err(e) => lines.push(format!("NVMe/TCP: cannot listen on {addr}: {e}")),
+            }
+        }
+        lines
+    }
+
     /// Shared state (for front ends and tests).
     pub fn state(&self) -> &Arc<DaemonState> {
         &self.state
@@ -219,6 +273,7 @@ impl Daemon {
             server.shutdown();
         }
         self.state.mirror.shutdown();
+        self.state.nvmf.shutdown();
         if let Some(mut rt) = self.runtime.take() {
             rt.shutdown();
         }

@@ -12,14 +12,39 @@
 //! * [`qpair`]: the controller-side receive state machine of one queue pair
 //!   (IC exchange, capsules, R2T/H2CData bookkeeping).
 //!
+//! On top of it, the target itself:
+//!
+//! * [`subsystem`]: NVM subsystems and the discovery subsystem (namespaces,
+//!   allowed hosts, listeners), published to the data path as snapshots.
+//! * [`controller`]: controllers created by Connect, registers, and the
+//!   admin command set (Identify, logs, features, keep-alive, AER, Abort).
+//! * [`io`]: NVM I/O commands onto a volume channel.
+//! * [`target`]: the shared target state (subsystems, controller table,
+//!   transport options, listeners).
+//! * [`conn`]: one connection's receive loop, send task and dispatch.
+//! * [`sock`]: the io_uring socket operations the connections use.
+//! * [`host`]: a userspace NVMe/TCP initiator over the same codec, for tests
+//!   and the benchmark harness.
+//! * [`rpc`]: the `nvmf_*` admin methods and their save_config form.
+//!
 //! [`fuzz_decode_pdu`] and [`fuzz_queue_pair`] are entry points for fuzzing.
 
+pub mod conn;
+pub mod controller;
+pub mod host;
 pub mod identify;
+pub mod io;
 pub mod log_page;
 pub mod pdu;
 pub mod qpair;
+pub mod rpc;
+pub mod sock;
 pub mod spec;
+pub mod subsystem;
+pub mod target;
 mod wire;
+
+pub use target::{NvmfTarget, TransportOptions};
 
 /// Drives the decoders over arbitrary input; for a cargo-fuzz target.
 ///
@@ -127,7 +152,19 @@ pub fn fuzz_queue_pair(data: &[u8]) {
             }
         };
         let pdu_bytes = rest.get(..n).unwrap_or(&[]);
-        match qp.receive(pdu_bytes) {
+        // The zero-copy receive path (head, data, digest received apart) must
+        // decide exactly as the contiguous one.
+        let mut twin = qp.clone();
+        let split = split_parts(pdu_bytes, twin.codec());
+        let by_parts = split.map(|(h, d, g)| twin.receive_parts(h, d, g));
+        let whole = qp.receive(pdu_bytes);
+        if let Some(p) = by_parts {
+            debug_assert_eq!(
+                p.as_ref().map(|r| (&r.event, r.len)).map_err(|e| *e),
+                whole.as_ref().map(|r| (&r.event, r.len)).map_err(|e| *e)
+            );
+        }
+        match whole {
             Ok(r) => {
                 debug_assert_eq!(r.len, n);
                 match r.event {
@@ -163,6 +200,25 @@ pub fn fuzz_queue_pair(data: &[u8]) {
         }
         rest = rest.get(n..).unwrap_or(&[]);
     }
+}
+
+/// Splits a whole PDU into the head, data section and data digest a
+/// parts-wise receiver would have read; `None` if its header is invalid.
+fn split_parts<'a>(
+    pdu_bytes: &'a [u8],
+    cfg: &pdu::PduConfig,
+) -> Option<(&'a [u8], &'a [u8], Option<u32>)> {
+    let ch = pdu::CommonHeader::parse(pdu_bytes)?;
+    let p = pdu::parts_layout(&ch, cfg).ok()?;
+    let head = pdu_bytes.get(..p.head_len)?;
+    let data_end = p.head_len.checked_add(p.data_len)?;
+    let data = pdu_bytes.get(p.head_len..data_end)?;
+    let ddgst = if p.ddgst {
+        Some(u32::from_le_bytes(wire::bytes::<4>(pdu_bytes, data_end)?))
+    } else {
+        None
+    };
+    Some((head, data, ddgst))
 }
 
 #[cfg(test)]

@@ -724,6 +724,91 @@ pub fn decode_checking_data_digest<'a>(
     let pdu = buf.get(..l.plen).ok_or(PduError::Incomplete {
         needed: l.plen.saturating_sub(buf.len()),
     })?;
+    let data: &'a [u8] = pdu.get(l.data.clone()).unwrap_or(&[]);
+    let ddgst = l.ddgst.then(|| u32_at(pdu, l.plen - DIGEST_LEN));
+    decode_validated(ch, l, pdu, data, ddgst, cfg)
+}
+
+/// Where the receive loop should put the bytes of the PDU whose common
+/// header is `ch`: the length of its *head* (everything before the data
+/// section, or the whole PDU when the data section is part of the header
+/// region as in TermReq), the data section's length, and whether a data
+/// digest follows the data.
+///
+/// This is what lets a receiver read the head into a small buffer and then
+/// the data straight into its final (pool) buffer, without a copy, and still
+/// have every rule checked by [`decode_parts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartsLayout {
+    /// Bytes from the PDU start up to the data section (or PLEN).
+    pub head_len: usize,
+    /// Bytes of the separately received data section (0 if none).
+    pub data_len: usize,
+    /// A 4-byte data digest follows the data section.
+    pub ddgst: bool,
+}
+
+/// Validates a common header and splits the PDU into head, data and digest
+/// (see [`PartsLayout`]).
+pub fn parts_layout(ch: &CommonHeader, cfg: &PduConfig) -> Result<PartsLayout, PduError> {
+    let l = layout(ch, cfg)?;
+    if l.pdu_type.has_pdo_data() && !l.data.is_empty() {
+        Ok(PartsLayout {
+            head_len: l.data.start,
+            data_len: l.data.len(),
+            ddgst: l.ddgst,
+        })
+    } else {
+        Ok(PartsLayout {
+            head_len: l.plen,
+            data_len: 0,
+            ddgst: false,
+        })
+    }
+}
+
+/// Like [`decode_checking_data_digest`], for a PDU received in parts: `head`
+/// holds the bytes before the data section (as [`parts_layout`] sized it),
+/// `data` the data section, `ddgst` the received data digest. Every check of
+/// the contiguous decoder applies.
+pub fn decode_parts<'a>(
+    head: &'a [u8],
+    data: &'a [u8],
+    ddgst: Option<u32>,
+    cfg: &PduConfig,
+) -> Result<(Decoded<'a>, DataDigest), PduError> {
+    let ch = CommonHeader::parse(head).ok_or(PduError::Incomplete {
+        needed: CH_LEN.saturating_sub(head.len()),
+    })?;
+    let l = layout(&ch, cfg)?;
+    let p = parts_layout(&ch, cfg)?;
+    if head.len() < p.head_len {
+        return Err(PduError::Incomplete {
+            needed: p.head_len - head.len(),
+        });
+    }
+    if data.len() != p.data_len || ddgst.is_some() != p.ddgst {
+        return Err(PduError::field(ch_off::PLEN, "PDU parts do not match PLEN"));
+    }
+    let head = head.get(..p.head_len).unwrap_or(&[]);
+    let data: &'a [u8] = if p.data_len == 0 {
+        head.get(l.data.clone()).unwrap_or(&[])
+    } else {
+        data
+    };
+    decode_validated(ch, l, head, data, ddgst, cfg)
+}
+
+/// Decoding once the layout is known: `pdu` holds at least the header and
+/// header digest, `data` is the data section, `ddgst` the received data digest.
+fn decode_validated<'a>(
+    ch: CommonHeader,
+    l: Layout,
+    pdu: &'a [u8],
+    data: &'a [u8],
+    ddgst: Option<u32>,
+    cfg: &PduConfig,
+) -> Result<(Decoded<'a>, DataDigest), PduError> {
     let hlen = l.pdu_type.hlen();
     let hdr = pdu
         .get(..hlen)
@@ -735,7 +820,6 @@ pub fn decode_checking_data_digest<'a>(
             return Err(PduError::HeaderDigest { received, computed });
         }
     }
-    let data: &'a [u8] = pdu.get(l.data.clone()).unwrap_or(&[]);
     let last = ch.flags & flags::LAST_PDU != 0;
     let out = match l.pdu_type {
         PduType::IcReq => {
@@ -863,8 +947,7 @@ pub fn decode_checking_data_digest<'a>(
             Pdu::R2t(r)
         }
     };
-    let digest = if l.ddgst {
-        let received = u32_at(pdu, l.plen - DIGEST_LEN);
+    let digest = if let Some(received) = ddgst.filter(|_| l.ddgst) {
         let computed = crc32c::crc32c(data);
         if received == computed {
             DataDigest::Ok

@@ -230,8 +230,40 @@ impl QueuePair {
         r
     }
 
+    /// Like [`QueuePair::receive`], for a PDU read in parts (see
+    /// [`pdu::parts_layout`]): the head, the data section (already in its
+    /// final buffer) and the received data digest. This is the zero-copy path.
+    pub fn receive_parts<'a>(
+        &mut self,
+        head: &'a [u8],
+        data: &'a [u8],
+        ddgst: Option<u32>,
+    ) -> Result<Received<'a>, PduError> {
+        if self.state == State::Closed {
+            return Err(PduError::SequenceError {
+                what: "connection terminated",
+            });
+        }
+        let r = pdu::decode_parts(head, data, ddgst, &self.codec)
+            .and_then(|(d, digest)| self.on_decoded(d, digest));
+        if let Err(e) = &r {
+            if e.fatal().is_some() {
+                self.state = State::Closed;
+            }
+        }
+        r
+    }
+
     fn receive_inner<'a>(&mut self, buf: &'a [u8]) -> Result<Received<'a>, PduError> {
         let (d, digest) = pdu::decode_checking_data_digest(buf, &self.codec)?;
+        self.on_decoded(d, digest)
+    }
+
+    fn on_decoded<'a>(
+        &mut self,
+        d: pdu::Decoded<'a>,
+        digest: DataDigest,
+    ) -> Result<Received<'a>, PduError> {
         let len = d.len;
         let event = match (self.state, d.pdu) {
             (State::AwaitIcReq, Pdu::IcReq(ic)) => self.on_icreq(ic),

@@ -17,7 +17,7 @@ pub mod registry;
 pub mod uring;
 
 use crate::units::{BlockSize, ByteLen, ByteOffset};
-use mirrorpoint_poller::{IoBuf, IoBufMut};
+use mirrorpoint_poller::{yield_now, IoBuf, IoBufMut};
 use serde::Serialize;
 use std::io;
 use std::sync::Arc;
@@ -284,7 +284,11 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.read(offset, buf).await,
-            ChannelInner::Malloc(m) => m.read(offset, buf),
+            ChannelInner::Malloc(m) => {
+                let out = m.read(offset, buf);
+                yield_now().await;
+                out
+            }
             ChannelInner::Mirror(m) => Box::pin(m.read(offset, buf)).await,
         }
     }
@@ -296,7 +300,11 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.write(offset, buf).await,
-            ChannelInner::Malloc(m) => m.write(offset, buf),
+            ChannelInner::Malloc(m) => {
+                let out = m.write(offset, buf);
+                yield_now().await;
+                out
+            }
             ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
         }
     }

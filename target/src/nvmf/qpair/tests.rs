@@ -544,7 +544,15 @@ proptest! {
                 }
                 match pdu::frame(&b, qp.codec()) {
                     Ok(pdu::Frame::Complete(n)) => {
-                        if let Ok(r) = qp.receive(&b[..n]) {
+                        // Received in parts (the zero-copy path), the same PDU
+                        // must lead to the same outcome.
+                        let mut twin = qp.clone();
+                        let (h, d, g) = crate::nvmf::split_parts(&b[..n], twin.codec()).unwrap();
+                        let by_parts = twin.receive_parts(h, d, g);
+                        let whole = qp.receive(&b[..n]);
+                        prop_assert_eq!(&by_parts, &whole);
+                        prop_assert_eq!(twin.outstanding(), qp.outstanding());
+                        if let Ok(r) = whole {
                             prop_assert_eq!(r.len, n);
                             if matches!(r.event, Event::Command { .. }) {
                                 accepted += 1;

@@ -1,0 +1,309 @@
+//! What a run measured, and how the per-core pieces become one report.
+//!
+//! Each reactor records latencies into its own `hdrhistogram` (nanoseconds,
+//! 3 significant digits, fixed bounds so that recording never allocates) and
+//! counts its I/Os in plain integers, so the hot loop shares nothing across
+//! cores. At the end the histograms are merged here and turned into a
+//! [`Report`], a plain serialisable struct that the text table and the JSON
+//! output both print from, so the two can never disagree.
+
+use crate::config::{BackendKind, LocalConfig};
+use crate::error::BenchError;
+use hdrhistogram::Histogram;
+use mirrorpoint_poller::StatsSnapshot;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Highest latency the histograms hold (longer ones are clamped to it).
+pub const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
+/// A latency histogram with the bounds every core uses.
+pub fn new_histogram() -> Result<Histogram<u64>, BenchError> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3)
+        .map_err(|e| BenchError::Histogram(e.to_string()))
+}
+
+/// What one reactor measured.
+#[derive(Debug)]
+pub struct CoreResult {
+    /// Reactor index.
+    pub core: usize,
+    /// Latency of every measured I/O, in nanoseconds.
+    pub latency: Histogram<u64>,
+    /// Measured reads.
+    pub reads: u64,
+    /// Measured writes.
+    pub writes: u64,
+}
+
+/// CPU time of the process (all threads), from `getrusage(RUSAGE_SELF)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// User time.
+    pub user: Duration,
+    /// System time.
+    pub system: Duration,
+}
+
+impl CpuTimes {
+    /// The process's CPU time so far.
+    pub fn now() -> CpuTimes {
+        // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one rusage into the struct we pass.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        if rc != 0 {
+            return CpuTimes::default();
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        CpuTimes {
+            user: tv(ru.ru_utime),
+            system: tv(ru.ru_stime),
+        }
+    }
+
+    /// Time spent between `earlier` and `self`.
+    pub fn since(self, earlier: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
+/// Latency summary in microseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencyUs {
+    /// Number of latencies recorded (equals `ops`).
+    pub samples: u64,
+    /// Smallest.
+    pub min: f64,
+    /// Mean.
+    pub avg: f64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// CPU use over the measured window.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CpuUsage {
+    /// User seconds, all threads.
+    pub user_s: f64,
+    /// System seconds, all threads.
+    pub sys_s: f64,
+    /// (user + sys) per I/O, in microseconds.
+    pub us_per_io: f64,
+}
+
+/// One reactor over the measured window.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReactorUsage {
+    /// Reactor index.
+    pub reactor: usize,
+    /// The CPU it ran on.
+    pub cpu: usize,
+    /// Share of loop time spent in turns that found work, in percent.
+    pub busy_pct: f64,
+    /// Operations it submitted to its ring.
+    pub ios_submitted: u64,
+    /// Operations its ring completed.
+    pub ios_completed: u64,
+    /// Times it blocked in the ring.
+    pub sleeps: u64,
+    /// Measured I/Os its tasks did.
+    pub ops: u64,
+}
+
+/// Per-reactor counters at the start and end of the measured window.
+#[derive(Debug, Clone, Copy)]
+pub struct ReactorWindow {
+    /// Reactor index.
+    pub reactor: usize,
+    /// Its CPU.
+    pub cpu: usize,
+    /// Counters when measuring started.
+    pub start: StatsSnapshot,
+    /// Counters when measuring ended.
+    pub end: StatsSnapshot,
+}
+
+/// The result of one run: everything the table and the JSON show.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// Always "local" for now.
+    pub mode: &'static str,
+    /// Volume backend.
+    pub backend: BackendKind,
+    /// The backing file (uring).
+    pub file: Option<String>,
+    /// Whether the uring backend uses O_DIRECT.
+    pub o_direct: Option<bool>,
+    /// Volume size in bytes.
+    pub volume_bytes: u64,
+    /// Volume block size.
+    pub block_size: u32,
+    /// fio's name of the workload.
+    pub workload: &'static str,
+    /// Percentage of reads.
+    pub rwmixread: u8,
+    /// Bytes per I/O.
+    pub bs: u64,
+    /// I/Os in flight per core.
+    pub qd: usize,
+    /// CPUs used.
+    pub cores: Vec<usize>,
+    /// Reactors spun instead of sleeping.
+    pub busy_poll: bool,
+    /// Microseconds a reactor spun without work before blocking.
+    pub idle_timeout_us: u64,
+    /// Warm-up seconds (not measured).
+    pub ramp_s: f64,
+    /// Measured seconds.
+    pub time_s: f64,
+    /// Measured I/Os.
+    pub ops: u64,
+    /// Measured reads.
+    pub reads: u64,
+    /// Measured writes.
+    pub writes: u64,
+    /// I/Os per second.
+    pub iops: f64,
+    /// Throughput in MiB/s.
+    pub mib_s: f64,
+    /// Latency per I/O.
+    pub lat_us: LatencyUs,
+    /// CPU time over the measured window.
+    pub cpu: CpuUsage,
+    /// Each reactor over the measured window.
+    pub reactors: Vec<ReactorUsage>,
+}
+
+/// Run facts the driver knows besides the measurements.
+#[derive(Debug, Clone)]
+pub struct RunFacts {
+    /// Volume size in bytes.
+    pub volume_bytes: u64,
+    /// Volume block size.
+    pub block_size: u32,
+    /// O_DIRECT in use (uring only).
+    pub o_direct: Option<bool>,
+    /// The reactors' idle timeout.
+    pub idle_timeout: Duration,
+    /// The measured window as it really was.
+    pub measured: Duration,
+    /// CPU time over it.
+    pub cpu: CpuTimes,
+    /// Reactor counters around it.
+    pub windows: Vec<ReactorWindow>,
+}
+
+fn us(ns: f64) -> f64 {
+    ns / 1000.0
+}
+
+/// Merges per-core results into the report.
+pub fn build_report(
+    config: &LocalConfig,
+    facts: &RunFacts,
+    cores: &[CoreResult],
+) -> Result<Report, BenchError> {
+    let mut all = new_histogram()?;
+    for c in cores {
+        all.add(&c.latency)
+            .map_err(|e| BenchError::Histogram(e.to_string()))?;
+    }
+    let reads: u64 = cores.iter().map(|c| c.reads).sum();
+    let writes: u64 = cores.iter().map(|c| c.writes).sum();
+    let ops = reads + writes;
+    let secs = facts.measured.as_secs_f64().max(f64::MIN_POSITIVE);
+    let cpu_total = (facts.cpu.user + facts.cpu.system).as_secs_f64();
+    let lat = if all.is_empty() {
+        LatencyUs {
+            samples: 0,
+            min: 0.0,
+            avg: 0.0,
+            p50: 0.0,
+            p99: 0.0,
+            p99_9: 0.0,
+            max: 0.0,
+        }
+    } else {
+        LatencyUs {
+            samples: all.len(),
+            min: us(all.min() as f64),
+            avg: us(all.mean()),
+            p50: us(all.value_at_quantile(0.50) as f64),
+            p99: us(all.value_at_quantile(0.99) as f64),
+            p99_9: us(all.value_at_quantile(0.999) as f64),
+            max: us(all.max() as f64),
+        }
+    };
+    let reactors = facts
+        .windows
+        .iter()
+        .map(|w| {
+            let busy = w.end.busy_ns.saturating_sub(w.start.busy_ns) as f64;
+            let idle = w.end.idle_ns.saturating_sub(w.start.idle_ns) as f64;
+            let ops = cores
+                .iter()
+                .find(|c| c.core == w.reactor)
+                .map(|c| c.reads + c.writes)
+                .unwrap_or(0);
+            ReactorUsage {
+                reactor: w.reactor,
+                cpu: w.cpu,
+                busy_pct: if busy + idle > 0.0 {
+                    100.0 * busy / (busy + idle)
+                } else {
+                    0.0
+                },
+                ios_submitted: w.end.ios_submitted.saturating_sub(w.start.ios_submitted),
+                ios_completed: w.end.ios_completed.saturating_sub(w.start.ios_completed),
+                sleeps: w.end.sleeps.saturating_sub(w.start.sleeps),
+                ops,
+            }
+        })
+        .collect();
+    Ok(Report {
+        mode: "local",
+        backend: config.backend,
+        file: config.file.as_ref().map(|p| p.display().to_string()),
+        o_direct: facts.o_direct,
+        volume_bytes: facts.volume_bytes,
+        block_size: facts.block_size,
+        workload: config.workload.name(),
+        rwmixread: config.read_percent,
+        bs: config.bs,
+        qd: config.qd,
+        cores: config.cores.clone(),
+        busy_poll: config.busy_poll,
+        idle_timeout_us: facts.idle_timeout.as_micros() as u64,
+        ramp_s: config.ramp.as_secs_f64(),
+        time_s: secs,
+        ops,
+        reads,
+        writes,
+        iops: ops as f64 / secs,
+        mib_s: (ops * config.bs) as f64 / secs / (1024.0 * 1024.0),
+        lat_us: lat,
+        cpu: CpuUsage {
+            user_s: facts.cpu.user.as_secs_f64(),
+            sys_s: facts.cpu.system.as_secs_f64(),
+            us_per_io: if ops > 0 {
+                cpu_total * 1e6 / ops as f64
+            } else {
+                0.0
+            },
+        },
+        reactors,
+    })
+}

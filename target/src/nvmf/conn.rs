@@ -1,0 +1,980 @@
+//! One NVMe/TCP connection (queue pair) on its reactor: the receive loop,
+//! the send task, and command dispatch to the controller or the volume.
+//!
+//! Shape, and why:
+//! * **One reactor for life.** The transport's `Acceptor` hands each
+//!   accepted socket to a reactor (round-robin); everything below runs there
+//!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
+//! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
+//!   the head into a small staging vector, then the data section straight
+//!   into the pool chunk it belongs in (a fresh chunk for in-capsule data,
+//!   the command's chunk at DATAO for H2CData), then the digest. The head
+//!   read is greedy up to one command-capsule head (72 or 76 bytes), so a
+//!   capsule costs one receive; what it brings beyond a shorter head (at
+//!   most 52 bytes of an H2CData section, or the next PDU) is copied from
+//!   the staging vector, the rest of the data is received in place. The
+//!   sans-IO [`QueuePair`] validates the parts exactly as it would a
+//!   contiguous PDU. Data received for a PDU the queue pair then rejects is
+//!   never written: the rejection is fatal and the command's chunk dropped.
+//! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
+//!   send task drains the queue of PDUs and sends each chunk with the bytes
+//!   before it (headers, digests) in one vectored `sendmsg` of the transport.
+//! * **Concurrency.** The receive loop executes admin commands inline (they
+//!   touch only controller state) and spawns one task per I/O command, so a
+//!   queue keeps many commands in flight.
+//! * **Failure containment.** A fatal protocol error sends a C2HTermReq with
+//!   the right FES/FEI and closes this connection only; losing the admin
+//!   connection tears its controller down (and with it the controller's I/O
+//!   queues on other cores, via their sockets).
+
+use super::controller::{shutdown_fd, AdminOutcome, Controller};
+use super::io::{alloc_wait, execute, NsChannel};
+use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
+use super::qpair::{Event, QpairConfig, QueuePair};
+use super::sock;
+use super::spec::{
+    CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
+    NvmOpcode, Sqe, Status, CONNECT_DATA_LEN,
+};
+use super::subsystem::NsMap;
+use super::target::NvmfTarget;
+use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_transport::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Largest PDU head (everything before the data section): PDO is one byte.
+const HEAD_MAX: usize = 256;
+/// The staging buffer: a head and what a greedy read may bring beyond it.
+const STAGE_LEN: usize = HEAD_MAX + pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
+/// In-capsule data accepted on the admin queue (and before Connect).
+const ADMIN_IN_CAPSULE: u32 = 8192;
+/// How long a host that overruns its queue size is given to drain it.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// PDUs gathered into one sendmsg.
+const SEND_BATCH: usize = 64;
+
+/// A one-waiter wake-up flag for tasks of one reactor.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx: &mut Context<'_>| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+enum Role {
+    Unbound,
+    Admin(Arc<Controller>),
+    Io(Arc<Controller>),
+}
+
+/// Where a PDU's data section is received.
+enum Dest {
+    Pool(IoBufMut),
+    Scratch(Vec<u8>),
+}
+
+impl Dest {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Dest::Pool(b) => b,
+            Dest::Scratch(v) => v,
+        }
+    }
+}
+
+struct PendingWrite {
+    sqe: Sqe,
+    sgl: DataSgl,
+    buf: Option<IoBufMut>,
+    digest_ok: bool,
+}
+
+struct NsCache {
+    generation: u64,
+    map: Arc<NsMap>,
+    open: HashMap<u32, Rc<NsChannel>>,
+}
+
+struct Conn {
+    target: Arc<NvmfTarget>,
+    stream: TcpStream,
+    fd: Arc<OwnedFd>,
+    local: SocketAddrV4,
+    qp: RefCell<QueuePair>,
+    out: RefCell<VecDeque<OutPdu>>,
+    out_wake: Notify,
+    closing: Cell<bool>,
+    writer_done: Notify,
+    slot_free: Notify,
+    role: RefCell<Role>,
+    qid: Cell<u16>,
+    sqhd: Cell<u16>,
+    sqsize: Cell<u16>,
+    sq_flow_off: Cell<bool>,
+    pending: RefCell<HashMap<u16, PendingWrite>>,
+    ns: RefCell<Option<NsCache>>,
+    io_in_capsule: u32,
+    maxh2cdata: u32,
+    c2h_success: bool,
+}
+
+/// Serves one accepted connection on the current reactor until it closes.
+pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
+    let local = match stream.local_addr() {
+        Ok(SocketAddr::V4(a)) => a,
+        Ok(SocketAddr::V6(_)) | Err(_) => {
+            tracing::debug!("dropping a connection without an IPv4 local address");
+            return;
+        }
+    };
+    // A duplicate descriptor of the same socket: receives of PDU heads use
+    // it, and controllers and the target shut the socket down through it
+    // from any thread.
+    let fd = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => {
+            tracing::warn!("dropping connection: {e}");
+            return;
+        }
+    };
+    let opts = target.transport();
+    let qp = QueuePair::new(QpairConfig {
+        allow_hdgst: true,
+        allow_ddgst: true,
+        cpda: 0,
+        maxh2cdata: opts.io_unit_size,
+        in_capsule_data: opts.in_capsule_data_size.max(ADMIN_IN_CAPSULE),
+        max_transfer: opts.max_io_size,
+        max_r2t_per_command: opts.max_r2t_per_command,
+    });
+    target.register_connection(&fd);
+    let conn = Rc::new(Conn {
+        target,
+        stream,
+        fd,
+        local,
+        maxh2cdata: qp.codec().max_h2c_data,
+        qp: RefCell::new(qp),
+        out: RefCell::new(VecDeque::new()),
+        out_wake: Notify::default(),
+        closing: Cell::new(false),
+        writer_done: Notify::default(),
+        slot_free: Notify::default(),
+        role: RefCell::new(Role::Unbound),
+        qid: Cell::new(0),
+        sqhd: Cell::new(0),
+        sqsize: Cell::new(0),
+        sq_flow_off: Cell::new(false),
+        pending: RefCell::new(HashMap::new()),
+        ns: RefCell::new(None),
+        io_in_capsule: opts.in_capsule_data_size,
+        c2h_success: opts.c2h_success,
+    });
+    spawn(writer(conn.clone())).detach();
+    run(conn).await;
+}
+
+async fn run(conn: Rc<Conn>) {
+    if let Err(e) = receive_loop(&conn).await {
+        tracing::debug!(local = %conn.local, "connection ends: {e}");
+    }
+    // Flush what is queued (a TermReq, a Disconnect answer), bounded in time.
+    conn.closing.set(true);
+    conn.out_wake.notify();
+    let guard_fd = conn.fd.clone();
+    spawn(async move {
+        sleep(Duration::from_secs(2)).await;
+        shutdown_fd(&guard_fd);
+    })
+    .detach();
+    conn.writer_done.wait().await;
+    shutdown_fd(&conn.fd);
+    let role = std::mem::replace(&mut *conn.role.borrow_mut(), Role::Unbound);
+    match role {
+        Role::Admin(c) => c.teardown("admin queue closed"),
+        Role::Io(c) => c.detach_io_queue(conn.qid.get()),
+        Role::Unbound => {}
+    }
+    conn.pending.borrow_mut().clear();
+    conn.ns.borrow_mut().take();
+}
+
+async fn writer(conn: Rc<Conn>) {
+    loop {
+        let batch: Vec<OutPdu> = {
+            let mut q = conn.out.borrow_mut();
+            let n = q.len().min(SEND_BATCH);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            if conn.closing.get() {
+                break;
+            }
+            conn.out_wake.wait().await;
+            continue;
+        }
+        if let Err(e) = send_batch(&conn.stream, batch).await {
+            tracing::debug!("send failed: {e}");
+            conn.closing.set(true);
+            conn.out.borrow_mut().clear();
+            shutdown_fd(&conn.fd);
+            break;
+        }
+    }
+    conn.writer_done.notify();
+}
+
+/// Sends PDUs in order: small parts (headers, digests, admin data) are
+/// gathered into one copied header, each pool chunk goes out as is, so a
+/// batch of PDUs costs one `sendmsg` per pool payload plus one.
+async fn send_batch(stream: &TcpStream, batch: Vec<OutPdu>) -> std::io::Result<()> {
+    let mut small: Vec<u8> = Vec::new();
+    for p in batch {
+        small.extend_from_slice(&p.head);
+        match p.data {
+            Payload::None => {}
+            Payload::Heap(v) => small.extend_from_slice(&v),
+            Payload::Pool(b) => {
+                stream.send_vectored_all(&small, &[b]).await?;
+                small.clear();
+            }
+        }
+        if let Some(t) = p.tail {
+            small.extend_from_slice(&t);
+        }
+    }
+    if !small.is_empty() {
+        stream.send_vectored_all(&small, &[]).await?;
+    }
+    Ok(())
+}
+
+/// The data section of an outgoing PDU.
+enum Payload {
+    None,
+    /// Built on the heap (admin replies).
+    Heap(Vec<u8>),
+    /// A pool chunk (read data), sent without copying.
+    Pool(IoBuf),
+}
+
+/// One PDU to send: header (with header digest and padding), data, data digest.
+struct OutPdu {
+    head: Vec<u8>,
+    data: Payload,
+    tail: Option<[u8; 4]>,
+}
+
+/// Why the receive loop stopped.
+#[derive(Debug, thiserror::Error)]
+enum Close {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error, C2HTermReq sent: {0}")]
+    Fatal(PduError),
+    #[error("host terminated the connection (FES {0:#x})")]
+    HostTerm(u16),
+    #[error("disconnect")]
+    Disconnect,
+    #[error("host exceeded its submission queue size")]
+    Overrun,
+}
+
+/// An event with its borrows resolved.
+enum Owned {
+    Connected(pdu::IcResp),
+    Command {
+        sqe: Sqe,
+        sgl: DataSgl,
+    },
+    CommandError {
+        sqe: Sqe,
+        status: Status,
+    },
+    Data {
+        cid: CommandId,
+        digest_ok: bool,
+        complete: bool,
+    },
+    Terminated(u16),
+}
+
+impl Conn {
+    fn codec(&self) -> PduConfig {
+        *self.qp.borrow().codec()
+    }
+
+    fn enqueue(&self, pdu: OutPdu) {
+        if self.closing.get() {
+            return;
+        }
+        self.out.borrow_mut().push_back(pdu);
+        self.out_wake.notify();
+    }
+
+    fn enqueue_pdu(&self, p: &Pdu<'_>) {
+        match p.encode_parts(&self.codec()) {
+            Ok(parts) => self.enqueue(OutPdu {
+                head: parts.header,
+                data: match p.data() {
+                    [] => Payload::None,
+                    d => Payload::Heap(d.to_vec()),
+                },
+                tail: parts.data_digest,
+            }),
+            Err(e) => tracing::error!("cannot encode {:?}: {e}", p.pdu_type()),
+        }
+    }
+
+    fn term_req(&self, e: PduError, head: &[u8]) {
+        if let Some(f) = e.fatal() {
+            let t = TermReq::new(f, head);
+            self.enqueue_pdu(&Pdu::C2HTermReq(t));
+        }
+    }
+
+    fn advance_sqhd(&self) {
+        let size = u32::from(self.sqsize.get()) + 1;
+        let next = (u32::from(self.sqhd.get()) + 1) % size.max(1);
+        self.sqhd.set(next as u16);
+    }
+
+    /// Forgets a finished command, freeing its submission queue slot.
+    fn forget(&self, cid: CommandId) {
+        let _ = self.qp.borrow_mut().complete(cid);
+        self.slot_free.notify();
+    }
+
+    /// Commands the host may have outstanding: the queue size once
+    /// connected (SQ flow control), the admin minimum before.
+    fn command_limit(&self) -> usize {
+        match &*self.role.borrow() {
+            Role::Unbound => usize::from(super::controller::ADMIN_QUEUE_MIN),
+            _ => usize::from(self.sqsize.get()) + 1,
+        }
+    }
+
+    /// Waits (bounded) until the host is within its queue size again: a host
+    /// that overruns it gets backpressure, not unbounded memory.
+    async fn wait_for_slot(&self) -> Result<(), Close> {
+        let deadline = Instant::now() + SLOT_WAIT;
+        while self.qp.borrow().outstanding() >= self.command_limit() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Close::Overrun);
+            }
+            let mut wake = std::pin::pin!(self.slot_free.wait());
+            let mut timer = std::pin::pin!(sleep(deadline - now));
+            poll_fn(|cx| {
+                if wake.as_mut().poll(cx).is_ready() || timer.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Sends a completion and forgets the command.
+    fn respond(&self, mut cqe: Cqe, tracked: bool) {
+        cqe.sqhd = self.sqhd.get();
+        cqe.sqid = self.qid.get();
+        if tracked {
+            self.forget(cqe.cid);
+        }
+        self.enqueue_pdu(&Pdu::CapsuleResp(CapsuleResp { cqe }));
+    }
+
+    fn success_flag_allowed(&self) -> bool {
+        self.c2h_success && self.sq_flow_off.get() && !self.codec().ddgst
+    }
+
+    /// Sends controller-to-host data then the completion (or the data with
+    /// SUCCESS when allowed and the status is success).
+    fn respond_with_data(&self, cqe: Cqe, data: Payload) {
+        let bytes_len = match &data {
+            Payload::None => 0,
+            Payload::Heap(v) => v.len(),
+            Payload::Pool(b) => b.len(),
+        };
+        if bytes_len == 0 {
+            self.respond(cqe, true);
+            return;
+        }
+        let success =
+            cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
+        let codec = self.codec();
+        let encoded = {
+            let bytes: &[u8] = match &data {
+                Payload::None => &[],
+                Payload::Heap(v) => v,
+                Payload::Pool(b) => b,
+            };
+            Pdu::C2HData(C2HData {
+                cid: cqe.cid,
+                offset: 0,
+                last: true,
+                success,
+                data: bytes,
+            })
+            .encode_parts(&codec)
+        };
+        match encoded {
+            Ok(parts) => self.enqueue(OutPdu {
+                head: parts.header,
+                data,
+                tail: parts.data_digest,
+            }),
+            Err(e) => {
+                tracing::error!("cannot encode C2HData: {e}");
+                self.respond(Cqe::new(cqe.cid, Status::INTERNAL_ERROR), true);
+                return;
+            }
+        }
+        if success {
+            self.forget(cqe.cid);
+        } else {
+            self.respond(cqe, true);
+        }
+    }
+
+    /// The namespace on this core, opening its channel on first use and
+    /// refreshing the snapshot when the subsystem's generation moved.
+    fn namespace(&self, ctrl: &Controller, nsid: u32) -> Option<Rc<NsChannel>> {
+        let sub = &ctrl.subsystem;
+        let mut cache = self.ns.borrow_mut();
+        let stale = cache
+            .as_ref()
+            .map_or(true, |c| c.generation != sub.ns_generation());
+        if stale {
+            let (map, generation) = sub.namespaces();
+            let mut open = cache.take().map(|c| c.open).unwrap_or_default();
+            open.retain(|id, ch| map.get(id).is_some_and(|n| Arc::ptr_eq(n, &ch.ns)));
+            *cache = Some(NsCache {
+                generation,
+                map,
+                open,
+            });
+        }
+        let c = cache.as_mut()?;
+        if let Some(ch) = c.open.get(&nsid) {
+            return Some(ch.clone());
+        }
+        let ns = c.map.get(&nsid)?.clone();
+        let chan = ns.volume.channel();
+        let ch = Rc::new(NsChannel { ns, chan });
+        c.open.insert(nsid, ch.clone());
+        Some(ch)
+    }
+
+    fn all_namespaces(&self, ctrl: &Controller) -> Vec<Rc<NsChannel>> {
+        let (map, _) = ctrl.subsystem.namespaces();
+        map.keys()
+            .filter_map(|&n| self.namespace(ctrl, n))
+            .collect()
+    }
+
+    fn issue_r2ts(&self, cid: CommandId) {
+        loop {
+            let r = self.qp.borrow_mut().next_r2t(cid, self.maxh2cdata);
+            match r {
+                Ok(Some(r2t)) => self.enqueue_pdu(&Pdu::R2t(r2t)),
+                _ => break,
+            }
+        }
+    }
+}
+
+async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
+    // Bytes of the stream from the start of the current PDU: its head, and
+    // possibly (after a greedy read) the first bytes of what follows.
+    let mut stage = vec![0u8; STAGE_LEN];
+    let mut have = 0usize;
+    let mut dg = vec![0u8; 4];
+    loop {
+        let codec = conn.codec();
+        // One receive usually brings a whole command capsule head; it never
+        // asks for more than the smallest capsule head, so at most a few
+        // bytes of another PDU's data are ever staged (and copied) here.
+        let greedy = pdu::CAPSULE_CMD_HLEN + if codec.hdgst { pdu::DIGEST_LEN } else { 0 };
+        while have < pdu::CH_LEN {
+            let (r, b) = sock::recv_some(&conn.fd, stage, have, greedy).await;
+            stage = b;
+            have += r?;
+        }
+        let ch = CommonHeader::parse(&stage).unwrap_or_default();
+        if ch.pdu_type == pdu::PduType::CapsuleCmd as u8 {
+            conn.wait_for_slot().await?;
+        }
+        let parts = match pdu::parts_layout(&ch, &codec) {
+            Ok(p) if p.head_len <= HEAD_MAX => p,
+            Ok(_) => {
+                let e = PduError::InvalidHeaderField {
+                    offset: pdu::ch_off::PDO,
+                    what: "PDU head too long",
+                };
+                conn.term_req(e, stage.get(..pdu::CH_LEN).unwrap_or(&[]));
+                return Err(Close::Fatal(e));
+            }
+            Err(e) => {
+                conn.term_req(e, stage.get(..pdu::CH_LEN).unwrap_or(&[]));
+                return Err(Close::Fatal(e));
+            }
+        };
+        if have < parts.head_len {
+            let (r, b) = sock::recv_exact(&conn.fd, stage, have, parts.head_len).await;
+            stage = b;
+            r?;
+            have = parts.head_len;
+        }
+        let head = &stage;
+        let mut consumed = parts.head_len;
+        // Pick where the data section lands.
+        let mut h2c_cid: Option<u16> = None;
+        let mut dest: Option<(Dest, usize)> = None;
+        if parts.data_len > 0 {
+            let h2c = ch.pdu_type == pdu::PduType::H2CData as u8;
+            let (d, at) = if h2c {
+                let cid = super::wire::u16_at(head, 8);
+                let datao = super::wire::u32_at(head, 12) as usize;
+                let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
+                    let fits = p.buf.as_ref().is_some_and(|b| {
+                        datao
+                            .checked_add(parts.data_len)
+                            .is_some_and(|e| e <= b.len())
+                    });
+                    if fits {
+                        p.buf.take()
+                    } else {
+                        None
+                    }
+                });
+                match taken {
+                    Some(b) => {
+                        h2c_cid = Some(cid);
+                        (Dest::Pool(b), datao)
+                    }
+                    None => (Dest::Scratch(vec![0u8; parts.data_len]), 0),
+                }
+            } else {
+                match alloc_wait(parts.data_len).await {
+                    Some(b) => (Dest::Pool(b), 0),
+                    None => (Dest::Scratch(vec![0u8; parts.data_len]), 0),
+                }
+            };
+            // Data bytes already staged by the greedy head read.
+            let staged = (have - consumed).min(parts.data_len);
+            let src = stage.get(consumed..consumed + staged).unwrap_or(&[]);
+            let d = match d {
+                Dest::Pool(mut b) => {
+                    if let Some(dst) = b.get_mut(at..at + staged) {
+                        dst.copy_from_slice(src);
+                    }
+                    Dest::Pool(b)
+                }
+                Dest::Scratch(mut v) => {
+                    if let Some(dst) = v.get_mut(at..at + staged) {
+                        dst.copy_from_slice(src);
+                    }
+                    Dest::Scratch(v)
+                }
+            };
+            consumed += staged;
+            let (start, end) = (at + staged, at + parts.data_len);
+            let (r, d) = match d {
+                Dest::Pool(b) if start < end => {
+                    let (r, b) = conn.stream.recv_exact(b, start..end).await;
+                    (r, Dest::Pool(b))
+                }
+                Dest::Scratch(v) if start < end => {
+                    let (r, v) = sock::recv_exact(&conn.fd, v, start, end).await;
+                    (r, Dest::Scratch(v))
+                }
+                d => (Ok(()), d),
+            };
+            r?;
+            dest = Some((d, at));
+        }
+        let ddgst = if parts.ddgst {
+            let staged = (have - consumed).min(pdu::DIGEST_LEN);
+            if let (Some(dst), Some(src)) =
+                (dg.get_mut(..staged), stage.get(consumed..consumed + staged))
+            {
+                dst.copy_from_slice(src);
+            }
+            consumed += staged;
+            if staged < pdu::DIGEST_LEN {
+                let (r, d) = sock::recv_exact(&conn.fd, dg, staged, pdu::DIGEST_LEN).await;
+                dg = d;
+                r?;
+            }
+            Some(super::wire::u32_at(&dg, 0))
+        } else {
+            None
+        };
+        let head = &stage;
+        let head_bytes = head.get(..parts.head_len).unwrap_or(&[]);
+        let data: &[u8] = match &dest {
+            Some((d, at)) => d.bytes().get(*at..*at + parts.data_len).unwrap_or(&[]),
+            None => &[],
+        };
+        let received = conn.qp.borrow_mut().receive_parts(head_bytes, data, ddgst);
+        let ev = match received {
+            Ok(r) => match r.event {
+                Event::Connected { icresp, .. } => Owned::Connected(icresp),
+                Event::Command { sqe, sgl, .. } => Owned::Command { sqe, sgl },
+                Event::CommandError { sqe, status } => Owned::CommandError { sqe, status },
+                Event::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                    ..
+                } => Owned::Data {
+                    cid,
+                    digest_ok,
+                    complete,
+                },
+                Event::Terminated { fes, .. } => Owned::Terminated(fes),
+            },
+            Err(e) => {
+                let echo = head_bytes
+                    .get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA))
+                    .unwrap_or(&[]);
+                conn.term_req(e, echo);
+                return Err(Close::Fatal(e));
+            }
+        };
+        // Give a borrowed H2C chunk back to its command.
+        let mut dest = dest.map(|(d, _)| d);
+        if let (Some(cid), Some(Dest::Pool(_))) = (h2c_cid, &dest) {
+            if let Some(Dest::Pool(b)) = dest.take() {
+                if let Some(p) = conn.pending.borrow_mut().get_mut(&cid) {
+                    p.buf = Some(b);
+                }
+            }
+        }
+        // Bytes of the next PDU that the greedy read brought: keep them.
+        let keep = have.saturating_sub(consumed);
+        if keep > 0 && have <= stage.len() {
+            stage.copy_within(consumed..have, 0);
+        }
+        have = keep;
+        match ev {
+            Owned::Connected(icresp) => {
+                let p = Pdu::IcResp(icresp);
+                match p.to_vec(&PduConfig::default()) {
+                    Ok(v) => conn.enqueue(OutPdu {
+                        head: v,
+                        data: Payload::None,
+                        tail: None,
+                    }),
+                    Err(e) => tracing::error!("cannot encode ICResp: {e}"),
+                }
+            }
+            Owned::CommandError { sqe, status } => {
+                conn.advance_sqhd();
+                conn.respond(Cqe::new(sqe.cid, status), false);
+            }
+            Owned::Terminated(fes) => return Err(Close::HostTerm(fes)),
+            Owned::Command { sqe, sgl } => {
+                conn.advance_sqhd();
+                let in_capsule = match dest {
+                    Some(Dest::Pool(b)) => Some(b),
+                    Some(Dest::Scratch(_)) => {
+                        // No chunk was free for in-capsule data.
+                        conn.respond(Cqe::new(sqe.cid, Status::COMMAND_INTERRUPTED), true);
+                        continue;
+                    }
+                    None => None,
+                };
+                let r2t = matches!(sgl, DataSgl::Transport { len } if len > 0)
+                    && sqe.data_direction() == DataDirection::HostToController;
+                if r2t {
+                    // The data chunk: now if the pool has one; otherwise a
+                    // task waits for one and sends the R2Ts then, so this
+                    // loop keeps receiving the data of writes that have one.
+                    let len = sgl.len() as usize;
+                    let buf = buffer_pool().alloc(len);
+                    let ready = buf.is_some();
+                    conn.pending.borrow_mut().insert(
+                        sqe.cid.0,
+                        PendingWrite {
+                            sqe,
+                            sgl,
+                            buf,
+                            digest_ok: true,
+                        },
+                    );
+                    if ready {
+                        conn.issue_r2ts(sqe.cid);
+                    } else {
+                        spawn(wait_for_write_buffer(conn.clone(), sqe.cid, len)).detach();
+                    }
+                } else if dispatch(conn, sqe, sgl, in_capsule)? {
+                    return Err(Close::Disconnect);
+                }
+            }
+            Owned::Data {
+                cid,
+                digest_ok,
+                complete,
+            } => {
+                if let Some(p) = conn.pending.borrow_mut().get_mut(&cid.0) {
+                    p.digest_ok &= digest_ok;
+                }
+                if complete {
+                    let p = conn.pending.borrow_mut().remove(&cid.0);
+                    if let Some(p) = p {
+                        match (p.digest_ok, p.buf) {
+                            (true, Some(buf)) => {
+                                if dispatch(conn, p.sqe, p.sgl, Some(buf))? {
+                                    return Err(Close::Disconnect);
+                                }
+                            }
+                            _ => {
+                                conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true)
+                            }
+                        }
+                    }
+                } else {
+                    conn.issue_r2ts(cid);
+                }
+            }
+        }
+    }
+}
+
+/// Gives a write that found the pool empty its chunk once one frees up,
+/// then asks the host for the data.
+async fn wait_for_write_buffer(conn: Rc<Conn>, cid: CommandId, len: usize) {
+    let buf = alloc_wait(len).await;
+    let got = {
+        let mut pending = conn.pending.borrow_mut();
+        match (pending.get_mut(&cid.0), buf) {
+            (Some(p), Some(b)) => {
+                p.buf = Some(b);
+                true
+            }
+            (Some(_), None) => {
+                pending.remove(&cid.0);
+                false
+            }
+            // The connection ended meanwhile.
+            (None, _) => return,
+        }
+    };
+    if got {
+        conn.issue_r2ts(cid);
+    } else {
+        conn.respond(Cqe::new(cid, Status::COMMAND_INTERRUPTED), true);
+    }
+}
+
+/// Executes a command whose data (if any) has fully arrived. Returns true
+/// when the connection should close after the answer (Disconnect).
+fn dispatch(
+    conn: &Rc<Conn>,
+    sqe: Sqe,
+    sgl: DataSgl,
+    data: Option<IoBufMut>,
+) -> Result<bool, Close> {
+    let role = match &*conn.role.borrow() {
+        Role::Unbound => None,
+        Role::Admin(c) => Some((true, c.clone())),
+        Role::Io(c) => Some((false, c.clone())),
+    };
+    let Some((admin, ctrl)) = role else {
+        connect(conn, &sqe, data.as_deref().unwrap_or(&[]));
+        return Ok(false);
+    };
+    if ctrl.is_dead() {
+        conn.respond(Cqe::new(sqe.cid, Status::ABORTED_SQ_DELETION), true);
+        return Ok(false);
+    }
+    if admin {
+        let bytes: &[u8] = data.as_deref().unwrap_or(&[]);
+        match ctrl.execute_admin(&sqe, bytes, sgl.len()) {
+            AdminOutcome::Done { cqe, data } => match data {
+                Some(d) if !d.is_empty() => conn.respond_with_data(cqe, Payload::Heap(d)),
+                _ => conn.respond(cqe, true),
+            },
+            AdminOutcome::Held => {}
+            AdminOutcome::Disconnect(cqe) => {
+                conn.respond(cqe, true);
+                return Ok(true);
+            }
+        }
+        return Ok(false);
+    }
+    // I/O queue.
+    if sqe.is_fabrics() {
+        if sqe.fctype() == FabricsCommandType::Disconnect.as_u8() {
+            conn.respond(Cqe::new(sqe.cid, Status::SUCCESS), true);
+            return Ok(true);
+        }
+        conn.respond(Cqe::new(sqe.cid, Status::INVALID_OPCODE.with_dnr()), true);
+        return Ok(false);
+    }
+    if let (Some(d), DataSgl::InCapsule { .. }) = (&data, sgl) {
+        if d.len() > conn.io_in_capsule as usize {
+            conn.respond(
+                Cqe::new(sqe.cid, Status::DATA_SGL_LENGTH_INVALID.with_dnr()),
+                true,
+            );
+            return Ok(false);
+        }
+    }
+    let nsid = sqe.nsid;
+    let targets: Vec<Rc<NsChannel>> =
+        if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
+            conn.all_namespaces(&ctrl)
+        } else {
+            match conn.namespace(&ctrl, nsid.0) {
+                Some(n) => vec![n],
+                None => {
+                    conn.respond(
+                        Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()),
+                        true,
+                    );
+                    return Ok(false);
+                }
+            }
+        };
+    let c = conn.clone();
+    spawn(async move {
+        let mut status = Status::SUCCESS;
+        let mut read_data = None;
+        let mut data = data;
+        for ns in &targets {
+            let out = execute(ns, &sqe, sgl, data.take()).await;
+            if !out.status.is_success() {
+                status = out.status;
+                break;
+            }
+            read_data = out.data;
+        }
+        if status.is_success() {
+            let n = sgl.len() as u64;
+            if sqe.opcode == NvmOpcode::Read.as_u8() {
+                ctrl.stats.reads.fetch_add(1, Ordering::Relaxed);
+                ctrl.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            } else if sqe.opcode == NvmOpcode::Write.as_u8() {
+                ctrl.stats.writes.fetch_add(1, Ordering::Relaxed);
+                ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        let cqe = Cqe::new(sqe.cid, status);
+        match read_data {
+            Some(buf) if status.is_success() => c.respond_with_data(cqe, Payload::Pool(buf)),
+            _ => c.respond(cqe, true),
+        }
+    })
+    .detach();
+    Ok(false)
+}
+
+fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) {
+    if !sqe.is_fabrics() || sqe.fctype() != FabricsCommandType::Connect.as_u8() {
+        conn.respond(
+            Cqe::new(sqe.cid, Status::COMMAND_SEQUENCE_ERROR.with_dnr()),
+            true,
+        );
+        return;
+    }
+    let cmd = match ConnectCommand::from_sqe(sqe) {
+        Ok(c) => c,
+        Err(e) => return conn.respond(e.completion(sqe.cid), true),
+    };
+    let cd = match ConnectData::decode(data.get(..CONNECT_DATA_LEN).unwrap_or(data)) {
+        Ok(d) => d,
+        Err(e) => return conn.respond(e.completion(sqe.cid), true),
+    };
+    match conn.target.connect(&cmd, &cd, conn.local, &conn.fd) {
+        Err(cqe) => conn.respond(cqe, true),
+        Ok((ctrl, cqe)) => {
+            conn.qid.set(cmd.qid.0);
+            conn.sqsize.set(cmd.sqsize);
+            conn.sq_flow_off.set(cmd.cattr & (1 << 2) != 0);
+            // SQ head: the Connect itself was the first entry consumed.
+            conn.sqhd.set(1 % (cmd.sqsize.saturating_add(1)).max(1));
+            if cmd.qid.0 == 0 {
+                *conn.role.borrow_mut() = Role::Admin(ctrl.clone());
+                spawn(keep_alive_task(conn.clone(), ctrl.clone())).detach();
+                spawn(aen_task(conn.clone(), ctrl)).detach();
+            } else {
+                *conn.role.borrow_mut() = Role::Io(ctrl);
+            }
+            conn.respond(cqe, true);
+        }
+    }
+}
+
+async fn keep_alive_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
+    loop {
+        if conn.closing.get() || ctrl.is_dead() {
+            return;
+        }
+        let kato = ctrl.kato();
+        if kato.is_zero() {
+            sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let since = ctrl.last_keep_alive().elapsed();
+        if since > kato {
+            ctrl.teardown("keep-alive timeout");
+            return;
+        }
+        let wait = (kato - since).min(Duration::from_millis(500)) + Duration::from_millis(10);
+        sleep(wait).await;
+    }
+}
+
+async fn aen_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
+    struct Next<'a>(&'a Controller);
+    impl Future for Next<'_> {
+        type Output = Option<(CommandId, u32)>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            self.0.poll_event(cx)
+        }
+    }
+    while let Some((cid, dw0)) = Next(&ctrl).await {
+        conn.respond(
+            Cqe {
+                dw0,
+                ..Cqe::new(cid, Status::SUCCESS)
+            },
+            true,
+        );
+    }
+}
