@@ -794,6 +794,8 @@ async fn connect_link(
     conn.handshake_initiator(m.hs.clone(), t)
         .await
         .map_err(|e| format!("handshake with {}: {e}", leg.cfg.address))?;
+    // This side receives only small frames: read them in bulk.
+    conn.set_batched();
     let link = Rc::new(CoreLink {
         conn: Rc::new(conn),
         gen,

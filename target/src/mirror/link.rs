@@ -103,7 +103,7 @@ pub async fn join_all<T>(futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Ve
 /// A received frame: its header bytes and payload (in a pool chunk).
 pub struct RawFrame {
     head: Vec<u8>,
-    payload: Option<IoBufMut>,
+    payload: Option<IoBuf>,
 }
 
 impl RawFrame {
@@ -114,8 +114,8 @@ impl RawFrame {
         Ok((frame.header.tag, frame.message(framer.limits())?))
     }
 
-    /// The payload chunk (for writes: it goes to the disk as is).
-    pub fn take_payload(&mut self) -> Option<IoBufMut> {
+    /// The payload (for writes: it goes to the disk as is).
+    pub fn take_payload(&mut self) -> Option<IoBuf> {
         self.payload.take()
     }
 }
@@ -125,6 +125,8 @@ pub struct Conn {
     stream: TcpStream,
     framer: Cell<Framer>,
     send_lock: LocalSemaphore,
+    rx: std::cell::RefCell<RxBuf>,
+    batched: Cell<bool>,
     head_buf: Cell<Option<IoBufMut>>,
     /// Peer's site name once authenticated.
     pub peer: std::cell::RefCell<String>,
@@ -137,6 +139,8 @@ impl Conn {
             stream,
             framer: Cell::new(Framer::default()),
             send_lock: LocalSemaphore::new(1),
+            rx: std::cell::RefCell::new(RxBuf::default()),
+            batched: Cell::new(false),
             head_buf: Cell::new(None),
             peer: std::cell::RefCell::new(String::new()),
         }
@@ -149,6 +153,13 @@ impl Conn {
             Some(Err(e)) => Err(e.into()),
             None => Err(LinkError::Timeout),
         }
+    }
+
+    /// Receive in bulk from now on (see [`Conn::recv`]): for links that
+    /// receive small frames (the primary's side, acknowledgements). Payloads
+    /// then are slices of shared chunks, not aligned for direct disk I/O.
+    pub fn set_batched(&self) {
+        self.batched.set(true);
     }
 
     /// The framer (version negotiated by the handshake).
@@ -187,7 +198,74 @@ impl Conn {
     }
 
     /// Receives one frame.
+    ///
+    /// In batched mode, bytes are received in bulk into a pool chunk and as many frames as
+    /// arrived are cut out of it, their payloads being slices of that chunk
+    /// (one receive for many small frames such as acknowledgements). A large
+    /// payload is received straight into a chunk of its own instead, after
+    /// moving the few bytes of it that already arrived; a partial small frame
+    /// at the end of a chunk is moved to the next one. No payload is copied
+    /// otherwise.
     pub async fn recv(&self) -> Result<RawFrame, LinkError> {
+        if !self.batched.get() {
+            return self.recv_exact_frame().await;
+        }
+        let framer = self.framer.get();
+        loop {
+            let (header, avail) = {
+                let rx = self.rx.borrow();
+                let bytes: &[u8] = rx.buf.as_deref().map_or(&[], |b| &b[rx.start..rx.end]);
+                let avail = bytes.len();
+                match framer.decode_head(bytes)? {
+                    Decoded::NeedMore(_) => (None, avail),
+                    Decoded::Complete { value, consumed } => (Some((value, consumed)), avail),
+                }
+            };
+            if let Some((h, hl)) = header {
+                let total = hl + h.payload_len as usize;
+                let mut rx = self.rx.borrow_mut();
+                let start = rx.start;
+                if avail >= total {
+                    let Some(buf) = rx.buf.as_ref() else {
+                        return Err(LinkError::NoBuffer);
+                    };
+                    let head = buf[start..start + hl].to_vec();
+                    let payload = if h.payload_len > 0 {
+                        buf.slice(start + hl, h.payload_len as usize)
+                    } else {
+                        None
+                    };
+                    rx.start += total;
+                    return Ok(RawFrame { head, payload });
+                }
+                if h.payload_len as usize > DIRECT_PAYLOAD {
+                    // Large payload: its own chunk, straight from the socket.
+                    let Some(buf) = rx.buf.as_ref() else {
+                        return Err(LinkError::NoBuffer);
+                    };
+                    let head = buf[start..start + hl].to_vec();
+                    let have = avail - hl;
+                    let len = h.payload_len as usize;
+                    let prefix = buf[start + hl..start + hl + have].to_vec();
+                    rx.start = rx.end;
+                    drop(rx);
+                    let mut pb = alloc_wait(len).await?;
+                    pb[..have].copy_from_slice(&prefix);
+                    let (r, pb) = self.stream.recv_exact(pb, have..len).await;
+                    r?;
+                    return Ok(RawFrame {
+                        head,
+                        payload: Some(pb.freeze()),
+                    });
+                }
+            }
+            self.refill().await?;
+        }
+    }
+
+    /// Receives one frame, reading exactly its bytes: header, then the
+    /// payload into a chunk of its own (aligned for the disk).
+    async fn recv_exact_frame(&self) -> Result<RawFrame, LinkError> {
         let framer = self.framer.get();
         let mut hb = match self.head_buf.take() {
             Some(b) => b,
@@ -241,11 +319,40 @@ impl Conn {
             let pb = alloc_wait(len).await?;
             let (r, pb) = self.stream.recv_exact(pb, 0..len).await;
             r?;
-            Some(pb)
+            Some(pb.freeze())
         } else {
             None
         };
         Ok(RawFrame { head, payload })
+    }
+
+    /// Receives more bytes into a fresh chunk, after moving the unparsed tail.
+    async fn refill(&self) -> Result<(), LinkError> {
+        let pool = buffer_pool();
+        let cap = pool.chunk_size();
+        let mut nb = alloc_wait(cap).await?;
+        let left = {
+            let rx = self.rx.borrow();
+            let tail: &[u8] = rx.buf.as_deref().map_or(&[], |b| &b[rx.start..rx.end]);
+            if tail.len() >= cap {
+                return Err(LinkError::NoBuffer);
+            }
+            nb[..tail.len()].copy_from_slice(tail);
+            tail.len()
+        };
+        let (r, nb) = self.stream.recv(nb, left..cap).await;
+        let n = r?;
+        if n == 0 {
+            return Err(LinkError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by peer",
+            )));
+        }
+        let mut rx = self.rx.borrow_mut();
+        rx.buf = Some(nb.freeze());
+        rx.start = 0;
+        rx.end = left + n;
+        Ok(())
     }
 
     /// Sends an Error message and closes.
@@ -361,6 +468,17 @@ impl Conn {
     pub fn into_std(self) -> Option<std::net::TcpStream> {
         self.stream.into_std().ok()
     }
+}
+
+/// Payloads larger than this are received into a chunk of their own.
+const DIRECT_PAYLOAD: usize = 16 * 1024;
+
+/// Received bytes not yet cut into frames: `buf[start..end]`.
+#[derive(Default)]
+pub struct RxBuf {
+    buf: Option<IoBuf>,
+    start: usize,
+    end: usize,
 }
 
 /// A pool chunk of `len` bytes, waiting briefly for one to come free.

@@ -1201,7 +1201,6 @@ async fn serve_leg(
                     conn.abort();
                     return;
                 };
-                let data = data.freeze();
                 let t = &hosted.target;
                 t.inflight.fetch_add(1, Ordering::SeqCst);
                 if t.session.load(Ordering::SeqCst) != session {
