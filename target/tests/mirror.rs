@@ -633,8 +633,14 @@ fn master_agent_allocates_for_another_site() {
 fn writes_through_nvme_tcp_reach_both_legs() {
     let mut p = pair("nvmf", false, json!({}));
     let nqn = "nqn.2026-11.io.mirrorpoint:m0";
-    p.a.call("nvmf_create_subsystem", json!({"nqn": nqn, "allow_any_host": true}));
-    p.a.call("nvmf_subsystem_add_ns", json!({"nqn": nqn, "namespace": {"bdev_name": "m0"}}));
+    p.a.call(
+        "nvmf_create_subsystem",
+        json!({"nqn": nqn, "allow_any_host": true}),
+    );
+    p.a.call(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": "m0"}}),
+    );
     let la = p.a.call(
         "nvmf_subsystem_add_listener",
         json!({"nqn": nqn, "listen_address": {"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.2", "trsvcid": "0"}}),

@@ -223,32 +223,29 @@ impl Conn {
             };
             if let Some((h, hl)) = header {
                 let total = hl + h.payload_len as usize;
-                let mut rx = self.rx.borrow_mut();
-                let start = rx.start;
-                if avail >= total {
-                    let Some(buf) = rx.buf.as_ref() else {
+                let len = h.payload_len as usize;
+                let step = {
+                    let mut rx = self.rx.borrow_mut();
+                    let start = rx.start;
+                    let Some(buf) = rx.buf.clone() else {
                         return Err(LinkError::NoBuffer);
                     };
                     let head = buf[start..start + hl].to_vec();
-                    let payload = if h.payload_len > 0 {
-                        buf.slice(start + hl, h.payload_len as usize)
+                    if avail >= total {
+                        rx.start += total;
+                        let payload = (len > 0).then(|| buf.slice(start + hl, len)).flatten();
+                        return Ok(RawFrame { head, payload });
+                    }
+                    if len > DIRECT_PAYLOAD {
+                        // Large payload: its own chunk, straight from the socket.
+                        rx.start = rx.end;
+                        Some((head, buf[start + hl..start + avail].to_vec()))
                     } else {
                         None
-                    };
-                    rx.start += total;
-                    return Ok(RawFrame { head, payload });
-                }
-                if h.payload_len as usize > DIRECT_PAYLOAD {
-                    // Large payload: its own chunk, straight from the socket.
-                    let Some(buf) = rx.buf.as_ref() else {
-                        return Err(LinkError::NoBuffer);
-                    };
-                    let head = buf[start..start + hl].to_vec();
-                    let have = avail - hl;
-                    let len = h.payload_len as usize;
-                    let prefix = buf[start + hl..start + hl + have].to_vec();
-                    rx.start = rx.end;
-                    drop(rx);
+                    }
+                };
+                if let Some((head, prefix)) = step {
+                    let have = prefix.len();
                     let mut pb = alloc_wait(len).await?;
                     pb[..have].copy_from_slice(&prefix);
                     let (r, pb) = self.stream.recv_exact(pb, have..len).await;
