@@ -344,13 +344,29 @@ fn stall_and_corruption_during_a_verifying_workload() {
     p.proxy.as_ref().unwrap().set(CORRUPT);
     std::thread::sleep(Duration::from_millis(300));
     p.a.wait_leg("m0", "synced", Duration::from_secs(30));
+    // A corrupt answer from the leg: the primary drops the link too.
+    let before = p.a.status("m0")["legs"][0]["degradations"]
+        .as_u64()
+        .unwrap();
+    p.proxy.as_ref().unwrap().set(CORRUPT_BACK);
+    wait_for(
+        Duration::from_secs(10),
+        "a degradation on a corrupt answer",
+        || {
+            p.a.status("m0")["legs"][0]["degradations"]
+                .as_u64()
+                .unwrap()
+                > before
+        },
+    );
+    p.a.wait_leg("m0", "synced", Duration::from_secs(30));
     stop.store(true, Ordering::Relaxed);
     let mut models = Vec::new();
     for w in waits {
         models.extend(w.recv_blocking().expect("writers"));
     }
     let s = p.a.status("m0");
-    assert!(s["legs"][0]["degradations"].as_u64().unwrap() >= 2, "{s:#}");
+    assert!(s["legs"][0]["degradations"].as_u64().unwrap() >= 3, "{s:#}");
     p.compare();
     let local = read_file(&p.local, SIZE);
     for (owner, model) in models {

@@ -220,6 +220,8 @@ pub const PASS: u8 = 0;
 pub const STALL: u8 = 1;
 pub const CUT: u8 = 2;
 pub const CORRUPT: u8 = 3;
+/// Corrupt the next chunk going back from the upstream (answers).
+pub const CORRUPT_BACK: u8 = 4;
 
 /// A TCP proxy in front of `upstream` that can cut, stall, corrupt or
 /// delay the traffic.
@@ -338,10 +340,10 @@ fn pump(
                 _ => break,
             }
         }
-        if corrupting
-            && mode
-                .compare_exchange(CORRUPT, PASS, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+        let which = if corrupting { CORRUPT } else { CORRUPT_BACK };
+        if mode
+            .compare_exchange(which, PASS, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
         {
             buf[n / 2] ^= 0x5a;
         }
