@@ -334,7 +334,11 @@ impl Mirror {
                     idx,
                     cfg,
                     state: AtomicU8::new(LegState::Degraded as u8),
-                    link_gen: AtomicU64::new(1),
+                    // Random start: link sessions (see connect_link) must not
+                    // repeat across restarts of this daemon.
+                    link_gen: AtomicU64::new(
+                        u64::from((super::meta::random_gen() as u32) >> 2) + 1,
+                    ),
                     degraded_inflight: AtomicU64::new(0),
                     last_error: Mutex::new("not connected yet".into()),
                     remote_gen: AtomicU64::new(0),
