@@ -504,6 +504,23 @@ fn unrelated_generation_is_refused() {
     assert!(why.contains("unrelated data"), "{why}");
     // Host I/O still works on the local leg.
     write_sync(&p.a, 1, "m0", MIB, 4096, 1);
+    // The operator decides the local data wins: full resync, then synced.
+    let bad = p.a.rpc.call(
+        "mirror_resolve",
+        Some(json!({"name": "m0", "action": "merge"})),
+    );
+    assert!(bad.is_err());
+    p.a.call(
+        "mirror_resolve",
+        json!({"name": "m0", "action": "overwrite_leg"}),
+    );
+    p.a.wait_leg("m0", "synced", Duration::from_secs(60));
+    let s = p.a.status("m0");
+    assert!(
+        s["legs"][0]["resync_copied_bytes"].as_u64().unwrap() >= SIZE,
+        "{s:#}"
+    );
+    p.compare();
 }
 
 /// A clean restart from save_config brings the mirror back over the same

@@ -495,6 +495,29 @@ impl Mirror {
         self.meta.close();
     }
 
+    /// The operator's choice for a refused (`failed`) leg: the local data
+    /// wins. The leg's generation is recorded as the one our bitmap is
+    /// relative to, every region is marked dirty, and the leg reconnects
+    /// and is fully resynced (it adopts our generation at the end).
+    pub fn overwrite_leg(&self, idx: usize) -> Result<(), String> {
+        let leg = self.legs.get(idx).ok_or_else(|| format!("no leg {idx}"))?;
+        if leg.state() != LegState::Failed {
+            return Err(format!("leg {idx} is {:?}, not failed", leg.state()));
+        }
+        let theirs = leg.remote_gen.load(Ordering::SeqCst);
+        self.meta.set_all_dirty(idx);
+        self.meta.update_generations(|g| g.leg_bitmap[idx] = theirs);
+        self.meta.commit_blocking().map_err(|e| e.to_string())?;
+        tracing::warn!(
+            mirror = self.name,
+            leg = idx,
+            "operator chose to overwrite the leg (generation {}) with the local data",
+            gen_str(theirs)
+        );
+        leg.state.store(LegState::Degraded as u8, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// A link of leg `idx` on this core failed (or a write to it did).
     fn leg_failed(&self, idx: usize, gen: u64, reason: &str) {
         let leg = &self.legs[idx];
@@ -925,7 +948,9 @@ fn plan(m: &Mirror, idx: usize, theirs: &GenerationExchange) -> Result<Plan, Str
         ));
     }
     let r = theirs.current.0;
-    if r == g.current {
+    if r == g.current || (r != 0 && r == g.leg_bitmap[idx]) {
+        // Same data generation, or the generation our bitmap for this leg
+        // is relative to (after an operator chose to overwrite the leg).
         return Ok(Plan::Incremental);
     }
     if r == 0 {

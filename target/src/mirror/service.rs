@@ -1154,7 +1154,10 @@ async fn serve_leg(
     {
         return;
     }
-    if mine != 0 && first.current.0 != mine {
+    // A primary of another generation is refused, unless it names our
+    // generation as the one its bitmap is relative to (the operator chose to
+    // overwrite this leg, or an interrupted resync is resumed).
+    if mine != 0 && first.current.0 != mine && first.bitmap.0 != mine {
         let text = format!(
             "generation mismatch: this leg of mirror {} holds generation {mine:016x}, the primary {:016x}; refusing writes",
             target.mirror, first.current.0
@@ -1609,6 +1612,34 @@ pub fn set_resync_rate(state: &DaemonState, name: &str, bps: u64) -> Result<Valu
     Ok(Value::Bool(true))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveParams {
+    name: String,
+    #[serde(default)]
+    leg: usize,
+    action: String,
+}
+
+/// `mirror_resolve`: the operator's decision for a refused leg.
+fn resolve(state: &DaemonState, p: ResolveParams) -> Result<Value, SvcError> {
+    let ms = lock(&state.mirror.mirrors);
+    let (_, m) = ms
+        .iter()
+        .find(|(x, _)| x.name == p.name)
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{}'", p.name)))?;
+    match p.action.as_str() {
+        "overwrite_leg" => m.overwrite_leg(p.leg).map_err(|e| err(libc::EINVAL, e))?,
+        other => {
+            return Err(err(
+                libc::EINVAL,
+                format!("action must be \"overwrite_leg\", not \"{other}\""),
+            ))
+        }
+    }
+    Ok(Value::Bool(true))
+}
+
 /// `agent_get_sites`.
 pub fn sites(state: &DaemonState) -> Value {
     let svc = &state.mirror;
@@ -1708,6 +1739,10 @@ pub fn register(
     methods.register("mirror_get_status", move |p| {
         let n: MaybeName = parse_params(p)?;
         status(&s, n.name.as_deref()).map_err(rpc_err)
+    })?;
+    let s = state.clone();
+    methods.register("mirror_resolve", move |p| {
+        resolve(&s, parse_params(p)?).map_err(rpc_err)
     })?;
     let s = state.clone();
     methods.register("mirror_set_resync_rate", move |p| {
