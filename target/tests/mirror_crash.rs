@@ -47,13 +47,23 @@ impl Proc {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn mirrorpoint");
-        wait_for(Duration::from_secs(20), "the admin socket", || {
-            RpcClient::connect(&sock).is_ok()
-        });
-        Proc {
+        let mut p = Proc {
             child: Some(child),
             dir: dir.to_path_buf(),
+        };
+        let t0 = Instant::now();
+        while RpcClient::connect(&sock).is_err() {
+            let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || t0.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "daemon in {} did not come up ({exited:?}); log:\n{}",
+                    dir.display(),
+                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+        p
     }
 
     fn rpc(&self) -> RpcClient {
