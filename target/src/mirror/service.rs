@@ -226,6 +226,8 @@ struct LegTarget {
     session: AtomicU64,
     /// Writes being applied, over all links.
     inflight: AtomicU64,
+    /// The allocation was released: links stop applying writes.
+    released: AtomicBool,
 }
 
 /// Everything mirror-related of a daemon.
@@ -344,12 +346,27 @@ pub fn set_site(state: &Arc<DaemonState>, p: SiteParams) -> Result<Value, SvcErr
     if svc.site().is_some() {
         return Err(err(libc::EEXIST, "the site is already configured"));
     }
-    let std_listener = std::net::TcpListener::bind(p.listen).map_err(|e| {
-        err(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!("cannot listen on {}: {e}", p.listen),
-        )
-    })?;
+    // After a crash, the dead process's io_uring may still hold the old
+    // listening socket for a moment (ring teardown is asynchronous): retry.
+    let t0 = Instant::now();
+    let std_listener = loop {
+        match std::net::TcpListener::bind(p.listen) {
+            Ok(l) => break l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && p.listen.port() != 0
+                    && t0.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(err(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot listen on {}: {e}", p.listen),
+                ))
+            }
+        }
+    };
     let bound = std_listener
         .local_addr()
         .map_err(|e| err(libc::EIO, e.to_string()))?;
@@ -639,7 +656,9 @@ fn local_release(state: &DaemonState, mirror: u64) -> Status {
     if allocs.len() == before {
         return Status::NotFound;
     }
-    lock(&svc.targets).remove(&mirror);
+    if let Some(t) = lock(&svc.targets).remove(&mirror) {
+        t.released.store(true, Ordering::SeqCst);
+    }
     match write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs) {
         Ok(()) => Status::Ok,
         Err(_) => Status::IoError,
@@ -1034,6 +1053,7 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         gen: AtomicU64::new(alloc.generation),
         session: AtomicU64::new(u64::MAX),
         inflight: AtomicU64::new(0),
+        released: AtomicBool::new(false),
     });
     lock(&svc.targets).insert(mirror, t.clone());
     Ok(t)
@@ -1206,7 +1226,8 @@ async fn serve_leg(
                 };
                 let t = &hosted.target;
                 t.inflight.fetch_add(1, Ordering::SeqCst);
-                if t.session.load(Ordering::SeqCst) != session {
+                if t.session.load(Ordering::SeqCst) != session || t.released.load(Ordering::SeqCst)
+                {
                     t.inflight.fetch_sub(1, Ordering::SeqCst);
                     tracing::info!(%peer, "write on a link of an older session fenced, dropping the link");
                     conn.abort();
