@@ -186,6 +186,11 @@ fn admin_socket_volumes_io_and_config_round_trip() {
     let cfg = c
         .call("save_config", Some(json!({"filename": saved})))
         .expect("save_config");
+    let mode = std::fs::metadata(&saved)
+        .expect("saved")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a saved config may hold secrets");
     let uuids: Vec<Value> = c
         .call("bdev_get_bdevs", None)
         .expect("bdevs")

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Subsystems in the order they are replayed (later ones refer to earlier ones).
-pub const SUBSYSTEM_ORDER: &[&str] = &["bdev", "nvmf", "iscsi"];
+pub const SUBSYSTEM_ORDER: &[&str] = &["bdev", "mirror", "nvmf", "iscsi"];
 
 /// One RPC call of a configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

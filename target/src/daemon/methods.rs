@@ -180,6 +180,8 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         }
         Ok(config)
     })?;
+    crate::mirror::service::register(methods, state)?;
+    crate::mirror::service::register_diag(methods, state)?;
     Ok(())
 }
 
@@ -209,11 +211,24 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
             params: Some(spec.params()),
         })
         .collect();
+    let mirror = state
+        .mirror
+        .config_calls()
+        .into_iter()
+        .map(|(method, params)| ConfigCall {
+            method,
+            params: Some(params),
+        })
+        .collect();
     ConfigFile {
         subsystems: vec![
             SubsystemConfig {
                 subsystem: "bdev".to_string(),
                 config: bdev,
+            },
+            SubsystemConfig {
+                subsystem: "mirror".to_string(),
+                config: mirror,
             },
             SubsystemConfig {
                 subsystem: "nvmf".to_string(),
@@ -227,11 +242,20 @@ pub fn current_config(state: &DaemonState) -> ConfigFile {
     }
 }
 
+/// Writes the config next to `path` and renames it into place. Owner-only
+/// (0600): a configuration holds the mirror links' shared secret and CHAP
+/// secrets.
 fn write_atomically(path: &std::path::Path, value: &Value) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp-save");
-    let mut f = std::fs::File::create(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;

@@ -109,6 +109,8 @@ pub struct DaemonState {
     pub options: DaemonOptions,
     /// The iSCSI target (portal groups, nodes, sessions).
     pub iscsi: Arc<IscsiTarget>,
+    /// Mirrors, hosted legs, the site's agent.
+    pub mirror: crate::mirror::service::MirrorService,
     /// The NVMe/TCP target.
     pub nvmf: Arc<NvmfTarget>,
 }
@@ -160,6 +162,7 @@ impl Daemon {
                 volumes: VolumeRegistry::new(),
                 reactors: runtime.handles().to_vec(),
                 options: options.clone(),
+                mirror: Default::default(),
                 nvmf,
                 iscsi: IscsiTarget::new(
                     runtime.handles().to_vec(),
@@ -296,8 +299,10 @@ impl Daemon {
         if let Some(server) = self.server.take() {
             server.shutdown();
         }
+        // Front ends first (no new host I/O), then the mirror links.
         self.state.iscsi.kill_all();
         self.state.nvmf.shutdown();
+        self.state.mirror.shutdown();
         if let Some(mut rt) = self.runtime.take() {
             rt.shutdown();
         }

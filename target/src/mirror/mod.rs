@@ -5,7 +5,18 @@
 //! master agent that allocates virtual mirror devices from extents on storage
 //! servers, consistency checks by range digests, splits at an epoch).
 //!
-//! Only the wire protocol lives here so far: [`wire`] is a sans-IO codec and
-//! handshake that the socket layer, the mirror engine and the agents build on.
+//! - [`wire`]: the sans-IO codec and handshake;
+//! - [`sequencer`]: sequence number + split epoch from one atomic word;
+//! - [`overlap`]: serialises overlapping writes across cores;
+//! - [`meta`]: dirty bitmaps, activity log, generations, on disk;
+//! - [`link`]: frames and handshakes over reactor sockets;
+//! - [`engine`]: the mirrored volume, its legs, resync;
+//! - [`service`]: the site's listener, the remote leg targets, the agents.
 
+pub mod engine;
+pub mod link;
+pub mod meta;
+pub mod overlap;
+pub mod sequencer;
+pub mod service;
 pub mod wire;

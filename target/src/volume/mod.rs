@@ -103,6 +103,8 @@ pub enum Backend {
     Uring(uring::UringBackend),
     /// RAM.
     Malloc(malloc::MallocBackend),
+    /// A mirrored volume: a local volume plus remote legs.
+    Mirror(Arc<crate::mirror::engine::Mirror>),
 }
 
 /// A block device, shared by every core.
@@ -178,6 +180,10 @@ impl Volume {
         let (product, driver) = match &self.backend {
             Backend::Uring(u) => ("Uring disk", u.describe()),
             Backend::Malloc(_) => ("Malloc disk", serde_json::json!({})),
+            Backend::Mirror(m) => (
+                "Mirror disk",
+                serde_json::json!({"mirror": {"local": m.local().name(), "mirror_id": m.id().0}}),
+            ),
         };
         VolumeInfo {
             name: self.name.clone(),
@@ -197,6 +203,9 @@ impl Volume {
         let inner = match &self.backend {
             Backend::Uring(u) => ChannelInner::Uring(u.channel()),
             Backend::Malloc(m) => ChannelInner::Malloc(m.clone()),
+            Backend::Mirror(m) => {
+                ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
+            }
         };
         VolumeChannel {
             volume: self.clone(),
@@ -209,6 +218,15 @@ impl Volume {
         match &self.backend {
             Backend::Uring(u) => u.sync_blocking(),
             Backend::Malloc(_) => Ok(()),
+            Backend::Mirror(m) => m.local().sync_blocking(),
+        }
+    }
+
+    /// The mirror engine, if this is a mirrored volume.
+    pub fn mirror(&self) -> Option<&Arc<crate::mirror::engine::Mirror>> {
+        match &self.backend {
+            Backend::Mirror(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -240,6 +258,7 @@ impl Volume {
 enum ChannelInner {
     Uring(uring::UringChannel),
     Malloc(malloc::MallocBackend),
+    Mirror(Box<crate::mirror::engine::MirrorChannel>),
 }
 
 /// A volume opened on one reactor; all I/O goes through it.
@@ -270,6 +289,7 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Mirror(m) => Box::pin(m.read(offset, buf)).await,
         }
     }
 
@@ -285,6 +305,7 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
         }
     }
 
@@ -293,7 +314,26 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.flush().await,
             ChannelInner::Malloc(_) => Ok(()),
+            ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
         }
+    }
+
+    /// Mirrored volumes: zeroes go through the mirror write path, so every
+    /// leg gets them in order with other writes.
+    async fn mirror_zero(&self, offset: ByteOffset, len: ByteLen) -> Result<(), VolumeError> {
+        let pool = mirrorpoint_poller::buffer_pool();
+        let chunk = pool.chunk_size() as u64;
+        let mut off = offset.0;
+        let end = offset.0 + len.0;
+        while off < end {
+            let n = chunk.min(end - off);
+            let mut b = pool.alloc(n as usize).ok_or(VolumeError::NoBuffer)?;
+            b.fill(0);
+            let (r, _) = Box::pin(self.write(ByteOffset(off), b.freeze())).await;
+            r?;
+            off += n;
+        }
+        Ok(())
     }
 
     /// Writes zeroes over a range (may use the backend's zero-range support).
@@ -305,6 +345,7 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
+            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
         }
     }
 
@@ -317,6 +358,7 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
+            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
         }
     }
 }

@@ -78,7 +78,8 @@ impl VolumeSpec {
 
 struct Entry {
     volume: Arc<Volume>,
-    spec: VolumeSpec,
+    /// None for volumes another subsystem builds (mirrors): not a bdev call.
+    spec: Option<VolumeSpec>,
 }
 
 /// All volumes of the daemon.
@@ -150,7 +151,22 @@ impl VolumeRegistry {
         let volume = Arc::new(volume);
         entries.push(Entry {
             volume: volume.clone(),
-            spec,
+            spec: Some(spec),
+        });
+        Ok(volume)
+    }
+
+    /// Registers a volume built elsewhere (a mirror over a local volume).
+    pub fn register(&self, volume: Volume) -> Result<Arc<Volume>, CreateError> {
+        check_name(volume.name())?;
+        let mut entries = self.lock();
+        if entries.iter().any(|e| e.volume.name() == volume.name()) {
+            return Err(CreateError::Exists(volume.name().to_string()));
+        }
+        let volume = Arc::new(volume);
+        entries.push(Entry {
+            volume: volume.clone(),
+            spec: None,
         });
         Ok(volume)
     }
@@ -260,7 +276,7 @@ impl VolumeRegistry {
 
     /// The specs, in creation order, for save_config.
     pub fn specs(&self) -> Vec<VolumeSpec> {
-        self.lock().iter().map(|e| e.spec.clone()).collect()
+        self.lock().iter().filter_map(|e| e.spec.clone()).collect()
     }
 }
 

@@ -1,0 +1,1246 @@
+//! The mirror engine: a volume whose every write reaches the local leg and
+//! every live remote leg.
+//!
+//! # Write path (per core, no lock but the sequencer and the overlap stripe)
+//! 1. register the byte range with the [`OverlapDetector`] and wait for
+//!    earlier overlapping writes to complete on every leg;
+//! 2. take a stamp (sequence + epoch) from the [`Sequencer`] (one atomic add);
+//! 3. make sure the range's regions are durably in the activity log
+//!    ([`MirrorMeta::begin_write`]: atomics unless the region is new);
+//! 4. write the same pool chunk to the local volume and send it on this
+//!    core's link to each live remote leg, concurrently;
+//! 5. a leg that fails, times out or is not live gets the regions marked in
+//!    its dirty bitmap instead, and goes `Degraded`; host I/O is not failed;
+//! 6. complete to the host per the acknowledgement policy (`sync`: after
+//!    all of it; `async`: after the local write, remote in the background
+//!    with a bounded number of writes in flight).
+//!
+//! # Legs
+//! Each remote leg has a supervisor task (on the first reactor) that
+//! connects, exchanges generations, brings up one link per core, resyncs the
+//! dirty regions (rate-limited, under the overlap detector so a copy never
+//! interleaves with a new write to the same region), makes the leg adopt the
+//! current generation, and declares it `Synced`. Any link failure marks the
+//! leg `Degraded` (bumping its link generation so every core drops its stale
+//! link) and the supervisor starts over.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mirrorpoint_poller::{
+    oneshot, sleep, spawn, IoBuf, IoBufMut, LocalSemaphore, OneshotSender, ReactorHandle,
+};
+use serde::Serialize;
+
+use super::link::{alloc_wait, join_all, now_ns, timeout, Conn};
+use super::meta::MirrorMeta;
+use super::overlap::OverlapDetector;
+use super::sequencer::{Sequencer, Stamp};
+use super::wire::{
+    Epoch, ErrorCode, ErrorMsg, Flush, Generation, GenerationExchange, GenerationFlags,
+    HandshakeConfig, Heartbeat, LegId, Message, MirrorId, RequestTag, SeqNo, Status, Timestamp,
+    Write, WriteFlags,
+};
+use crate::units::ByteOffset;
+use crate::volume::{Volume, VolumeChannel, VolumeError};
+
+/// When the host's write completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckPolicy {
+    /// After the local leg and every live remote leg have it.
+    Sync,
+    /// After the local leg; remote legs in the background.
+    Async,
+}
+
+/// State of a remote leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum LegState {
+    /// Identical to the local leg (up to writes in flight).
+    Synced = 0,
+    /// Connected, copying dirty regions; new writes also go to it.
+    Syncing = 1,
+    /// Unreachable: writes are recorded in its dirty bitmap.
+    Degraded = 2,
+    /// Frozen at an epoch (not implemented yet).
+    Split = 3,
+    /// Refused (unrelated data or split brain): the operator must decide.
+    Failed = 4,
+}
+
+impl LegState {
+    fn from_u8(v: u8) -> LegState {
+        match v {
+            0 => LegState::Synced,
+            1 => LegState::Syncing,
+            3 => LegState::Split,
+            4 => LegState::Failed,
+            _ => LegState::Degraded,
+        }
+    }
+
+    fn is_live(self) -> bool {
+        matches!(self, LegState::Synced | LegState::Syncing)
+    }
+}
+
+/// A remote leg's parameters.
+#[derive(Debug, Clone)]
+pub struct LegConfig {
+    /// Site (domain agent) holding it.
+    pub site: String,
+    /// Where that site's daemon listens for mirror links.
+    pub address: SocketAddr,
+}
+
+/// Engine tunables.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Acknowledgement policy.
+    pub ack: AckPolicy,
+    /// Async policy: most remote writes in flight per core before writes wait
+    /// (each holds its pool chunk until every leg has it).
+    pub max_lag_ios: usize,
+    /// Resync bandwidth cap in bytes per second (0: none).
+    pub resync_rate: u64,
+    /// A link that answers nothing for this long is dead.
+    pub link_timeout: Duration,
+}
+
+/// One remote leg's shared state.
+pub struct Leg {
+    idx: usize,
+    cfg: LegConfig,
+    state: AtomicU8,
+    link_gen: AtomicU64,
+    degraded_inflight: AtomicU64,
+    last_error: Mutex<String>,
+    remote_gen: AtomicU64,
+    resync_copied: AtomicU64,
+    resync_total: AtomicU64,
+    resync_pass_copied: AtomicU64,
+    resync_started: Mutex<Option<Instant>>,
+    resync_rate_seen: AtomicU64,
+    degradations: AtomicU64,
+}
+
+impl Leg {
+    /// Current state.
+    pub fn state(&self) -> LegState {
+        LegState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+}
+
+thread_local! {
+    static LINKS: RefCell<HashMap<(u64, usize), Rc<CoreLink>>> = RefCell::new(HashMap::new());
+    /// Async policy: this core's bound on remote writes in flight, per mirror.
+    static LAG: RefCell<HashMap<u64, Rc<LocalSemaphore>>> = RefCell::new(HashMap::new());
+}
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+/// A mirrored volume.
+pub struct Mirror {
+    uid: u64,
+    name: String,
+    id: MirrorId,
+    local: Arc<Volume>,
+    meta: Arc<MirrorMeta>,
+    seq: Sequencer,
+    overlap: Arc<OverlapDetector>,
+    legs: Vec<Arc<Leg>>,
+    cfg: EngineConfig,
+    resync_rate: AtomicU64,
+    hs: HandshakeConfig,
+    reactors: Vec<ReactorHandle>,
+    stopping: AtomicBool,
+    lag_ios: AtomicU64,
+    lag_bytes: AtomicU64,
+}
+
+enum Reply {
+    Write(Status),
+    Flush(Status),
+    Gen(GenerationExchange),
+}
+
+/// One core's connection to one remote leg.
+struct CoreLink {
+    conn: Rc<Conn>,
+    gen: u64,
+    pending: RefCell<HashMap<u64, OneshotSender<Reply>>>,
+    next_tag: Cell<u64>,
+    dead: Cell<bool>,
+    last_rx: Cell<Instant>,
+}
+
+impl CoreLink {
+    async fn request(
+        &self,
+        msg: &Message<'_>,
+        payload: &[IoBuf],
+        limit: Duration,
+    ) -> Result<Reply, String> {
+        if self.dead.get() {
+            return Err("link closed".into());
+        }
+        let tag = self.next_tag.get();
+        self.next_tag.set(tag + 1);
+        let (tx, rx) = oneshot();
+        self.pending.borrow_mut().insert(tag, tx);
+        // The answer (or the link's death, which drops the sender) ends the
+        // request even while the send is still stuck in a dead socket.
+        let fut = async {
+            let mut send = std::pin::pin!(self.conn.send(RequestTag(tag), msg, payload));
+            let mut rx = std::pin::pin!(rx);
+            let mut sent = false;
+            std::future::poll_fn(|cx| {
+                if !sent {
+                    match send.as_mut().poll(cx) {
+                        std::task::Poll::Ready(Err(e)) => {
+                            return std::task::Poll::Ready(Err(format!("send: {e}")))
+                        }
+                        std::task::Poll::Ready(Ok(())) => sent = true,
+                        std::task::Poll::Pending => {}
+                    }
+                }
+                match rx.as_mut().poll(cx) {
+                    std::task::Poll::Ready(Ok(r)) => std::task::Poll::Ready(Ok(r)),
+                    std::task::Poll::Ready(Err(_)) => {
+                        std::task::Poll::Ready(Err("link closed".to_string()))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            })
+            .await
+        };
+        match timeout(limit, fut).await {
+            Some(r) => r,
+            None => {
+                self.pending.borrow_mut().remove(&tag);
+                Err(format!("no answer within {limit:?}"))
+            }
+        }
+    }
+
+    fn kill(&self) -> bool {
+        if self.dead.replace(true) {
+            return false;
+        }
+        self.conn.abort();
+        self.pending.borrow_mut().clear();
+        true
+    }
+}
+
+/// What the mirror reports per leg.
+#[derive(Debug, Clone, Serialize)]
+pub struct LegStatus {
+    /// Leg index.
+    pub leg: usize,
+    /// Site holding it.
+    pub site: String,
+    /// Address of that site.
+    pub address: String,
+    /// State.
+    pub state: LegState,
+    /// Generation the leg's data is at (as last reported or adopted).
+    pub generation: String,
+    /// Bytes in dirty regions.
+    pub dirty_bytes: u64,
+    /// Dirty regions.
+    pub dirty_regions: u64,
+    /// Bytes copied by resync since the mirror started.
+    pub resync_copied_bytes: u64,
+    /// Regions dirty when the current or last resync pass began.
+    pub resync_total_regions: u64,
+    /// Progress of the current/last pass, 0..100.
+    pub resync_percent: f64,
+    /// Measured resync rate of the current/last pass, bytes per second.
+    pub resync_rate_bps: u64,
+    /// How often the leg went Degraded.
+    pub degradations: u64,
+    /// Last failure.
+    pub last_error: String,
+}
+
+/// What `mirror_get_status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorStatus {
+    /// Mirror (volume) name.
+    pub name: String,
+    /// Mirror id.
+    pub mirror_id: u64,
+    /// Local volume.
+    pub local_volume: String,
+    /// Local data generation.
+    pub generation: String,
+    /// Acknowledgement policy.
+    pub ack: AckPolicy,
+    /// Region size of the bitmaps.
+    pub region_size: u64,
+    /// Next sequence number and epoch.
+    pub next_seq: u64,
+    /// Current epoch.
+    pub epoch: u32,
+    /// Remote writes acknowledged to the host but not yet to every leg (async).
+    pub lag_ios: u64,
+    /// Their bytes.
+    pub lag_bytes: u64,
+    /// Resync rate cap, bytes per second (0: none).
+    pub resync_rate_limit: u64,
+    /// Metadata commits.
+    pub metadata_commits: u64,
+    /// Writes that waited for an overlapping one.
+    pub overlap_waits: u64,
+    /// Remote legs.
+    pub legs: Vec<LegStatus>,
+}
+
+/// How a connect decided to resync.
+enum Plan {
+    Incremental,
+    Full,
+}
+
+impl Mirror {
+    /// Builds the engine and starts one supervisor per leg on the first reactor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        name: String,
+        id: MirrorId,
+        local: Arc<Volume>,
+        meta: Arc<MirrorMeta>,
+        legs: Vec<LegConfig>,
+        cfg: EngineConfig,
+        hs: HandshakeConfig,
+        reactors: Vec<ReactorHandle>,
+    ) -> Arc<Mirror> {
+        let legs = legs
+            .into_iter()
+            .enumerate()
+            .map(|(idx, cfg)| {
+                Arc::new(Leg {
+                    idx,
+                    cfg,
+                    state: AtomicU8::new(LegState::Degraded as u8),
+                    // Random start: link sessions (see connect_link) must not
+                    // repeat across restarts of this daemon.
+                    link_gen: AtomicU64::new(
+                        u64::from((super::meta::random_gen() as u32) >> 2) + 1,
+                    ),
+                    degraded_inflight: AtomicU64::new(0),
+                    last_error: Mutex::new("not connected yet".into()),
+                    remote_gen: AtomicU64::new(0),
+                    resync_copied: AtomicU64::new(0),
+                    resync_total: AtomicU64::new(0),
+                    resync_pass_copied: AtomicU64::new(0),
+                    resync_started: Mutex::new(None),
+                    resync_rate_seen: AtomicU64::new(0),
+                    degradations: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let m = Arc::new(Mirror {
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            name,
+            id,
+            local,
+            meta,
+            seq: Sequencer::new(1, 1),
+            overlap: OverlapDetector::new(20, 64),
+            legs,
+            resync_rate: AtomicU64::new(cfg.resync_rate),
+            cfg,
+            hs,
+            reactors,
+            stopping: AtomicBool::new(false),
+            lag_ios: AtomicU64::new(0),
+            lag_bytes: AtomicU64::new(0),
+        });
+        for leg in 0..m.legs.len() {
+            let mm = m.clone();
+            if let Some(r) = m.reactors.first() {
+                r.post(move || spawn(supervise(mm, leg)).detach());
+            }
+        }
+        m
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Mirror id.
+    pub fn id(&self) -> MirrorId {
+        self.id
+    }
+
+    /// The local volume.
+    pub fn local(&self) -> &Arc<Volume> {
+        &self.local
+    }
+
+    /// The metadata.
+    pub fn meta(&self) -> &Arc<MirrorMeta> {
+        &self.meta
+    }
+
+    /// Leg states.
+    pub fn leg_states(&self) -> Vec<LegState> {
+        self.legs.iter().map(|l| l.state()).collect()
+    }
+
+    /// Total bytes resync copied to a leg.
+    pub fn resync_copied(&self, leg: usize) -> u64 {
+        self.legs
+            .get(leg)
+            .map_or(0, |l| l.resync_copied.load(Ordering::Relaxed))
+    }
+
+    /// Changes the resync bandwidth cap.
+    pub fn set_resync_rate(&self, bps: u64) {
+        self.resync_rate.store(bps, Ordering::Relaxed);
+    }
+
+    /// Status for the RPC.
+    pub fn status(&self) -> MirrorStatus {
+        let g = self.meta.generations();
+        let rs = self.meta.region_size();
+        let next = self.seq.peek();
+        MirrorStatus {
+            name: self.name.clone(),
+            mirror_id: self.id.0,
+            local_volume: self.local.name().to_string(),
+            generation: format!("{:016x}", g.current),
+            ack: self.cfg.ack,
+            region_size: rs,
+            next_seq: next.seq,
+            epoch: next.epoch,
+            lag_ios: self.lag_ios.load(Ordering::Relaxed),
+            lag_bytes: self.lag_bytes.load(Ordering::Relaxed),
+            resync_rate_limit: self.resync_rate.load(Ordering::Relaxed),
+            metadata_commits: self.meta.commits(),
+            overlap_waits: self.overlap.waits(),
+            legs: self
+                .legs
+                .iter()
+                .map(|l| {
+                    let dirty = self.meta.dirty_regions(l.idx);
+                    let total = l.resync_total.load(Ordering::Relaxed);
+                    let done = l.resync_pass_copied.load(Ordering::Relaxed);
+                    let pct = if total == 0 {
+                        100.0
+                    } else {
+                        ((done.min(total) as f64 * 100.0 / total as f64) * 10.0).round() / 10.0
+                    };
+                    LegStatus {
+                        leg: l.idx,
+                        site: l.cfg.site.clone(),
+                        address: l.cfg.address.to_string(),
+                        state: l.state(),
+                        generation: format!("{:016x}", l.remote_gen.load(Ordering::Relaxed)),
+                        dirty_bytes: dirty * rs,
+                        dirty_regions: dirty,
+                        resync_copied_bytes: l.resync_copied.load(Ordering::Relaxed),
+                        resync_total_regions: total,
+                        resync_percent: pct,
+                        resync_rate_bps: l.resync_rate_seen.load(Ordering::Relaxed),
+                        degradations: l.degradations.load(Ordering::Relaxed),
+                        last_error: l
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops the supervisors and links, and closes the metadata cleanly.
+    pub fn stop(&self) {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for leg in &self.legs {
+            leg.link_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        for r in &self.reactors {
+            let uid = self.uid;
+            r.post(move || {
+                LINKS.with(|l| {
+                    l.borrow_mut().retain(|k, v| {
+                        if k.0 == uid {
+                            v.kill();
+                            false
+                        } else {
+                            true
+                        }
+                    })
+                })
+            });
+        }
+        self.meta.close();
+    }
+
+    /// The operator's choice for a refused (`failed`) leg: the local data
+    /// wins. The leg's generation is recorded as the one our bitmap is
+    /// relative to, every region is marked dirty, and the leg reconnects
+    /// and is fully resynced (it adopts our generation at the end).
+    pub fn overwrite_leg(&self, idx: usize) -> Result<(), String> {
+        let leg = self.legs.get(idx).ok_or_else(|| format!("no leg {idx}"))?;
+        if leg.state() != LegState::Failed {
+            return Err(format!("leg {idx} is {:?}, not failed", leg.state()));
+        }
+        let theirs = leg.remote_gen.load(Ordering::SeqCst);
+        self.meta.set_all_dirty(idx);
+        self.meta.update_generations(|g| g.leg_bitmap[idx] = theirs);
+        self.meta.commit_blocking().map_err(|e| e.to_string())?;
+        tracing::warn!(
+            mirror = self.name,
+            leg = idx,
+            "operator chose to overwrite the leg (generation {}) with the local data",
+            gen_str(theirs)
+        );
+        leg.state.store(LegState::Degraded as u8, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A link of leg `idx` on this core failed (or a write to it did).
+    fn leg_failed(&self, idx: usize, gen: u64, reason: &str) {
+        let leg = &self.legs[idx];
+        if leg
+            .link_gen
+            .compare_exchange(gen, gen + 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return; // someone reported this generation's failure already
+        }
+        let prev = LegState::from_u8(leg.state.load(Ordering::SeqCst));
+        if prev.is_live() {
+            leg.state.store(LegState::Degraded as u8, Ordering::SeqCst);
+            leg.degradations.fetch_add(1, Ordering::Relaxed);
+        }
+        *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_string();
+        if !self.stopping.load(Ordering::Relaxed) {
+            tracing::warn!(
+                mirror = self.name,
+                leg = idx,
+                site = leg.cfg.site,
+                "mirror leg degraded ({prev:?} -> Degraded): {reason}"
+            );
+        }
+    }
+
+    fn mark_dirty(&self, leg: usize, offset: u64, len: u64) {
+        let (a, b) = self.meta.regions_of(offset, len);
+        for r in a..=b {
+            self.meta.set_dirty(leg, r);
+        }
+    }
+
+    fn core_link(&self, idx: usize) -> Option<Rc<CoreLink>> {
+        let gen = self.legs[idx].link_gen.load(Ordering::SeqCst);
+        LINKS.with(|l| {
+            l.borrow()
+                .get(&(self.uid, idx))
+                .filter(|c| c.gen == gen && !c.dead.get())
+                .cloned()
+        })
+    }
+
+    /// Sends one write to leg `idx` on this core's link, or records it in
+    /// the leg's bitmap. True when the leg acknowledged it.
+    async fn leg_write(&self, idx: usize, stamp: Stamp, offset: u64, buf: IoBuf) -> bool {
+        let leg = &self.legs[idx];
+        let len = buf.len() as u64;
+        // Dekker with the supervisor's Degraded -> Syncing switch: a write
+        // that saw the leg down has its bit set before the resync scans.
+        leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
+        let link = if leg.state().is_live() {
+            self.core_link(idx)
+        } else {
+            None
+        };
+        let Some(link) = link else {
+            self.mark_dirty(idx, offset, len);
+            leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
+            if leg.state().is_live() {
+                self.leg_failed(
+                    idx,
+                    leg.link_gen.load(Ordering::SeqCst),
+                    "no link on this core",
+                );
+            }
+            return false;
+        };
+        leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
+        let msg = Message::Write(Write {
+            mirror: self.id,
+            seq: SeqNo(stamp.seq),
+            epoch: Epoch(stamp.epoch),
+            flags: WriteFlags::default(),
+            offset: ByteOffset(offset),
+            data: &buf,
+        });
+        let res = link
+            .request(&msg, std::slice::from_ref(&buf), self.cfg.link_timeout)
+            .await;
+        match res {
+            Ok(Reply::Write(Status::Ok)) => true,
+            other => {
+                let reason = match other {
+                    Ok(Reply::Write(s)) => format!("remote write failed: {s:?}"),
+                    Ok(_) => "unexpected reply to a write".to_string(),
+                    Err(e) => e,
+                };
+                // Same Dekker window as above: a bring-up switching the leg
+                // to Syncing either sees this bit or is restarted by it.
+                leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
+                self.mark_dirty(idx, offset, len);
+                if link.kill() {
+                    LINKS.with(|l| {
+                        let mut l = l.borrow_mut();
+                        if l.get(&(self.uid, idx))
+                            .is_some_and(|c| Rc::ptr_eq(c, &link))
+                        {
+                            l.remove(&(self.uid, idx));
+                        }
+                    });
+                }
+                // Whatever link this was (even one of an older link
+                // generation), a bit set while the leg is live must send the
+                // leg through another resync pass.
+                if leg.state().is_live() {
+                    self.leg_failed(idx, leg.link_gen.load(Ordering::SeqCst), &reason);
+                } else {
+                    self.leg_failed(idx, link.gen, &reason);
+                }
+                leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
+                false
+            }
+        }
+    }
+
+    async fn leg_flush(&self, idx: usize) {
+        let leg = &self.legs[idx];
+        if !leg.state().is_live() {
+            return;
+        }
+        let Some(link) = self.core_link(idx) else {
+            return;
+        };
+        let stamp = self.seq.peek();
+        let msg = Message::Flush(Flush {
+            mirror: self.id,
+            seq: SeqNo(stamp.seq),
+            epoch: Epoch(stamp.epoch),
+        });
+        match link.request(&msg, &[], self.cfg.link_timeout).await {
+            Ok(Reply::Flush(Status::Ok)) => {}
+            other => {
+                let reason = match other {
+                    Ok(Reply::Flush(s)) => format!("remote flush failed: {s:?}"),
+                    Ok(_) => "unexpected reply to a flush".into(),
+                    Err(e) => e,
+                };
+                if link.kill() {
+                    LINKS.with(|l| l.borrow_mut().remove(&(self.uid, idx)));
+                }
+                self.leg_failed(idx, link.gen, &reason);
+            }
+        }
+    }
+
+    fn our_exchange(&self, idx: usize, flags: GenerationFlags) -> GenerationExchange {
+        let g = self.meta.generations();
+        GenerationExchange {
+            mirror: self.id,
+            leg: LegId(idx as u32),
+            current: Generation(g.current),
+            bitmap: Generation(g.leg_bitmap[idx]),
+            history: [Generation(g.history[0]), Generation(g.history[1])],
+            flags,
+        }
+    }
+}
+
+/// A leg's part of a mirrored I/O: the local leg's result, or `None`.
+type LegFuture<'a> = Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>> + 'a>>;
+
+/// The per-core handle front ends use (through [`VolumeChannel`]).
+pub struct MirrorChannel {
+    mirror: Arc<Mirror>,
+    local: VolumeChannel,
+    lag: Rc<LocalSemaphore>,
+}
+
+impl MirrorChannel {
+    /// Opens a channel on this reactor.
+    pub fn new(mirror: &Arc<Mirror>) -> MirrorChannel {
+        MirrorChannel {
+            local: mirror.local.channel(),
+            lag: LAG.with(|l| {
+                l.borrow_mut()
+                    .entry(mirror.uid)
+                    .or_insert_with(|| Rc::new(LocalSemaphore::new(mirror.cfg.max_lag_ios.max(1))))
+                    .clone()
+            }),
+            mirror: mirror.clone(),
+        }
+    }
+
+    /// Reads are served by the local leg.
+    pub async fn read(
+        &self,
+        offset: ByteOffset,
+        buf: IoBufMut,
+    ) -> (Result<(), VolumeError>, IoBufMut) {
+        self.local.read(offset, buf).await
+    }
+
+    /// A mirrored write (see the module notes).
+    pub async fn write(&self, offset: ByteOffset, buf: IoBuf) -> (Result<(), VolumeError>, IoBuf) {
+        let m = &self.mirror;
+        let len = buf.len() as u64;
+        let guard = m.overlap.lock(offset.0, offset.0 + len);
+        guard.ready().await;
+        let stamp = m.seq.next();
+        if let Err(e) = m.meta.begin_write(offset.0, len).await {
+            m.meta.end_write(offset.0, len);
+            return (Err(VolumeError::Io(e)), buf);
+        }
+        match m.cfg.ack {
+            AckPolicy::Sync => {
+                let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
+                let lb = buf.clone();
+                futs.push(Box::pin(async move {
+                    Some(self.local.write(offset, lb).await.0)
+                }));
+                for idx in 0..m.legs.len() {
+                    let b = buf.clone();
+                    futs.push(Box::pin(async move {
+                        m.leg_write(idx, stamp, offset.0, b).await;
+                        None
+                    }));
+                }
+                let out = join_all(futs).await;
+                m.meta.end_write(offset.0, len);
+                drop(guard);
+                let local = out.into_iter().flatten().next().unwrap_or(Ok(()));
+                (local, buf)
+            }
+            AckPolicy::Async => {
+                let permit = self.lag.acquire().await;
+                let (res, b) = self.local.write(offset, buf).await;
+                if res.is_err() {
+                    m.meta.end_write(offset.0, len);
+                    return (res, b);
+                }
+                m.lag_ios.fetch_add(1, Ordering::Relaxed);
+                m.lag_bytes.fetch_add(len, Ordering::Relaxed);
+                let mm = m.clone();
+                let data = b.clone();
+                spawn(async move {
+                    let legs = (0..mm.legs.len()).map(|idx| {
+                        let d = data.clone();
+                        let mm = &mm;
+                        Box::pin(async move {
+                            mm.leg_write(idx, stamp, offset.0, d).await;
+                        }) as Pin<Box<dyn Future<Output = ()> + '_>>
+                    });
+                    join_all(legs.collect()).await;
+                    mm.meta.end_write(offset.0, len);
+                    mm.lag_ios.fetch_sub(1, Ordering::Relaxed);
+                    mm.lag_bytes.fetch_sub(len, Ordering::Relaxed);
+                    drop(guard);
+                    drop(permit);
+                })
+                .detach();
+                (Ok(()), b)
+            }
+        }
+    }
+
+    /// Flushes the local leg and every live remote leg.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let m = &self.mirror;
+        if m.cfg.ack == AckPolicy::Async {
+            // Writes already completed to the host must reach the legs first
+            // (each either acknowledges them or has them in its bitmap).
+            let t0 = Instant::now();
+            while m.lag_ios.load(Ordering::Acquire) > 0 && t0.elapsed() < m.cfg.link_timeout * 2 {
+                sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
+        for idx in 0..m.legs.len() {
+            futs.push(Box::pin(async move {
+                m.leg_flush(idx).await;
+                None
+            }));
+        }
+        join_all(futs)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or(Ok(()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Links and the supervisor.
+
+/// Connects one link of leg `idx` on the current core, authenticates, and
+/// exchanges generations. With `install`, the link becomes this core's link
+/// of the leg (tagged with link generation `gen`).
+async fn connect_link(
+    m: Arc<Mirror>,
+    idx: usize,
+    gen: u64,
+    install: bool,
+) -> Result<(Rc<CoreLink>, GenerationExchange), String> {
+    let leg = &m.legs[idx];
+    let t = m.cfg.link_timeout;
+    let conn = Conn::connect(leg.cfg.address, t)
+        .await
+        .map_err(|e| format!("connect {}: {e}", leg.cfg.address))?;
+    conn.handshake_initiator(m.hs.clone(), t)
+        .await
+        .map_err(|e| format!("handshake with {}: {e}", leg.cfg.address))?;
+    // This side receives only small frames: read them in bulk.
+    conn.set_batched();
+    let link = Rc::new(CoreLink {
+        conn: Rc::new(conn),
+        gen,
+        pending: RefCell::new(HashMap::new()),
+        // The high half of the tags names the link session (the leg's link
+        // generation): the leg fences writes of links of another session
+        // once a new session opened (see service::serve_leg).
+        next_tag: Cell::new((gen << 32) | 1),
+        dead: Cell::new(false),
+        last_rx: Cell::new(Instant::now()),
+    });
+    spawn(receive_loop(m.clone(), idx, link.clone())).detach();
+    let ours = m.our_exchange(idx, GenerationFlags::PRIMARY);
+    let theirs = match link
+        .request(&Message::GenerationExchange(ours), &[], t)
+        .await
+    {
+        Ok(Reply::Gen(g)) => g,
+        Ok(_) => {
+            link.kill();
+            return Err("unexpected answer to the generation exchange".into());
+        }
+        Err(e) => {
+            link.kill();
+            return Err(format!("generation exchange: {e}"));
+        }
+    };
+    if install {
+        spawn(watchdog(m.clone(), idx, link.clone())).detach();
+        let old = LINKS.with(|l| l.borrow_mut().insert((m.uid, idx), link.clone()));
+        if let Some(old) = old {
+            old.kill();
+        }
+    }
+    Ok((link, theirs))
+}
+
+async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
+    let reason = loop {
+        let f = match link.conn.recv().await {
+            Ok(f) => f,
+            Err(e) => break format!("receive: {e}"),
+        };
+        link.last_rx.set(Instant::now());
+        let framer = link.conn.framer();
+        let (tag, msg) = match f.message(&framer) {
+            Ok(x) => x,
+            Err(e) => break format!("malformed message from the leg: {e}"),
+        };
+        let reply = match msg {
+            Message::WriteAck(a) => Reply::Write(a.status),
+            Message::FlushAck(a) => Reply::Flush(a.status),
+            Message::GenerationExchange(g) => Reply::Gen(g),
+            Message::HeartbeatAck(_) => continue,
+            Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
+            other => break format!("unexpected {:?} from the leg", other.msg_type()),
+        };
+        let tx = link.pending.borrow_mut().remove(&tag.0);
+        if let Some(tx) = tx {
+            tx.send(reply);
+        }
+    };
+    if link.kill() {
+        LINKS.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.get(&(m.uid, idx)).is_some_and(|c| Rc::ptr_eq(c, &link)) {
+                l.remove(&(m.uid, idx));
+            }
+        });
+        m.leg_failed(idx, link.gen, &reason);
+    }
+}
+
+async fn watchdog(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
+    let t = m.cfg.link_timeout;
+    let beat = (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut counter = 0u64;
+    loop {
+        sleep(beat).await;
+        if link.dead.get() {
+            return;
+        }
+        if link.last_rx.get().elapsed() > t {
+            if link.kill() {
+                LINKS.with(|l| {
+                    let mut l = l.borrow_mut();
+                    if l.get(&(m.uid, idx)).is_some_and(|c| Rc::ptr_eq(c, &link)) {
+                        l.remove(&(m.uid, idx));
+                    }
+                });
+                m.leg_failed(idx, link.gen, &format!("no answer for {t:?} (heartbeat)"));
+            }
+            return;
+        }
+        counter += 1;
+        let l = link.clone();
+        spawn(async move {
+            let hb = Message::Heartbeat(Heartbeat {
+                counter,
+                sent: Timestamp(now_ns()),
+            });
+            let _ = timeout(Duration::from_secs(5), l.conn.send(RequestTag(0), &hb, &[])).await;
+        })
+        .detach();
+    }
+}
+
+fn gen_str(g: u64) -> String {
+    format!("{g:016x}")
+}
+
+/// Decides what a connect means, from both sides' generations.
+fn plan(m: &Mirror, idx: usize, theirs: &GenerationExchange) -> Result<Plan, String> {
+    let g = m.meta.generations();
+    if theirs.flags.0 & (GenerationFlags::PRIMARY.0 | GenerationFlags::CRASHED_PRIMARY.0) != 0
+        || theirs.bitmap.0 != 0
+    {
+        return Err(format!(
+            "split brain: the leg at {} has been written as a primary (generation {}, bitmap {}); refusing to resync, the operator must choose which data survives",
+            m.legs[idx].cfg.site,
+            gen_str(theirs.current.0),
+            gen_str(theirs.bitmap.0)
+        ));
+    }
+    let r = theirs.current.0;
+    if r == g.current || (r != 0 && r == g.leg_bitmap[idx]) {
+        // Same data generation, or the generation our bitmap for this leg
+        // is relative to (after an operator chose to overwrite the leg).
+        return Ok(Plan::Incremental);
+    }
+    if r == 0 {
+        // A blank (or never fully synced) leg: our bitmap is relative to
+        // nothing unless we never completed a sync to it.
+        return Ok(if g.leg_bitmap[idx] == 0 {
+            Plan::Incremental
+        } else {
+            Plan::Full
+        });
+    }
+    Err(format!(
+        "unrelated data: the leg at {} holds generation {}, ours is {} (history {}, {}); refusing to mix them, the operator must choose",
+        m.legs[idx].cfg.site,
+        gen_str(r),
+        gen_str(g.current),
+        gen_str(g.history[0]),
+        gen_str(g.history[1])
+    ))
+}
+
+/// One leg's life: connect, resync, stay synced; start over on failure.
+async fn supervise(m: Arc<Mirror>, idx: usize) {
+    let mut backoff = Duration::from_millis(100);
+    let mut logged_down = false;
+    while !m.stopping.load(Ordering::SeqCst) {
+        let leg = m.legs[idx].clone();
+        match leg.state() {
+            LegState::Failed | LegState::Split => {
+                sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            LegState::Synced => {
+                sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            LegState::Degraded | LegState::Syncing => {}
+        }
+        let gen = leg.link_gen.load(Ordering::SeqCst);
+        match bring_up(&m, idx, gen).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                logged_down = false;
+            }
+            Err(BringUp::Refused(reason)) => {
+                tracing::error!(mirror = m.name, leg = idx, "mirror leg refused: {reason}");
+                *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+                leg.state.store(LegState::Failed as u8, Ordering::SeqCst);
+                leg.link_gen.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(BringUp::Retry(reason)) => {
+                if !logged_down {
+                    tracing::info!(
+                        mirror = m.name,
+                        leg = idx,
+                        "mirror leg not reachable yet: {reason}"
+                    );
+                    logged_down = true;
+                }
+                *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+                if leg.state() == LegState::Syncing {
+                    m.leg_failed(
+                        idx,
+                        leg.link_gen.load(Ordering::SeqCst),
+                        "resync interrupted",
+                    );
+                }
+                sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+enum BringUp {
+    Retry(String),
+    Refused(String),
+}
+
+async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> {
+    let leg = m.legs[idx].clone();
+    // Probe: decide before any core sends a write.
+    let (probe, theirs) = connect_link(m.clone(), idx, gen, false)
+        .await
+        .map_err(BringUp::Retry)?;
+    probe.kill();
+    leg.remote_gen.store(theirs.current.0, Ordering::Relaxed);
+    match plan(m, idx, &theirs).map_err(BringUp::Refused)? {
+        Plan::Incremental => {}
+        Plan::Full => {
+            tracing::warn!(
+                mirror = m.name,
+                leg = idx,
+                "leg came back blank: full resync"
+            );
+            m.meta.set_all_dirty(idx);
+        }
+    }
+    // One link per core.
+    let mut waits = Vec::new();
+    for r in &m.reactors {
+        let mm = m.clone();
+        waits.push(
+            r.spawn(move || async move { connect_link(mm, idx, gen, true).await.map(|_| ()) }),
+        );
+    }
+    for w in waits {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BringUp::Retry(e)),
+            Err(_) => return Err(BringUp::Retry("reactor stopped".into())),
+        }
+    }
+    if leg
+        .state
+        .compare_exchange(
+            LegState::Degraded as u8,
+            LegState::Syncing as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_err()
+        || leg.link_gen.load(Ordering::SeqCst) != gen
+    {
+        return Err(BringUp::Retry("link failed while connecting".into()));
+    }
+    // Writes that saw the leg down have set their bits once this drains.
+    while leg.degraded_inflight.load(Ordering::SeqCst) != 0 {
+        mirrorpoint_poller::yield_now().await;
+    }
+    tracing::info!(
+        mirror = m.name,
+        leg = idx,
+        dirty_regions = m.meta.dirty_regions(idx),
+        "mirror leg connected, resyncing"
+    );
+    resync(m, idx, gen).await.map_err(BringUp::Retry)?;
+    // Leg now holds our data: make it durable there and adopt our generation.
+    let link = m
+        .core_link(idx)
+        .ok_or_else(|| BringUp::Retry("link lost".into()))?;
+    let stamp = m.seq.peek();
+    match link
+        .request(
+            &Message::Flush(Flush {
+                mirror: m.id,
+                seq: SeqNo(stamp.seq),
+                epoch: Epoch(stamp.epoch),
+            }),
+            &[],
+            m.cfg.link_timeout,
+        )
+        .await
+    {
+        Ok(Reply::Flush(Status::Ok)) => {}
+        _ => return Err(BringUp::Retry("flush after resync failed".into())),
+    }
+    let adopt = m.our_exchange(
+        idx,
+        GenerationFlags(GenerationFlags::PRIMARY.0 | GenerationFlags::UP_TO_DATE.0),
+    );
+    match link
+        .request(&Message::GenerationExchange(adopt), &[], m.cfg.link_timeout)
+        .await
+    {
+        Ok(Reply::Gen(g)) if g.current == adopt.current => {
+            leg.remote_gen.store(g.current.0, Ordering::Relaxed);
+        }
+        _ => return Err(BringUp::Retry("leg did not adopt our generation".into())),
+    }
+    let cur = adopt.current.0;
+    m.meta.update_generations(|g| g.leg_bitmap[idx] = cur);
+    m.meta
+        .commit()
+        .await
+        .map_err(|e| BringUp::Retry(format!("metadata: {e}")))?;
+    if m.meta.dirty_regions(idx) != 0 {
+        return Err(BringUp::Retry("regions got dirty during resync".into()));
+    }
+    if leg
+        .state
+        .compare_exchange(
+            LegState::Syncing as u8,
+            LegState::Synced as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_ok()
+    {
+        *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = String::new();
+        tracing::info!(mirror = m.name, leg = idx, "mirror leg synced");
+    }
+    Ok(())
+}
+
+async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
+    let leg = m.legs[idx].clone();
+    let local = m.local.channel();
+    let rs = m.meta.region_size();
+    let size = m.local.size().0;
+    let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+    leg.resync_total
+        .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
+    leg.resync_pass_copied.store(0, Ordering::Relaxed);
+    let started = Instant::now();
+    *leg.resync_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+    let mut copied = 0u64;
+    let mut cursor = 0u64;
+    loop {
+        if m.stopping.load(Ordering::SeqCst)
+            || leg.state() != LegState::Syncing
+            || leg.link_gen.load(Ordering::SeqCst) != gen
+        {
+            return Err("resync interrupted".into());
+        }
+        let Some(r) = m.meta.next_dirty(idx, cursor) else {
+            break;
+        };
+        cursor = r + 1;
+        let start = r * rs;
+        let end = (start + rs).min(size);
+        let guard = m.overlap.lock(start, end);
+        guard.ready().await;
+        if !m.meta.is_dirty(idx, r) {
+            continue;
+        }
+        let link = m.core_link(idx).ok_or("link lost during resync")?;
+        let mut off = start;
+        while off < end {
+            let len = chunk.min(end - off);
+            let b = alloc_wait(len as usize).await.map_err(|e| e.to_string())?;
+            let (res, b) = local.read(ByteOffset(off), b).await;
+            res.map_err(|e| format!("local read for resync: {e}"))?;
+            let data = b.freeze();
+            let stamp = m.seq.peek();
+            let msg = Message::Write(Write {
+                mirror: m.id,
+                seq: SeqNo(stamp.seq),
+                epoch: Epoch(stamp.epoch),
+                flags: WriteFlags::RESYNC,
+                offset: ByteOffset(off),
+                data: &data,
+            });
+            match link
+                .request(&msg, std::slice::from_ref(&data), m.cfg.link_timeout)
+                .await
+            {
+                Ok(Reply::Write(Status::Ok)) => {}
+                Ok(_) => {
+                    m.leg_failed(idx, gen, "resync write refused");
+                    return Err("resync write refused".into());
+                }
+                Err(e) => {
+                    if link.kill() {
+                        LINKS.with(|l| l.borrow_mut().remove(&(m.uid, idx)));
+                    }
+                    m.leg_failed(idx, gen, &format!("resync: {e}"));
+                    return Err(e);
+                }
+            }
+            off += len;
+        }
+        m.meta.clear_dirty(idx, r);
+        drop(guard);
+        copied += end - start;
+        leg.resync_copied.fetch_add(end - start, Ordering::Relaxed);
+        leg.resync_pass_copied.fetch_add(1, Ordering::Relaxed);
+        let el = started.elapsed().as_secs_f64().max(1e-6);
+        leg.resync_rate_seen
+            .store((copied as f64 / el) as u64, Ordering::Relaxed);
+        let rate = m.resync_rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                sleep(wait).await;
+            }
+        }
+    }
+    if copied > 0 {
+        tracing::info!(
+            mirror = m.name,
+            leg = idx,
+            bytes = copied,
+            "resync pass done"
+        );
+    }
+    Ok(())
+}
+
+/// An Error message for refusing a peer.
+pub fn error_msg(code: ErrorCode, text: String) -> Message<'static> {
+    Message::Error(ErrorMsg { code, text })
+}

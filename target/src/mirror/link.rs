@@ -1,0 +1,502 @@
+//! Site-to-site connections on the reactors: frames of [`super::wire`] over a
+//! [`TcpStream`], the authenticated handshake, and small future helpers
+//! (timeout, join) the mirror engine uses.
+//!
+//! A frame is received in three steps straight into pool memory: the 32-byte
+//! fixed header, the message header, then the payload into a pool chunk of
+//! its own, so a replicated write's data lands in memory once and is written
+//! to the leg's device from there. A frame is sent as one `sendmsg`: the
+//! encoded headers (copied, small) and the payload as shared pool chunks.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mirrorpoint_poller::{buffer_pool, sleep, IoBuf, IoBufMut, LocalSemaphore};
+use mirrorpoint_transport::TcpStream;
+
+use super::wire::{
+    Acceptor, Decoded, Established, Framer, HandshakeConfig, HandshakeError, Initiator, Message,
+    MsgType, RequestTag, WireError, FRAME_HEADER_LEN,
+};
+
+/// Why a link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket I/O.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer sent something malformed.
+    #[error("malformed frame: {0}")]
+    Wire(#[from] WireError),
+    /// Authentication or version negotiation failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The peer reported an error and closed.
+    #[error("peer error {code:?}: {text}")]
+    Peer {
+        /// Code.
+        code: super::wire::ErrorCode,
+        /// Text.
+        text: String,
+    },
+    /// Nothing arrived in time.
+    #[error("timed out")]
+    Timeout,
+    /// Unexpected message.
+    #[error("unexpected {0:?}")]
+    Unexpected(MsgType),
+    /// No pool buffer.
+    #[error("no I/O buffer available")]
+    NoBuffer,
+}
+
+/// Runs `f`, or gives up after `d`.
+pub async fn timeout<F: Future>(d: Duration, f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut s = std::pin::pin!(sleep(d));
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if s.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Runs every future to completion concurrently; outputs in order.
+pub async fn join_all<T>(futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let mut futs: Vec<Option<Pin<Box<dyn Future<Output = T> + '_>>>> =
+        futs.into_iter().map(Some).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        let mut pending = false;
+        for (slot, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *o = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+/// A received frame: its header bytes and payload (in a pool chunk).
+pub struct RawFrame {
+    head: Vec<u8>,
+    payload: Option<IoBuf>,
+}
+
+impl RawFrame {
+    /// Decodes (and checks both CRCs of) the frame.
+    pub fn message(&self, framer: &Framer) -> Result<(RequestTag, Message<'_>), WireError> {
+        let payload: &[u8] = self.payload.as_deref().unwrap_or(&[]);
+        let frame = framer.decode_split(&self.head, payload)?;
+        Ok((frame.header.tag, frame.message(framer.limits())?))
+    }
+
+    /// The payload (for writes: it goes to the disk as is).
+    pub fn take_payload(&mut self) -> Option<IoBuf> {
+        self.payload.take()
+    }
+}
+
+/// One site-to-site connection on the current reactor.
+pub struct Conn {
+    stream: TcpStream,
+    framer: Cell<Framer>,
+    send_lock: LocalSemaphore,
+    rx: std::cell::RefCell<RxBuf>,
+    batched: Cell<bool>,
+    head_buf: Cell<Option<IoBufMut>>,
+    /// Peer's site name once authenticated.
+    pub peer: std::cell::RefCell<String>,
+}
+
+impl Conn {
+    /// Wraps a connected stream.
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            framer: Cell::new(Framer::default()),
+            send_lock: LocalSemaphore::new(1),
+            rx: std::cell::RefCell::new(RxBuf::default()),
+            batched: Cell::new(false),
+            head_buf: Cell::new(None),
+            peer: std::cell::RefCell::new(String::new()),
+        }
+    }
+
+    /// Connects to `addr` within `d`.
+    pub async fn connect(addr: SocketAddr, d: Duration) -> Result<Conn, LinkError> {
+        match timeout(d, TcpStream::connect(addr)).await {
+            Some(Ok(s)) => Ok(Conn::new(s)),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(LinkError::Timeout),
+        }
+    }
+
+    /// Receive in bulk from now on (see [`Conn::recv`]): for links that
+    /// receive small frames (the primary's side, acknowledgements). Payloads
+    /// then are slices of shared chunks, not aligned for direct disk I/O.
+    pub fn set_batched(&self) {
+        self.batched.set(true);
+    }
+
+    /// The framer (version negotiated by the handshake).
+    pub fn framer(&self) -> Framer {
+        self.framer.get()
+    }
+
+    /// Tears the socket down now: pending receives and sends fail.
+    pub fn abort(&self) {
+        // SAFETY: shutdown(2) on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+
+    /// Sends one message; `payload` replaces the message's bulk data on the
+    /// wire (same bytes, sent from the pool chunks without a copy).
+    pub async fn send(
+        &self,
+        tag: RequestTag,
+        msg: &Message<'_>,
+        payload: &[IoBuf],
+    ) -> Result<(), LinkError> {
+        let framer = self.framer.get();
+        let mut head = vec![0u8; msg.encoded_head_len()];
+        let enc = msg.encode(&framer, tag, &mut head)?;
+        head.truncate(enc.len);
+        let _permit = self.send_lock.acquire().await;
+        if payload.is_empty() && !enc.trailer.is_empty() {
+            head.extend_from_slice(enc.trailer);
+            self.stream.send_vectored_all(&head, &[]).await?;
+        } else {
+            self.stream.send_vectored_all(&head, payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives one frame.
+    ///
+    /// In batched mode, bytes are received in bulk into a pool chunk and as many frames as
+    /// arrived are cut out of it, their payloads being slices of that chunk
+    /// (one receive for many small frames such as acknowledgements). A large
+    /// payload is received straight into a chunk of its own instead, after
+    /// moving the few bytes of it that already arrived; a partial small frame
+    /// at the end of a chunk is moved to the next one. No payload is copied
+    /// otherwise.
+    pub async fn recv(&self) -> Result<RawFrame, LinkError> {
+        if !self.batched.get() {
+            return self.recv_exact_frame().await;
+        }
+        let framer = self.framer.get();
+        loop {
+            let (header, avail) = {
+                let rx = self.rx.borrow();
+                let bytes: &[u8] = rx.buf.as_deref().map_or(&[], |b| &b[rx.start..rx.end]);
+                let avail = bytes.len();
+                match framer.decode_head(bytes)? {
+                    Decoded::NeedMore(_) => (None, avail),
+                    Decoded::Complete { value, consumed } => (Some((value, consumed)), avail),
+                }
+            };
+            if let Some((h, hl)) = header {
+                let total = hl + h.payload_len as usize;
+                let len = h.payload_len as usize;
+                let step = {
+                    let mut rx = self.rx.borrow_mut();
+                    let start = rx.start;
+                    let Some(buf) = rx.buf.clone() else {
+                        return Err(LinkError::NoBuffer);
+                    };
+                    let head = buf[start..start + hl].to_vec();
+                    if avail >= total {
+                        rx.start += total;
+                        let payload = (len > 0).then(|| buf.slice(start + hl, len)).flatten();
+                        return Ok(RawFrame { head, payload });
+                    }
+                    if len > DIRECT_PAYLOAD {
+                        // Large payload: its own chunk, straight from the socket.
+                        rx.start = rx.end;
+                        Some((head, buf[start + hl..start + avail].to_vec()))
+                    } else {
+                        None
+                    }
+                };
+                if let Some((head, prefix)) = step {
+                    let have = prefix.len();
+                    let mut pb = alloc_wait(len).await?;
+                    pb[..have].copy_from_slice(&prefix);
+                    let (r, pb) = self.stream.recv_exact(pb, have..len).await;
+                    r?;
+                    return Ok(RawFrame {
+                        head,
+                        payload: Some(pb.freeze()),
+                    });
+                }
+            }
+            self.refill().await?;
+        }
+    }
+
+    /// Receives one frame, reading exactly its bytes: header, then the
+    /// payload into a chunk of its own (aligned for the disk).
+    async fn recv_exact_frame(&self) -> Result<RawFrame, LinkError> {
+        let framer = self.framer.get();
+        let mut hb = match self.head_buf.take() {
+            Some(b) => b,
+            None => alloc_wait(256).await?,
+        };
+        let (r, b) = self.stream.recv_exact(hb, 0..FRAME_HEADER_LEN).await;
+        hb = b;
+        if let Err(e) = r {
+            self.head_buf.set(Some(hb));
+            return Err(e.into());
+        }
+        let hl = match framer.decode_head(&hb[..FRAME_HEADER_LEN]) {
+            Ok(Decoded::NeedMore(n)) => FRAME_HEADER_LEN + n,
+            Ok(Decoded::Complete { consumed, .. }) => consumed,
+            Err(e) => {
+                self.head_buf.set(Some(hb));
+                return Err(e.into());
+            }
+        };
+        if hl > hb.len() {
+            self.head_buf.set(Some(hb));
+            return Err(LinkError::Wire(WireError::BufferTooSmall {
+                needed: hl,
+                available: 256,
+            }));
+        }
+        let (r, b) = self.stream.recv_exact(hb, FRAME_HEADER_LEN..hl).await;
+        hb = b;
+        if let Err(e) = r {
+            self.head_buf.set(Some(hb));
+            return Err(e.into());
+        }
+        let h = match framer.decode_head(&hb[..hl]) {
+            Ok(Decoded::Complete { value, .. }) => value,
+            Ok(Decoded::NeedMore(_)) => {
+                self.head_buf.set(Some(hb));
+                return Err(LinkError::Wire(WireError::BufferTooSmall {
+                    needed: hl,
+                    available: hl,
+                }));
+            }
+            Err(e) => {
+                self.head_buf.set(Some(hb));
+                return Err(e.into());
+            }
+        };
+        let head = hb[..hl].to_vec();
+        self.head_buf.set(Some(hb));
+        let payload = if h.payload_len > 0 {
+            let len = h.payload_len as usize;
+            let pb = alloc_wait(len).await?;
+            let (r, pb) = self.stream.recv_exact(pb, 0..len).await;
+            r?;
+            Some(pb.freeze())
+        } else {
+            None
+        };
+        Ok(RawFrame { head, payload })
+    }
+
+    /// Receives more bytes into a fresh chunk, after moving the unparsed tail.
+    async fn refill(&self) -> Result<(), LinkError> {
+        let pool = buffer_pool();
+        let cap = pool.chunk_size();
+        let mut nb = alloc_wait(cap).await?;
+        let left = {
+            let rx = self.rx.borrow();
+            let tail: &[u8] = rx.buf.as_deref().map_or(&[], |b| &b[rx.start..rx.end]);
+            if tail.len() >= cap {
+                return Err(LinkError::NoBuffer);
+            }
+            nb[..tail.len()].copy_from_slice(tail);
+            tail.len()
+        };
+        let (r, nb) = self.stream.recv(nb, left..cap).await;
+        let n = r?;
+        if n == 0 {
+            return Err(LinkError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed by peer",
+            )));
+        }
+        let mut rx = self.rx.borrow_mut();
+        rx.buf = Some(nb.freeze());
+        rx.start = 0;
+        rx.end = left + n;
+        Ok(())
+    }
+
+    /// Sends an Error message and closes.
+    pub async fn refuse(&self, msg: Message<'_>) {
+        let _ = timeout(Duration::from_secs(1), self.send(RequestTag(0), &msg, &[])).await;
+        self.abort();
+    }
+
+    /// Runs the initiator side of the handshake.
+    pub async fn handshake_initiator(
+        &self,
+        cfg: HandshakeConfig,
+        d: Duration,
+    ) -> Result<Established, LinkError> {
+        match timeout(d, self.initiator_inner(cfg)).await {
+            Some(r) => r,
+            None => Err(LinkError::Timeout),
+        }
+    }
+
+    async fn initiator_inner(&self, cfg: HandshakeConfig) -> Result<Established, LinkError> {
+        let (mut m, hello) = Initiator::start(cfg)?;
+        self.send(RequestTag(0), &hello, &[]).await?;
+        loop {
+            let f = self.recv().await?;
+            let (_, msg) = f.message(&self.framer.get())?;
+            if let Message::Error(e) = &msg {
+                return Err(LinkError::Peer {
+                    code: e.code,
+                    text: e.text.clone(),
+                });
+            }
+            let step = match m.handle(&msg) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.refuse(e.to_wire()).await;
+                    return Err(e.into());
+                }
+            };
+            for s in &step.send {
+                self.send(RequestTag(0), s, &[]).await?;
+            }
+            if let Some(est) = step.established {
+                self.established(&est);
+                return Ok(est);
+            }
+        }
+    }
+
+    /// Runs the acceptor side of the handshake.
+    pub async fn handshake_acceptor(
+        &self,
+        cfg: HandshakeConfig,
+        d: Duration,
+    ) -> Result<Established, LinkError> {
+        match timeout(d, self.acceptor_inner(cfg)).await {
+            Some(r) => r,
+            None => Err(LinkError::Timeout),
+        }
+    }
+
+    async fn acceptor_inner(&self, cfg: HandshakeConfig) -> Result<Established, LinkError> {
+        let mut m = Acceptor::new(cfg)?;
+        loop {
+            let f = match self.recv().await {
+                Ok(f) => f,
+                Err(LinkError::Wire(e)) => {
+                    // Not our protocol, or another major version: say so.
+                    let he = match e {
+                        WireError::VersionMismatch { ours, theirs } => {
+                            HandshakeError::VersionMismatch {
+                                ours: super::wire::VersionRange::new(ours, ours)
+                                    .unwrap_or(super::wire::VersionRange::CURRENT),
+                                theirs: super::wire::VersionRange::new(theirs, theirs)
+                                    .unwrap_or(super::wire::VersionRange::CURRENT),
+                            }
+                        }
+                        _ => {
+                            self.abort();
+                            return Err(LinkError::Wire(e));
+                        }
+                    };
+                    self.refuse(he.to_wire()).await;
+                    return Err(he.into());
+                }
+                Err(e) => return Err(e),
+            };
+            let (_, msg) = f.message(&self.framer.get())?;
+            let step = match m.handle(&msg) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.refuse(e.to_wire()).await;
+                    return Err(e.into());
+                }
+            };
+            for s in &step.send {
+                self.send(RequestTag(0), s, &[]).await?;
+            }
+            if let Some(est) = step.established {
+                self.established(&est);
+                return Ok(est);
+            }
+        }
+    }
+
+    fn established(&self, est: &Established) {
+        self.framer.set(self.framer.get().with_version(est.version));
+        *self.peer.borrow_mut() = est.peer_name.to_string();
+    }
+
+    /// Gives the socket back as a std stream (to serve it off the reactors),
+    /// or `None` if an operation still holds it.
+    pub fn into_std(self) -> Option<std::net::TcpStream> {
+        self.stream.into_std().ok()
+    }
+}
+
+/// Payloads larger than this are received into a chunk of their own.
+const DIRECT_PAYLOAD: usize = 16 * 1024;
+
+/// Received bytes not yet cut into frames: `buf[start..end]`.
+#[derive(Default)]
+pub struct RxBuf {
+    buf: Option<IoBuf>,
+    start: usize,
+    end: usize,
+}
+
+/// A pool chunk of `len` bytes, waiting briefly for one to come free.
+pub async fn alloc_wait(len: usize) -> Result<IoBufMut, LinkError> {
+    let pool = buffer_pool();
+    if len > pool.chunk_size() {
+        return Err(LinkError::NoBuffer);
+    }
+    for _ in 0..5000 {
+        if let Some(b) = pool.alloc(len) {
+            return Ok(b);
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    Err(LinkError::NoBuffer)
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
