@@ -2,8 +2,11 @@
 # libiscsi's conformance suite (iscsi-test-cu -t ALL) against mirrorpoint,
 # optionally against tgt too, recorded in docs/iscsi-conformance.md.
 #
-#   scripts/iscsi-conformance.sh            run against mirrorpoint, write the doc,
-#                                           fail when passes drop below the floor
+#   scripts/iscsi-conformance.sh            run against mirrorpoint, fail when passes
+#                                           drop below the floor; raw output and
+#                                           table go to build/iscsi-conformance/
+#   scripts/iscsi-conformance.sh --record   also write them into docs/ (the table
+#                                           in docs/iscsi-conformance.md)
 #   scripts/iscsi-conformance.sh --tgt      also (re)run against tgt (tgtd) and
 #                                           record its raw output in docs/
 #
@@ -14,7 +17,16 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 WITH_TGT=0
-[ "${1:-}" = "--tgt" ] && WITH_TGT=1
+RECORD=0
+for arg in "$@"; do
+    case $arg in
+        --tgt) WITH_TGT=1; RECORD=1 ;;
+        --record) RECORD=1 ;;
+        *) echo "usage: $0 [--record] [--tgt]" >&2; exit 2 ;;
+    esac
+done
+OUT=build/iscsi-conformance
+mkdir -p "$OUT"
 
 INIT1=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test
 INIT2=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2
@@ -94,7 +106,8 @@ grep -q ready "$WORK/mirrorpoint.log" || { cat "$WORK/mirrorpoint.log"; echo "mi
 echo "== iscsi-test-cu -t ALL against mirrorpoint (LUN 1)"
 run_suite "iscsi://127.0.0.1:$PORT/$IQN/1" "$WORK/ours.txt"
 kill "${PIDS[0]}" 2>/dev/null || true
-cp "$WORK/ours.txt" docs/iscsi-conformance-mirrorpoint.txt
+cp "$WORK/ours.txt" "$OUT/mirrorpoint.txt"
+[ "$RECORD" = 0 ] || cp "$WORK/ours.txt" docs/iscsi-conformance-mirrorpoint.txt
 
 if [ "$WITH_TGT" = 1 ]; then
     need_pkg tgtd tgt
@@ -116,7 +129,12 @@ fi
 
 TGT_ARG=()
 [ -f "$TGT_RAW" ] && TGT_ARG=("$TGT_RAW")
-python3 scripts/iscsi_conformance_report.py markdown "$WORK/ours.txt" "${TGT_ARG[@]}" >"$DOC"
+python3 scripts/iscsi_conformance_report.py markdown "$WORK/ours.txt" "${TGT_ARG[@]}" >"$OUT/report.md"
+if [ "$RECORD" = 1 ]; then
+    cp "$OUT/report.md" "$DOC"
+else
+    DOC=$OUT/report.md
+fi
 read -r PASS FAIL SKIP TOTAL < <(python3 scripts/iscsi_conformance_report.py summary "$WORK/ours.txt")
 FLOOR=$(grep -v '^#' "$FLOOR_FILE" | head -1)
 echo "== mirrorpoint: $PASS passed, $FAIL failed, $SKIP skipped of $TOTAL (floor $FLOOR); table in $DOC"
