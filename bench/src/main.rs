@@ -12,6 +12,7 @@ fn run(cli: Cli) -> Result<(), BenchError> {
         Command::Local(args) => {
             let config = args.validate()?;
             let report = run_local(&config)?;
+            output::write_plot(&report, config.timeline.as_ref())?;
             if args.json {
                 println!("{}", output::json(&report));
             } else {
@@ -22,6 +23,7 @@ fn run(cli: Cli) -> Result<(), BenchError> {
         Command::Nvmf(args) => {
             let config = args.validate()?;
             let report = run_nvmf(&config)?;
+            output::write_plot(&report, config.load.timeline.as_ref())?;
             if args.json {
                 println!("{}", output::json(&report));
             } else {
