@@ -40,6 +40,8 @@ pub enum Command {
     Local(LocalArgs),
     /// The same load on a namespace over NVMe/TCP, with our userspace initiator.
     Nvmf(NvmfArgs),
+    /// Plain TCP throughput between two addresses (the yardstick of the mirror goals).
+    Tcp(crate::tcp::TcpArgs),
 }
 
 /// The backend of the volume under test.

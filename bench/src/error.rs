@@ -59,6 +59,9 @@ pub enum BenchError {
         /// Why it did not run.
         error: std::io::Error,
     },
+    /// The TCP throughput run failed.
+    #[error("tcp: {0}")]
+    Tcp(String),
     /// An output file could not be written.
     #[error("cannot write {path}: {error}")]
     Output {

@@ -20,6 +20,18 @@ fn run(cli: Cli) -> Result<(), BenchError> {
             }
             Ok(())
         }
+        Command::Tcp(args) => {
+            let r = mirrorpoint_bench::tcp::run_tcp(&args)?;
+            if args.json {
+                println!("{}", output::json_value(&r));
+            } else {
+                println!(
+                    "tcp: {} stream(s) to {}, {} B sends: {:.0} MiB/s over {:.2} s",
+                    r.streams, r.to, r.bs, r.mib_s, r.time_s
+                );
+            }
+            Ok(())
+        }
         Command::Nvmf(args) => {
             let config = args.validate()?;
             let report = run_nvmf(&config)?;

@@ -34,6 +34,11 @@ pub fn write_plot(report: &Report, cfg: Option<&TimelineConfig>) -> Result<(), B
 
 /// The report as one JSON object (no trailing newline).
 pub fn json(report: &Report) -> String {
+    json_value(report)
+}
+
+/// Any report as one JSON object (no trailing newline).
+pub fn json_value<T: serde::Serialize>(report: &T) -> String {
     // Serialising plain structs of numbers and strings cannot fail; fall back
     // to an error object rather than panicking if it ever does.
     serde_json::to_string_pretty(report)
