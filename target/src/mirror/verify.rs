@@ -632,13 +632,43 @@ async fn run_job(m: &Arc<Mirror>) -> Result<(), Stop> {
     run_check(m).await
 }
 
-/// Rate limiting: sleeps until `done` bytes are due at the current cap.
-async fn pace(m: &Mirror, started: Instant, done: u64) {
-    let rate = m.verify_state().rate.load(Ordering::Relaxed);
-    if rate > 0 {
-        let due = Duration::from_secs_f64(done as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            sleep(wait).await;
+/// Rate limiting: a window that restarts when the cap changes.
+struct Pacer {
+    started: Instant,
+    done: u64,
+    rate: u64,
+}
+
+impl Pacer {
+    fn new(m: &Mirror) -> Pacer {
+        Pacer {
+            started: Instant::now(),
+            done: 0,
+            rate: m.verify_state().rate.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts `bytes` and sleeps until they are due at the current cap (in
+    /// slices, so a changed cap or a cancel takes effect at once).
+    async fn pace(&mut self, m: &Mirror, bytes: u64) -> Result<(), Stop> {
+        self.done += bytes;
+        loop {
+            check_stop(m)?;
+            let rate = m.verify_state().rate.load(Ordering::Relaxed);
+            if rate != self.rate {
+                self.rate = rate;
+                self.started = Instant::now();
+                self.done = 0;
+                return Ok(());
+            }
+            if rate == 0 {
+                return Ok(());
+            }
+            let due = Duration::from_secs_f64(self.done as f64 / rate as f64);
+            match due.checked_sub(self.started.elapsed()) {
+                Some(wait) if !wait.is_zero() => sleep(wait.min(Duration::from_millis(100))).await,
+                _ => return Ok(()),
+            }
         }
     }
 }
@@ -658,6 +688,7 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
     let step = step_len(m);
     let started = Instant::now();
     let mut done = 0u64;
+    let mut pacer = Pacer::new(m);
     let mut last_persist = Instant::now();
     for span in scope {
         let end = span.offset.saturating_add(span.length);
@@ -689,13 +720,14 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
                 done += next - at;
                 job.rate_bps = (done as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64;
             }
+            let bytes = next - at;
             cursor = next;
             at = next;
             if last_persist.elapsed() >= PERSIST_EVERY {
                 persist(m).await;
                 last_persist = Instant::now();
             }
-            pace(m, started, done).await;
+            pacer.pace(m, bytes).await?;
         }
     }
     Ok(())
@@ -848,8 +880,7 @@ async fn run_repair(m: &Arc<Mirror>) -> Result<(), Stop> {
     let vs = m.verify_state();
     let rs = m.meta().region_size();
     let size = m.local().size().0;
-    let started = Instant::now();
-    let mut done = 0u64;
+    let mut pacer = Pacer::new(m);
     let mut last_persist = Instant::now();
     loop {
         check_stop(m)?;
@@ -888,12 +919,11 @@ async fn run_repair(m: &Arc<Mirror>) -> Result<(), Stop> {
                 }
             }
         }
-        done += end - off;
         if last_persist.elapsed() >= PERSIST_EVERY {
             persist(m).await;
             last_persist = Instant::now();
         }
-        pace(m, started, done).await;
+        pacer.pace(m, end - off).await?;
     }
     // Repaired: verify exactly those ranges again.
     {
