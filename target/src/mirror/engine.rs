@@ -780,6 +780,20 @@ impl MirrorChannel {
         }
     }
 
+    /// A FUA write: the write, then a flush of every leg (so it is durable
+    /// on every live leg when it completes, as the host asked).
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        let (r, buf) = self.write(offset, buf).await;
+        if r.is_err() {
+            return (r, buf);
+        }
+        (self.flush().await, buf)
+    }
+
     /// Flushes the local leg and every live remote leg.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let m = &self.mirror;
