@@ -166,12 +166,17 @@ pub struct Mirror {
     stopping: AtomicBool,
     lag_ios: AtomicU64,
     lag_bytes: AtomicU64,
+    verify: super::verify::VerifyState,
 }
 
-enum Reply {
+pub(super) enum Reply {
     Write(Status),
     Flush(Status),
     Gen(GenerationExchange),
+    /// Per-region digests (packed), for the consistency check.
+    Digest(Status, Vec<u8>),
+    /// Data of a Read.
+    Read(Status, Vec<u8>),
 }
 
 /// One core's connection to one remote leg.
@@ -367,6 +372,7 @@ impl Mirror {
             stopping: AtomicBool::new(false),
             lag_ios: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(0),
+            verify: super::verify::VerifyState::default(),
         });
         for leg in 0..m.legs.len() {
             let mm = m.clone();
@@ -890,6 +896,8 @@ async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
             Message::WriteAck(a) => Reply::Write(a.status),
             Message::FlushAck(a) => Reply::Flush(a.status),
             Message::GenerationExchange(g) => Reply::Gen(g),
+            Message::RangeDigestResp(r) => Reply::Digest(r.status, r.digests.as_bytes().to_vec()),
+            Message::ReadResp(r) => Reply::Read(r.status, r.data.to_vec()),
             Message::HeartbeatAck(_) => continue,
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
@@ -1257,4 +1265,81 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
 /// An Error message for refusing a peer.
 pub fn error_msg(code: ErrorCode, text: String) -> Message<'static> {
     Message::Error(ErrorMsg { code, text })
+}
+
+// ---------------------------------------------------------------------------
+// What the consistency check and repair (verify.rs) use of the engine.
+
+impl Mirror {
+    pub(super) fn overlap(&self) -> &Arc<OverlapDetector> {
+        &self.overlap
+    }
+
+    pub(super) fn verify_state(&self) -> &super::verify::VerifyState {
+        &self.verify
+    }
+
+    pub(super) fn leg_count(&self) -> usize {
+        self.legs.len()
+    }
+
+    pub(super) fn leg_state(&self, idx: usize) -> LegState {
+        self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
+    }
+
+    pub(super) fn leg_link_gen(&self, idx: usize) -> u64 {
+        self.legs
+            .get(idx)
+            .map_or(0, |l| l.link_gen.load(Ordering::SeqCst))
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn first_reactor(&self) -> Option<&ReactorHandle> {
+        self.reactors.first()
+    }
+
+    pub(super) fn peek_stamp(&self) -> Stamp {
+        self.seq.peek()
+    }
+
+    /// Records `offset..offset+len` in leg `idx`'s dirty bitmap (a resync
+    /// pass copies it once the leg is connected).
+    pub(super) fn mark_leg_dirty(&self, idx: usize, offset: u64, len: u64) {
+        if idx < self.legs.len() {
+            self.mark_dirty(idx, offset, len);
+        }
+    }
+
+    /// One request to leg `idx` on this core's link. A failure drops the
+    /// link and degrades the leg, as for a write.
+    pub(super) async fn leg_request(
+        &self,
+        idx: usize,
+        msg: &Message<'_>,
+        payload: &[IoBuf],
+    ) -> Result<Reply, String> {
+        let link = self
+            .core_link(idx)
+            .ok_or_else(|| format!("leg {idx}: no link on this core"))?;
+        match link.request(msg, payload, self.cfg.link_timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if link.kill() {
+                    LINKS.with(|l| {
+                        let mut l = l.borrow_mut();
+                        if l.get(&(self.uid, idx))
+                            .is_some_and(|c| Rc::ptr_eq(c, &link))
+                        {
+                            l.remove(&(self.uid, idx));
+                        }
+                    });
+                }
+                self.leg_failed(idx, link.gen, &e);
+                Err(e)
+            }
+        }
+    }
 }

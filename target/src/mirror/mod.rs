@@ -11,7 +11,8 @@
 //! - [`meta`]: dirty bitmaps, activity log, generations, on disk;
 //! - [`link`]: frames and handshakes over reactor sockets;
 //! - [`engine`]: the mirrored volume, its legs, resync;
-//! - [`service`]: the site's listener, the remote leg targets, the agents.
+//! - [`service`]: the site's listener, the remote leg targets, the agents;
+//! - [`verify`]: online consistency check by range digests, and repair.
 
 pub mod engine;
 pub mod link;
@@ -19,4 +20,5 @@ pub mod meta;
 pub mod overlap;
 pub mod sequencer;
 pub mod service;
+pub mod verify;
 pub mod wire;
