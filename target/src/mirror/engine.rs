@@ -220,12 +220,17 @@ pub struct Mirror {
     stopping: AtomicBool,
     lag_ios: AtomicU64,
     lag_bytes: AtomicU64,
+    verify: super::verify::VerifyState,
 }
 
-enum Reply {
+pub(super) enum Reply {
     Write(Status),
     Flush(Status),
     Gen(GenerationExchange),
+    /// Per-region digests (packed), for the consistency check.
+    Digest(Status, Vec<u8>),
+    /// Data of a Read.
+    Read(Status, Vec<u8>),
 }
 
 /// One core's connection to one remote leg.
@@ -405,6 +410,7 @@ impl Mirror {
             stopping: AtomicBool::new(false),
             lag_ios: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(0),
+            verify: super::verify::VerifyState::default(),
         });
         for (_, leg) in m.legs.snapshot().iter() {
             m.spawn_supervisor(leg.clone());
@@ -923,6 +929,20 @@ impl MirrorChannel {
         }
     }
 
+    /// A FUA write: the write, then a flush of every leg (so it is durable
+    /// on every live leg when it completes, as the host asked).
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        let (r, buf) = self.write(offset, buf).await;
+        if r.is_err() {
+            return (r, buf);
+        }
+        (self.flush().await, buf)
+    }
+
     /// Flushes the local leg and every live remote leg.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let m = &self.mirror;
@@ -1031,6 +1051,8 @@ async fn receive_loop(m: Arc<Mirror>, leg: Arc<Leg>, link: Rc<CoreLink>) {
             Message::WriteAck(a) => Reply::Write(a.status),
             Message::FlushAck(a) => Reply::Flush(a.status),
             Message::GenerationExchange(g) => Reply::Gen(g),
+            Message::RangeDigestResp(r) => Reply::Digest(r.status, r.digests.as_bytes().to_vec()),
+            Message::ReadResp(r) => Reply::Read(r.status, r.data.to_vec()),
             Message::HeartbeatAck(_) => continue,
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
@@ -1430,4 +1452,89 @@ async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String>
 /// An Error message for refusing a peer.
 pub fn error_msg(code: ErrorCode, text: String) -> Message<'static> {
     Message::Error(ErrorMsg { code, text })
+}
+
+// ---------------------------------------------------------------------------
+// What the consistency check and repair (verify.rs) use of the engine.
+
+impl Mirror {
+    pub(super) fn overlap(&self) -> &Arc<OverlapDetector> {
+        &self.overlap
+    }
+
+    pub(super) fn verify_state(&self) -> &super::verify::VerifyState {
+        &self.verify
+    }
+
+    /// Slots up to the highest one in use (legs are added and removed
+    /// online: a slot below it may be empty, and reports `Failed`).
+    pub(super) fn leg_count(&self) -> usize {
+        self.legs
+            .snapshot()
+            .iter()
+            .map(|(i, _)| i + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn leg_state(&self, idx: usize) -> LegState {
+        self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
+    }
+
+    pub(super) fn leg_link_gen(&self, idx: usize) -> u64 {
+        self.legs
+            .get(idx)
+            .map_or(0, |l| l.link_gen.load(Ordering::SeqCst))
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn first_reactor(&self) -> Option<&ReactorHandle> {
+        self.reactors.first()
+    }
+
+    pub(super) fn peek_stamp(&self) -> Stamp {
+        self.seq.peek()
+    }
+
+    /// Records `offset..offset+len` in leg `idx`'s dirty bitmap (a resync
+    /// pass copies it once the leg is connected).
+    pub(super) fn mark_leg_dirty(&self, idx: usize, offset: u64, len: u64) {
+        if self.legs.get(idx).is_some() {
+            self.mark_dirty(idx, offset, len);
+        }
+    }
+
+    /// One request to leg `idx` on this core's link. A failure drops the
+    /// link and degrades the leg, as for a write.
+    pub(super) async fn leg_request(
+        &self,
+        idx: usize,
+        msg: &Message<'_>,
+        payload: &[IoBuf],
+    ) -> Result<Reply, String> {
+        let leg = self.legs.get(idx).ok_or_else(|| format!("no leg {idx}"))?;
+        let link = self
+            .core_link(&leg)
+            .ok_or_else(|| format!("leg {idx}: no link on this core"))?;
+        match link.request(msg, payload, self.cfg.link_timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if link.kill() {
+                    LINKS.with(|l| {
+                        let mut l = l.borrow_mut();
+                        if l.get(&(self.uid, idx))
+                            .is_some_and(|c| Rc::ptr_eq(c, &link))
+                        {
+                            l.remove(&(self.uid, idx));
+                        }
+                    });
+                }
+                self.leg_failed(&leg, link.gen, &e);
+                Err(e)
+            }
+        }
+    }
 }

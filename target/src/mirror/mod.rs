@@ -13,7 +13,8 @@
 //! - [`engine`]: the mirrored volume, its legs, resync;
 //! - [`legset`]: the versioned leg slots (legs added and removed online);
 //! - [`legops`]: `mirror_add_leg`, `mirror_remove_leg`, auto-replacement;
-//! - [`service`]: the site's listener, the remote leg targets, the agents.
+//! - [`service`]: the site's listener, the remote leg targets, the agents;
+//! - [`verify`]: online consistency check by range digests, and repair.
 
 pub mod engine;
 pub mod legops;
@@ -23,4 +24,5 @@ pub mod meta;
 pub mod overlap;
 pub mod sequencer;
 pub mod service;
+pub mod verify;
 pub mod wire;

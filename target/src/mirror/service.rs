@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mirrorpoint_poller::{oneshot, spawn, IoBuf};
+use mirrorpoint_poller::{oneshot, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::{Acceptor as TcpAcceptor, TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -1210,6 +1210,38 @@ impl Hosted {
         }
     }
 
+    /// Reads `len` bytes of the leg at `offset` into a pool chunk, routed
+    /// by the extent map (a read crossing extents is assembled).
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBufMut, String> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.target.size)
+            .ok_or_else(|| format!("read at {offset} beyond the leg"))?;
+        let mut out = super::link::alloc_wait(len)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (p, ch) in self.target.pieces.iter().zip(&self.chans) {
+            let (a, b) = (offset.max(p.logical), end.min(p.logical + p.len));
+            if a >= b {
+                continue;
+            }
+            let at = ByteOffset(p.offset + (a - p.logical));
+            if a == offset && b == end {
+                let (r, buf) = ch.read(at, out).await;
+                r.map_err(|e| e.to_string())?;
+                return Ok(buf);
+            }
+            let part = super::link::alloc_wait((b - a) as usize)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (r, part) = ch.read(at, part).await;
+            r.map_err(|e| e.to_string())?;
+            let dst = (a - offset) as usize;
+            out[dst..dst + part.len()].copy_from_slice(&part);
+        }
+        Ok(out)
+    }
+
     async fn flush(&self) -> Status {
         let futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>>> = self
             .chans
@@ -1355,6 +1387,65 @@ async fn serve_leg(
                 })
                 .detach();
             }
+            LegMsg::Digest(r) => {
+                // Consistency check: digest the extents here, send only digests.
+                let (c, h) = (conn.clone(), hosted.clone());
+                spawn(async move {
+                    let mut status = super::verify::check_request(&r, h.target.size);
+                    let mut digests = Vec::new();
+                    if status == Status::Ok {
+                        let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+                        let read = async |off: u64, n: usize| h.read(off, n).await;
+                        match super::verify::digest_regions(
+                            read,
+                            r.offset.0,
+                            r.len.0,
+                            u64::from(r.region_size),
+                            chunk,
+                        )
+                        .await
+                        {
+                            Ok(d) => digests = d,
+                            Err(e) => {
+                                tracing::warn!("digest of a hosted leg failed: {e}");
+                                status = Status::IoError;
+                            }
+                        }
+                    }
+                    let list = super::wire::DigestList::from_packed(&digests).unwrap_or_default();
+                    let resp = Message::RangeDigestResp(super::wire::RangeDigestResp {
+                        range: r,
+                        status,
+                        digests: list,
+                    });
+                    let _ = c.send(tag, &resp, &[]).await;
+                })
+                .detach();
+            }
+            LegMsg::Read { offset, len } => {
+                let (c, h) = (conn.clone(), hosted.clone());
+                spawn(async move {
+                    match h.read(offset, len).await {
+                        Ok(b) => {
+                            let b = b.freeze();
+                            let resp = Message::ReadResp(super::wire::ReadResp {
+                                status: Status::Ok,
+                                data: &b,
+                            });
+                            let _ = c.send(tag, &resp, std::slice::from_ref(&b)).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("read of a hosted leg failed: {e}");
+                            let resp = Message::ReadResp(super::wire::ReadResp {
+                                status: Status::IoError,
+                                data: &[],
+                            });
+                            let _ = c.send(tag, &resp, &[]).await;
+                        }
+                    }
+                })
+                .detach();
+            }
             LegMsg::Heartbeat(hb) => {
                 let now = Timestamp(now_ns());
                 let ack = Message::HeartbeatAck(HeartbeatAck {
@@ -1426,6 +1517,11 @@ enum LegMsg {
     },
     Heartbeat(super::wire::Heartbeat),
     Adopt(GenerationExchange),
+    Digest(super::wire::RangeDigest),
+    Read {
+        offset: u64,
+        len: usize,
+    },
     Other(String),
 }
 
@@ -1437,6 +1533,11 @@ fn to_owned_leg(m: Message<'_>) -> LegMsg {
         },
         Message::Flush(f) => LegMsg::Flush { seq: f.seq },
         Message::Heartbeat(h) => LegMsg::Heartbeat(h),
+        Message::RangeDigest(r) => LegMsg::Digest(r),
+        Message::Read(r) => LegMsg::Read {
+            offset: r.offset.0,
+            len: r.len.0 as usize,
+        },
         Message::GenerationExchange(g) if g.flags.0 & GenerationFlags::UP_TO_DATE.0 != 0 => {
             LegMsg::Adopt(g)
         }
@@ -1593,6 +1694,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         engine.stop();
         return Err(err(libc::EEXIST, e.to_string()));
     }
+    super::verify::resume(&engine);
     lock(&svc.mirrors).push((p.clone(), engine));
     super::legops::start_monitor(state);
     tracing::info!(
@@ -1733,6 +1835,7 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     };
     let _ = state.volumes.delete(name);
     m.stop();
+    super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
         if let Ok(r) = serde_json::from_str::<MirrorRecord>(&text) {
@@ -1757,6 +1860,9 @@ pub fn status(state: &DaemonState, name: Option<&str>) -> Result<Value, SvcError
         .filter(|(p, _)| name.map_or(true, |n| n == p.name))
         .map(|(p, m)| {
             let mut v = json!(m.status());
+            let job = super::verify::snapshot(m);
+            v["out_of_sync"] = json!(job.out_of_sync);
+            v["verify"] = json!(job);
             super::legops::decorate_status(state, p, &mut v);
             v
         })
@@ -1917,6 +2023,7 @@ pub fn register(
         let r: RateParams = parse_params(p)?;
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
     })?;
+    register_verify(methods, state)?;
     super::legops::register(methods, state)?;
     Ok(())
 }
@@ -2026,6 +2133,99 @@ pub fn register_diag(
             .map_err(|_| RpcError::internal("reactor stopped"))?;
         let crc = res.map_err(|e| RpcError::app(-libc::EIO, e))?;
         Ok(json!({"crc32c": crc}))
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Consistency check and repair (mirror::verify).
+
+fn find_mirror(state: &DaemonState, name: &str) -> Result<Arc<Mirror>, SvcError> {
+    lock(&state.mirror.mirrors)
+        .iter()
+        .find(|(p, _)| p.name == name)
+        .map(|(_, m)| m.clone())
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))
+}
+
+fn verify_err(e: super::verify::VerifyError) -> SvcError {
+    use super::verify::VerifyError as E;
+    let errno = match &e {
+        E::Busy(_) => libc::EBUSY,
+        E::NotRunning(_) | E::NothingToRepair(_) => libc::EALREADY,
+        E::Param { .. } => libc::EINVAL,
+        E::Io { .. } => libc::EIO,
+    };
+    err(errno, e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    name: String,
+    /// Bytes per second (0: no cap); default 256 MiB/s.
+    #[serde(default)]
+    rate: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairParams {
+    name: String,
+    direction: super::verify::Direction,
+    #[serde(default)]
+    leg: Option<usize>,
+    #[serde(default)]
+    rate: Option<u64>,
+}
+
+/// Registers `mirror_verify`, `mirror_verify_cancel`, `mirror_verify_get`,
+/// `mirror_verify_set_rate` and `mirror_repair`.
+fn register_verify(
+    methods: &crate::rpc::MethodRegistry,
+    state: &Arc<DaemonState>,
+) -> Result<(), crate::rpc::RegisterError> {
+    use super::verify;
+    use crate::rpc::parse_params;
+    let s = state.clone();
+    methods.register("mirror_verify", move |p| {
+        let p: VerifyParams = parse_params(p)?;
+        let m = find_mirror(&s, &p.name).map_err(rpc_err)?;
+        let job = verify::start(&m, p.rate)
+            .map_err(verify_err)
+            .map_err(rpc_err)?;
+        Ok(json!({"started": true, "total_bytes": job.total_bytes, "rate_limit": job.rate_limit}))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_cancel", move |p| {
+        let n: NameOnly = parse_params(p)?;
+        let m = find_mirror(&s, &n.name).map_err(rpc_err)?;
+        verify::cancel(&m).map_err(verify_err).map_err(rpc_err)?;
+        Ok(Value::Bool(true))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_get", move |p| {
+        let n: NameOnly = parse_params(p)?;
+        let m = find_mirror(&s, &n.name).map_err(rpc_err)?;
+        let mut v = json!(verify::snapshot(&m));
+        v["active"] = json!(verify::is_running(&m));
+        Ok(v)
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_set_rate", move |p| {
+        let r: RateParams = parse_params(p)?;
+        let m = find_mirror(&s, &r.name).map_err(rpc_err)?;
+        verify::set_rate(&m, r.bytes_per_second);
+        Ok(Value::Bool(true))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_repair", move |p| {
+        let p: RepairParams = parse_params(p)?;
+        let m = find_mirror(&s, &p.name).map_err(rpc_err)?;
+        let rj = verify::repair(&m, p.direction, p.leg, p.rate)
+            .map_err(verify_err)
+            .map_err(rpc_err)?;
+        Ok(json!({"started": true, "total_bytes": rj.total_bytes, "ranges": rj.remaining.len()}))
     })?;
     Ok(())
 }

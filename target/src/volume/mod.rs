@@ -309,6 +309,25 @@ impl VolumeChannel {
         }
     }
 
+    /// Writes all of `buf` at `offset` and makes it durable before
+    /// completing (an NVMe or SCSI FUA write). Unlike `write` + `flush`,
+    /// other writes are not made durable by it.
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        if let Err(e) = self.volume.check_range(offset, buf.len() as u64) {
+            return (Err(e), buf);
+        }
+        match &self.inner {
+            ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
+            // RAM has no volatile cache to bypass.
+            ChannelInner::Malloc(_) => self.write(offset, buf).await,
+            ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
+        }
+    }
+
     /// Makes every completed write durable.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         match &self.inner {
