@@ -151,10 +151,10 @@ fn third_leg_cost() {
     let removed = a.call("mirror_remove_leg", json!({"name": "m0", "leg": slot}));
     assert_eq!(removed["released"], true);
 
-    // Writes during the full sync of an added leg (cap 64 MiB/s: ~4 s).
+    // Writes during the full sync of an added leg (cap 32 MiB/s: ~8 s).
     a.call(
         "mirror_set_resync_rate",
-        json!({"name": "m0", "bytes_per_second": 64 * MIB}),
+        json!({"name": "m0", "bytes_per_second": 32 * MIB}),
     );
     // The removed leg's slot is free once its supervisor ended.
     wait_for(Duration::from_secs(10), "a free slot", || {
@@ -169,7 +169,7 @@ fn third_leg_cost() {
         .unwrap()
         .iter()
         .any(|l| l["state"] == "syncing");
-    println!("| local + 1 remote + 1 in full sync (64 MiB/s cap) | 4 KiB random write, 2 cores x QD16 | {iops:.0} | {mean:.0} | {p99:.0} |");
+    println!("| local + 1 remote + 1 in full sync (32 MiB/s cap) | 4 KiB random write, 2 cores x QD16 | {iops:.0} | {mean:.0} | {p99:.0} |");
     assert!(syncing, "the full sync ended before the run did: {s:#}");
     wait_for(Duration::from_secs(300), "both legs synced", || {
         a.status("m0")["legs"]

@@ -1581,6 +1581,17 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
             ))
         }
     };
+    if let Some(t) = p.failed_timeout_ms {
+        if t < super::legops::MIN_FAILED_TIMEOUT_MS {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "failed_timeout_ms: must be at least {}, not {t}",
+                    super::legops::MIN_FAILED_TIMEOUT_MS
+                ),
+            ));
+        }
+    }
     std::fs::create_dir_all(MirrorService::data_dir(state))
         .map_err(|e| err(libc::EIO, e.to_string()))?;
     let local = match (&p.volume, p.size) {
