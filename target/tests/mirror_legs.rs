@@ -597,6 +597,77 @@ fn leg_unreachable_past_the_timeout_is_replaced() {
     drop(s.dir);
 }
 
+/// An auto-replacement cut by a crash after its new leg was recorded and
+/// before the old one was removed (the on-disk state a `kill -9` there
+/// leaves: the record names both legs and the replacement under way): after
+/// the restart the old leg is removed at once (not after another timeout)
+/// and no further leg is allocated.
+#[test]
+fn replacement_cut_by_a_crash_is_finished_after_restart() {
+    let mut s = sites("legs-resume", json!({}));
+    s.east.wait_leg("m0", "synced", Duration::from_secs(60));
+    write_sync(&s.east, "m0", 0, 65536, 0x44);
+    // The replacement's first half: the new leg (north) added.
+    let added = s.east.call("mirror_add_leg", json!({"name": "m0"}));
+    assert_eq!(added["site"], "north");
+    wait_for(Duration::from_secs(60), "both legs synced", || {
+        all_synced_and_clean(&s.east.status("m0"))
+    });
+    s.east.call(
+        "mirror_set_policy",
+        json!({"name": "m0", "auto_replace": true, "failed_timeout_ms": 600000}),
+    );
+    let adir = s.east.dir.clone();
+    let cfg = s.east.call("save_config", json!({}));
+    s.east.daemon.take().unwrap().shutdown();
+    // The old leg's site is down; the record says the replacement of leg
+    // id 0 was under way, its new leg being id 1 or later.
+    s.west.take().unwrap().daemon.take().unwrap().shutdown();
+    let rpath = adir.join("data").join("mirror-m0.json");
+    let mut rec: Value = serde_json::from_str(&std::fs::read_to_string(&rpath).unwrap()).unwrap();
+    rec["replacing"] = json!({"old_leg_id": 0, "new_from": 1});
+    std::fs::write(&rpath, rec.to_string()).unwrap();
+    let cfgfile = adir.join("saved.json");
+    let text = cfg
+        .to_string()
+        .replace("127.0.0.2:0", &s.east.addr.to_string());
+    std::fs::write(&cfgfile, text).unwrap();
+    let mut opts = options(&adir);
+    opts.config_file = Some(cfgfile);
+    let t0 = Instant::now();
+    s.east.daemon = Some(mirrorpoint_target::daemon::Daemon::start(opts).expect("restart"));
+    s.east.rpc = RpcClient::connect(adir.join("rpc.sock")).unwrap();
+    wait_for(Duration::from_secs(10), "the old leg removed", || {
+        let st = s.east.status("m0");
+        let legs = st["legs"].as_array().unwrap();
+        legs.len() == 1 && legs[0]["site"] == "north"
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "finished at once, not after the policy's timeout"
+    );
+    let st = s.east.status("m0");
+    assert_eq!(st["legs"][0]["leg_id"], 1, "{st:#}");
+    let ev = &st["policy"]["replacements"][0];
+    assert_eq!(ev["old_leg_id"], 0, "{st:#}");
+    assert_eq!(ev["new_leg_id"], 1, "{st:#}");
+    wait_for(Duration::from_secs(5), "the record settled", || {
+        let rec: Value = serde_json::from_str(&std::fs::read_to_string(&rpath).unwrap()).unwrap();
+        rec.get("replacing").is_none()
+            && rec["legs"].as_array().unwrap().len() == 1
+            && rec["pending_release"][0]["site"] == "west"
+    });
+    // No further leg anywhere.
+    let hosted = s.north.call("agent_get_sites", json!({}));
+    assert_eq!(
+        hosted["hosted_legs"].as_array().unwrap().len(),
+        1,
+        "{hosted:#}"
+    );
+    write_sync(&s.east, "m0", 2 * MIB, 65536, 0x45);
+    compare_all(&mut s, 1);
+}
+
 // ---------------------------------------------------------------------------
 // kill -9 in the middle of a new leg's full sync (daemons as processes).
 

@@ -174,6 +174,17 @@ pub(super) struct MirrorRecord {
     /// was unreachable); retried in the background.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) pending_release: Vec<LegRecord>,
+    /// An automatic replacement under way (finished after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) replacing: Option<Replacing>,
+}
+
+/// A leg replacement under way: the old leg, and the first leg id its
+/// replacement can have.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(super) struct Replacing {
+    pub(super) old_leg_id: u32,
+    pub(super) new_from: u32,
 }
 
 impl MirrorRecord {
@@ -1653,6 +1664,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
             legs: vec![leg],
             next_leg_id: 1,
             pending_release: Vec::new(),
+            replacing: None,
         };
         write_json_atomically(&rpath, &r)
             .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
