@@ -535,8 +535,61 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
             format!("storage server '{}' (id {}) exists", p.name, p.id),
         ));
     }
+    // The pool's volumes are the server's storage from now on: nobody may
+    // delete them or build a mirror on them.
+    let owner = format!("storage server {}", p.name);
+    let mut claims = Vec::new();
+    for v in &p.volumes {
+        match ClaimGuard::take(&state.volumes, v, &owner) {
+            Ok(c) => claims.push(c),
+            Err(e) => return Err(err(libc::EBUSY, e.to_string())),
+        }
+    }
+    claims.into_iter().for_each(ClaimGuard::keep);
     servers.push(p);
     Ok(Value::Bool(true))
+}
+
+/// A volume claim that is released when dropped, unless kept: error paths
+/// of the calls that claim volumes give them back.
+struct ClaimGuard<'a> {
+    volumes: &'a crate::volume::VolumeRegistry,
+    name: String,
+    owner: String,
+    kept: bool,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn take(
+        volumes: &'a crate::volume::VolumeRegistry,
+        name: &str,
+        owner: &str,
+    ) -> Result<ClaimGuard<'a>, crate::volume::CreateError> {
+        volumes.claim(name, owner)?;
+        Ok(ClaimGuard {
+            volumes,
+            name: name.to_string(),
+            owner: owner.to_string(),
+            kept: false,
+        })
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.volumes.release(&self.name, &self.owner);
+        }
+    }
+}
+
+/// Who claims a mirror's local volume.
+fn mirror_owner(name: &str) -> String {
+    format!("mirror {name}")
 }
 
 /// Per server: (id, total bytes, free bytes, used intervals per volume).
@@ -1634,6 +1687,8 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     if local.mirror().is_some() {
         return Err(err(libc::EINVAL, "the local volume is itself a mirror"));
     }
+    let claim = ClaimGuard::take(&state.volumes, local.name(), &mirror_owner(&p.name))
+        .map_err(|e| err(libc::EBUSY, e.to_string()))?;
     let size = local.size().0;
     let rpath = record_path(state, &p.name);
     let record: MirrorRecord = if rpath.exists() {
@@ -1718,6 +1773,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         return Err(err(libc::EEXIST, e.to_string()));
     }
     super::verify::resume(&engine);
+    claim.keep();
     lock(&svc.mirrors).push((p.clone(), engine));
     super::legops::start_monitor(state);
     tracing::info!(
@@ -1848,6 +1904,12 @@ pub(super) fn status_errno(s: Status) -> i32 {
 /// `mirror_delete`: stops the mirror, releases its remote legs, removes its state.
 pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
+    if state.iscsi.volume_in_use(name) {
+        return Err(err(
+            libc::EBUSY,
+            format!("mirror '{name}' is exported over iSCSI: remove it from its target node first"),
+        ));
+    }
     let (p, m) = {
         let mut ms = lock(&svc.mirrors);
         let pos = ms
@@ -1857,7 +1919,10 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
         ms.remove(pos)
     };
     let _ = state.volumes.delete(name);
+    // Hosts connected over NVMe/TCP see the namespace go (as for bdev_delete).
+    state.nvmf.remove_volume(name);
     m.stop();
+    state.volumes.release(m.local().name(), &mirror_owner(name));
     super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
