@@ -1904,6 +1904,8 @@ pub(super) fn status_errno(s: Status) -> i32 {
 /// `mirror_delete`: stops the mirror, releases its remote legs, removes its state.
 pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
+    // Not while a leg of it is being added, removed or replaced.
+    let _ops = lock(&svc.leg_ops);
     if state.iscsi.volume_in_use(name) {
         return Err(err(
             libc::EBUSY,
@@ -1934,6 +1936,8 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
             }
         }
     }
+    // A mirror created later under this name starts with a clean history.
+    lock(&svc.policies).remove(name);
     let _ = std::fs::remove_file(&rpath);
     let _ = std::fs::remove_file(meta_path(state, name));
     let _ = p;
