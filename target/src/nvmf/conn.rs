@@ -16,9 +16,12 @@
 //!   sans-IO [`QueuePair`] validates the parts exactly as it would a
 //!   contiguous PDU. Data received for a PDU the queue pair then rejects is
 //!   never written: the rejection is fatal and the command's chunk dropped.
-//! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
-//!   send task drains the queue of PDUs and sends each chunk with the bytes
-//!   before it (headers, digests) in one vectored `sendmsg` of the transport.
+//! * **Zero-copy, batched send.** PDU heads are encoded straight into the
+//!   connection's pending [`SendList`] (no vector per PDU); read data stays
+//!   in the chunk the volume filled and is queued by reference. A send task
+//!   swaps the pending list with its own (two lists ping-pong, keeping their
+//!   capacities) and sends everything queued with one vectored `sendmsg`, so
+//!   a batch of completions costs one ring op and, once warm, no allocation.
 //! * **Concurrency.** The receive loop executes admin commands inline (they
 //!   touch only controller state) and spawns one task per I/O command, so a
 //!   queue keeps many commands in flight.
@@ -40,9 +43,9 @@ use super::subsystem::NsMap;
 use super::target::NvmfTarget;
 use crate::units::Lba;
 use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
-use mirrorpoint_transport::TcpStream;
+use mirrorpoint_transport::{SendList, TcpStream};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
@@ -61,8 +64,6 @@ const STAGE_LEN: usize = HEAD_MAX + pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
 const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a host that overruns its queue size is given to drain it.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
-/// PDUs gathered into one sendmsg.
-const SEND_BATCH: usize = 64;
 
 /// A one-waiter wake-up flag for tasks of one reactor.
 #[derive(Default)]
@@ -131,7 +132,8 @@ struct Conn {
     fd: Arc<OwnedFd>,
     local: SocketAddrV4,
     qp: RefCell<QueuePair>,
-    out: RefCell<VecDeque<OutPdu>>,
+    /// PDUs queued for the writer, in send order.
+    out: RefCell<SendList>,
     out_wake: Notify,
     closing: Cell<bool>,
     writer_done: Notify,
@@ -185,7 +187,7 @@ pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
         local,
         maxh2cdata: qp.codec().max_h2c_data,
         qp: RefCell::new(qp),
-        out: RefCell::new(VecDeque::new()),
+        out: RefCell::new(SendList::new()),
         out_wake: Notify::default(),
         closing: Cell::new(false),
         writer_done: Notify::default(),
@@ -229,21 +231,23 @@ async fn run(conn: Rc<Conn>) {
     conn.ns.borrow_mut().take();
 }
 
+/// Sends whatever is queued, all of it in one `sendmsg` (more only when the
+/// kernel takes it partly), until the connection closes.
 async fn writer(conn: Rc<Conn>) {
+    let mut list = SendList::new();
     loop {
-        let batch: Vec<OutPdu> = {
-            let mut q = conn.out.borrow_mut();
-            let n = q.len().min(SEND_BATCH);
-            q.drain(..n).collect()
-        };
-        if batch.is_empty() {
+        std::mem::swap(&mut list, &mut *conn.out.borrow_mut());
+        if list.is_empty() {
             if conn.closing.get() {
                 break;
             }
             conn.out_wake.wait().await;
             continue;
         }
-        if let Err(e) = send_batch(&conn.stream, batch).await {
+        let (r, back) = conn.stream.send_list(list).await;
+        list = back;
+        list.clear();
+        if let Err(e) = r {
             tracing::debug!("send failed: {e}");
             conn.closing.set(true);
             conn.out.borrow_mut().clear();
@@ -254,45 +258,12 @@ async fn writer(conn: Rc<Conn>) {
     conn.writer_done.notify();
 }
 
-/// Sends PDUs in order: small parts (headers, digests, admin data) are
-/// gathered into one copied header, each pool chunk goes out as is, so a
-/// batch of PDUs costs one `sendmsg` per pool payload plus one.
-async fn send_batch(stream: &TcpStream, batch: Vec<OutPdu>) -> std::io::Result<()> {
-    let mut small: Vec<u8> = Vec::new();
-    for p in batch {
-        small.extend_from_slice(&p.head);
-        match p.data {
-            Payload::None => {}
-            Payload::Heap(v) => small.extend_from_slice(&v),
-            Payload::Pool(b) => {
-                stream.send_vectored_all(&small, &[b]).await?;
-                small.clear();
-            }
-        }
-        if let Some(t) = p.tail {
-            small.extend_from_slice(&t);
-        }
-    }
-    if !small.is_empty() {
-        stream.send_vectored_all(&small, &[]).await?;
-    }
-    Ok(())
-}
-
 /// The data section of an outgoing PDU.
 enum Payload {
-    None,
     /// Built on the heap (admin replies).
     Heap(Vec<u8>),
     /// A pool chunk (read data), sent without copying.
     Pool(IoBuf),
-}
-
-/// One PDU to send: header (with header digest and padding), data, data digest.
-struct OutPdu {
-    head: Vec<u8>,
-    data: Payload,
-    tail: Option<[u8; 4]>,
 }
 
 /// Why the receive loop stopped.
@@ -334,26 +305,37 @@ impl Conn {
         *self.qp.borrow().codec()
     }
 
-    fn enqueue(&self, pdu: OutPdu) {
+    /// Queues `p` for the writer: its head encoded straight into the
+    /// pending list, then its data (the pool chunk `chunk` when given, else
+    /// a copy of `p`'s data), then its data digest. False when it could not
+    /// be encoded (nothing is queued then).
+    fn enqueue_pdu_with(&self, p: &Pdu<'_>, codec: &PduConfig, chunk: Option<IoBuf>) -> bool {
         if self.closing.get() {
-            return;
+            return true;
         }
-        self.out.borrow_mut().push_back(pdu);
-        self.out_wake.notify();
+        let mut out = self.out.borrow_mut();
+        match out.append_with(|v| p.encode_head_into(codec, v)) {
+            Ok(tail) => {
+                match chunk {
+                    Some(c) => out.push_chunk(c),
+                    None => out.push_bytes(p.data()),
+                }
+                if let Some(t) = tail {
+                    out.push_bytes(&t);
+                }
+                drop(out);
+                self.out_wake.notify();
+                true
+            }
+            Err(e) => {
+                tracing::error!("cannot encode {:?}: {e}", p.pdu_type());
+                false
+            }
+        }
     }
 
     fn enqueue_pdu(&self, p: &Pdu<'_>) {
-        match p.encode_parts(&self.codec()) {
-            Ok(parts) => self.enqueue(OutPdu {
-                head: parts.header,
-                data: match p.data() {
-                    [] => Payload::None,
-                    d => Payload::Heap(d.to_vec()),
-                },
-                tail: parts.data_digest,
-            }),
-            Err(e) => tracing::error!("cannot encode {:?}: {e}", p.pdu_type()),
-        }
+        self.enqueue_pdu_with(p, &self.codec(), None);
     }
 
     fn term_req(&self, e: PduError, head: &[u8]) {
@@ -425,7 +407,6 @@ impl Conn {
     /// SUCCESS when allowed and the status is success).
     fn respond_with_data(&self, cqe: Cqe, data: Payload) {
         let bytes_len = match &data {
-            Payload::None => 0,
             Payload::Heap(v) => v.len(),
             Payload::Pool(b) => b.len(),
         };
@@ -436,32 +417,24 @@ impl Conn {
         let success =
             cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
         let codec = self.codec();
-        let encoded = {
-            let bytes: &[u8] = match &data {
-                Payload::None => &[],
-                Payload::Heap(v) => v,
-                Payload::Pool(b) => b,
+        let queued = {
+            let (bytes, chunk): (&[u8], Option<IoBuf>) = match &data {
+                Payload::Heap(v) => (v, None),
+                Payload::Pool(b) => (b, Some(b.clone())),
             };
-            Pdu::C2HData(C2HData {
+            let p = Pdu::C2HData(C2HData {
                 cid: cqe.cid,
                 offset: 0,
                 last: true,
                 success,
                 data: bytes,
-            })
-            .encode_parts(&codec)
+            });
+            self.enqueue_pdu_with(&p, &codec, chunk)
         };
-        match encoded {
-            Ok(parts) => self.enqueue(OutPdu {
-                head: parts.header,
-                data,
-                tail: parts.data_digest,
-            }),
-            Err(e) => {
-                tracing::error!("cannot encode C2HData: {e}");
-                self.respond(Cqe::new(cqe.cid, Status::INTERNAL_ERROR), true);
-                return;
-            }
+        drop(data);
+        if !queued {
+            self.respond(Cqe::new(cqe.cid, Status::INTERNAL_ERROR), true);
+            return;
         }
         if success {
             self.forget(cqe.cid);
@@ -693,15 +666,8 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         have = keep;
         match ev {
             Owned::Connected(icresp) => {
-                let p = Pdu::IcResp(icresp);
-                match p.to_vec(&PduConfig::default()) {
-                    Ok(v) => conn.enqueue(OutPdu {
-                        head: v,
-                        data: Payload::None,
-                        tail: None,
-                    }),
-                    Err(e) => tracing::error!("cannot encode ICResp: {e}"),
-                }
+                // Digests are not in force yet for the ICResp itself.
+                conn.enqueue_pdu_with(&Pdu::IcResp(icresp), &PduConfig::default(), None);
             }
             Owned::CommandError { sqe, status } => {
                 conn.advance_sqhd();
@@ -857,12 +823,13 @@ fn dispatch(
         }
     }
     let nsid = sqe.nsid;
-    let targets: Vec<Rc<NsChannel>> =
+    // One namespace (every command but a broadcast Flush) without a vector.
+    let (one, all): (Option<Rc<NsChannel>>, Vec<Rc<NsChannel>>) =
         if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
-            conn.all_namespaces(&ctrl)
+            (None, conn.all_namespaces(&ctrl))
         } else {
             match conn.namespace(&ctrl, nsid.0) {
-                Some(n) => vec![n],
+                Some(n) => (Some(n), Vec::new()),
                 None => {
                     conn.respond(
                         Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()),
@@ -877,7 +844,7 @@ fn dispatch(
         let mut status = Status::SUCCESS;
         let mut read_data = None;
         let mut data = data;
-        for ns in &targets {
+        for ns in one.iter().chain(all.iter()) {
             let out = execute(ns, &sqe, sgl, data.take()).await;
             if !out.status.is_success() {
                 status = out.status;
