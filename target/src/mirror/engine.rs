@@ -42,7 +42,8 @@ use serde::Serialize;
 use super::link::{alloc_wait, join_all, now_ns, timeout, Conn};
 use super::meta::MirrorMeta;
 use super::overlap::OverlapDetector;
-use super::sequencer::{Sequencer, Stamp};
+use super::sequencer::Stamp;
+use super::split::{LegSplit, SplitGate, SplitInfo};
 use super::wire::{
     Epoch, ErrorCode, ErrorMsg, Flush, Generation, GenerationExchange, GenerationFlags,
     HandshakeConfig, Heartbeat, LegId, Message, MirrorId, RequestTag, SeqNo, Status, Timestamp,
@@ -72,7 +73,8 @@ pub enum LegState {
     Syncing = 1,
     /// Unreachable: writes are recorded in its dirty bitmap.
     Degraded = 2,
-    /// Frozen at an epoch (not implemented yet).
+    /// Frozen at an epoch: writes skip it (they set its dirty bits), its
+    /// data is a point-in-time image (see `split.rs`).
     Split = 3,
     /// Refused (unrelated data or split brain): the operator must decide.
     Failed = 4,
@@ -89,7 +91,7 @@ impl LegState {
         }
     }
 
-    fn is_live(self) -> bool {
+    pub(super) fn is_live(self) -> bool {
         matches!(self, LegState::Synced | LegState::Syncing)
     }
 }
@@ -101,6 +103,9 @@ pub struct LegConfig {
     pub site: String,
     /// Where that site's daemon listens for mirror links.
     pub address: SocketAddr,
+    /// The leg is split (or a split/rejoin of it was interrupted): it starts
+    /// `Split` and every write skips it.
+    pub split: bool,
 }
 
 /// Engine tunables.
@@ -121,8 +126,10 @@ pub struct EngineConfig {
 pub struct Leg {
     idx: usize,
     cfg: LegConfig,
-    state: AtomicU8,
-    link_gen: AtomicU64,
+    pub(super) state: AtomicU8,
+    pub(super) link_gen: AtomicU64,
+    /// Split bookkeeping (which epochs skip the leg).
+    pub(super) split: LegSplit,
     degraded_inflight: AtomicU64,
     last_error: Mutex<String>,
     remote_gen: AtomicU64,
@@ -156,10 +163,13 @@ pub struct Mirror {
     id: MirrorId,
     local: Arc<Volume>,
     meta: Arc<MirrorMeta>,
-    seq: Sequencer,
+    seq: Arc<SplitGate>,
+    /// The consistency group's gate, once the mirror joined one (group.rs):
+    /// it replaces `seq` for good (until a restart).
+    group_gate: std::sync::OnceLock<Arc<SplitGate>>,
     overlap: Arc<OverlapDetector>,
-    legs: Vec<Arc<Leg>>,
-    cfg: EngineConfig,
+    pub(super) legs: Vec<Arc<Leg>>,
+    pub(super) cfg: EngineConfig,
     resync_rate: AtomicU64,
     hs: HandshakeConfig,
     reactors: Vec<ReactorHandle>,
@@ -272,6 +282,9 @@ pub struct LegStatus {
     pub degradations: u64,
     /// Last failure.
     pub last_error: String,
+    /// The leg's split (point, image, phase), when split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitInfo>,
 }
 
 /// What `mirror_get_status` reports.
@@ -330,10 +343,19 @@ impl Mirror {
             .into_iter()
             .enumerate()
             .map(|(idx, cfg)| {
+                let split = LegSplit::default();
+                if cfg.split {
+                    split.skip_all();
+                }
                 Arc::new(Leg {
                     idx,
+                    state: AtomicU8::new(if cfg.split {
+                        LegState::Split
+                    } else {
+                        LegState::Degraded
+                    } as u8),
+                    split,
                     cfg,
-                    state: AtomicU8::new(LegState::Degraded as u8),
                     // Random start: link sessions (see connect_link) must not
                     // repeat across restarts of this daemon.
                     link_gen: AtomicU64::new(
@@ -357,7 +379,8 @@ impl Mirror {
             id,
             local,
             meta,
-            seq: Sequencer::new(1, 1),
+            seq: Arc::new(SplitGate::new(1, 1)),
+            group_gate: std::sync::OnceLock::new(),
             overlap: OverlapDetector::new(20, 64),
             legs,
             resync_rate: AtomicU64::new(cfg.resync_rate),
@@ -397,6 +420,106 @@ impl Mirror {
         &self.meta
     }
 
+    /// The sequencer (and split gate) writes take their stamps from: the
+    /// group's once the mirror joined one, its own before.
+    pub fn gate(&self) -> &Arc<SplitGate> {
+        self.group_gate.get().unwrap_or(&self.seq)
+    }
+
+    fn enter_gate(&self) -> (Stamp, super::split::Ticket) {
+        if let Some(g) = self.group_gate.get() {
+            return g.enter();
+        }
+        let (stamp, ticket) = self.seq.enter();
+        // Dekker with join_gate: either it sees this ticket on the old gate
+        // (and waits for it), or this load sees the group's gate.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        match self.group_gate.get() {
+            Some(now) => {
+                drop(ticket);
+                now.enter()
+            }
+            None => (stamp, ticket),
+        }
+    }
+
+    /// Joins a consistency group: from now on writes are stamped by `gate`.
+    /// Returns once no write stamped by the old gate is in flight (so a
+    /// group split cannot miss one). Blocking; not on a reactor.
+    pub fn join_gate(&self, gate: Arc<SplitGate>, limit: Duration) -> Result<(), String> {
+        if let Some(g) = self.group_gate.get() {
+            return if Arc::ptr_eq(g, &gate) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mirror '{}' already belongs to a consistency group (until a restart)",
+                    self.name
+                ))
+            };
+        }
+        if self.group_gate.set(gate).is_err() {
+            return Err(format!(
+                "mirror '{}' joined another group meanwhile",
+                self.name
+            ));
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let t0 = Instant::now();
+        while self.seq.inflight(0) + self.seq.inflight(1) != 0 {
+            if t0.elapsed() > limit {
+                return Err(format!(
+                    "writes of '{}' did not drain in {limit:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Number of remote legs.
+    pub fn leg_count(&self) -> usize {
+        self.legs.len()
+    }
+
+    /// Address of leg `idx`'s site.
+    pub fn leg_address(&self, idx: usize) -> Option<SocketAddr> {
+        self.legs.get(idx).map(|l| l.cfg.address)
+    }
+
+    /// Name of leg `idx`'s site.
+    pub fn leg_site(&self, idx: usize) -> Option<String> {
+        self.legs.get(idx).map(|l| l.cfg.site.clone())
+    }
+
+    /// Leg `idx`'s recorded split.
+    pub fn split_info(&self, idx: usize) -> Option<SplitInfo> {
+        self.legs.get(idx).and_then(|l| l.split.info())
+    }
+
+    /// Records leg `idx`'s split.
+    pub fn set_split_info(&self, idx: usize, info: Option<SplitInfo>) {
+        if let Some(l) = self.legs.get(idx) {
+            l.split.set_info(info);
+        }
+    }
+
+    /// The split of leg `idx` is over (rejoin): writes reach it again and
+    /// it resyncs its dirty regions (bits set since the split).
+    pub fn end_split(&self, idx: usize) {
+        let Some(leg) = self.legs.get(idx) else {
+            return;
+        };
+        leg.split.clear();
+        leg.split.set_info(None);
+        let _ = leg.state.compare_exchange(
+            LegState::Split as u8,
+            LegState::Degraded as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
     /// Leg states.
     pub fn leg_states(&self) -> Vec<LegState> {
         self.legs.iter().map(|l| l.state()).collect()
@@ -418,7 +541,7 @@ impl Mirror {
     pub fn status(&self) -> MirrorStatus {
         let g = self.meta.generations();
         let rs = self.meta.region_size();
-        let next = self.seq.peek();
+        let next = self.gate().peek();
         MirrorStatus {
             name: self.name.clone(),
             mirror_id: self.id.0,
@@ -463,6 +586,7 @@ impl Mirror {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .clone(),
+                        split: l.split.info(),
                     }
                 })
                 .collect(),
@@ -519,7 +643,7 @@ impl Mirror {
     }
 
     /// A link of leg `idx` on this core failed (or a write to it did).
-    fn leg_failed(&self, idx: usize, gen: u64, reason: &str) {
+    pub(super) fn leg_failed(&self, idx: usize, gen: u64, reason: &str) {
         let leg = &self.legs[idx];
         if leg
             .link_gen
@@ -566,6 +690,12 @@ impl Mirror {
     async fn leg_write(&self, idx: usize, stamp: Stamp, offset: u64, buf: IoBuf) -> bool {
         let leg = &self.legs[idx];
         let len = buf.len() as u64;
+        if leg.split.skips(stamp.epoch) {
+            // Written after the leg's split point: the leg's bitmap records
+            // it for the rejoin (split.rs).
+            self.mark_dirty(idx, offset, len);
+            return false;
+        }
         // Dekker with the supervisor's Degraded -> Syncing switch: a write
         // that saw the leg down has its bit set before the resync scans.
         leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
@@ -634,7 +764,7 @@ impl Mirror {
         }
     }
 
-    async fn leg_flush(&self, idx: usize) {
+    pub(super) async fn leg_flush(&self, idx: usize) {
         let leg = &self.legs[idx];
         if !leg.state().is_live() {
             return;
@@ -642,7 +772,7 @@ impl Mirror {
         let Some(link) = self.core_link(idx) else {
             return;
         };
-        let stamp = self.seq.peek();
+        let stamp = self.gate().peek();
         let msg = Message::Flush(Flush {
             mirror: self.id,
             seq: SeqNo(stamp.seq),
@@ -717,7 +847,9 @@ impl MirrorChannel {
         let len = buf.len() as u64;
         let guard = m.overlap.lock(offset.0, offset.0 + len);
         guard.ready().await;
-        let stamp = m.seq.next();
+        // The ticket counts the write in its epoch until every leg has it
+        // (a split waits for its old epoch's tickets).
+        let (stamp, ticket) = m.enter_gate();
         if let Err(e) = m.meta.begin_write(offset.0, len).await {
             m.meta.end_write(offset.0, len);
             return (Err(VolumeError::Io(e)), buf);
@@ -738,6 +870,7 @@ impl MirrorChannel {
                 }
                 let out = join_all(futs).await;
                 m.meta.end_write(offset.0, len);
+                drop(ticket);
                 drop(guard);
                 let local = out.into_iter().flatten().next().unwrap_or(Ok(()));
                 (local, buf)
@@ -765,6 +898,7 @@ impl MirrorChannel {
                     mm.meta.end_write(offset.0, len);
                     mm.lag_ios.fetch_sub(1, Ordering::Relaxed);
                     mm.lag_bytes.fetch_sub(len, Ordering::Relaxed);
+                    drop(ticket);
                     drop(guard);
                     drop(permit);
                 })
@@ -1092,7 +1226,7 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     let link = m
         .core_link(idx)
         .ok_or_else(|| BringUp::Retry("link lost".into()))?;
-    let stamp = m.seq.peek();
+    let stamp = m.gate().peek();
     match link
         .request(
             &Message::Flush(Flush {
@@ -1185,7 +1319,7 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
             let (res, b) = local.read(ByteOffset(off), b).await;
             res.map_err(|e| format!("local read for resync: {e}"))?;
             let data = b.freeze();
-            let stamp = m.seq.peek();
+            let stamp = m.gate().peek();
             let msg = Message::Write(Write {
                 mirror: m.id,
                 seq: SeqNo(stamp.seq),

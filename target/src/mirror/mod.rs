@@ -12,11 +12,15 @@
 //! - [`link`]: frames and handshakes over reactor sockets;
 //! - [`engine`]: the mirrored volume, its legs, resync;
 //! - [`service`]: the site's listener, the remote leg targets, the agents.
+//! - [`split`]: split mirror (point-in-time images), rejoin, promote.
+//! - [`group`]: consistency groups (mirrors sharing one sequencer).
 
 pub mod engine;
+pub mod group;
 pub mod link;
 pub mod meta;
 pub mod overlap;
 pub mod sequencer;
 pub mod service;
+pub mod split;
 pub mod wire;

@@ -54,7 +54,7 @@ use crate::daemon::DaemonState;
 use crate::units::{ByteLen, ByteOffset};
 use crate::volume::{random_uuid, Volume, VolumeChannel};
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -139,18 +139,36 @@ pub struct MirrorParams {
 
 /// What the asker persists about a mirror's legs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LegRecord {
+pub(super) struct LegRecord {
     site: String,
     domain: u32,
     address: SocketAddr,
     extents: Vec<ExtentRec>,
+    /// The leg's split (split.rs), when split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) split: Option<super::split::SplitInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MirrorRecord {
+pub(super) struct MirrorRecord {
     mirror_id: u64,
     size: u64,
-    legs: Vec<LegRecord>,
+    pub(super) legs: Vec<LegRecord>,
+}
+
+/// Rewrites a mirror's record (atomically, durably).
+pub(super) fn update_record(
+    state: &DaemonState,
+    name: &str,
+    f: impl FnOnce(&mut MirrorRecord),
+) -> Result<(), SvcError> {
+    let path = record_path(state, name);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    let mut r: MirrorRecord = serde_json::from_str(&text)
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    f(&mut r);
+    write_json_atomically(&path, &r).map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))
 }
 
 /// One extent of an allocation.
@@ -201,6 +219,9 @@ pub struct Allocation {
     pub extents: Vec<ExtentRec>,
     /// Generation the leg's data is at (0: never fully synced).
     pub generation: u64,
+    /// Split off by the primary (split.rs): the primary's writes are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<super::split::ops::HostedSplit>,
 }
 
 struct Report {
@@ -228,6 +249,8 @@ struct LegTarget {
     inflight: AtomicU64,
     /// The allocation was released: links stop applying writes.
     released: AtomicBool,
+    /// The leg is split off: the primary's writes are refused.
+    frozen: AtomicBool,
 }
 
 /// Everything mirror-related of a daemon.
@@ -240,6 +263,8 @@ pub struct MirrorService {
     reports: Mutex<HashMap<u32, Report>>,
     targets: Mutex<HashMap<u64, Arc<LegTarget>>>,
     mirrors: Mutex<Vec<(MirrorParams, Arc<Mirror>)>>,
+    /// Consistency groups (group.rs).
+    pub(super) groups: Mutex<Vec<super::group::Group>>,
     stop: Arc<AtomicBool>,
     listening: Mutex<Option<SocketAddr>>,
 }
@@ -253,7 +278,7 @@ pub struct SvcError {
     pub message: String,
 }
 
-fn err(errno: i32, message: impl Into<String>) -> SvcError {
+pub(super) fn err(errno: i32, message: impl Into<String>) -> SvcError {
     SvcError {
         errno,
         message: message.into(),
@@ -306,6 +331,11 @@ impl MirrorService {
         lock(&self.mirrors).iter().map(|(_, m)| m.clone()).collect()
     }
 
+    /// Whether the daemon is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     /// Stops every mirror (clean metadata) and the agent threads.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -328,6 +358,9 @@ impl MirrorService {
         }
         for (p, _) in lock(&self.mirrors).iter() {
             out.push(("mirror_create".into(), json!(p)));
+        }
+        for g in lock(&self.groups).iter() {
+            out.push(("mirror_group_create".into(), json!(g.params)));
         }
         out
     }
@@ -480,6 +513,8 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
         ));
     }
     servers.push(p);
+    drop(servers);
+    restore_split_images(state);
     Ok(Value::Bool(true))
 }
 
@@ -631,6 +666,7 @@ fn local_allocate(
         size,
         extents: extents.clone(),
         generation: 0,
+        split: None,
     });
     let path = MirrorService::alloc_path(state, &site.name);
     write_json_atomically(&path, &*allocs)
@@ -652,6 +688,13 @@ fn local_release(state: &DaemonState, mirror: u64) -> Status {
     };
     let mut allocs = lock(&svc.allocations);
     let before = allocs.len();
+    if let Some(hs) = allocs
+        .iter()
+        .find(|a| a.mirror_id == mirror)
+        .and_then(|a| a.split.as_ref())
+    {
+        let _ = state.volumes.delete(&hs.image);
+    }
     allocs.retain(|a| a.mirror_id != mirror);
     if allocs.len() == before {
         return Status::NotFound;
@@ -768,6 +811,8 @@ fn to_static(m: Message<'_>) -> Option<Message<'static>> {
         Message::AllocateResponse(x) => Message::AllocateResponse(x),
         Message::ReleaseRequest(x) => Message::ReleaseRequest(x),
         Message::ReleaseAck(x) => Message::ReleaseAck(x),
+        Message::SplitCtl(x) => Message::SplitCtl(x),
+        Message::SplitCtlResp(x) => Message::SplitCtlResp(x),
         _ => return None,
     })
 }
@@ -793,7 +838,7 @@ fn send_blocking(s: &mut StdTcpStream, framer: &Framer, m: &Message<'_>) -> Resu
 }
 
 /// Connects to an agent, authenticates, sends `req` and reads `replies` messages.
-fn agent_call(
+pub(super) fn agent_call(
     site: &SiteParams,
     addr: SocketAddr,
     req: &Message<'_>,
@@ -927,6 +972,7 @@ fn serve_agent(
                 status,
             })]
         }
+        Message::SplitCtl(c) => vec![super::split::ops::hosted_ctl(&state, &c)],
         _ => vec![Message::Error(ErrorMsg {
             code: ErrorCode::UnexpectedMessage,
             text: "not an agent request".into(),
@@ -1054,6 +1100,7 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         session: AtomicU64::new(u64::MAX),
         inflight: AtomicU64::new(0),
         released: AtomicBool::new(false),
+        frozen: AtomicBool::new(alloc.split.is_some()),
     });
     lock(&svc.targets).insert(mirror, t.clone());
     Ok(t)
@@ -1070,6 +1117,80 @@ fn persist_generation(state: &DaemonState, mirror: u64, gen: u64) -> Result<(), 
     a.generation = gen;
     write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
         .map_err(|e| e.to_string())
+}
+
+/// A hosted leg's split, if any.
+pub(super) fn hosted_split(
+    state: &DaemonState,
+    mirror: u64,
+) -> Result<Option<super::split::ops::HostedSplit>, String> {
+    lock(&state.mirror.allocations)
+        .iter()
+        .find(|a| a.mirror_id == mirror)
+        .map(|a| a.split.clone())
+        .ok_or_else(|| format!("no leg of mirror {mirror} is hosted here"))
+}
+
+/// Records (persists) a hosted leg's split and fences the primary's links:
+/// once this returns with a split, no write of the primary is being
+/// applied or will be.
+pub(super) fn set_hosted_split(
+    state: &DaemonState,
+    mirror: u64,
+    split: Option<super::split::ops::HostedSplit>,
+) -> Result<(), String> {
+    let svc = &state.mirror;
+    let frozen = split.is_some();
+    let target = lock(&svc.targets).get(&mirror).cloned();
+    if let Some(t) = &target {
+        if frozen {
+            t.frozen.store(true, Ordering::SeqCst);
+            let t0 = Instant::now();
+            while t.inflight.load(Ordering::SeqCst) != 0 && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    let site = svc.site().ok_or("site not configured")?;
+    {
+        let mut allocs = lock(&svc.allocations);
+        let a = allocs
+            .iter_mut()
+            .find(|a| a.mirror_id == mirror)
+            .ok_or("allocation gone")?;
+        a.split = split;
+        write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
+            .map_err(|e| e.to_string())?;
+    }
+    if let (Some(t), false) = (target, frozen) {
+        t.frozen.store(false, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// One extent of a hosted leg: (logical offset, length, volume, offset in it).
+pub(super) type HostedPiece = (u64, u64, Arc<Volume>, u64);
+
+/// A hosted leg's extents.
+pub(super) fn hosted_pieces(state: &DaemonState, mirror: u64) -> Result<Vec<HostedPiece>, String> {
+    let t = leg_target(state, mirror)?;
+    Ok(t.pieces
+        .iter()
+        .map(|p| (p.logical, p.len, p.volume.clone(), p.offset))
+        .collect())
+}
+
+/// Registers the image volumes of split hosted legs whose storage servers
+/// are all configured (start-up replays servers after the site).
+fn restore_split_images(state: &DaemonState) {
+    let allocs = lock(&state.mirror.allocations).clone();
+    for a in allocs {
+        if let Some(hs) = &a.split {
+            if let Err(e) = super::split::ops::expose(state, a.mirror_id, hs) {
+                tracing::debug!(mirror = a.mirror_id, "split image not exposed yet: {e}");
+            }
+        }
+    }
 }
 
 struct Hosted {
@@ -1144,6 +1265,19 @@ async fn serve_leg(
             return;
         }
     };
+    if target.frozen.load(Ordering::SeqCst) {
+        let text = format!(
+            "this leg of mirror {} is split off; it takes no writes until a rejoin",
+            target.mirror
+        );
+        tracing::info!(%peer, "{text}");
+        conn.refuse(Message::Error(ErrorMsg {
+            code: ErrorCode::UnexpectedPeer,
+            text,
+        }))
+        .await;
+        return;
+    }
     // Fence: a new link session starts. Links of another session stop
     // applying writes (a write of a dead link still in a socket buffer must
     // not land after the primary resynced its region), and writes already
@@ -1226,7 +1360,9 @@ async fn serve_leg(
                 };
                 let t = &hosted.target;
                 t.inflight.fetch_add(1, Ordering::SeqCst);
-                if t.session.load(Ordering::SeqCst) != session || t.released.load(Ordering::SeqCst)
+                if t.session.load(Ordering::SeqCst) != session
+                    || t.released.load(Ordering::SeqCst)
+                    || t.frozen.load(Ordering::SeqCst)
                 {
                     t.inflight.fetch_sub(1, Ordering::SeqCst);
                     tracing::info!(%peer, "write on a link of an older session fenced, dropping the link");
@@ -1492,6 +1628,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
                 domain,
                 address: peer.address,
                 extents,
+                split: None,
             }],
         };
         write_json_atomically(&rpath, &r)
@@ -1519,6 +1656,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         .map(|l| LegConfig {
             site: l.site.clone(),
             address: l.address,
+            split: l.split.is_some(),
         })
         .collect();
     let hs = hs_config(&site)?;
@@ -1543,6 +1681,10 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         engine.stop();
         return Err(err(libc::EEXIST, e.to_string()));
     }
+    for (i, l) in record.legs.iter().enumerate() {
+        engine.set_split_info(i, l.split.clone());
+    }
+    super::split::ops::recover(state, &engine);
     lock(&svc.mirrors).push((p.clone(), engine));
     tracing::info!(
         mirror = p.name,
@@ -1716,7 +1858,7 @@ struct RateParams {
     bytes_per_second: u64,
 }
 
-fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
+pub(super) fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
     if e.errno == libc::EINVAL {
         crate::rpc::RpcError::invalid_params(e.message)
     } else {
@@ -1770,6 +1912,7 @@ pub fn register(
         let r: RateParams = parse_params(p)?;
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
     })?;
+    super::split::ops::register(methods, state)?;
     Ok(())
 }
 

@@ -105,6 +105,8 @@ pub enum Backend {
     Malloc(malloc::MallocBackend),
     /// A mirrored volume: a local volume plus remote legs.
     Mirror(Arc<crate::mirror::engine::Mirror>),
+    /// A split mirror leg's frozen data (read-only, or a writable clone).
+    SplitImage(Arc<crate::mirror::split::ops::SplitImage>),
 }
 
 /// A block device, shared by every core.
@@ -184,6 +186,7 @@ impl Volume {
                 "Mirror disk",
                 serde_json::json!({"mirror": {"local": m.local().name(), "mirror_id": m.id().0}}),
             ),
+            Backend::SplitImage(i) => ("Split mirror image", i.describe()),
         };
         VolumeInfo {
             name: self.name.clone(),
@@ -206,6 +209,7 @@ impl Volume {
             Backend::Mirror(m) => {
                 ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
             }
+            Backend::SplitImage(i) => ChannelInner::SplitImage(Box::new(i.channel())),
         };
         VolumeChannel {
             volume: self.clone(),
@@ -219,6 +223,15 @@ impl Volume {
             Backend::Uring(u) => u.sync_blocking(),
             Backend::Malloc(_) => Ok(()),
             Backend::Mirror(m) => m.local().sync_blocking(),
+            Backend::SplitImage(_) => Ok(()),
+        }
+    }
+
+    /// The split image, if this is one.
+    pub fn split_image(&self) -> Option<&Arc<crate::mirror::split::ops::SplitImage>> {
+        match &self.backend {
+            Backend::SplitImage(i) => Some(i),
+            _ => None,
         }
     }
 
@@ -259,6 +272,7 @@ enum ChannelInner {
     Uring(uring::UringChannel),
     Malloc(malloc::MallocBackend),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
+    SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
 }
 
 /// A volume opened on one reactor; all I/O goes through it.
@@ -290,6 +304,7 @@ impl VolumeChannel {
                 out
             }
             ChannelInner::Mirror(m) => Box::pin(m.read(offset, buf)).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.read(offset, buf)).await,
         }
     }
 
@@ -306,6 +321,7 @@ impl VolumeChannel {
                 out
             }
             ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.write(offset, buf)).await,
         }
     }
 
@@ -315,6 +331,7 @@ impl VolumeChannel {
             ChannelInner::Uring(c) => c.flush().await,
             ChannelInner::Malloc(_) => Ok(()),
             ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.flush()).await,
         }
     }
 
@@ -345,7 +362,9 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
-            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
+            ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
+                self.mirror_zero(offset, len).await
+            }
         }
     }
 
@@ -358,7 +377,9 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
-            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
+            ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
+                self.mirror_zero(offset, len).await
+            }
         }
     }
 }
