@@ -314,14 +314,47 @@ fn split_images_are_exact_under_a_multicore_workload() {
     let w = start_workload(&s.a, "m0");
     std::thread::sleep(Duration::from_millis(200));
     let mut straddling_total = 0;
+    let mut rollbacks = 0;
     for round in 0..6 {
         let image = format!("snap{round}");
-        let req = w.now();
-        let r = s.a.call(
-            "mirror_split",
-            json!({"name": "m0", "leg": 0, "image_name": image}),
-        );
-        let ret = w.now();
+        // A leg that fails while the old epoch drains rolls the split back
+        // (see workload_without_splits_never_degrades_the_leg for why it
+        // can fail here): then the leg is not split and there is no image;
+        // wait for it to be synced again and retry.
+        let mut attempts = 0;
+        let (r, req, ret) = loop {
+            s.a.wait_leg("m0", "synced", Duration::from_secs(60));
+            let req = w.now();
+            let res = s.a.rpc.call(
+                "mirror_split",
+                Some(json!({"name": "m0", "leg": 0, "image_name": image})),
+            );
+            let ret = w.now();
+            match res {
+                Ok(r) => break (r, req, ret),
+                Err(e) => {
+                    let st = s.a.status("m0");
+                    eprintln!(
+                        "round {round}: split refused ({e:?}); leg {}",
+                        st["legs"][0]["state"]
+                    );
+                    assert!(
+                        st["legs"][0]["split"].is_null(),
+                        "a refused split left the leg split: {st:#}"
+                    );
+                    assert!(s
+                        .b
+                        .call("bdev_get_bdevs", json!({}))
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|b| b["name"] != image.as_str()));
+                    attempts += 1;
+                    rollbacks += 1;
+                    assert!(attempts < 5, "the split kept failing");
+                }
+            }
+        };
         assert_eq!(r["image"], image.as_str(), "{r:#}");
         let st = s.a.status("m0");
         assert_eq!(st["legs"][0]["state"], "split", "{st:#}");
@@ -364,7 +397,7 @@ fn split_images_are_exact_under_a_multicore_workload() {
         straddling_total > 0,
         "no write was ever in flight at a split"
     );
-    eprintln!("{writes} writes");
+    eprintln!("{writes} writes, {rollbacks} splits rolled back");
     wait_for(Duration::from_secs(30), "a synced, clean leg", || {
         let st = s.a.status("m0");
         st["legs"][0]["state"] == "synced" && st["legs"][0]["dirty_regions"] == 0
@@ -617,4 +650,22 @@ fn split_state_survives_restart() {
         &leg.read(SIZE),
         "local vs leg after restart + rejoin",
     );
+}
+
+/// Not about splits: the same workload without any split. It shows an
+/// engine problem found while writing the split tests: under 12 tasks of
+/// 1 to 4 block writes, now and then one write to the leg gets no answer
+/// within the link timeout and the leg degrades (and resyncs). Kept as a
+/// reproduction for whoever owns the link/leg path.
+#[test]
+#[ignore = "reproduces a pre-existing engine stall (a leg write unanswered for link_timeout); not a split bug"]
+fn workload_without_splits_never_degrades_the_leg() {
+    let mut s = sites("split-nosplit");
+    let _ = mirror(&mut s, "m0");
+    let w = start_workload(&s.a, "m0");
+    std::thread::sleep(Duration::from_secs(6));
+    let n = w.finish();
+    let st = s.a.status("m0");
+    eprintln!("{n} writes; {st:#}");
+    assert_eq!(st["legs"][0]["degradations"], 0, "{st:#}");
 }

@@ -93,14 +93,18 @@ pub fn split_stream(
             return Err(SplitError::Timeout(limit));
         }
         spins += 1;
-        if spins < 1000 {
+        if spins < 200 {
             std::hint::spin_loop();
         } else {
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_micros(20));
         }
     }
     let drained = t0.elapsed();
     drop(permit);
+    tracing::info!(
+        drained_us = drained.as_micros() as u64,
+        "split: old epoch drained, flushing the leg"
+    );
     // The image must be durable on the leg before it is handed out.
     let t2: Vec<(Arc<Mirror>, usize)> = targets.to_vec();
     let flushed = reactor.block_on(move || async move {
