@@ -347,8 +347,10 @@ pub fn split(state: &Arc<DaemonState>, p: SplitParams) -> Result<Value, SvcError
                 if let Err(e2) = rejoin_leg(state, m2, p.leg) {
                     tracing::warn!(
                         mirror = m2.name(),
-                        "split rollback: {e2:?}; retried at restart"
+                        "split rollback: {}; retrying in the background",
+                        e2.message
                     );
+                    recover(state, m2);
                 }
             }
             return Err(err(
