@@ -12,11 +12,11 @@ use mirrorpoint_poller::{oneshot, IoBuf, IoBufMut};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::super::engine::{LegState, Mirror};
+use super::super::engine::{Leg, LegState, Mirror};
 use super::super::sequencer::Stamp;
 use super::super::service::{self, err, lock, SvcError};
 use super::super::wire::{
-    Epoch, Message, MirrorId, SeqNo, SplitCtl, SplitCtlResp, SplitOp, Status,
+    Epoch, LegId, Message, MirrorId, SeqNo, SplitCtl, SplitCtlResp, SplitOp, Status,
 };
 use super::{SplitInfo, SplitPhase};
 use crate::daemon::DaemonState;
@@ -65,23 +65,26 @@ pub fn split_stream(
         return Err(SplitError::NoLeg(0));
     };
     let gate = first.gate().clone();
-    let mut gens = Vec::new();
+    // The legs, resolved once (legs can be added and removed online; a
+    // split works on the leg that was in the slot when it began).
+    let mut legs: Vec<(Arc<Mirror>, Arc<Leg>, u64)> = Vec::new();
     for (m, idx) in targets {
         if !Arc::ptr_eq(m.gate(), &gate) {
             return Err(SplitError::NotGrouped);
         }
-        let leg = m.legs.get(*idx).ok_or(SplitError::NoLeg(*idx))?;
+        let leg = m.leg(*idx).ok_or(SplitError::NoLeg(*idx))?;
         let state = leg.state();
         if state != LegState::Synced || leg.split.active() {
             return Err(SplitError::NotSynced { leg: *idx, state });
         }
-        gens.push(leg.link_gen.load(Ordering::SeqCst));
+        let gen = leg.link_gen.load(Ordering::SeqCst);
+        legs.push((m.clone(), leg, gen));
     }
     let permit = gate.try_begin().ok_or(SplitError::Busy)?;
     let t0 = Instant::now();
     let at = gate.split(&permit, |e| {
-        for (m, idx) in targets {
-            m.legs[*idx].split.set_from(e);
+        for (_, leg, _) in &legs {
+            leg.split.set_from(e);
         }
     });
     let old = at.epoch.wrapping_sub(1);
@@ -89,7 +92,7 @@ pub fn split_stream(
     let mut spins = 0u32;
     while gate.inflight(old) != 0 {
         if t0.elapsed() > limit {
-            rollback(targets);
+            rollback(&legs);
             return Err(SplitError::Timeout(limit));
         }
         spins += 1;
@@ -101,30 +104,27 @@ pub fn split_stream(
     }
     let drained = t0.elapsed();
     drop(permit);
-    tracing::info!(
-        drained_us = drained.as_micros() as u64,
-        "split: old epoch drained, flushing the leg"
-    );
     // The image must be durable on the leg before it is handed out.
-    let t2: Vec<(Arc<Mirror>, usize)> = targets.to_vec();
+    let l2: Vec<(Arc<Mirror>, Arc<Leg>)> = legs
+        .iter()
+        .map(|(m, l, _)| (m.clone(), l.clone()))
+        .collect();
     let flushed = reactor.block_on(move || async move {
-        for (m, idx) in &t2 {
-            m.leg_flush(*idx).await;
+        for (m, leg) in &l2 {
+            m.leg_flush(leg).await;
         }
     });
     if flushed.is_err() {
-        rollback(targets);
+        rollback(&legs);
         return Err(SplitError::LegFailed(targets[0].1));
     }
-    for ((m, idx), gen) in targets.iter().zip(&gens) {
-        let leg = &m.legs[*idx];
+    for ((_, leg, gen), (_, idx)) in legs.iter().zip(targets) {
         if leg.link_gen.load(Ordering::SeqCst) != *gen {
-            rollback(targets);
+            rollback(&legs);
             return Err(SplitError::LegFailed(*idx));
         }
     }
-    for (i, (m, idx)) in targets.iter().enumerate() {
-        let leg = &m.legs[*idx];
+    for (i, ((_, leg, _), (_, idx))) in legs.iter().zip(targets).enumerate() {
         if leg
             .state
             .compare_exchange(
@@ -136,30 +136,29 @@ pub fn split_stream(
             .is_err()
         {
             // Failed at the last moment: undo the ones already switched.
-            for (m2, idx2) in &targets[..i] {
-                let _ = m2.legs[*idx2].state.compare_exchange(
+            for (_, l2, _) in &legs[..i] {
+                let _ = l2.state.compare_exchange(
                     LegState::Split as u8,
                     LegState::Degraded as u8,
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 );
             }
-            rollback(targets);
+            rollback(&legs);
             return Err(SplitError::LegFailed(*idx));
         }
     }
     Ok((at, drained))
 }
 
-fn rollback(targets: &[(Arc<Mirror>, usize)]) {
-    for (m, idx) in targets {
+fn rollback(legs: &[(Arc<Mirror>, Arc<Leg>, u64)]) {
+    for (m, leg, _) in legs {
         // Writes that skipped the leg set its bits; the leg goes through a
         // resync (the supervisor picks up a degraded leg).
-        let leg = &m.legs[*idx];
         leg.split.clear();
         if leg.state() == LegState::Synced {
             m.leg_failed(
-                *idx,
+                leg,
                 leg.link_gen.load(Ordering::SeqCst),
                 "split rolled back",
             );
@@ -261,9 +260,11 @@ fn ctl(
     info: &SplitInfo,
 ) -> Result<SplitCtlResp, String> {
     let site = state.mirror.site().ok_or("site not configured")?;
-    let addr = m.leg_address(leg).ok_or("no such leg")?;
+    let addr = m.leg(leg).ok_or("no such leg")?.config().address;
+    let leg_id = m.leg(leg).ok_or("no such leg")?.config().leg_id;
     let msg = Message::SplitCtl(SplitCtl {
         mirror: m.id(),
+        leg: LegId(leg_id),
         op,
         writable: info.writable,
         epoch: Epoch(info.epoch),
@@ -361,7 +362,7 @@ pub fn split(state: &Arc<DaemonState>, p: SplitParams) -> Result<Value, SvcError
         info.phase = SplitPhase::Split;
         set_record_split(state, m.name(), p.leg, Some(info.clone()))?;
         m.set_split_info(p.leg, Some(info.clone()));
-        images.push(json!({"mirror": m.name(), "image": info.image, "site": m.leg_site(p.leg)}));
+        images.push(json!({"mirror": m.name(), "image": info.image, "site": m.leg(p.leg).map(|l| l.config().site.clone())}));
     }
     tracing::info!(
         epoch = at.epoch,
@@ -471,7 +472,7 @@ pub fn promote(state: &Arc<DaemonState>, p: PromoteParams) -> Result<Value, SvcE
     info.phase = SplitPhase::Promoted;
     set_record_split(state, m.name(), p.leg, Some(info.clone()))?;
     m.set_split_info(p.leg, Some(info.clone()));
-    Ok(json!({"image": info.image, "site": m.leg_site(p.leg)}))
+    Ok(json!({"image": info.image, "site": m.leg(p.leg).map(|l| l.config().site.clone())}))
 }
 
 /// After a restart: finishes interrupted rejoins and rolls back interrupted
@@ -537,16 +538,17 @@ pub struct HostedSplit {
     pub promoted: bool,
 }
 
-fn bits_path(state: &DaemonState, mirror: u64) -> PathBuf {
+fn bits_path(state: &DaemonState, mirror: u64, leg: u32) -> PathBuf {
     state
         .options
         .data_dir
-        .join(format!("split-{mirror:016x}.bits"))
+        .join(format!("split-{mirror:016x}-{leg}.bits"))
 }
 
 /// Answers a primary's `SplitCtl` (agent thread; blocking I/O allowed).
 pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
     let mirror = c.mirror.0;
+    let leg = c.leg.0;
     let resp = |status: Status, region_size: u32, bitmap: Vec<u8>| {
         Message::SplitCtlResp(SplitCtlResp {
             mirror: MirrorId(mirror),
@@ -555,7 +557,7 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
             bitmap,
         })
     };
-    let current = service::hosted_split(state, mirror);
+    let current = service::hosted_split(state, mirror, leg);
     let current = match current {
         Ok(c) => c,
         Err(e) => {
@@ -586,11 +588,11 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
                 promoted: false,
             };
             // Fence the primary's links first, then persist, then expose.
-            if let Err(e) = service::set_hosted_split(state, mirror, Some(hs.clone())) {
+            if let Err(e) = service::set_hosted_split(state, mirror, leg, Some(hs.clone())) {
                 tracing::error!(mirror, "persisting the split: {e}");
                 return resp(Status::IoError, 0, Vec::new());
             }
-            match expose(state, mirror, &hs) {
+            match expose(state, mirror, leg, &hs) {
                 Ok(()) => {
                     tracing::info!(
                         mirror,
@@ -604,7 +606,7 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
                 }
                 Err(e) => {
                     tracing::error!(mirror, "exposing the split image: {e}");
-                    let _ = service::set_hosted_split(state, mirror, None);
+                    let _ = service::set_hosted_split(state, mirror, leg, None);
                     resp(Status::IoError, 0, Vec::new())
                 }
             }
@@ -620,7 +622,7 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
                 Some(img) => img.stop_writes(),
                 // Not exposed (e.g. restart before its servers came back):
                 // what is on disk is final.
-                None => ImageBits::load(&bits_path(state, mirror)).unwrap_or_default(),
+                None => ImageBits::load(&bits_path(state, mirror, leg)).unwrap_or_default(),
             };
             resp(
                 Status::Ok,
@@ -639,11 +641,11 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
                 img.stop_writes();
                 let _ = state.volumes.delete(&cur.image);
             }
-            if let Err(e) = service::set_hosted_split(state, mirror, None) {
+            if let Err(e) = service::set_hosted_split(state, mirror, leg, None) {
                 tracing::error!(mirror, "ending the split: {e}");
                 return resp(Status::IoError, 0, Vec::new());
             }
-            let _ = std::fs::remove_file(bits_path(state, mirror));
+            let _ = std::fs::remove_file(bits_path(state, mirror, leg));
             tracing::info!(
                 mirror,
                 image = cur.image,
@@ -657,14 +659,14 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
             };
             cur.promoted = true;
             cur.writable = true;
-            if let Err(e) = service::set_hosted_split(state, mirror, Some(cur.clone())) {
+            if let Err(e) = service::set_hosted_split(state, mirror, leg, Some(cur.clone())) {
                 tracing::error!(mirror, "promoting: {e}");
                 return resp(Status::IoError, 0, Vec::new());
             }
             if let Some(img) = image_of(state, &cur.image) {
                 img.promote();
             }
-            let _ = std::fs::remove_file(bits_path(state, mirror));
+            let _ = std::fs::remove_file(bits_path(state, mirror, leg));
             tracing::info!(
                 mirror,
                 image = cur.image,
@@ -682,16 +684,16 @@ fn image_of(state: &DaemonState, name: &str) -> Option<Arc<SplitImage>> {
 
 /// Registers the image volume of a split hosted leg (after a freeze, and at
 /// start-up once the leg's storage servers are configured).
-pub fn expose(state: &DaemonState, mirror: u64, hs: &HostedSplit) -> Result<(), String> {
+pub fn expose(state: &DaemonState, mirror: u64, leg: u32, hs: &HostedSplit) -> Result<(), String> {
     if state.volumes.get(&hs.image).is_some() {
         return Ok(());
     }
-    let pieces = service::hosted_pieces(state, mirror)?;
+    let pieces = service::hosted_pieces(state, mirror, leg)?;
     let first = pieces.first().ok_or("the leg has no extents")?;
     let bs = first.2.block_size();
     let size: u64 = pieces.iter().map(|p| p.1).sum();
     let bits = if hs.writable && !hs.promoted {
-        let path = bits_path(state, mirror);
+        let path = bits_path(state, mirror, leg);
         let regions = size.div_ceil(hs.region_size.max(1));
         Some(ImageBits::open(path, hs.region_size, regions).map_err(|e| e.to_string())?)
     } else {

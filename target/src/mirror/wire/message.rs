@@ -343,6 +343,8 @@ impl SplitOp {
 pub struct SplitCtl {
     /// Mirror.
     pub mirror: MirrorId,
+    /// The leg (its id within the mirror; a site may host several).
+    pub leg: LegId,
     /// Operation.
     pub op: SplitOp,
     /// Freeze: the image takes writes (a writable clone).
@@ -427,6 +429,10 @@ pub struct AllocateRequest {
     pub size: ByteLen,
     /// Domain asking.
     pub domain: DomainId,
+    /// Which leg of the mirror (0 for the first; a mirror can hold several
+    /// legs in one domain, on different storage servers). Was reserved
+    /// (zero) before third-leg allocation: old senders ask for leg 0.
+    pub leg: LegId,
 }
 
 /// One piece of a virtual mirror device.
@@ -461,6 +467,8 @@ pub struct ReleaseRequest {
     pub mirror: MirrorId,
     /// Domain releasing.
     pub domain: DomainId,
+    /// Which leg of the mirror (was reserved, zero: leg 0).
+    pub leg: LegId,
 }
 
 /// Completion of a release.
@@ -957,7 +965,7 @@ impl<'a> Message<'a> {
                 w.u32(u32::from(c.writable))?;
                 w.u32(c.region_size)?;
                 w.u32(u32::try_from(c.name.len()).unwrap_or(u32::MAX))?;
-                w.zeros(4)
+                w.u32(c.leg.0)
             }
             Message::SplitCtlResp(r) => {
                 w.u64(r.mirror.0)?;
@@ -985,7 +993,7 @@ impl<'a> Message<'a> {
                 w.u64(a.mirror.0)?;
                 w.u64(a.size.0)?;
                 w.u32(a.domain.0)?;
-                w.zeros(4)
+                w.u32(a.leg.0)
             }
             Message::AllocateResponse(a) => {
                 w.u64(a.mirror.0)?;
@@ -995,7 +1003,7 @@ impl<'a> Message<'a> {
             Message::ReleaseRequest(r) => {
                 w.u64(r.mirror.0)?;
                 w.u32(r.domain.0)?;
-                w.zeros(4)
+                w.u32(r.leg.0)
             }
             Message::ReleaseAck(r) => {
                 w.u64(r.mirror.0)?;
@@ -1323,7 +1331,7 @@ impl<'a> Message<'a> {
                 };
                 let region_size = r.u32()?;
                 let len = r.u32()?;
-                r.reserved::<4>()?;
+                let leg = LegId(r.u32()?);
                 count_of(t, "bytes of image name", u64::from(len), MAX_SPLIT_NAME)?;
                 payload_len_is(t, payload, u64::from(len))?;
                 let name = std::str::from_utf8(payload)
@@ -1331,6 +1339,7 @@ impl<'a> Message<'a> {
                     .to_owned();
                 Message::SplitCtl(SplitCtl {
                     mirror,
+                    leg,
                     op,
                     writable,
                     epoch,
@@ -1405,12 +1414,13 @@ impl<'a> Message<'a> {
                 let mirror = MirrorId(r.u64()?);
                 let size = ByteLen(r.u64()?);
                 let domain = DomainId(r.u32()?);
-                r.reserved::<4>()?;
+                let leg = LegId(r.u32()?);
                 payload_len_is(t, payload, 0)?;
                 Message::AllocateRequest(AllocateRequest {
                     mirror,
                     size,
                     domain,
+                    leg,
                 })
             }
             MsgType::AllocateResponse => {
@@ -1440,9 +1450,13 @@ impl<'a> Message<'a> {
             MsgType::ReleaseRequest => {
                 let mirror = MirrorId(r.u64()?);
                 let domain = DomainId(r.u32()?);
-                r.reserved::<4>()?;
+                let leg = LegId(r.u32()?);
                 payload_len_is(t, payload, 0)?;
-                Message::ReleaseRequest(ReleaseRequest { mirror, domain })
+                Message::ReleaseRequest(ReleaseRequest {
+                    mirror,
+                    domain,
+                    leg,
+                })
             }
             MsgType::ReleaseAck => {
                 let mirror = MirrorId(r.u64()?);
@@ -1593,6 +1607,7 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
             mirror: MirrorId(11),
             size: ByteLen(10 << 30),
             domain: DomainId(2),
+            leg: LegId(3),
         }),
         Message::AllocateResponse(AllocateResponse {
             mirror: MirrorId(11),
@@ -1615,6 +1630,7 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
         Message::ReleaseRequest(ReleaseRequest {
             mirror: MirrorId(11),
             domain: DomainId(2),
+            leg: LegId(3),
         }),
         Message::ReleaseAck(ReleaseAck {
             mirror: MirrorId(11),
@@ -1630,6 +1646,7 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
         }),
         Message::SplitCtl(SplitCtl {
             mirror: MirrorId(1),
+            leg: LegId(2),
             op: SplitOp::Freeze,
             writable: true,
             epoch: Epoch(3),
@@ -1952,6 +1969,7 @@ mod tests {
             mirror: MirrorId(1),
             size: ByteLen(0),
             domain: DomainId(1),
+            leg: LegId(0),
         });
         assert!(alloc.validate(&limits).is_err());
         let gen = Message::GenerationExchange(GenerationExchange {

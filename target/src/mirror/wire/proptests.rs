@@ -118,6 +118,7 @@ fn message() -> impl Strategy<Value = Message<'static>> {
         (ids, 1u32..=4, any::<bool>(), 12u32..=30, "[a-z0-9_-]{0,40}").prop_map(
             |((m, s, e), op, writable, shift, name)| Message::SplitCtl(SplitCtl {
                 mirror: MirrorId(m),
+                leg: LegId(e ^ 5),
                 op: SplitOp::from_wire(op).unwrap_or(SplitOp::Query),
                 writable,
                 epoch: Epoch(e),
@@ -173,11 +174,12 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                         .collect(),
                 })
             }),
-        (any::<u64>(), 1..=u64::MAX, any::<u32>()).prop_map(|(m, size, d)| {
+        (any::<u64>(), 1..=u64::MAX, any::<u32>(), any::<u32>()).prop_map(|(m, size, d, l)| {
             Message::AllocateRequest(AllocateRequest {
                 mirror: MirrorId(m),
                 size: ByteLen(size),
                 domain: DomainId(d),
+                leg: LegId(l),
             })
         }),
         (
@@ -208,10 +210,13 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                     extents,
                 })
             }),
-        (any::<u64>(), any::<u32>()).prop_map(|(m, d)| Message::ReleaseRequest(ReleaseRequest {
-            mirror: MirrorId(m),
-            domain: DomainId(d)
-        })),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(m, d, l)| Message::ReleaseRequest(
+            ReleaseRequest {
+                mirror: MirrorId(m),
+                domain: DomainId(d),
+                leg: LegId(l),
+            }
+        )),
         (any::<u64>(), status()).prop_map(|(m, status)| Message::ReleaseAck(ReleaseAck {
             mirror: MirrorId(m),
             status
