@@ -4,6 +4,8 @@
 //! write; rejoin copies only changed regions; consistency groups.
 
 mod common;
+#[path = "nvmf_host_common/mod.rs"]
+mod nvmf_host_common;
 
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
@@ -668,4 +670,67 @@ fn workload_without_splits_never_degrades_the_leg() {
     let st = s.a.status("m0");
     eprintln!("{n} writes; {st:#}");
     assert_eq!(st["legs"][0]["degradations"], 0, "{st:#}");
+}
+
+/// The split image is an ordinary volume of the remote site: exported over
+/// NVMe/TCP there, a host writes and reads it (a writable clone); the
+/// rejoin copies what the host wrote back from the primary; `bdev_delete`
+/// of an image that belongs to a split is refused.
+#[test]
+fn split_image_is_exported_over_nvme_tcp() {
+    let mut s = sites("split-nvmf");
+    let (local, leg) = mirror(&mut s, "m0");
+    write_volume(&s.a, "m0", 0, 8192, 9).unwrap();
+    s.a.call(
+        "mirror_split",
+        json!({"name": "m0", "image_name": "nv_clone", "writable": true}),
+    );
+    let e =
+        s.b.rpc
+            .call("bdev_delete", Some(json!({"name": "nv_clone"})))
+            .unwrap_err();
+    assert!(format!("{e:?}").contains("claimed"), "{e:?}");
+    let nqn = "nqn.2026-11.io.mirrorpoint:nv_clone";
+    s.b.call(
+        "nvmf_create_subsystem",
+        json!({"nqn": nqn, "allow_any_host": true}),
+    );
+    s.b.call(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": nqn, "namespace": {"bdev_name": "nv_clone"}}),
+    );
+    let la = s.b.call(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": nqn, "listen_address": {"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.3", "trsvcid": "0"}}),
+    );
+    let port: u16 = la["trsvcid"].as_str().unwrap().parse().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+    let report = nvmf_host_common::session(
+        addr,
+        nqn,
+        mirrorpoint_target::nvmf::host::ConnectOptions::default(),
+        31,
+        100,
+    );
+    assert!(report.bytes > MIB, "{report:?}");
+    let bdevs = s.b.call("bdev_get_bdevs", json!({"name": "nv_clone"}));
+    let written = bdevs[0]["driver_specific"]["split_image"]["written_regions"]
+        .as_u64()
+        .unwrap();
+    assert!(written > 0, "{bdevs:#}");
+    // The image is no longer the volume's data; the rejoin puts it back.
+    assert_ne!(
+        read_file(&local, SIZE),
+        leg.read(SIZE),
+        "the host's writes did not reach the image"
+    );
+    let rj = s.a.call("mirror_rejoin", json!({"name": "m0"}));
+    assert!(rj["regions"].as_u64().unwrap() >= written, "{rj:#}");
+    s.a.wait_leg("m0", "synced", Duration::from_secs(60));
+    flush(&s.a, "m0");
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "local vs leg after rejoining the clone",
+    );
 }

@@ -804,7 +804,7 @@ fn local_release(state: &DaemonState, mirror: u64, leg: u32) -> Status {
         .find(|a| a.mirror_id == mirror && a.leg == leg)
         .and_then(|a| a.split.as_ref())
     {
-        let _ = state.volumes.delete(&hs.image);
+        super::split::ops::drop_image(state, mirror, leg, &hs.image);
     }
     allocs.retain(|a| !(a.mirror_id == mirror && a.leg == leg));
     if allocs.len() == before {

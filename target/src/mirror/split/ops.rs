@@ -637,10 +637,7 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
             if cur.promoted {
                 return resp(Status::InvalidRequest, 0, Vec::new());
             }
-            if let Some(img) = image_of(state, &cur.image) {
-                img.stop_writes();
-                let _ = state.volumes.delete(&cur.image);
-            }
+            drop_image(state, mirror, leg, &cur.image);
             if let Err(e) = service::set_hosted_split(state, mirror, leg, None) {
                 tracing::error!(mirror, "ending the split: {e}");
                 return resp(Status::IoError, 0, Vec::new());
@@ -675,6 +672,21 @@ pub fn hosted_ctl(state: &Arc<DaemonState>, c: &SplitCtl) -> Message<'static> {
             resp(Status::Ok, 0, Vec::new())
         }
     }
+}
+
+/// Who claims a split image in the volume registry (so `bdev_delete` and
+/// other owners keep off it while it belongs to the split).
+fn image_owner(mirror: u64, leg: u32) -> String {
+    format!("split of mirror {mirror:016x} leg {leg}")
+}
+
+/// Drops a split image from the volume registry.
+pub fn drop_image(state: &DaemonState, mirror: u64, leg: u32, image: &str) {
+    if let Some(img) = image_of(state, image) {
+        img.stop_writes();
+    }
+    state.volumes.release(image, &image_owner(mirror, leg));
+    let _ = state.volumes.delete(image);
 }
 
 fn image_of(state: &DaemonState, name: &str) -> Option<Arc<SplitImage>> {
@@ -722,9 +734,10 @@ pub fn expose(state: &DaemonState, mirror: u64, leg: u32, hs: &HostedSplit) -> R
         size / u64::from(bs.bytes()),
         Backend::SplitImage(img),
     );
+    state.volumes.register(vol).map_err(|e| e.to_string())?;
     state
         .volumes
-        .register(vol)
+        .claim(&hs.image, &image_owner(mirror, leg))
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
