@@ -213,12 +213,21 @@ fn kill_during(a: &mut Proc, cfg: &Path, op: &'static str, params: Value, after:
     Proc::start(&a.dir.clone(), cfg)
 }
 
-#[test]
-fn kill_9_during_split_and_rejoin_loses_nothing() {
-    let dir = TempDir::new("split-crash");
+struct Setup {
+    dir: TempDir,
+    a: Proc,
+    b: Proc,
+    local: PathBuf,
+    leg: LegMap,
+    acfg: PathBuf,
+}
+
+/// Two daemons (processes), a synced mirror m0, configs saved.
+fn setup(tag: &str) -> Setup {
+    let dir = TempDir::new(tag);
     let empty = dir.0.join("empty.json");
     std::fs::write(&empty, r#"{"subsystems": []}"#).unwrap();
-    let mut a = Proc::start(&dir.0.join("a"), &empty);
+    let a = Proc::start(&dir.0.join("a"), &empty);
     let b = Proc::start(&dir.0.join("b"), &empty);
     let aaddr = a.call("agent_set_site", json!({"name": "east", "domain": 1, "listen": "127.0.0.2:0", "secret": SECRET, "master": true}))["listen"].as_str().unwrap().to_string();
     let baddr = b.call(
@@ -261,6 +270,26 @@ fn kill_9_during_split_and_rejoin_loses_nothing() {
     a.wait_leg("synced", Duration::from_secs(60));
     let acfg = a.save();
     b.save();
+    Setup {
+        dir,
+        a,
+        b,
+        local,
+        leg,
+        acfg,
+    }
+}
+
+#[test]
+fn kill_9_during_split_and_rejoin_loses_nothing() {
+    let Setup {
+        dir: _dir,
+        mut a,
+        b,
+        local,
+        leg,
+        acfg,
+    } = setup("split-crash");
     let model: Model = Arc::new(Mutex::new(vec![(0, None); 64]));
     let mut outcomes = Vec::new();
 
@@ -351,4 +380,110 @@ fn kill_9_during_split_and_rejoin_loses_nothing() {
         .count();
     eprintln!("outcomes: {outcomes:?}; {recovered} interrupted split/rejoin(s) finished by restart recovery");
     drop(b);
+}
+
+/// Rewrites leg 0's split record in the primary's mirror record (what a
+/// crash at that exact point leaves on disk).
+fn set_record_phase(a: &Proc, split: Value) {
+    let path = a.dir.join("data").join("mirror-m0.json");
+    let mut r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    r["legs"][0]["split"] = split;
+    std::fs::write(&path, r.to_string()).unwrap();
+}
+
+/// The two crash points kill -9 rarely lands in, made exact: the primary
+/// dies (1) right after recording a split as `pending` (before the
+/// sequencer split), (2) in a rejoin after recording `rejoining`, with the
+/// image still on the leg's site. After a restart the background recovery
+/// rolls (1) back and finishes (2): no image left, the leg synced, every
+/// acknowledged write there, legs identical.
+#[test]
+fn restart_finishes_or_rolls_back_interrupted_splits() {
+    let Setup {
+        dir: _dir,
+        mut a,
+        b,
+        local,
+        leg,
+        acfg,
+    } = setup("split-recover");
+    let model: Model = Arc::new(Mutex::new(vec![(0, None); 64]));
+    // (1) pending.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ws = workload(a.dir.join("rpc.sock"), model.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    a.kill9();
+    stop.store(true, Ordering::SeqCst);
+    ws.into_iter().for_each(|w| {
+        w.join().unwrap();
+    });
+    set_record_phase(
+        &a,
+        json!({"phase": "pending", "epoch": 0, "sequence": 0, "image": "p0", "writable": false}),
+    );
+    let a2 = Proc::start(&a.dir.clone(), &acfg);
+    a2.wait_leg("synced", Duration::from_secs(60));
+    assert!(a2.leg()["split"].is_null(), "{:#}", a2.leg());
+    assert!(!bdev_names(&b).contains(&"p0".to_string()));
+    verify(&a2, &model);
+    wait_for(Duration::from_secs(10), "the recovery log line", || {
+        a2.log()
+            .contains("interrupted split/rejoin finished after restart")
+    });
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "after a pending split's rollback",
+    );
+
+    // (2) rejoining, the image still on the leg's site.
+    let mut a = a2;
+    a.call(
+        "mirror_split",
+        json!({"name": "m0", "image_name": "r1", "writable": true}),
+    );
+    assert!(bdev_names(&b).contains(&"r1".to_string()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ws = workload(a.dir.join("rpc.sock"), model.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    // A host write into the clone (tracked: the rejoin must copy it back).
+    b.call(
+        "bdev_write_pattern",
+        json!({"name": "r1", "offset": 20 * MIB, "len": SLOT, "seed": 99}),
+    );
+    a.kill9();
+    stop.store(true, Ordering::SeqCst);
+    ws.into_iter().for_each(|w| {
+        w.join().unwrap();
+    });
+    let info = a.call_dead_record();
+    set_record_phase(&a, {
+        let mut i = info;
+        i["phase"] = json!("rejoining");
+        i
+    });
+    let a2 = Proc::start(&a.dir.clone(), &acfg);
+    wait_for(
+        Duration::from_secs(30),
+        "the image dropped by the recovery",
+        || !bdev_names(&b).contains(&"r1".to_string()),
+    );
+    a2.wait_leg("synced", Duration::from_secs(60));
+    assert!(a2.leg()["split"].is_null(), "{:#}", a2.leg());
+    verify(&a2, &model);
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "after an interrupted rejoin finished",
+    );
+}
+
+impl Proc {
+    /// Leg 0's split record as the dead primary left it on disk.
+    fn call_dead_record(&self) -> Value {
+        let path = self.dir.join("data").join("mirror-m0.json");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(r["legs"][0]["split"]["phase"], "split", "{r:#}");
+        r["legs"][0]["split"].clone()
+    }
 }
