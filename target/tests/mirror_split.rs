@@ -623,6 +623,10 @@ fn split_state_survives_restart() {
     let (local, leg) = mirror(&mut s, "m0");
     write_volume(&s.a, "m0", 0, 8192, 5).unwrap();
     s.a.call("mirror_split", json!({"name": "m0", "image_name": "keep"}));
+    s.a.call(
+        "mirror_group_create",
+        json!({"name": "g1", "mirrors": ["m0"]}),
+    );
     write_volume(&s.a, "m0", 5 * REGION, 8192, 6).unwrap();
     let restart = |site: &mut Site| {
         let cfg = site.call("save_config", json!({}));
@@ -640,6 +644,12 @@ fn split_state_survives_restart() {
     let st = s.a.status("m0");
     assert_eq!(st["legs"][0]["state"], "split", "{st:#}");
     assert_eq!(st["legs"][0]["split"]["image"], "keep", "{st:#}");
+    // The group came back from save_config too, and the split leg still
+    // skips writes stamped by the group's sequencer.
+    assert_eq!(
+        s.a.call("mirror_group_get", json!({"name": "g1"}))[0]["mirrors"],
+        json!(["m0"])
+    );
     let img = read_volume(&s.b, "keep", 8192);
     assert!(img.iter().all(|&x| x == 5));
     let img = read_volume(&s.b, "keep", 6 * REGION);
