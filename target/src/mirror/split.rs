@@ -23,7 +23,9 @@
 //! a writer can be at most one epoch behind the stamp it gets). The `loom`
 //! model at the bottom checks the two promises of the issue over every
 //! interleaving: no new-epoch write reaches the split image, and no write
-//! acknowledged before the split is missing from it.
+//! acknowledged before the split is missing from it. (It runs with loom's
+//! preemption bound of 3; it fails, "a write reached the image after the
+//! split", when a writer counts itself only after taking its stamp.)
 //!
 //! # Where the image lives
 //! The split leg is hosted by another site (`serve_leg` over its storage
