@@ -348,8 +348,14 @@ fn kill_9_during_split_and_rejoin_loses_nothing() {
             ws.into_iter().for_each(|w| {
                 w.join().unwrap();
             });
-            // The rejoin finishes by itself after the restart (or had
+            // Killed before the rejoin recorded `rejoining`: still split,
+            // the operator's rejoin is simply asked again. Otherwise the
+            // rejoin finishes by itself after the restart (or had
             // finished): no image, the leg resyncs to synced.
+            if a2.leg()["split"]["phase"] == "split" {
+                eprintln!("round {round}: killed before the rejoin began; rejoining again");
+                a2.call("mirror_rejoin", json!({"name": "m0"}));
+            }
             wait_for(Duration::from_secs(30), "the image gone", || {
                 !bdev_names(&b).contains(&image)
             });
