@@ -1327,6 +1327,7 @@ impl Mirror {
         match link.request(msg, payload, self.cfg.link_timeout).await {
             Ok(r) => Ok(r),
             Err(e) => {
+                let e = format!("{:?}: {e}", msg.msg_type());
                 if link.kill() {
                     LINKS.with(|l| {
                         let mut l = l.borrow_mut();
