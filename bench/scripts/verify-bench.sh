@@ -23,6 +23,8 @@
 #   --size SIZE       volume size in MiB (default 256)
 #   --rate MIB        verify rate cap for the busy run, MiB/s (default 64)
 #   --passes N        idle verify passes (default 2)
+#   --repeat N        rounds of the three busy-host runs (default 2; each
+#                     round is compared with its own no-verify run)
 #   --dir DIR         where volume files go (default ./build/verify-bench; not tmpfs)
 #   --east-cpus L     CPUs of east's reactors (default 0)
 #   --west-cpus L     CPUs of west's reactors (default 1)
@@ -37,6 +39,7 @@ RAMP=1
 SIZE_MIB=256
 RATE_MIB=64
 PASSES=2
+REPEAT=2
 DIR=./build/verify-bench
 EAST_CPUS=0
 WEST_CPUS=1
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE_MIB=$2; shift 2 ;;
     --rate) RATE_MIB=$2; shift 2 ;;
     --passes) PASSES=$2; shift 2 ;;
+    --repeat) REPEAT=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
     --east-cpus) EAST_CPUS=$2; shift 2 ;;
     --west-cpus) WEST_CPUS=$2; shift 2 ;;
@@ -210,6 +214,7 @@ busy() { # label rate(or "none")
     after=$(qrpc east mirror_get_status '{"name": "m1"}' | json_get 0 verify checked_bytes)
     passes=0
     [ -f "$OUT/loop-$rate.txt" ] && passes=$(wc -l <"$OUT/loop-$rate.txt")
+    rm -f "$OUT/loop-$rate.txt"
     kill "$loop_pid" 2>/dev/null || true
     wait "$loop_pid" 2>/dev/null || true
     loop_pid=
@@ -218,15 +223,18 @@ busy() { # label rate(or "none")
     # Bytes checked over the whole host run (ramp included), per second.
     python3 -c "import json,sys; print(json.dumps({'rate_limit': $rate, 'checked_after': $after, 'passes_finished': $passes, 'seconds': $t1 - $t0}))" >"$OUT/verify-$label.json"
 }
-busy none none
-busy capped "$RATE"
-busy uncapped 0
+for r in $(seq 1 "$REPEAT"); do
+    busy "none-$r" none
+    busy "capped-$r" "$RATE"
+    busy "uncapped-$r" 0
+done
 
 echo
-python3 - "$OUT" "$SIZE" "${tcp_rows[@]}" -- "${idle[@]}" <<'PY'
+python3 - "$OUT" "$SIZE" "$REPEAT" "${tcp_rows[@]}" -- "${idle[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
-out, size = args[0], int(args[1])
+out, size, repeat = args[0], int(args[1]), int(args[2])
+args = args[:2] + args[3:]
 sep = args.index("--")
 tcps = [json.load(open(f)) for f in args[2:sep]]
 idle = [json.load(open(f)) for f in args[sep + 1:]]
@@ -243,13 +251,13 @@ for i, v in enumerate(idle):
     mib = v["checked_bytes"] / s / 2**20
     print(f"| {i + 1} | {v['checked_bytes']:,} | {s:.2f} | {mib:,.0f} | {mib / loop:.3f} |")
 print()
-print("| busy host (4k randwrite QD32 x 2 connections) | host IOPS | vs no verify | p99 µs | verify MiB/s during the run | verify cap MiB/s |")
-print("|---|---:|---:|---:|---:|---:|")
-base = None
-for label in ("none", "capped", "uncapped"):
-    h = json.load(open(f"{out}/host-{label}.json"))
-    v = json.load(open(f"{out}/verify-{label}.json"))
-    base = base or h["iops"]
+print("| busy host (4k randwrite QD32 x 2 connections) | round | host IOPS | vs no verify (same round) | p99 µs | verify MiB/s during the run | verify cap MiB/s |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for r, label in [(r, l) for r in range(1, repeat + 1) for l in ("none", "capped", "uncapped")]:
+    h = json.load(open(f"{out}/host-{label}-{r}.json"))
+    v = json.load(open(f"{out}/verify-{label}-{r}.json"))
+    if label == "none":
+        base = h["iops"]
     if v:
         # checked_bytes restarts at each pass: whole passes + the current one.
         done = v["passes_finished"] * size + v["checked_after"]
@@ -257,6 +265,6 @@ for label in ("none", "capped", "uncapped"):
         cap = "none" if v["rate_limit"] == 0 else f"{v['rate_limit'] / 2**20:,.0f}"
     else:
         vr, cap = "-", "-"
-    print(f"| verify {label if v else 'not running'} | {h['iops']:,.0f} | {h['iops'] / base:.3f} | {h['lat_us']['p99']:.0f} | {vr} | {cap} |")
+    print(f"| verify {label if v else 'not running'} | {r} | {h['iops']:,.0f} | {h['iops'] / base:.3f} | {h['lat_us']['p99']:.0f} | {vr} | {cap} |")
 PY
 echo "# outputs in $OUT"
