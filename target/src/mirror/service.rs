@@ -47,14 +47,15 @@ use super::meta::MirrorMeta;
 use super::wire::{
     AllocateRequest, AllocateResponse, CapacityReport, Decoded, DomainId, ErrorCode, ErrorMsg,
     Extent, FlushAck, Framer, Generation, GenerationExchange, GenerationFlags, HandshakeConfig,
-    Health, HeartbeatAck, Initiator, Message, MirrorId, ReleaseAck, ReleaseRequest, RequestTag,
-    ServerCapacity, SharedSecret, SiteName, Status, StorageServerId, Timestamp, WriteAck,
+    Health, HeartbeatAck, Initiator, LegId, Message, MirrorId, ReleaseAck, ReleaseRequest,
+    RequestTag, ServerCapacity, SharedSecret, SiteName, Status, StorageServerId, Timestamp,
+    WriteAck,
 };
 use crate::daemon::DaemonState;
 use crate::units::{ByteLen, ByteOffset};
 use crate::volume::{random_uuid, Volume, VolumeChannel};
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -135,22 +136,51 @@ pub struct MirrorParams {
     /// A leg silent this long is degraded (default 3000 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_timeout_ms: Option<u64>,
+    /// Replace a remote leg that is failed or unreachable for longer than
+    /// `failed_timeout_ms` by a newly allocated one (default off; also set
+    /// by `mirror_set_policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_replace: Option<bool>,
+    /// See `auto_replace` (default 60000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_timeout_ms: Option<u64>,
 }
 
 /// What the asker persists about a mirror's legs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LegRecord {
-    site: String,
-    domain: u32,
-    address: SocketAddr,
-    extents: Vec<ExtentRec>,
+pub(super) struct LegRecord {
+    pub(super) site: String,
+    pub(super) domain: u32,
+    pub(super) address: SocketAddr,
+    pub(super) extents: Vec<ExtentRec>,
+    /// Bitmap slot (absent in records written before online leg changes:
+    /// the leg's position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) slot: Option<usize>,
+    /// The leg's id on the wire and at its agent (0: the first leg).
+    #[serde(default)]
+    pub(super) leg_id: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MirrorRecord {
-    mirror_id: u64,
-    size: u64,
-    legs: Vec<LegRecord>,
+pub(super) struct MirrorRecord {
+    pub(super) mirror_id: u64,
+    pub(super) size: u64,
+    pub(super) legs: Vec<LegRecord>,
+    /// Next leg id to hand out (ids are never reused).
+    #[serde(default)]
+    pub(super) next_leg_id: u32,
+    /// Legs removed whose allocation could not be released yet (their site
+    /// was unreachable); retried in the background.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) pending_release: Vec<LegRecord>,
+}
+
+impl MirrorRecord {
+    /// The slot of the `i`th leg record.
+    pub(super) fn slot_of(&self, i: usize) -> usize {
+        self.legs[i].slot.unwrap_or(i)
+    }
 }
 
 /// One extent of an allocation.
@@ -201,6 +231,10 @@ pub struct Allocation {
     pub extents: Vec<ExtentRec>,
     /// Generation the leg's data is at (0: never fully synced).
     pub generation: u64,
+    /// Which leg of the mirror (a mirror may have several legs here, on
+    /// different storage servers).
+    #[serde(default)]
+    pub leg: u32,
 }
 
 struct Report {
@@ -218,6 +252,7 @@ struct Piece {
 /// A hosted leg, resolved to volumes.
 struct LegTarget {
     mirror: u64,
+    leg: u32,
     size: u64,
     pieces: Vec<Piece>,
     gen: AtomicU64,
@@ -238,9 +273,19 @@ pub struct MirrorService {
     servers: Mutex<Vec<StorageServerParams>>,
     allocations: Mutex<Vec<Allocation>>,
     reports: Mutex<HashMap<u32, Report>>,
-    targets: Mutex<HashMap<u64, Arc<LegTarget>>>,
-    mirrors: Mutex<Vec<(MirrorParams, Arc<Mirror>)>>,
-    stop: Arc<AtomicBool>,
+    targets: Mutex<HashMap<(u64, u32), Arc<LegTarget>>>,
+    pub(super) mirrors: Mutex<Vec<(MirrorParams, Arc<Mirror>)>>,
+    /// Master: domains it placed legs of each mirror in (prefers others for
+    /// a further leg; in memory only, the domain agents' own exclusion of
+    /// servers holding a leg of the mirror is what is guaranteed).
+    placements: Mutex<HashMap<u64, Vec<u32>>>,
+    /// Serialises leg changes (add, remove, auto-replacement) per daemon.
+    pub(super) leg_ops: Mutex<()>,
+    /// The auto-replacement monitor thread is running.
+    pub(super) monitor: AtomicBool,
+    pub(super) stop: Arc<AtomicBool>,
+    /// Per mirror: the leg monitor's view (auto-replacement).
+    pub(super) policies: Mutex<HashMap<String, super::legops::PolicyState>>,
     listening: Mutex<Option<SocketAddr>>,
 }
 
@@ -253,14 +298,14 @@ pub struct SvcError {
     pub message: String,
 }
 
-fn err(errno: i32, message: impl Into<String>) -> SvcError {
+pub(super) fn err(errno: i32, message: impl Into<String>) -> SvcError {
     SvcError {
         errno,
         message: message.into(),
     }
 }
 
-fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
+pub(super) fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
     let secret = SharedSecret::new(site.secret.as_bytes())
         .map_err(|e| err(libc::EINVAL, format!("secret: {e}")))?;
     let name = SiteName::new(&site.name).map_err(|_| {
@@ -272,7 +317,7 @@ fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
     Ok(HandshakeConfig::new(secret, name))
 }
 
-fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+pub(super) fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -479,8 +524,61 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
             format!("storage server '{}' (id {}) exists", p.name, p.id),
         ));
     }
+    // The pool's volumes are the server's storage from now on: nobody may
+    // delete them or build a mirror on them.
+    let owner = format!("storage server {}", p.name);
+    let mut claims = Vec::new();
+    for v in &p.volumes {
+        match ClaimGuard::take(&state.volumes, v, &owner) {
+            Ok(c) => claims.push(c),
+            Err(e) => return Err(err(libc::EBUSY, e.to_string())),
+        }
+    }
+    claims.into_iter().for_each(ClaimGuard::keep);
     servers.push(p);
     Ok(Value::Bool(true))
+}
+
+/// A volume claim that is released when dropped, unless kept: error paths
+/// of the calls that claim volumes give them back.
+struct ClaimGuard<'a> {
+    volumes: &'a crate::volume::VolumeRegistry,
+    name: String,
+    owner: String,
+    kept: bool,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn take(
+        volumes: &'a crate::volume::VolumeRegistry,
+        name: &str,
+        owner: &str,
+    ) -> Result<ClaimGuard<'a>, crate::volume::CreateError> {
+        volumes.claim(name, owner)?;
+        Ok(ClaimGuard {
+            volumes,
+            name: name.to_string(),
+            owner: owner.to_string(),
+            kept: false,
+        })
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.volumes.release(&self.name, &self.owner);
+        }
+    }
+}
+
+/// Who claims a mirror's local volume.
+fn mirror_owner(name: &str) -> String {
+    format!("mirror {name}")
 }
 
 /// Per server: (id, total bytes, free bytes, used intervals per volume).
@@ -545,6 +643,7 @@ fn report_capacity(state: &Arc<DaemonState>) {
 fn local_allocate(
     state: &DaemonState,
     mirror: u64,
+    leg: u32,
     size: u64,
     via: &str,
 ) -> Result<Vec<ExtentRec>, (Status, String)> {
@@ -554,13 +653,23 @@ fn local_allocate(
         .ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
     let caps = capacity(state);
     let mut allocs = lock(&svc.allocations);
-    if let Some(a) = allocs.iter().find(|a| a.mirror_id == mirror) {
+    if let Some(a) = allocs
+        .iter()
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
+    {
         return Ok(a.extents.clone());
     }
+    // Another leg of the same mirror never shares a storage server with
+    // this one (a server's loss must not take two legs).
+    let taken: Vec<u32> = allocs
+        .iter()
+        .filter(|a| a.mirror_id == mirror)
+        .flat_map(|a| a.extents.iter().map(|e| e.server))
+        .collect();
     let servers = lock(&svc.servers).clone();
     let mut order: Vec<&ServerCapacity> = caps
         .iter()
-        .filter(|c| c.health == Health::Healthy)
+        .filter(|c| c.health == Health::Healthy && !taken.contains(&c.server.0))
         .collect();
     order.sort_by_key(|c| std::cmp::Reverse(c.free.0));
     let size = size.div_ceil(4096) * 4096;
@@ -620,7 +729,7 @@ fn local_allocate(
         return Err((
             Status::NoSpace,
             format!(
-                "domain {} has {} free bytes, {size} asked",
+                "domain {} has {} free bytes on servers holding no leg of mirror {mirror}, {size} asked",
                 site.domain, logical
             ),
         ));
@@ -631,12 +740,14 @@ fn local_allocate(
         size,
         extents: extents.clone(),
         generation: 0,
+        leg,
     });
     let path = MirrorService::alloc_path(state, &site.name);
     write_json_atomically(&path, &*allocs)
         .map_err(|e| (Status::IoError, format!("{}: {e}", path.display())))?;
     tracing::info!(
         mirror,
+        leg,
         size,
         extents = extents.len(),
         via,
@@ -645,18 +756,19 @@ fn local_allocate(
     Ok(extents)
 }
 
-fn local_release(state: &DaemonState, mirror: u64) -> Status {
+fn local_release(state: &DaemonState, mirror: u64, leg: u32) -> Status {
     let svc = &state.mirror;
     let Some(site) = svc.site() else {
         return Status::InvalidRequest;
     };
     let mut allocs = lock(&svc.allocations);
     let before = allocs.len();
-    allocs.retain(|a| a.mirror_id != mirror);
+    allocs.retain(|a| !(a.mirror_id == mirror && a.leg == leg));
     if allocs.len() == before {
         return Status::NotFound;
     }
-    if let Some(t) = lock(&svc.targets).remove(&mirror) {
+    tracing::info!(mirror, leg, "released a mirror leg");
+    if let Some(t) = lock(&svc.targets).remove(&(mirror, leg)) {
         t.released.store(true, Ordering::SeqCst);
     }
     match write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs) {
@@ -670,6 +782,7 @@ fn master_allocate(
     state: &DaemonState,
     asker: &str,
     mirror: u64,
+    leg: u32,
     size: u64,
     want: u32,
 ) -> Result<(u32, Vec<ExtentRec>), (Status, String)> {
@@ -700,22 +813,62 @@ fn master_allocate(
         }
     }
     candidates.retain(|(d, f)| *d != asker_domain && (want == 0 || *d == want) && *f >= size);
-    candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
-    let Some(&(chosen, _)) = candidates.first() else {
-        return Err((
-            Status::NoSpace,
-            format!(
-                "no domain{} has {size} free bytes",
-                if want == 0 {
-                    String::new()
-                } else {
-                    format!(" {want}")
+    // A further leg of a mirror goes to a domain holding none of its legs
+    // if one has room; otherwise to one that does, on other servers (that
+    // domain's agent excludes servers holding a leg of the mirror, and
+    // answers NoSpace if the others lack room: then the next is tried).
+    let placed = lock(&state.mirror.placements)
+        .get(&mirror)
+        .cloned()
+        .unwrap_or_default();
+    candidates.sort_by_key(|c| (placed.contains(&c.0), std::cmp::Reverse(c.1)));
+    let mut last = None;
+    for &(chosen, _) in &candidates {
+        match master_allocate_in(state, &site, &peers, asker, mirror, leg, size, chosen) {
+            Ok(ext) => {
+                let mut p = lock(&state.mirror.placements);
+                let v = p.entry(mirror).or_default();
+                if !v.contains(&chosen) {
+                    v.push(chosen);
                 }
-            ),
-        ));
-    };
+                return Ok((chosen, ext));
+            }
+            Err(e) => {
+                tracing::info!(mirror, leg, domain = chosen, "allocation refused: {}", e.1);
+                last = Some(e);
+            }
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    Err((
+        Status::NoSpace,
+        format!(
+            "no domain{} has {size} free bytes",
+            if want == 0 {
+                String::new()
+            } else {
+                format!(" {want}")
+            }
+        ),
+    ))
+}
+
+/// The master asks domain `chosen` (itself or a peer) for the extents.
+#[allow(clippy::too_many_arguments)]
+fn master_allocate_in(
+    state: &DaemonState,
+    site: &SiteParams,
+    peers: &[PeerParams],
+    asker: &str,
+    mirror: u64,
+    leg: u32,
+    size: u64,
+    chosen: u32,
+) -> Result<Vec<ExtentRec>, (Status, String)> {
     if chosen == site.domain {
-        return local_allocate(state, mirror, size, asker).map(|e| (chosen, e));
+        return local_allocate(state, mirror, leg, size, asker);
     }
     let peer = peers.iter().find(|p| p.domain == chosen).ok_or((
         Status::NotFound,
@@ -725,11 +878,12 @@ fn master_allocate(
         mirror: MirrorId(mirror),
         size: ByteLen(size),
         domain: DomainId(chosen),
+        leg: LegId(leg),
     });
-    let replies = agent_call(&site, peer.address, &req, 1).map_err(|e| (Status::Busy, e))?;
+    let replies = agent_call(site, peer.address, &req, 1).map_err(|e| (Status::Busy, e))?;
     match replies.last() {
         Some(Message::AllocateResponse(r)) if r.status == Status::Ok => {
-            Ok((chosen, r.extents.iter().map(ExtentRec::from).collect()))
+            Ok(r.extents.iter().map(ExtentRec::from).collect())
         }
         Some(Message::AllocateResponse(r)) => {
             Err((r.status, format!("domain {chosen} refused: {:?}", r.status)))
@@ -793,7 +947,7 @@ fn send_blocking(s: &mut StdTcpStream, framer: &Framer, m: &Message<'_>) -> Resu
 }
 
 /// Connects to an agent, authenticates, sends `req` and reads `replies` messages.
-fn agent_call(
+pub(super) fn agent_call(
     site: &SiteParams,
     addr: SocketAddr,
     req: &Message<'_>,
@@ -863,9 +1017,9 @@ fn serve_agent(
             let site = state.mirror.site();
             let master = site.as_ref().is_some_and(|x| x.master);
             let res = if master {
-                master_allocate(&state, &peer, r.mirror.0, r.size.0, r.domain.0)
+                master_allocate(&state, &peer, r.mirror.0, r.leg.0, r.size.0, r.domain.0)
             } else {
-                local_allocate(&state, r.mirror.0, r.size.0, &peer)
+                local_allocate(&state, r.mirror.0, r.leg.0, r.size.0, &peer)
                     .map(|e| (site.as_ref().map_or(0, |x| x.domain), e))
             };
             match res {
@@ -920,7 +1074,7 @@ fn serve_agent(
                         _ => Status::NotFound,
                     }
                 }
-                _ => local_release(&state, r.mirror.0),
+                _ => local_release(&state, r.mirror.0, r.leg.0),
             };
             vec![Message::ReleaseAck(ReleaseAck {
                 mirror: r.mirror,
@@ -1000,16 +1154,16 @@ async fn handle_conn(state: Arc<DaemonState>, stream: TcpStream, peer: SocketAdd
     }
 }
 
-fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String> {
+fn leg_target(state: &DaemonState, mirror: u64, leg: u32) -> Result<Arc<LegTarget>, String> {
     let svc = &state.mirror;
-    if let Some(t) = lock(&svc.targets).get(&mirror) {
+    if let Some(t) = lock(&svc.targets).get(&(mirror, leg)) {
         return Ok(t.clone());
     }
     let alloc = lock(&svc.allocations)
         .iter()
-        .find(|a| a.mirror_id == mirror)
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
         .cloned()
-        .ok_or_else(|| format!("no leg of mirror {mirror} is hosted here"))?;
+        .ok_or_else(|| format!("leg {leg} of mirror {mirror} is not hosted here"))?;
     let servers = lock(&svc.servers).clone();
     let mut pieces = Vec::new();
     for e in &alloc.extents {
@@ -1048,6 +1202,7 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
     }
     let t = Arc::new(LegTarget {
         mirror,
+        leg,
         size: alloc.size,
         pieces,
         gen: AtomicU64::new(alloc.generation),
@@ -1055,17 +1210,17 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         inflight: AtomicU64::new(0),
         released: AtomicBool::new(false),
     });
-    lock(&svc.targets).insert(mirror, t.clone());
+    lock(&svc.targets).insert((mirror, leg), t.clone());
     Ok(t)
 }
 
-fn persist_generation(state: &DaemonState, mirror: u64, gen: u64) -> Result<(), String> {
+fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> Result<(), String> {
     let svc = &state.mirror;
     let site = svc.site().ok_or("site not configured")?;
     let mut allocs = lock(&svc.allocations);
     let a = allocs
         .iter_mut()
-        .find(|a| a.mirror_id == mirror)
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
         .ok_or("allocation gone")?;
     a.generation = gen;
     write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
@@ -1164,7 +1319,7 @@ async fn serve_leg(
     first: GenerationExchange,
     peer: SocketAddr,
 ) {
-    let target = match leg_target(&state, first.mirror.0) {
+    let target = match leg_target(&state, first.mirror.0, first.leg.0) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%peer, "mirror link refused: {e}");
@@ -1367,9 +1522,9 @@ async fn serve_leg(
                     if status == Status::Ok {
                         let (tx, rx) = oneshot();
                         let st2 = st.clone();
-                        let mirror = h.target.mirror;
+                        let (mirror, leg) = (h.target.mirror, h.target.leg);
                         std::thread::spawn(move || {
-                            tx.send(persist_generation(&st2, mirror, g.current.0))
+                            tx.send(persist_generation(&st2, mirror, leg, g.current.0))
                         });
                         match rx.await {
                             Ok(Ok(())) => h.target.gen.store(g.current.0, Ordering::SeqCst),
@@ -1446,7 +1601,7 @@ fn to_owned_leg(m: Message<'_>) -> LegMsg {
 // ---------------------------------------------------------------------------
 // Mirrors run here as primary.
 
-fn record_path(state: &DaemonState, name: &str) -> PathBuf {
+pub(super) fn record_path(state: &DaemonState, name: &str) -> PathBuf {
     MirrorService::data_dir(state).join(format!("mirror-{name}.json"))
 }
 
@@ -1510,6 +1665,8 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     if local.mirror().is_some() {
         return Err(err(libc::EINVAL, "the local volume is itself a mirror"));
     }
+    let claim = ClaimGuard::take(&state.volumes, local.name(), &mirror_owner(&p.name))
+        .map_err(|e| err(libc::EBUSY, e.to_string()))?;
     let size = local.size().0;
     let rpath = record_path(state, &p.name);
     let record: MirrorRecord = if rpath.exists() {
@@ -1533,81 +1690,25 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         let id = p
             .mirror_id
             .unwrap_or_else(|| super::meta::random_gen() >> 1);
-        let want = p.domain.unwrap_or(0);
-        let (domain, extents) = if site.master {
-            master_allocate(state, &site.name, id, size, want)
-                .map_err(|(s, e)| err(-status_errno(s), e))?
-        } else {
-            let master = lock(&svc.peers)
-                .iter()
-                .find(|x| x.master)
-                .cloned()
-                .ok_or_else(|| {
-                    err(
-                        libc::EINVAL,
-                        "no master agent configured (agent_add_peer with master: true)",
-                    )
-                })?;
-            let req = Message::AllocateRequest(AllocateRequest {
-                mirror: MirrorId(id),
-                size: ByteLen(size),
-                domain: DomainId(want),
-            });
-            let replies = agent_call(&site, master.address, &req, 2)
-                .map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
-            match (replies.first(), replies.get(1)) {
-                (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a)))
-                    if a.status == Status::Ok =>
-                {
-                    (c.domain.0, a.extents.iter().map(ExtentRec::from).collect())
-                }
-                (_, Some(Message::AllocateResponse(a))) => {
-                    return Err(err(
-                        -status_errno(a.status),
-                        format!(
-                            "master agent could not allocate {size} bytes: {:?}",
-                            a.status
-                        ),
-                    ))
-                }
-                _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
-            }
-        };
-        let peer = lock(&svc.peers)
-            .iter()
-            .find(|x| x.domain == domain)
-            .cloned()
-            .ok_or_else(|| {
-                err(
-                    libc::EINVAL,
-                    format!(
-                        "domain {domain} was chosen but no peer of that domain is configured here"
-                    ),
-                )
-            })?;
+        let leg = allocate_leg(state, &site, id, 0, size, p.domain.unwrap_or(0))?;
         let r = MirrorRecord {
             mirror_id: id,
             size,
-            legs: vec![LegRecord {
-                site: peer.name,
-                domain,
-                address: peer.address,
-                extents,
-            }],
+            legs: vec![leg],
+            next_leg_id: 1,
+            pending_release: Vec::new(),
         };
         write_json_atomically(&rpath, &r)
             .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
         r
     };
     p.mirror_id = Some(record.mirror_id);
-    let meta = MirrorMeta::open(
-        &meta_path(state, &p.name),
-        size,
-        region_size,
-        record.legs.len(),
-        true,
-    )
-    .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let slots = (0..record.legs.len())
+        .map(|i| record.slot_of(i) + 1)
+        .max()
+        .unwrap_or(0);
+    let meta = MirrorMeta::open(&meta_path(state, &p.name), size, region_size, slots, true)
+        .map_err(|e| err(libc::EIO, e.to_string()))?;
     let cfg = EngineConfig {
         ack,
         max_lag_ios: p.max_lag_ios.unwrap_or(64),
@@ -1617,9 +1718,12 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     let legs = record
         .legs
         .iter()
-        .map(|l| LegConfig {
+        .enumerate()
+        .map(|(i, l)| LegConfig {
             site: l.site.clone(),
             address: l.address,
+            slot: record.slot_of(i),
+            leg_id: l.leg_id,
         })
         .collect();
     let hs = hs_config(&site)?;
@@ -1632,7 +1736,8 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         cfg,
         hs,
         state.reactors.clone(),
-    );
+    )
+    .map_err(|e| err(libc::EINVAL, format!("{}: {e}", rpath.display())))?;
     let vol = Volume::new(
         p.name.clone(),
         random_uuid(),
@@ -1645,7 +1750,9 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         return Err(err(libc::EEXIST, e.to_string()));
     }
     super::verify::resume(&engine);
+    claim.keep();
     lock(&svc.mirrors).push((p.clone(), engine));
+    super::legops::start_monitor(state);
     tracing::info!(
         mirror = p.name,
         id = record.mirror_id,
@@ -1654,11 +1761,115 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         "mirror created"
     );
     Ok(
-        json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().map(|l| json!({"site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}),
+        json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().enumerate().map(|(i, l)| json!({"leg": record.slot_of(i), "leg_id": l.leg_id, "site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}),
     )
 }
 
-fn status_errno(s: Status) -> i32 {
+/// Asks the master (or, on the master, decides) for leg `leg_id` of
+/// mirror `id`: returns the leg's record (domain, address, extent map),
+/// allocated and persisted by the domain's agent.
+pub(super) fn allocate_leg(
+    state: &DaemonState,
+    site: &SiteParams,
+    id: u64,
+    leg_id: u32,
+    size: u64,
+    want: u32,
+) -> Result<LegRecord, SvcError> {
+    let svc = &state.mirror;
+    let (domain, extents) = if site.master {
+        master_allocate(state, &site.name, id, leg_id, size, want)
+            .map_err(|(s, e)| err(-status_errno(s), e))?
+    } else {
+        let master = lock(&svc.peers)
+            .iter()
+            .find(|x| x.master)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    "no master agent configured (agent_add_peer with master: true)",
+                )
+            })?;
+        let req = Message::AllocateRequest(AllocateRequest {
+            mirror: MirrorId(id),
+            size: ByteLen(size),
+            domain: DomainId(want),
+            leg: LegId(leg_id),
+        });
+        let replies = agent_call(site, master.address, &req, 2)
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
+        match (replies.first(), replies.get(1)) {
+            (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a)))
+                if a.status == Status::Ok =>
+            {
+                (c.domain.0, a.extents.iter().map(ExtentRec::from).collect())
+            }
+            (_, Some(Message::AllocateResponse(a))) => {
+                return Err(err(
+                    -status_errno(a.status),
+                    format!(
+                        "master agent could not allocate {size} bytes: {:?}",
+                        a.status
+                    ),
+                ))
+            }
+            _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
+        }
+    };
+    let peer = lock(&svc.peers)
+        .iter()
+        .find(|x| x.domain == domain)
+        .cloned()
+        .ok_or_else(|| {
+            err(
+                libc::EINVAL,
+                format!("domain {domain} was chosen but no peer of that domain is configured here"),
+            )
+        })?;
+    Ok(LegRecord {
+        site: peer.name,
+        domain,
+        address: peer.address,
+        extents,
+        slot: None,
+        leg_id,
+    })
+}
+
+/// Releases a leg's allocation at its agent (through the master unless
+/// this is the master).
+pub(super) fn release_leg(
+    state: &DaemonState,
+    site: &SiteParams,
+    mirror: u64,
+    leg: &LegRecord,
+) -> Result<(), String> {
+    let req = Message::ReleaseRequest(ReleaseRequest {
+        mirror: MirrorId(mirror),
+        domain: DomainId(leg.domain),
+        leg: LegId(leg.leg_id),
+    });
+    let addr = if site.master {
+        leg.address
+    } else {
+        lock(&state.mirror.peers)
+            .iter()
+            .find(|x| x.master)
+            .map(|m| m.address)
+            .ok_or("no master agent configured")?
+    };
+    let replies = agent_call(site, addr, &req, 1)?;
+    match replies.last() {
+        Some(Message::ReleaseAck(a)) if a.status == Status::Ok || a.status == Status::NotFound => {
+            Ok(())
+        }
+        Some(Message::ReleaseAck(a)) => Err(format!("release refused: {:?}", a.status)),
+        _ => Err("no release acknowledgement".into()),
+    }
+}
+
+pub(super) fn status_errno(s: Status) -> i32 {
     match s {
         Status::NoSpace => -libc::ENOSPC,
         Status::NotFound => -libc::ENOENT,
@@ -1670,6 +1881,12 @@ fn status_errno(s: Status) -> i32 {
 /// `mirror_delete`: stops the mirror, releases its remote legs, removes its state.
 pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
+    if state.iscsi.volume_in_use(name) {
+        return Err(err(
+            libc::EBUSY,
+            format!("mirror '{name}' is exported over iSCSI: remove it from its target node first"),
+        ));
+    }
     let (p, m) = {
         let mut ms = lock(&svc.mirrors);
         let pos = ms
@@ -1679,26 +1896,17 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
         ms.remove(pos)
     };
     let _ = state.volumes.delete(name);
+    // Hosts connected over NVMe/TCP see the namespace go (as for bdev_delete).
+    state.nvmf.remove_volume(name);
     m.stop();
+    state.volumes.release(m.local().name(), &mirror_owner(name));
     super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
         if let Ok(r) = serde_json::from_str::<MirrorRecord>(&text) {
-            let master = lock(&svc.peers).iter().find(|x| x.master).cloned();
-            for leg in &r.legs {
-                let req = Message::ReleaseRequest(ReleaseRequest {
-                    mirror: MirrorId(r.mirror_id),
-                    domain: DomainId(leg.domain),
-                });
-                let addr = if site.master {
-                    Some(leg.address)
-                } else {
-                    master.as_ref().map(|m| m.address)
-                };
-                if let Some(a) = addr {
-                    if let Err(e) = agent_call(&site, a, &req, 1) {
-                        tracing::warn!(mirror = name, "releasing the leg at {}: {e}", leg.site);
-                    }
+            for leg in r.legs.iter().chain(&r.pending_release) {
+                if let Err(e) = release_leg(state, &site, r.mirror_id, leg) {
+                    tracing::warn!(mirror = name, "releasing the leg at {}: {e}", leg.site);
                 }
             }
         }
@@ -1715,11 +1923,12 @@ pub fn status(state: &DaemonState, name: Option<&str>) -> Result<Value, SvcError
     let out: Vec<Value> = ms
         .iter()
         .filter(|(p, _)| name.map_or(true, |n| n == p.name))
-        .map(|(_, m)| {
+        .map(|(p, m)| {
             let mut v = json!(m.status());
             let job = super::verify::snapshot(m);
             v["out_of_sync"] = json!(job.out_of_sync);
             v["verify"] = json!(job);
+            super::legops::decorate_status(state, p, &mut v);
             v
         })
         .collect();
@@ -1825,7 +2034,7 @@ struct RateParams {
     bytes_per_second: u64,
 }
 
-fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
+pub(super) fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
     if e.errno == libc::EINVAL {
         crate::rpc::RpcError::invalid_params(e.message)
     } else {
@@ -1880,6 +2089,7 @@ pub fn register(
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
     })?;
     register_verify(methods, state)?;
+    super::legops::register(methods, state)?;
     Ok(())
 }
 

@@ -84,6 +84,14 @@ pub enum CreateError {
     /// A volume of that name exists.
     #[error("a volume named '{0}' already exists")]
     Exists(String),
+    /// The volume is held as storage by something else.
+    #[error("volume '{name}' is claimed by {by}")]
+    Claimed {
+        /// The volume.
+        name: String,
+        /// Its owner, e.g. "mirror m1".
+        by: String,
+    },
     /// No volume of that name.
     #[error("no volume named '{0}'")]
     NotFound(String),
@@ -131,6 +139,11 @@ pub struct VolumeInfo {
     pub uuid: String,
     /// Backend-specific facts.
     pub driver_specific: serde_json::Value,
+    /// Held as storage by a mirror or a storage server (SPDK's field).
+    pub claimed: bool,
+    /// By what, when claimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
 }
 
 impl Volume {
@@ -192,6 +205,8 @@ impl Volume {
             num_blocks: self.num_blocks,
             uuid: self.uuid.clone(),
             driver_specific: driver,
+            claimed: false,
+            claimed_by: None,
         }
     }
 
