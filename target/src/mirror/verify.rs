@@ -65,12 +65,11 @@ use crate::units::{ByteLen, ByteOffset};
 pub const STEP: u64 = 1 << 20;
 
 /// Steps checked concurrently (pipelining one step's digesting with the
-/// next one's reads and the legs' answers). 1: with 4, the idle verify rate
-/// on the shared 2-vCPU machine was the same (the digesting is CPU-bound,
-/// see BENCHMARKS.md), and under the 16-writer test legs timed out on host
-/// writes (`no answer within 3s`) in about half the runs — not understood
-/// yet, see docs/mirror.md "Not done yet".
-pub const DEPTH: usize = 1;
+/// next one's reads and the legs' answers; each step holds its own lock).
+/// With 4, the legs' storage-volume channels see more operations than their
+/// queue depth, which is what exposed the lost wake-up fixed in
+/// `LocalSemaphore` (host writes to the leg hung until the link timed out).
+pub const DEPTH: usize = 4;
 
 /// Longest interval between two writes of the job file while running.
 pub const PERSIST_EVERY: Duration = Duration::from_millis(500);
