@@ -1482,6 +1482,10 @@ impl Mirror {
             .unwrap_or(0)
     }
 
+    pub(super) fn leg_exists(&self, idx: usize) -> bool {
+        self.legs.get(idx).is_some()
+    }
+
     pub(super) fn leg_state(&self, idx: usize) -> LegState {
         self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
     }

@@ -893,7 +893,9 @@ async fn check_range(m: &Arc<Mirror>, start: u64, end: u64, rs: u64) -> Result<F
             }
         }
         for (leg, skipped) in found.skipped.iter_mut().enumerate() {
-            if !live.iter().any(|(l, _)| *l == leg) {
+            // A leg not compared at all (down, failed); an empty slot (a
+            // removed leg) is not a leg.
+            if m.leg_exists(leg) && !live.iter().any(|(l, _)| *l == leg) {
                 *skipped += len;
             }
         }
