@@ -24,6 +24,9 @@
 //! leg `Degraded` (bumping its link generation so every core drops its stale
 //! link) and the supervisor starts over.
 
+#[path = "recovery.rs"]
+pub mod recovery;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,7 +52,7 @@ use super::wire::{
     Write, WriteFlags,
 };
 use crate::units::ByteOffset;
-use crate::volume::{Volume, VolumeChannel, VolumeError};
+use crate::volume::{Volume, VolumeError};
 
 /// When the host's write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -115,6 +118,8 @@ pub struct EngineConfig {
     pub resync_rate: u64,
     /// A link that answers nothing for this long is dead.
     pub link_timeout: Duration,
+    /// The local leg's failure/rebuild state (see [`recovery`]).
+    pub recovery: Arc<recovery::LocalRecovery>,
 }
 
 /// One remote leg's shared state.
@@ -154,7 +159,7 @@ pub struct Mirror {
     uid: u64,
     name: String,
     id: MirrorId,
-    local: Arc<Volume>,
+    recovery: Arc<recovery::LocalRecovery>,
     meta: Arc<MirrorMeta>,
     seq: Sequencer,
     overlap: Arc<OverlapDetector>,
@@ -172,6 +177,7 @@ enum Reply {
     Write(Status),
     Flush(Status),
     Gen(GenerationExchange),
+    Read(Status, Option<IoBuf>),
 }
 
 /// One core's connection to one remote leg.
@@ -305,6 +311,8 @@ pub struct MirrorStatus {
     pub overlap_waits: u64,
     /// Remote legs.
     pub legs: Vec<LegStatus>,
+    /// The local leg: failure and rebuild.
+    pub local: recovery::LocalStatus,
 }
 
 /// How a connect decided to resync.
@@ -319,7 +327,7 @@ impl Mirror {
     pub fn start(
         name: String,
         id: MirrorId,
-        local: Arc<Volume>,
+        _local: Arc<Volume>,
         meta: Arc<MirrorMeta>,
         legs: Vec<LegConfig>,
         cfg: EngineConfig,
@@ -355,7 +363,7 @@ impl Mirror {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             name,
             id,
-            local,
+            recovery: cfg.recovery.clone(),
             meta,
             seq: Sequencer::new(1, 1),
             overlap: OverlapDetector::new(20, 64),
@@ -374,6 +382,10 @@ impl Mirror {
                 r.post(move || spawn(supervise(mm, leg)).detach());
             }
         }
+        if m.recovery.state() == recovery::LocalState::Rebuilding && !m.legs.is_empty() {
+            // A rebuild was under way at the last stop: resume it.
+            recovery::spawn_rebuild(&m);
+        }
         m
     }
 
@@ -387,9 +399,14 @@ impl Mirror {
         self.id
     }
 
-    /// The local volume.
-    pub fn local(&self) -> &Arc<Volume> {
-        &self.local
+    /// The local volume (the configured one, or its replacement).
+    pub fn local(&self) -> Arc<Volume> {
+        self.recovery.device()
+    }
+
+    /// The local leg's failure/rebuild state.
+    pub fn recovery(&self) -> &Arc<recovery::LocalRecovery> {
+        &self.recovery
     }
 
     /// The metadata.
@@ -422,7 +439,7 @@ impl Mirror {
         MirrorStatus {
             name: self.name.clone(),
             mirror_id: self.id.0,
-            local_volume: self.local.name().to_string(),
+            local_volume: self.local().name().to_string(),
             generation: format!("{:016x}", g.current),
             ack: self.cfg.ack,
             region_size: rs,
@@ -466,6 +483,7 @@ impl Mirror {
                     }
                 })
                 .collect(),
+            local: self.recovery.status(),
         }
     }
 
@@ -493,6 +511,7 @@ impl Mirror {
             });
         }
         self.meta.close();
+        self.recovery.close();
     }
 
     /// The operator's choice for a refused (`failed`) leg: the local data
@@ -683,7 +702,7 @@ type LegFuture<'a> = Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>
 /// The per-core handle front ends use (through [`VolumeChannel`]).
 pub struct MirrorChannel {
     mirror: Arc<Mirror>,
-    local: VolumeChannel,
+    local: recovery::LocalChannel,
     lag: Rc<LocalSemaphore>,
 }
 
@@ -691,7 +710,7 @@ impl MirrorChannel {
     /// Opens a channel on this reactor.
     pub fn new(mirror: &Arc<Mirror>) -> MirrorChannel {
         MirrorChannel {
-            local: mirror.local.channel(),
+            local: recovery::LocalChannel::new(&mirror.recovery),
             lag: LAG.with(|l| {
                 l.borrow_mut()
                     .entry(mirror.uid)
@@ -702,13 +721,80 @@ impl MirrorChannel {
         }
     }
 
-    /// Reads are served by the local leg.
+    /// Reads are served by the local leg; by a remote leg when the local
+    /// one failed (the failing read is retried there) or misses the range.
     pub async fn read(
         &self,
         offset: ByteOffset,
         buf: IoBufMut,
     ) -> (Result<(), VolumeError>, IoBufMut) {
-        self.local.read(offset, buf).await
+        let m = &self.mirror;
+        let rec = &m.recovery;
+        let len = buf.len() as u64;
+        if rec.local_readable(offset.0, len) || m.legs.is_empty() {
+            let (r, buf) = self.local.get(rec).read(offset, buf).await;
+            match r {
+                Err(e) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+                    let why = format!("local read: {e}");
+                    recovery::fail_local(m, offset.0, len, &why).await;
+                }
+                r => return (r, buf),
+            }
+            return recovery::remote_read(m, offset, buf).await;
+        }
+        recovery::remote_read(m, offset, buf).await
+    }
+
+    /// The mirrored write to every leg, completing when all are done. With
+    /// the local leg failed (`skip_local`) or failing now, the write
+    /// succeeds when at least one remote leg took it.
+    async fn write_all_legs(
+        &self,
+        stamp: Stamp,
+        offset: ByteOffset,
+        buf: &IoBuf,
+        skip_local: bool,
+    ) -> Result<(), VolumeError> {
+        let m = &self.mirror;
+        let len = buf.len() as u64;
+        let acked = Cell::new(0usize);
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
+        if !skip_local {
+            let lb = buf.clone();
+            let local = self.local.get(&m.recovery);
+            futs.push(Box::pin(
+                async move { Some(local.write(offset, lb).await.0) },
+            ));
+        }
+        for idx in 0..m.legs.len() {
+            let b = buf.clone();
+            let acked = &acked;
+            futs.push(Box::pin(async move {
+                if m.leg_write(idx, stamp, offset.0, b).await {
+                    acked.set(acked.get() + 1);
+                }
+                None
+            }));
+        }
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let remote_ok = acked.get() > 0;
+        match local {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+                let why = format!("local write: {e}");
+                recovery::fail_local(m, offset.0, len, &why).await;
+                if remote_ok {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(Err(e)) => Err(e),
+            None if remote_ok => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg took the write",
+            ))),
+        }
     }
 
     /// A mirrored write (see the module notes).
@@ -722,32 +808,39 @@ impl MirrorChannel {
             m.meta.end_write(offset.0, len);
             return (Err(VolumeError::Io(e)), buf);
         }
-        match m.cfg.ack {
+        // Local leg failed: the write's regions are recorded (durably)
+        // before any leg sees it, and it goes to the remote legs only.
+        let rec = &m.recovery;
+        let skip_local = !m.legs.is_empty()
+            && !rec.local_writable()
+            && rec.record_missed_write(offset.0, len).await;
+        let ack = if skip_local {
+            AckPolicy::Sync
+        } else {
+            m.cfg.ack
+        };
+        match ack {
             AckPolicy::Sync => {
-                let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
-                let lb = buf.clone();
-                futs.push(Box::pin(async move {
-                    Some(self.local.write(offset, lb).await.0)
-                }));
-                for idx in 0..m.legs.len() {
-                    let b = buf.clone();
-                    futs.push(Box::pin(async move {
-                        m.leg_write(idx, stamp, offset.0, b).await;
-                        None
-                    }));
-                }
-                let out = join_all(futs).await;
+                let res = self.write_all_legs(stamp, offset, &buf, skip_local).await;
                 m.meta.end_write(offset.0, len);
                 drop(guard);
-                let local = out.into_iter().flatten().next().unwrap_or(Ok(()));
-                (local, buf)
+                (res, buf)
             }
             AckPolicy::Async => {
                 let permit = self.lag.acquire().await;
-                let (res, b) = self.local.write(offset, buf).await;
-                if res.is_err() {
+                let (res, b) = self.local.get(rec).write(offset, buf).await;
+                if let Err(e) = res {
+                    if recovery::is_device_error(&e) && !m.legs.is_empty() {
+                        // Fall back to a synchronous write to the legs.
+                        let why = format!("local write: {e}");
+                        recovery::fail_local(m, offset.0, len, &why).await;
+                        let res = self.write_all_legs(stamp, offset, &b, true).await;
+                        m.meta.end_write(offset.0, len);
+                        drop(guard);
+                        return (res, b);
+                    }
                     m.meta.end_write(offset.0, len);
-                    return (res, b);
+                    return (Err(e), b);
                 }
                 m.lag_ios.fetch_add(1, Ordering::Relaxed);
                 m.lag_bytes.fetch_add(len, Ordering::Relaxed);
@@ -785,19 +878,36 @@ impl MirrorChannel {
                 sleep(Duration::from_millis(1)).await;
             }
         }
-        let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
+        let rec = &m.recovery;
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
+        if rec.local_writable() || m.legs.is_empty() {
+            let local = self.local.get(rec);
+            futs.push(Box::pin(async move { Some(local.flush().await) }));
+        }
         for idx in 0..m.legs.len() {
             futs.push(Box::pin(async move {
                 m.leg_flush(idx).await;
                 None
             }));
         }
-        join_all(futs)
-            .await
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or(Ok(()))
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let any_leg = m.legs.iter().any(|l| l.state().is_live());
+        match local {
+            Some(Err(e)) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+                // What the local device holds is unknown now: rebuild it all.
+                recovery::fail_local(m, 0, 0, &format!("local flush: {e}")).await;
+                if any_leg {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(r) => r,
+            None if any_leg => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg is live",
+            ))),
+        }
     }
 }
 
@@ -862,7 +972,7 @@ async fn connect_link(
 
 async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
     let reason = loop {
-        let f = match link.conn.recv().await {
+        let mut f = match link.conn.recv().await {
             Ok(f) => f,
             Err(e) => break format!("receive: {e}"),
         };
@@ -876,9 +986,14 @@ async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
             Message::WriteAck(a) => Reply::Write(a.status),
             Message::FlushAck(a) => Reply::Flush(a.status),
             Message::GenerationExchange(g) => Reply::Gen(g),
+            Message::ReadResp(r) => Reply::Read(r.status, None),
             Message::HeartbeatAck(_) => continue,
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
+        };
+        let reply = match reply {
+            Reply::Read(s, None) => Reply::Read(s, f.take_payload()),
+            r => r,
         };
         let tx = link.pending.borrow_mut().remove(&tag.0);
         if let Some(tx) = tx {
@@ -1148,9 +1263,9 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
 
 async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
     let leg = m.legs[idx].clone();
-    let local = m.local.channel();
+    let local = m.local().channel();
     let rs = m.meta.region_size();
-    let size = m.local.size().0;
+    let size = m.local().size().0;
     let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
     leg.resync_total
         .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
@@ -1177,13 +1292,28 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
         if !m.meta.is_dirty(idx, r) {
             continue;
         }
+        if m.recovery.is_dirty(r) {
+            // The local device misses this region (failed or being
+            // rebuilt): the leg holds the newest data there.
+            m.meta.clear_dirty(idx, r);
+            continue;
+        }
+        if !m.recovery.local_readable(start, end - start) {
+            return Err("the local device failed: the leg waits for its recovery".into());
+        }
         let link = m.core_link(idx).ok_or("link lost during resync")?;
         let mut off = start;
         while off < end {
             let len = chunk.min(end - off);
             let b = alloc_wait(len as usize).await.map_err(|e| e.to_string())?;
             let (res, b) = local.read(ByteOffset(off), b).await;
-            res.map_err(|e| format!("local read for resync: {e}"))?;
+            if let Err(e) = res {
+                let why = format!("local read for resync: {e}");
+                if recovery::is_device_error(&e) {
+                    recovery::fail_local(m, off, len, &why).await;
+                }
+                return Err(why);
+            }
             let data = b.freeze();
             let stamp = m.seq.peek();
             let msg = Message::Write(Write {

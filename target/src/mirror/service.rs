@@ -41,14 +41,16 @@ use mirrorpoint_transport::{Acceptor as TcpAcceptor, TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::engine::recovery::{LocalRecovery, RecoverError};
 use super::engine::{AckPolicy, EngineConfig, LegConfig, Mirror};
 use super::link::{join_all, now_ns, Conn, RawFrame};
 use super::meta::MirrorMeta;
 use super::wire::{
     AllocateRequest, AllocateResponse, CapacityReport, Decoded, DomainId, ErrorCode, ErrorMsg,
     Extent, FlushAck, Framer, Generation, GenerationExchange, GenerationFlags, HandshakeConfig,
-    Health, HeartbeatAck, Initiator, Message, MirrorId, ReleaseAck, ReleaseRequest, RequestTag,
-    ServerCapacity, SharedSecret, SiteName, Status, StorageServerId, Timestamp, WriteAck,
+    Health, HeartbeatAck, Initiator, Message, MirrorId, ReadResp, ReleaseAck, ReleaseRequest,
+    RequestTag, ServerCapacity, SharedSecret, SiteName, Status, StorageServerId, Timestamp,
+    WriteAck,
 };
 use crate::daemon::DaemonState;
 use crate::units::{ByteLen, ByteOffset};
@@ -135,6 +137,10 @@ pub struct MirrorParams {
     /// A leg silent this long is degraded (default 3000 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_timeout_ms: Option<u64>,
+    /// A spare volume: when the local device fails, the mirror rebuilds
+    /// onto it from a remote leg without waiting for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare_bdev: Option<String>,
 }
 
 /// What the asker persists about a mirror's legs.
@@ -314,6 +320,14 @@ impl MirrorService {
         }
     }
 
+    /// The mirror whose local device is volume `v` (configured or replaced), if any.
+    fn mirrors_using(&self, v: &str) -> Option<String> {
+        lock(&self.mirrors)
+            .iter()
+            .find(|(p, m)| p.volume.as_deref() == Some(v) || m.local().name() == v)
+            .map(|(p, _)| p.name.clone())
+    }
+
     /// The calls that rebuild this subsystem, for save_config.
     pub fn config_calls(&self) -> Vec<(String, Value)> {
         let mut out = Vec::new();
@@ -326,7 +340,18 @@ impl MirrorService {
         for s in lock(&self.servers).iter() {
             out.push(("agent_add_storage_server".into(), json!(s)));
         }
-        for (p, _) in lock(&self.mirrors).iter() {
+        for (p, m) in lock(&self.mirrors).iter() {
+            // After a replacement (by the operator or onto the spare) the
+            // mirror is recreated over its current local device.
+            let mut p = p.clone();
+            let dev = m.local().name().to_string();
+            if p.volume.as_deref() != Some(dev.as_str()) {
+                p.volume = Some(dev.clone());
+                p.size = None;
+            }
+            if p.spare_bdev.as_deref() == Some(dev.as_str()) || m.recovery().spare_used() {
+                p.spare_bdev = None;
+            }
             out.push(("mirror_create".into(), json!(p)));
         }
         out
@@ -1108,6 +1133,44 @@ impl Hosted {
         }
     }
 
+    /// Reads `len` bytes at `offset` through the extents into one pool
+    /// chunk (read straight into it when one piece holds the range).
+    async fn read(&self, offset: u64, len: u64) -> (Status, Option<IoBuf>) {
+        if len == 0
+            || offset
+                .checked_add(len)
+                .map_or(true, |end| end > self.target.size)
+        {
+            return (Status::OutOfRange, None);
+        }
+        let Ok(mut out) = super::link::alloc_wait(len as usize).await else {
+            return (Status::NoSpace, None);
+        };
+        for (p, ch) in self.target.pieces.iter().zip(&self.chans) {
+            let (a, b) = (offset.max(p.logical), (offset + len).min(p.logical + p.len));
+            if a >= b {
+                continue;
+            }
+            let at = p.offset + (a - p.logical);
+            if a == offset && b == offset + len {
+                let (r, buf) = ch.read(ByteOffset(at), out).await;
+                return match r {
+                    Ok(()) => (Status::Ok, Some(buf.freeze())),
+                    Err(_) => (Status::IoError, None),
+                };
+            }
+            let Ok(part) = super::link::alloc_wait((b - a) as usize).await else {
+                return (Status::NoSpace, None);
+            };
+            let (r, part) = ch.read(ByteOffset(at), part).await;
+            if r.is_err() {
+                return (Status::IoError, None);
+            }
+            out[(a - offset) as usize..(b - offset) as usize].copy_from_slice(&part);
+        }
+        (Status::Ok, Some(out.freeze()))
+    }
+
     async fn flush(&self) -> Status {
         let futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>>> = self
             .chans
@@ -1243,6 +1306,25 @@ async fn serve_leg(
                 })
                 .detach();
             }
+            LegMsg::Read { offset, len } => {
+                let (c, h) = (conn.clone(), hosted.clone());
+                spawn(async move {
+                    let (status, data) = h.read(offset, len).await;
+                    let payload: Vec<IoBuf> = data.into_iter().collect();
+                    let bytes: &[u8] = payload.first().map_or(&[], |d| d);
+                    let _ = c
+                        .send(
+                            tag,
+                            &Message::ReadResp(ReadResp {
+                                status,
+                                data: bytes,
+                            }),
+                            &payload,
+                        )
+                        .await;
+                })
+                .detach();
+            }
             LegMsg::Flush { seq } => {
                 let (c, h) = (conn.clone(), hosted.clone());
                 spawn(async move {
@@ -1322,6 +1404,10 @@ enum LegMsg {
     Flush {
         seq: super::wire::SeqNo,
     },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     Heartbeat(super::wire::Heartbeat),
     Adopt(GenerationExchange),
     Other(String),
@@ -1334,6 +1420,10 @@ fn to_owned_leg(m: Message<'_>) -> LegMsg {
             offset: w.offset.0,
         },
         Message::Flush(f) => LegMsg::Flush { seq: f.seq },
+        Message::Read(r) => LegMsg::Read {
+            offset: r.offset.0,
+            len: r.len.0,
+        },
         Message::Heartbeat(h) => LegMsg::Heartbeat(h),
         Message::GenerationExchange(g) if g.flags.0 & GenerationFlags::UP_TO_DATE.0 != 0 => {
             LegMsg::Adopt(g)
@@ -1351,6 +1441,10 @@ fn record_path(state: &DaemonState, name: &str) -> PathBuf {
 
 fn meta_path(state: &DaemonState, name: &str) -> PathBuf {
     MirrorService::data_dir(state).join(format!("mirror-{name}.meta"))
+}
+
+fn local_state_path(state: &DaemonState, name: &str) -> PathBuf {
+    MirrorService::data_dir(state).join(format!("mirror-{name}.local"))
 }
 
 /// `mirror_create`.
@@ -1507,7 +1601,41 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         true,
     )
     .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let spare = match &p.spare_bdev {
+        Some(s) => Some(
+            state
+                .volumes
+                .get(s)
+                .ok_or_else(|| err(libc::EINVAL, format!("spare_bdev: no volume named '{s}'")))?,
+        ),
+        None => None,
+    };
+    let (recovery, device) = LocalRecovery::open(
+        &local_state_path(state, &p.name),
+        local.clone(),
+        region_size,
+    )
+    .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    if let Some(d) = device.filter(|d| d != local.name()) {
+        // A replacement was installed before the last stop.
+        let v = state.volumes.get(&d).ok_or_else(|| {
+            err(
+                libc::ENODEV,
+                format!("the local device was replaced by '{d}', which does not exist"),
+            )
+        })?;
+        recovery
+            .set_device(v)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+        p.volume = Some(d);
+    }
+    if let Some(s) = spare.filter(|s| s.name() != recovery.device().name()) {
+        recovery
+            .set_spare(s)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    }
     let cfg = EngineConfig {
+        recovery,
         ack,
         max_lag_ios: p.max_lag_ios.unwrap_or(64),
         resync_rate: p.resync_rate.unwrap_or(256 << 20),
@@ -1602,6 +1730,7 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     }
     let _ = std::fs::remove_file(&rpath);
     let _ = std::fs::remove_file(meta_path(state, name));
+    let _ = std::fs::remove_file(local_state_path(state, name));
     let _ = p;
     Ok(Value::Bool(true))
 }
@@ -1630,6 +1759,61 @@ pub fn set_resync_rate(state: &DaemonState, name: &str, bps: u64) -> Result<Valu
         .find(|(p, _)| p.name == name)
         .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
     m.set_resync_rate(bps);
+    Ok(Value::Bool(true))
+}
+
+/// `mirror_recover_local` parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverParams {
+    name: String,
+    #[serde(default)]
+    source_leg: Option<usize>,
+    #[serde(default)]
+    replacement_bdev: Option<String>,
+}
+
+/// `mirror_recover_local`: rebuilds the local device (the same one once it
+/// works again, or a replacement volume) from a remote leg while I/O goes on.
+fn recover_local(state: &DaemonState, p: RecoverParams) -> Result<Value, SvcError> {
+    let replacement = match &p.replacement_bdev {
+        Some(r) => {
+            let v = state.volumes.get(r).ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: no volume named '{r}'"),
+                )
+            })?;
+            if state
+                .mirror
+                .mirrors_using(r)
+                .is_some_and(|other| other != p.name)
+                || r == &p.name
+                || v.mirror().is_some()
+            {
+                return Err(err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: volume '{r}' is in use by a mirror"),
+                ));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let mut ms = lock(&state.mirror.mirrors);
+    let (params, m) = ms
+        .iter_mut()
+        .find(|(x, _)| x.name == p.name)
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{}'", p.name)))?;
+    super::engine::recovery::start_recover(m, p.source_leg, replacement).map_err(|e| match e {
+        RecoverError::Invalid(msg) => err(libc::EINVAL, msg),
+        RecoverError::Busy(msg) => err(libc::EBUSY, msg),
+        e @ RecoverError::Io { .. } => err(libc::EIO, e.to_string()),
+    })?;
+    if let Some(r) = p.replacement_bdev {
+        // save_config recreates the mirror over its new local device.
+        params.volume = Some(r);
+    }
     Ok(Value::Bool(true))
 }
 
@@ -1764,6 +1948,10 @@ pub fn register(
     let s = state.clone();
     methods.register("mirror_resolve", move |p| {
         resolve(&s, parse_params(p)?).map_err(rpc_err)
+    })?;
+    let s = state.clone();
+    methods.register("mirror_recover_local", move |p| {
+        recover_local(&s, parse_params(p)?).map_err(rpc_err)
     })?;
     let s = state.clone();
     methods.register("mirror_set_resync_rate", move |p| {
