@@ -10,6 +10,7 @@
 //! [`LocalConfig::check_geometry`] once the volume exists.
 
 use crate::error::BenchError;
+use crate::timeline::TimelineConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -39,6 +40,8 @@ pub enum Command {
     Local(LocalArgs),
     /// The same load on a namespace over NVMe/TCP, with our userspace initiator.
     Nvmf(NvmfArgs),
+    /// Plain TCP throughput between two addresses (the yardstick of the mirror goals).
+    Tcp(crate::tcp::TcpArgs),
 }
 
 /// The backend of the volume under test.
@@ -105,6 +108,53 @@ impl Workload {
     }
 }
 
+/// Latency-over-time options both subcommands share.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TimelineArgs {
+    /// Keep every measured I/O and report latency per time bucket of this
+    /// many milliseconds (fractions allowed).
+    #[arg(long)]
+    pub timeline_ms: Option<f64>,
+    /// Write the latency timeline as an SVG plot to this file (buckets of
+    /// --timeline-ms, 10 ms unless given).
+    #[arg(long)]
+    pub timeline_svg: Option<PathBuf>,
+    /// Run a shell command at a second of the measured window, given as
+    /// SECONDS:COMMAND (repeatable); its duration and the latency around it
+    /// are reported.
+    #[arg(long = "event", value_parser = crate::timeline::parse_event)]
+    pub events: Vec<crate::timeline::EventSpec>,
+    /// Milliseconds before an event's start and after its end whose I/Os
+    /// count as "around" it.
+    #[arg(long, default_value_t = 100.0)]
+    pub event_window_ms: f64,
+}
+
+impl TimelineArgs {
+    /// The checked request, if any of the options asks for a timeline.
+    fn validate(&self) -> Result<Option<TimelineConfig>, BenchError> {
+        let invalid = |m: String| Err(BenchError::InvalidArgument(m));
+        if self.timeline_ms.is_none() && self.timeline_svg.is_none() && self.events.is_empty() {
+            return Ok(None);
+        }
+        let bucket = match self.timeline_ms {
+            None => crate::timeline::DEFAULT_BUCKET,
+            Some(ms) if (0.1..=60_000.0).contains(&ms) => Duration::from_secs_f64(ms / 1e3),
+            Some(ms) => return invalid(format!("--timeline-ms {ms}: must be 0.1 to 60000")),
+        };
+        let w = self.event_window_ms;
+        if !w.is_finite() || !(0.0..=60_000.0).contains(&w) {
+            return invalid(format!("--event-window-ms {w}: must be 0 to 60000"));
+        }
+        Ok(Some(TimelineConfig {
+            bucket,
+            svg: self.timeline_svg.clone(),
+            events: self.events.clone(),
+            window: Duration::from_secs_f64(w / 1e3),
+        }))
+    }
+}
+
 /// Arguments of `mirrorpoint-bench local`, as typed.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
@@ -152,6 +202,9 @@ pub struct LocalArgs {
     /// Pool chunk size in bytes (largest single I/O); K/M suffixes allowed.
     #[arg(long, default_value = "128K", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// Latency over time and timed events.
+    #[command(flatten)]
+    pub timeline: TimelineArgs,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -174,6 +227,7 @@ impl Default for LocalArgs {
             busy_poll: false,
             idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            timeline: TimelineArgs::default(),
             json: false,
         }
     }
@@ -210,6 +264,8 @@ pub struct LocalConfig {
     pub idle_timeout: Option<Duration>,
     /// Pool chunk size.
     pub chunk_size: usize,
+    /// Latency over time and timed events, if asked for.
+    pub timeline: Option<TimelineConfig>,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024),
@@ -303,6 +359,7 @@ impl LocalArgs {
             busy_poll: self.busy_poll,
             idle_timeout_us: self.idle_timeout_us,
             chunk_size: self.chunk_size,
+            timeline: &self.timeline,
         })?;
         let block = u64::from(self.block_size.unwrap_or(512));
         if self.bs % block != 0 {
@@ -343,6 +400,7 @@ impl LocalArgs {
             busy_poll: load.busy_poll,
             idle_timeout: load.idle_timeout,
             chunk_size: load.chunk_size,
+            timeline: load.timeline,
         })
     }
 }
@@ -370,6 +428,8 @@ pub struct LoadConfig {
     pub idle_timeout: Option<Duration>,
     /// Pool chunk size.
     pub chunk_size: usize,
+    /// Latency over time and timed events, if asked for.
+    pub timeline: Option<TimelineConfig>,
 }
 
 /// Host NQN the benchmark connects as unless `--hostnqn` says otherwise.
@@ -443,6 +503,9 @@ pub struct NvmfArgs {
     /// read from /proc/PID/stat (and per thread from /proc/PID/task).
     #[arg(long)]
     pub target_pid: Option<u32>,
+    /// Latency over time and timed events.
+    #[command(flatten)]
+    pub timeline: TimelineArgs,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -471,6 +534,7 @@ impl NvmfArgs {
             idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             target_pid: None,
+            timeline: TimelineArgs::default(),
             json: false,
         }
     }
@@ -511,6 +575,7 @@ impl NvmfArgs {
             busy_poll: self.busy_poll,
             idle_timeout_us: self.idle_timeout_us,
             chunk_size: self.chunk_size,
+            timeline: &self.timeline,
         })?;
         if self.bs % 512 != 0 {
             return invalid(format!("--bs {} is not a multiple of 512", self.bs));
@@ -572,6 +637,7 @@ struct LoadArgs<'a> {
     busy_poll: bool,
     idle_timeout_us: Option<u64>,
     chunk_size: u64,
+    timeline: &'a TimelineArgs,
 }
 
 /// Checks of the load arguments both subcommands share.
@@ -606,13 +672,18 @@ fn load_config(a: LoadArgs<'_>) -> Result<LoadConfig, BenchError> {
         (false, None) => a.workload.read_percent(0),
     };
     let cores = parse_cores(a.cores).map_err(BenchError::InvalidArgument)?;
+    let time = seconds("time", a.time, false)?;
+    let timeline = a.timeline.validate()?;
+    if let Some(t) = &timeline {
+        t.check(time)?;
+    }
     Ok(LoadConfig {
         workload: a.workload,
         read_percent,
         bs: a.bs,
         qd: a.qd,
         cores,
-        time: seconds("time", a.time, false)?,
+        time,
         ramp: seconds("ramp", a.ramp, true)?,
         busy_poll: a.busy_poll,
         idle_timeout: match a.idle_timeout_us {
@@ -625,6 +696,7 @@ fn load_config(a: LoadArgs<'_>) -> Result<LoadConfig, BenchError> {
             us => us.map(Duration::from_micros),
         },
         chunk_size: chunk as usize,
+        timeline,
     })
 }
 
@@ -642,6 +714,7 @@ impl LocalConfig {
             busy_poll: self.busy_poll,
             idle_timeout: self.idle_timeout,
             chunk_size: self.chunk_size,
+            timeline: self.timeline.clone(),
         }
     }
 

@@ -38,6 +38,7 @@ use crate::results::{
     build_report, new_histogram, CoreResult, CpuTimes, ReactorWindow, Report, RunFacts,
 };
 use crate::targetcpu::{ProcSample, TargetCpu};
+use crate::timeline::{spawn_event, EventRun, Sample};
 use crate::workload::Pattern;
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::{
@@ -62,6 +63,10 @@ const SEED: u64 = 0x6d69_7272_6f72_7074;
 const SPARE_CHUNKS: usize = 16;
 /// Byte the write buffers are filled with.
 const FILL: u8 = 0xa5;
+/// Timeline samples reserved per core and measured second.
+const SAMPLES_PER_CORE_SECOND: f64 = 100_000.0;
+/// Most timeline samples reserved up front per core (64 MiB).
+const MAX_RESERVED_SAMPLES: usize = 4 << 20;
 
 /// The instants every task works to.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +141,8 @@ struct CoreState {
     writes: Cell<u64>,
     errors: Cell<u64>,
     first_error: RefCell<Option<IoFailure>>,
+    /// Every measured I/O (completion, latency), when a timeline is asked for.
+    samples: Option<RefCell<Vec<Sample>>>,
 }
 
 impl CoreState {
@@ -185,6 +192,10 @@ async fn worker(
         if issued >= window.measure_from && done <= window.end {
             let ns = done.duration_since(issued).as_nanos() as u64;
             state.latency.borrow_mut().saturating_record(ns.max(1));
+            if let Some(samples) = &state.samples {
+                let at = done.duration_since(window.measure_from).as_nanos() as u64;
+                samples.borrow_mut().push((at, ns));
+            }
             if io.read {
                 state.reads.set(state.reads.get() + 1);
             } else {
@@ -281,6 +292,12 @@ where
         writes: Cell::new(0),
         errors: Cell::new(0),
         first_error: RefCell::new(None),
+        samples: load.timeline.as_ref().map(|_| {
+            // Reserved before the clock starts; a faster run grows it
+            // (amortised, rarely).
+            let expected = (load.time.as_secs_f64() * SAMPLES_PER_CORE_SECOND) as usize;
+            RefCell::new(Vec::with_capacity(expected.min(MAX_RESERVED_SAMPLES)))
+        }),
     });
     mirrorpoint_poller::sleep_until(window.start).await;
     let mut tasks = Vec::new();
@@ -321,6 +338,7 @@ where
         latency,
         reads: state.reads.get(),
         writes: state.writes.get(),
+        samples: state.samples.as_ref().map(|s| s.take()).unwrap_or_default(),
     })
 }
 
@@ -423,6 +441,8 @@ pub(crate) struct Measured {
     pub(crate) windows: Vec<ReactorWindow>,
     /// The target's CPU time over the window, if a pid was given.
     pub(crate) target: Option<TargetCpu>,
+    /// The timeline's events, as they ran.
+    pub(crate) events: Vec<EventRun>,
 }
 
 /// Runs one [`core_main`] per reactor (made by `spawn_core`), starts them
@@ -477,6 +497,12 @@ where
     for g in gos {
         g.send(window);
     }
+    let events: Vec<_> = load
+        .timeline
+        .iter()
+        .flat_map(|t| t.events.iter().cloned())
+        .map(|e| spawn_event(e, window.measure_from))
+        .collect();
 
     sleep_until(window.measure_from);
     let target0 = target_pid.map(ProcSample::take).transpose();
@@ -494,6 +520,19 @@ where
             Ok(Ok(c)) => cores.push(c),
             Ok(Err(e)) => first_error = first_error.or(Some(e)),
             Err(_) => first_error = first_error.or(Some(BenchError::ReactorLost(i))),
+        }
+    }
+    let mut runs = Vec::new();
+    for e in events {
+        match e.join() {
+            Ok(Ok(run)) => runs.push(run),
+            Ok(Err(err)) => first_error = first_error.or(Some(err)),
+            Err(_) => {
+                first_error = first_error.or(Some(BenchError::Event {
+                    command: "(its thread panicked)".into(),
+                    error: std::io::Error::other("event thread panicked"),
+                }))
+            }
         }
     }
     if let Some(e) = first_error {
@@ -517,6 +556,7 @@ where
             })
             .collect(),
         target,
+        events: runs,
     })
 }
 
@@ -568,6 +608,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         measured: config.time,
         cpu: measured.cpu,
         windows: measured.windows,
+        events: measured.events,
     };
     let mut report = build_report(&load, &facts, &measured.cores)?;
     report.backend = Some(config.backend);

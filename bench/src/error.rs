@@ -51,6 +51,25 @@ pub enum BenchError {
     /// Histograms could not be created or merged.
     #[error("latency histogram: {0}")]
     Histogram(String),
+    /// An `--event` command could not be started.
+    #[error("event '{command}': {error}")]
+    Event {
+        /// The command.
+        command: String,
+        /// Why it did not run.
+        error: std::io::Error,
+    },
+    /// The TCP throughput run failed.
+    #[error("tcp: {0}")]
+    Tcp(String),
+    /// An output file could not be written.
+    #[error("cannot write {path}: {error}")]
+    Output {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// One failed I/O: from a local volume or over NVMe/TCP.

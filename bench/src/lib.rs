@@ -12,6 +12,8 @@
 //! - [`results`]: histograms, CPU and reactor counters, the report;
 //! - [`nvmf`]: the NVMe/TCP session around the driver;
 //! - [`targetcpu`]: the target process's CPU time from `/proc`;
+//! - [`tcp`]: plain TCP throughput between two addresses (the link yardstick);
+//! - [`timeline`]: latency over time and commands run at set instants;
 //! - [`output`]: the text table and JSON.
 
 pub mod config;
@@ -21,6 +23,8 @@ pub mod nvmf;
 pub mod output;
 pub mod results;
 pub mod targetcpu;
+pub mod tcp;
+pub mod timeline;
 pub mod workload;
 
 pub use config::{Cli, Command, LocalArgs, LocalConfig, NvmfArgs, NvmfConfig};

@@ -12,6 +12,7 @@ fn run(cli: Cli) -> Result<(), BenchError> {
         Command::Local(args) => {
             let config = args.validate()?;
             let report = run_local(&config)?;
+            output::write_plot(&report, config.timeline.as_ref())?;
             if args.json {
                 println!("{}", output::json(&report));
             } else {
@@ -19,9 +20,22 @@ fn run(cli: Cli) -> Result<(), BenchError> {
             }
             Ok(())
         }
+        Command::Tcp(args) => {
+            let r = mirrorpoint_bench::tcp::run_tcp(&args)?;
+            if args.json {
+                println!("{}", output::json_value(&r));
+            } else {
+                println!(
+                    "tcp: {} stream(s) to {}, {} B sends: {:.0} MiB/s over {:.2} s",
+                    r.streams, r.to, r.bs, r.mib_s, r.time_s
+                );
+            }
+            Ok(())
+        }
         Command::Nvmf(args) => {
             let config = args.validate()?;
             let report = run_nvmf(&config)?;
+            output::write_plot(&report, config.load.timeline.as_ref())?;
             if args.json {
                 println!("{}", output::json(&report));
             } else {

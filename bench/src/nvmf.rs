@@ -139,6 +139,7 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         measured: load.time,
         cpu: measured.cpu,
         windows: measured.windows,
+        events: measured.events,
     };
     let mut report = build_report(&load, &facts, &measured.cores)?;
     report.mode = "nvmf";

@@ -5,11 +5,40 @@
 //! `iops` and `lat_us.p50`). The table keeps one row per run so that several
 //! runs pasted together line up.
 
+use crate::error::BenchError;
 use crate::results::Report;
+use crate::timeline::TimelineConfig;
 use std::fmt::Write as _;
+
+/// Writes the timeline plot where `--timeline-svg` asked for it.
+pub fn write_plot(report: &Report, cfg: Option<&TimelineConfig>) -> Result<(), BenchError> {
+    let (Some(cfg), Some(t)) = (cfg, &report.timeline) else {
+        return Ok(());
+    };
+    let Some(path) = &cfg.svg else {
+        return Ok(());
+    };
+    let title = format!(
+        "mirrorpoint-bench {}: {} {} B, QD {}, {} core(s): I/O latency over time",
+        report.mode,
+        report.workload,
+        report.bs,
+        report.qd,
+        report.cores.len()
+    );
+    std::fs::write(path, crate::timeline::svg(t, &title)).map_err(|error| BenchError::Output {
+        path: path.clone(),
+        error,
+    })
+}
 
 /// The report as one JSON object (no trailing newline).
 pub fn json(report: &Report) -> String {
+    json_value(report)
+}
+
+/// Any report as one JSON object (no trailing newline).
+pub fn json_value<T: serde::Serialize>(report: &T) -> String {
     // Serialising plain structs of numbers and strings cannot fail; fall back
     // to an error object rather than panicking if it ever does.
     serde_json::to_string_pretty(report)
@@ -121,6 +150,31 @@ pub fn table(report: &Report) -> String {
                 out,
                 "  thread {} ({}): user {:.2} s, sys {:.2} s, {:.2} us per I/O",
                 th.tid, th.name, th.user_s, th.sys_s, th.us_per_io
+            );
+        }
+    }
+    if let Some(t) = &report.timeline {
+        let s = &t.steady;
+        let _ = writeln!(
+            out,
+            "steady ({} I/Os outside {} ms around events): p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            s.ios, t.window_ms, s.p99_us, s.p99_9_us, s.max_us
+        );
+        for e in &t.events {
+            let a = &e.around;
+            let _ = writeln!(
+                out,
+                "event at {:.3} s, ran {:.3} ms, exit {}: {}\n  around it ({} I/Os): p99 {:.1} us, p99.9 {:.1} us, max {:.1} us = {:.2}x steady p99.9\n  output: {}",
+                e.started_s,
+                e.duration_ms,
+                e.exit_code,
+                e.command,
+                a.ios,
+                a.p99_us,
+                a.p99_9_us,
+                a.max_us,
+                e.max_over_steady_p99_9,
+                e.output.replace('\n', "\n          ")
             );
         }
     }

@@ -35,6 +35,8 @@ pub struct CoreResult {
     pub reads: u64,
     /// Measured writes.
     pub writes: u64,
+    /// Every measured I/O (completion, latency), when a timeline was asked for.
+    pub samples: Vec<crate::timeline::Sample>,
 }
 
 /// CPU time of the process (all threads), from `getrusage(RUSAGE_SELF)`.
@@ -192,6 +194,9 @@ pub struct Report {
     /// The target's CPU time over the measured window (`nvmf --target-pid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_cpu: Option<TargetCpuReport>,
+    /// Latency over time and the events run during the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<crate::timeline::TimelineReport>,
 }
 
 /// What an `nvmf` run connected to.
@@ -302,6 +307,8 @@ pub struct RunFacts {
     pub cpu: CpuTimes,
     /// Reactor counters around it.
     pub windows: Vec<ReactorWindow>,
+    /// The timeline's events, as they ran.
+    pub events: Vec<crate::timeline::EventRun>,
 }
 
 fn us(ns: f64) -> f64 {
@@ -405,5 +412,10 @@ pub fn build_report(
         reactors,
         nvmf: None,
         target_cpu: None,
+        timeline: config.timeline.as_ref().map(|t| {
+            let samples: Vec<&[crate::timeline::Sample]> =
+                cores.iter().map(|c| c.samples.as_slice()).collect();
+            crate::timeline::build(t, facts.measured, &samples, &facts.events)
+        }),
     })
 }

@@ -299,3 +299,57 @@ fn bad_arguments_fail_with_a_clear_message() {
         );
     }
 }
+
+#[test]
+fn timeline_with_an_event_accounts_for_every_io() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let svg = dir.join(format!("mpb-timeline-{}.svg", std::process::id()));
+    let mut args = malloc(Workload::Randwrite, 4);
+    args.time = 0.5;
+    args.timeline.timeline_ms = Some(50.0);
+    args.timeline.timeline_svg = Some(svg.clone());
+    args.timeline.events =
+        vec![
+            mirrorpoint_bench::timeline::parse_event("0.2:sleep 0.03; echo marker").expect("event"),
+        ];
+    args.timeline.event_window_ms = 20.0;
+    let config = args.validate().expect("valid");
+    let r = run_local(&config).expect("run");
+    check_sane(&r);
+    mirrorpoint_bench::output::write_plot(&r, config.timeline.as_ref()).expect("plot");
+    let t = r.timeline.as_ref().expect("timeline asked for");
+    assert_eq!(t.buckets.len(), 10);
+    let in_buckets: u64 = t.buckets.iter().map(|b| b.stats.ios).sum();
+    assert_eq!(in_buckets, r.ops, "every measured I/O is in one bucket");
+    let e = &t.events[0];
+    assert_eq!((e.exit_code, e.output.as_str()), (0, "marker"));
+    assert!(e.started_s >= 0.2 && e.duration_ms >= 30.0, "{e:?}");
+    assert!(e.around.ios > 0);
+    assert_eq!(
+        t.steady.ios + e.around.ios,
+        r.ops,
+        "one event: around + steady = all"
+    );
+    let plot = std::fs::read_to_string(&svg).expect("svg written");
+    let _ = std::fs::remove_file(&svg);
+    assert!(plot.starts_with("<svg") && plot.contains("sleep 0.03; echo"));
+}
+
+#[test]
+fn binary_rejects_an_event_outside_the_window() {
+    let out = Command::new(BIN)
+        .args([
+            "local",
+            "--backend",
+            "malloc",
+            "--time",
+            "1",
+            "--event",
+            "2:true",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--event at 2.000 s"), "{err}");
+}

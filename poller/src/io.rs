@@ -109,11 +109,25 @@ impl ReactorFile {
 
     /// Writes all of `buf` at `offset`, retrying short writes.
     pub async fn write_all_at(&self, buf: IoBuf, offset: u64) -> (io::Result<()>, IoBuf) {
+        self.write_all_at_flags(buf, offset, 0).await
+    }
+
+    /// [`write_all_at`](Self::write_all_at) with `pwritev2` flags on every
+    /// write, e.g. `libc::RWF_DSYNC` for a write that is durable when it
+    /// completes (what a block device calls FUA).
+    pub async fn write_all_at_flags(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+        rw_flags: i32,
+    ) -> (io::Result<()>, IoBuf) {
         let total = buf.len();
         let mut done = 0usize;
         let mut buf = buf;
         while done < total {
-            let (res, b) = self.write_some(buf, done, offset + done as u64).await;
+            let (res, b) = self
+                .write_some(buf, done, offset + done as u64, rw_flags)
+                .await;
             buf = b;
             match res {
                 Ok(0) => {
@@ -135,7 +149,13 @@ impl ReactorFile {
         (Ok(()), buf)
     }
 
-    async fn write_some(&self, buf: IoBuf, start: usize, offset: u64) -> (io::Result<u32>, IoBuf) {
+    async fn write_some(
+        &self,
+        buf: IoBuf,
+        start: usize,
+        offset: u64,
+        rw_flags: i32,
+    ) -> (io::Result<u32>, IoBuf) {
         let len = (buf.len() - start) as u32;
         let fixed = with_core(|c| c.pool.id()) == buf.pool_id();
         // SAFETY: start < buf.len(), so the pointer stays inside the visible range.
@@ -144,12 +164,20 @@ impl ReactorFile {
         let entry = match (self.target(), fixed) {
             (Target::Fixed(f), true) => opcode::WriteFixed::new(f, ptr, len, index)
                 .offset(offset)
+                .rw_flags(rw_flags)
                 .build(),
             (Target::Fd(f), true) => opcode::WriteFixed::new(f, ptr, len, index)
                 .offset(offset)
+                .rw_flags(rw_flags)
                 .build(),
-            (Target::Fixed(f), false) => opcode::Write::new(f, ptr, len).offset(offset).build(),
-            (Target::Fd(f), false) => opcode::Write::new(f, ptr, len).offset(offset).build(),
+            (Target::Fixed(f), false) => opcode::Write::new(f, ptr, len)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build(),
+            (Target::Fd(f), false) => opcode::Write::new(f, ptr, len)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build(),
         };
         // SAFETY: the entry points into buf's chunk, which the op owns until completion.
         let op = unsafe { Op::submit(entry, OpKind::Data, (buf, self.keep_alive())) };

@@ -690,3 +690,36 @@ fn writes_through_nvme_tcp_reach_both_legs() {
     assert!(report.bytes > 5 * MIB, "{report:?}");
     p.compare();
 }
+
+/// A mirror's local volume and a storage server's volumes are claimed: they
+/// cannot be deleted or mirrored twice while in use, and bdev_get_bdevs says
+/// by whom; mirror_delete gives the local volume back.
+#[test]
+fn claimed_volumes_cannot_be_deleted_or_reused() {
+    let mut p = pair("claims", false, json!({}));
+    let busy = |site: &mut Site, method: &str, params: Value| {
+        let e = site
+            .rpc
+            .call(method, Some(params.clone()))
+            .expect_err("refused");
+        assert!(e.to_string().contains("claimed by"), "{method} {params}: {e}");
+    };
+    busy(&mut p.a, "bdev_delete", json!({"name": "local"}));
+    busy(&mut p.a, "mirror_create", json!({"name": "m1", "volume": "local"}));
+    busy(&mut p.b, "bdev_delete", json!({"name": "s1"}));
+    p.b.uring("s3", 8 * MIB);
+    busy(
+        &mut p.b,
+        "agent_add_storage_server",
+        json!({"name": "ss3", "id": 3, "volumes": ["s3", "s2"]}),
+    );
+    // The refused server claimed nothing: s3 is still free.
+    let infos = p.b.call("bdev_get_bdevs", json!({"name": "s3"}));
+    assert_eq!(infos[0]["claimed"], false, "{infos:#}");
+    let infos = p.a.call("bdev_get_bdevs", json!({"name": "local"}));
+    assert_eq!(infos[0]["claimed"], true, "{infos:#}");
+    assert_eq!(infos[0]["claimed_by"], "mirror m0", "{infos:#}");
+    p.a.call("mirror_delete", json!({"name": "m0"}));
+    p.a.call("bdev_delete", json!({"name": "local"}));
+    p.b.call("bdev_delete", json!({"name": "s3"}));
+}

@@ -195,6 +195,69 @@ fn discovery_deallocate_and_refusals() {
         .expect("reactor");
 }
 
+/// A failed I/O command lands in the Error Information log page (newest
+/// first, with its queue, command, status and LBA) and in the SMART log's
+/// error count, as `nvme error-log` and `nvme smart-log` show them.
+#[test]
+fn io_errors_fill_the_error_log() {
+    let t = start_target();
+    let host = runtime(vec![0]);
+    let addr = t.addr;
+    host.handles()[0]
+        .block_on(move || async move {
+            let ctrl = Controller::connect(addr, NQN, HOSTNQN, ConnectOptions::default())
+                .await
+                .expect("connect");
+            let log = ctrl
+                .get_log_page(0x01, 0xffff_ffff, 0, 64)
+                .await
+                .expect("log");
+            assert_eq!(
+                &log[..8],
+                &[0u8; 8],
+                "no error yet: the first entry is invalid"
+            );
+            let q = IoQueue::connect(ctrl.info(), 1, 4).await.expect("queue");
+            for lba in [BLOCKS, BLOCKS + 7] {
+                let b = buffer_pool().alloc(4096).expect("chunk");
+                let (r, _) = q.read(1, lba, 1, b).await;
+                let e = r.expect_err("read past the end");
+                assert_eq!(e.status_kind(), Some(StatusKind::LbaOutOfRange), "{e}");
+            }
+            let log = ctrl
+                .get_log_page(0x01, 0xffff_ffff, 0, 3 * 64)
+                .await
+                .expect("log");
+            let u64_at = |o: usize| u64::from_le_bytes(log[o..o + 8].try_into().expect("8"));
+            let u16_at = |o: usize| u16::from_le_bytes(log[o..o + 2].try_into().expect("2"));
+            // Newest first: count 2 at LBA BLOCKS + 7, then count 1 at BLOCKS.
+            assert_eq!((u64_at(0), u64_at(16)), (2, BLOCKS + 7));
+            assert_eq!((u64_at(64), u64_at(64 + 16)), (1, BLOCKS));
+            assert_eq!(u64_at(128), 0, "only two entries are valid");
+            assert_eq!(u16_at(8), q.qid(), "SQID");
+            // Status field (bits 15:1 of the completion's status): SC 80h
+            // (LBA Out of Range), SCT 0, DNR set.
+            let status = u16_at(12) >> 1;
+            assert_eq!(status & 0xff, 0x80, "status {status:#x}");
+            assert_eq!(
+                u32::from_le_bytes(log[24..28].try_into().expect("4")),
+                1,
+                "NSID"
+            );
+            let smart = ctrl
+                .get_log_page(0x02, 0xffff_ffff, 0, 512)
+                .await
+                .expect("smart");
+            assert_eq!(
+                u64::from_le_bytes(smart[176..184].try_into().expect("8")),
+                2
+            );
+            let id = ctrl.identify_raw(1, 0).await.expect("identify");
+            assert_eq!(id[262], 63, "ELPE: 64 entries");
+        })
+        .expect("reactor");
+}
+
 /// Rough speed of the initiator against our target, both in this process on
 /// the same two cores: 4 KiB random reads, then writes, at QD 32 on one
 /// queue for two seconds each. Ignored (timing, not correctness):

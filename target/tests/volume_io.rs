@@ -46,7 +46,12 @@ fn exercise(rt: &Runtime, volume: Arc<Volume>) {
                 let len = 4096 * (1 + (i as usize % 8));
                 let mut buf = buffer_pool().alloc(len).expect("chunk");
                 buf.copy_from_slice(&pattern(i, len));
-                let (r, _) = ch.write(ByteOffset(i * 64 * 1024), buf.freeze()).await;
+                // Every other write is a FUA write (durable on completion).
+                let (r, _) = if i % 2 == 1 {
+                    ch.write_fua(ByteOffset(i * 64 * 1024), buf.freeze()).await
+                } else {
+                    ch.write(ByteOffset(i * 64 * 1024), buf.freeze()).await
+                };
                 r.expect("write");
             }
             ch.flush().await.expect("flush");
@@ -98,7 +103,9 @@ fn bad_requests(rt: &Runtime, volume: Arc<Volume>) {
             let (r, _) = ch.read(ByteOffset(0), empty).await;
             assert!(matches!(r, Err(VolumeError::ZeroLength { .. })), "{r:?}");
             let past = buffer_pool().alloc(4096).expect("chunk").freeze();
-            let (r, _) = ch.write(ByteOffset(size), past).await;
+            let (r, past) = ch.write(ByteOffset(size), past).await;
+            assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
+            let (r, _) = ch.write_fua(ByteOffset(size), past).await;
             assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
             let bs = u64::from(volume.block_size().bytes());
             let r = ch.unmap(ByteOffset(size - bs), ByteLen(2 * bs)).await;

@@ -24,6 +24,10 @@ fn create_error(e: CreateError) -> RpcError {
             -libc::EEXIST,
             format!("File exists: volume '{name}' already exists"),
         ),
+        CreateError::Claimed { name, by } => RpcError::app(
+            -libc::EBUSY,
+            format!("Device or resource busy: volume '{name}' is claimed by {by}"),
+        ),
         CreateError::NotFound(name) => RpcError::app(
             -libc::ENODEV,
             format!("No such device: no volume named '{name}'"),

@@ -23,6 +23,10 @@
 //! current generation, and declares it `Synced`. Any link failure marks the
 //! leg `Degraded` (bumping its link generation so every core drops its stale
 //! link) and the supervisor starts over.
+//!
+//! The leg set changes online (`add_leg`, `remove_leg`): legs sit in the
+//! slots of a [`LegSet`]; each write takes one snapshot of it (per-core
+//! cache, see `legset.rs` for why a leg added under load misses nothing).
 
 #[path = "recovery.rs"]
 pub mod recovery;
@@ -42,6 +46,7 @@ use mirrorpoint_poller::{
 };
 use serde::Serialize;
 
+use super::legset::{LegCache, LegSet, LegSetError};
 use super::link::{alloc_wait, join_all, now_ns, timeout, Conn};
 use super::meta::MirrorMeta;
 use super::overlap::OverlapDetector;
@@ -92,7 +97,8 @@ impl LegState {
         }
     }
 
-    fn is_live(self) -> bool {
+    /// Synced or syncing: writes are sent to it.
+    pub fn is_live(self) -> bool {
         matches!(self, LegState::Synced | LegState::Syncing)
     }
 }
@@ -104,6 +110,12 @@ pub struct LegConfig {
     pub site: String,
     /// Where that site's daemon listens for mirror links.
     pub address: SocketAddr,
+    /// Slot (index of its bitmap in the metadata; the leg's index in status).
+    pub slot: usize,
+    /// The leg's id within the mirror on the wire (never reused: a leg
+    /// added later gets a new one, so a stale allocation is never mistaken
+    /// for it).
+    pub leg_id: u32,
 }
 
 /// Engine tunables.
@@ -137,12 +149,52 @@ pub struct Leg {
     resync_started: Mutex<Option<Instant>>,
     resync_rate_seen: AtomicU64,
     degradations: AtomicU64,
+    /// Taken out of the leg set: its supervisor ends.
+    removed: AtomicBool,
+    /// Its supervisor has ended (its slot's bits are no longer cleared).
+    sup_done: AtomicBool,
 }
 
 impl Leg {
+    fn new(cfg: LegConfig) -> Leg {
+        Leg {
+            idx: cfg.slot,
+            cfg,
+            state: AtomicU8::new(LegState::Degraded as u8),
+            // Random start: link sessions (see connect_link) must not
+            // repeat across restarts of this daemon, nor between the legs
+            // that used a slot one after the other.
+            link_gen: AtomicU64::new(u64::from((super::meta::random_gen() as u32) >> 2) + 1),
+            degraded_inflight: AtomicU64::new(0),
+            last_error: Mutex::new("not connected yet".into()),
+            remote_gen: AtomicU64::new(0),
+            resync_copied: AtomicU64::new(0),
+            resync_total: AtomicU64::new(0),
+            resync_pass_copied: AtomicU64::new(0),
+            resync_started: Mutex::new(None),
+            resync_rate_seen: AtomicU64::new(0),
+            degradations: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            sup_done: AtomicBool::new(false),
+        }
+    }
+
     /// Current state.
     pub fn state(&self) -> LegState {
         LegState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    /// Its parameters (site, address, slot, wire id).
+    pub fn config(&self) -> &LegConfig {
+        &self.cfg
+    }
+
+    /// Last failure text.
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -163,7 +215,9 @@ pub struct Mirror {
     meta: Arc<MirrorMeta>,
     seq: Sequencer,
     overlap: Arc<OverlapDetector>,
-    legs: Vec<Arc<Leg>>,
+    legs: LegSet<Leg>,
+    /// Removed legs whose supervisor may still run (their slot waits).
+    retired: Mutex<Vec<Arc<Leg>>>,
     cfg: EngineConfig,
     resync_rate: AtomicU64,
     hs: HandshakeConfig,
@@ -171,13 +225,17 @@ pub struct Mirror {
     stopping: AtomicBool,
     lag_ios: AtomicU64,
     lag_bytes: AtomicU64,
+    verify: super::verify::VerifyState,
 }
 
-enum Reply {
+pub(super) enum Reply {
     Write(Status),
     Flush(Status),
     Gen(GenerationExchange),
-    Read(Status, Option<IoBuf>),
+    /// Per-region digests (packed), for the consistency check.
+    Digest(Status, Vec<u8>),
+    /// Data of a Read.
+    Read(Status, Vec<u8>),
 }
 
 /// One core's connection to one remote leg.
@@ -252,8 +310,10 @@ impl CoreLink {
 /// What the mirror reports per leg.
 #[derive(Debug, Clone, Serialize)]
 pub struct LegStatus {
-    /// Leg index.
+    /// Leg index (its slot).
     pub leg: usize,
+    /// The leg's id within the mirror on the wire.
+    pub leg_id: u32,
     /// Site holding it.
     pub site: String,
     /// Address of that site.
@@ -322,7 +382,8 @@ enum Plan {
 }
 
 impl Mirror {
-    /// Builds the engine and starts one supervisor per leg on the first reactor.
+    /// Builds the engine and starts one supervisor per leg on the first
+    /// reactor. Fails if two legs name the same slot or a slot is out of range.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         name: String,
@@ -333,32 +394,12 @@ impl Mirror {
         cfg: EngineConfig,
         hs: HandshakeConfig,
         reactors: Vec<ReactorHandle>,
-    ) -> Arc<Mirror> {
-        let legs = legs
-            .into_iter()
-            .enumerate()
-            .map(|(idx, cfg)| {
-                Arc::new(Leg {
-                    idx,
-                    cfg,
-                    state: AtomicU8::new(LegState::Degraded as u8),
-                    // Random start: link sessions (see connect_link) must not
-                    // repeat across restarts of this daemon.
-                    link_gen: AtomicU64::new(
-                        u64::from((super::meta::random_gen() as u32) >> 2) + 1,
-                    ),
-                    degraded_inflight: AtomicU64::new(0),
-                    last_error: Mutex::new("not connected yet".into()),
-                    remote_gen: AtomicU64::new(0),
-                    resync_copied: AtomicU64::new(0),
-                    resync_total: AtomicU64::new(0),
-                    resync_pass_copied: AtomicU64::new(0),
-                    resync_started: Mutex::new(None),
-                    resync_rate_seen: AtomicU64::new(0),
-                    degradations: AtomicU64::new(0),
-                })
-            })
-            .collect();
+    ) -> Result<Arc<Mirror>, LegSetError> {
+        let legs = LegSet::new(
+            legs.into_iter()
+                .map(|cfg| (cfg.slot, Arc::new(Leg::new(cfg))))
+                .collect(),
+        )?;
         let m = Arc::new(Mirror {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             name,
@@ -368,6 +409,7 @@ impl Mirror {
             seq: Sequencer::new(1, 1),
             overlap: OverlapDetector::new(20, 64),
             legs,
+            retired: Mutex::new(Vec::new()),
             resync_rate: AtomicU64::new(cfg.resync_rate),
             cfg,
             hs,
@@ -375,18 +417,133 @@ impl Mirror {
             stopping: AtomicBool::new(false),
             lag_ios: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(0),
+            verify: super::verify::VerifyState::default(),
         });
-        for leg in 0..m.legs.len() {
-            let mm = m.clone();
-            if let Some(r) = m.reactors.first() {
-                r.post(move || spawn(supervise(mm, leg)).detach());
-            }
+        for (_, leg) in m.legs.snapshot().iter() {
+            m.spawn_supervisor(leg.clone());
         }
-        if m.recovery.state() == recovery::LocalState::Rebuilding && !m.legs.is_empty() {
+        if m.recovery.state() == recovery::LocalState::Rebuilding {
             // A rebuild was under way at the last stop: resume it.
             recovery::spawn_rebuild(&m);
         }
-        m
+        Ok(m)
+    }
+
+    fn spawn_supervisor(self: &Arc<Self>, leg: Arc<Leg>) {
+        let (mm, l) = (self.clone(), leg.clone());
+        let posted = match self.reactors.first() {
+            Some(r) => r.post(move || spawn(supervise(mm, l)).detach()),
+            None => false,
+        };
+        if !posted {
+            leg.sup_done.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The legs now, by slot.
+    pub fn legs(&self) -> Vec<Arc<Leg>> {
+        self.legs
+            .snapshot()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// A slot a new leg can take: empty, and not still in use by the
+    /// supervisor of a leg removed from it.
+    pub fn free_slot(&self) -> Option<usize> {
+        let snap = self.legs.snapshot();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|l| !l.sup_done.load(Ordering::SeqCst));
+        (0..self.meta.max_legs())
+            .find(|&i| snap.get(i).is_none() && !retired.iter().any(|l| l.idx == i))
+    }
+
+    /// Adds a leg online, in the free slot `cfg.slot`: every region of the
+    /// slot is marked dirty (durably) first, then the leg is published, so
+    /// new writes reach it at once (or its bitmap) and its supervisor
+    /// connects and copies the rest (full sync), then it is `synced`.
+    /// `persist` runs between the durable metadata and the publication (it
+    /// records the leg, so a restart resumes its full sync and never takes
+    /// an old bitmap of the slot for the new leg's). Blocking (metadata
+    /// commit): call it off the reactors.
+    pub fn add_leg(
+        self: &Arc<Self>,
+        cfg: LegConfig,
+        persist: impl FnOnce() -> Result<(), String>,
+    ) -> Result<Arc<Leg>, String> {
+        let slot = cfg.slot;
+        if !self.free_slot_is(slot) {
+            return Err(format!("leg slot {slot} is not free"));
+        }
+        self.meta.reset_leg(slot).map_err(|e| e.to_string())?;
+        self.meta
+            .commit_blocking()
+            .map_err(|e| format!("metadata: {e}"))?;
+        persist()?;
+        let leg = Arc::new(Leg::new(cfg));
+        self.legs
+            .insert(slot, leg.clone())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            mirror = self.name,
+            leg = slot,
+            leg_id = leg.cfg.leg_id,
+            site = leg.cfg.site,
+            "mirror leg added: full sync starts"
+        );
+        self.spawn_supervisor(leg.clone());
+        Ok(leg)
+    }
+
+    fn free_slot_is(&self, slot: usize) -> bool {
+        let snap = self.legs.snapshot();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|l| !l.sup_done.load(Ordering::SeqCst));
+        slot < self.meta.max_legs()
+            && snap.get(slot).is_none()
+            && !retired.iter().any(|l| l.idx == slot)
+    }
+
+    /// Detaches the leg in `slot`: no new write goes to it, its links are
+    /// dropped on every core, its supervisor ends. Writes already holding
+    /// it finish (or set bits in its slot, which is not reused before its
+    /// supervisor has ended).
+    pub fn remove_leg(&self, slot: usize) -> Result<Arc<Leg>, String> {
+        let leg = self.legs.remove(slot).map_err(|e| e.to_string())?;
+        leg.removed.store(true, Ordering::SeqCst);
+        leg.link_gen.fetch_add(1, Ordering::SeqCst);
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(leg.clone());
+        self.kill_links(Some(slot));
+        tracing::info!(
+            mirror = self.name,
+            leg = slot,
+            leg_id = leg.cfg.leg_id,
+            site = leg.cfg.site,
+            "mirror leg removed"
+        );
+        Ok(leg)
+    }
+
+    fn kill_links(&self, slot: Option<usize>) {
+        for r in &self.reactors {
+            let uid = self.uid;
+            r.post(move || {
+                LINKS.with(|l| {
+                    l.borrow_mut().retain(|k, v| {
+                        if k.0 == uid && slot.map_or(true, |s| s == k.1) {
+                            v.kill();
+                            false
+                        } else {
+                            true
+                        }
+                    })
+                })
+            });
+        }
     }
 
     /// Name.
@@ -414,12 +571,16 @@ impl Mirror {
         &self.meta
     }
 
-    /// Leg states.
+    /// Leg states, in slot order.
     pub fn leg_states(&self) -> Vec<LegState> {
-        self.legs.iter().map(|l| l.state()).collect()
+        self.legs
+            .snapshot()
+            .iter()
+            .map(|(_, l)| l.state())
+            .collect()
     }
 
-    /// Total bytes resync copied to a leg.
+    /// Total bytes resync copied to the leg in slot `leg`.
     pub fn resync_copied(&self, leg: usize) -> u64 {
         self.legs
             .get(leg)
@@ -452,8 +613,9 @@ impl Mirror {
             overlap_waits: self.overlap.waits(),
             legs: self
                 .legs
+                .snapshot()
                 .iter()
-                .map(|l| {
+                .map(|(_, l)| {
                     let dirty = self.meta.dirty_regions(l.idx);
                     let total = l.resync_total.load(Ordering::Relaxed);
                     let done = l.resync_pass_copied.load(Ordering::Relaxed);
@@ -464,6 +626,7 @@ impl Mirror {
                     };
                     LegStatus {
                         leg: l.idx,
+                        leg_id: l.cfg.leg_id,
                         site: l.cfg.site.clone(),
                         address: l.cfg.address.to_string(),
                         state: l.state(),
@@ -492,24 +655,10 @@ impl Mirror {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        for leg in &self.legs {
+        for (_, leg) in self.legs.snapshot().iter() {
             leg.link_gen.fetch_add(1, Ordering::SeqCst);
         }
-        for r in &self.reactors {
-            let uid = self.uid;
-            r.post(move || {
-                LINKS.with(|l| {
-                    l.borrow_mut().retain(|k, v| {
-                        if k.0 == uid {
-                            v.kill();
-                            false
-                        } else {
-                            true
-                        }
-                    })
-                })
-            });
-        }
+        self.kill_links(None);
         self.meta.close();
         self.recovery.close();
     }
@@ -520,6 +669,7 @@ impl Mirror {
     /// and is fully resynced (it adopts our generation at the end).
     pub fn overwrite_leg(&self, idx: usize) -> Result<(), String> {
         let leg = self.legs.get(idx).ok_or_else(|| format!("no leg {idx}"))?;
+        let leg = &*leg;
         if leg.state() != LegState::Failed {
             return Err(format!("leg {idx} is {:?}, not failed", leg.state()));
         }
@@ -538,8 +688,8 @@ impl Mirror {
     }
 
     /// A link of leg `idx` on this core failed (or a write to it did).
-    fn leg_failed(&self, idx: usize, gen: u64, reason: &str) {
-        let leg = &self.legs[idx];
+    fn leg_failed(&self, leg: &Leg, gen: u64, reason: &str) {
+        let idx = leg.idx;
         if leg
             .link_gen
             .compare_exchange(gen, gen + 1, Ordering::SeqCst, Ordering::SeqCst)
@@ -570,11 +720,11 @@ impl Mirror {
         }
     }
 
-    fn core_link(&self, idx: usize) -> Option<Rc<CoreLink>> {
-        let gen = self.legs[idx].link_gen.load(Ordering::SeqCst);
+    fn core_link(&self, leg: &Leg) -> Option<Rc<CoreLink>> {
+        let gen = leg.link_gen.load(Ordering::SeqCst);
         LINKS.with(|l| {
             l.borrow()
-                .get(&(self.uid, idx))
+                .get(&(self.uid, leg.idx))
                 .filter(|c| c.gen == gen && !c.dead.get())
                 .cloned()
         })
@@ -582,14 +732,14 @@ impl Mirror {
 
     /// Sends one write to leg `idx` on this core's link, or records it in
     /// the leg's bitmap. True when the leg acknowledged it.
-    async fn leg_write(&self, idx: usize, stamp: Stamp, offset: u64, buf: IoBuf) -> bool {
-        let leg = &self.legs[idx];
+    async fn leg_write(&self, leg: &Leg, stamp: Stamp, offset: u64, buf: IoBuf) -> bool {
+        let idx = leg.idx;
         let len = buf.len() as u64;
         // Dekker with the supervisor's Degraded -> Syncing switch: a write
         // that saw the leg down has its bit set before the resync scans.
         leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
         let link = if leg.state().is_live() {
-            self.core_link(idx)
+            self.core_link(leg)
         } else {
             None
         };
@@ -598,7 +748,7 @@ impl Mirror {
             leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
             if leg.state().is_live() {
                 self.leg_failed(
-                    idx,
+                    leg,
                     leg.link_gen.load(Ordering::SeqCst),
                     "no link on this core",
                 );
@@ -643,9 +793,9 @@ impl Mirror {
                 // generation), a bit set while the leg is live must send the
                 // leg through another resync pass.
                 if leg.state().is_live() {
-                    self.leg_failed(idx, leg.link_gen.load(Ordering::SeqCst), &reason);
+                    self.leg_failed(leg, leg.link_gen.load(Ordering::SeqCst), &reason);
                 } else {
-                    self.leg_failed(idx, link.gen, &reason);
+                    self.leg_failed(leg, link.gen, &reason);
                 }
                 leg.degraded_inflight.fetch_sub(1, Ordering::SeqCst);
                 false
@@ -653,12 +803,12 @@ impl Mirror {
         }
     }
 
-    async fn leg_flush(&self, idx: usize) {
-        let leg = &self.legs[idx];
+    async fn leg_flush(&self, leg: &Leg) {
+        let idx = leg.idx;
         if !leg.state().is_live() {
             return;
         }
-        let Some(link) = self.core_link(idx) else {
+        let Some(link) = self.core_link(leg) else {
             return;
         };
         let stamp = self.seq.peek();
@@ -678,18 +828,18 @@ impl Mirror {
                 if link.kill() {
                     LINKS.with(|l| l.borrow_mut().remove(&(self.uid, idx)));
                 }
-                self.leg_failed(idx, link.gen, &reason);
+                self.leg_failed(leg, link.gen, &reason);
             }
         }
     }
 
-    fn our_exchange(&self, idx: usize, flags: GenerationFlags) -> GenerationExchange {
+    fn our_exchange(&self, leg: &Leg, flags: GenerationFlags) -> GenerationExchange {
         let g = self.meta.generations();
         GenerationExchange {
             mirror: self.id,
-            leg: LegId(idx as u32),
+            leg: LegId(leg.cfg.leg_id),
             current: Generation(g.current),
-            bitmap: Generation(g.leg_bitmap[idx]),
+            bitmap: Generation(g.leg_bitmap[leg.idx]),
             history: [Generation(g.history[0]), Generation(g.history[1])],
             flags,
         }
@@ -704,6 +854,7 @@ pub struct MirrorChannel {
     mirror: Arc<Mirror>,
     local: recovery::LocalChannel,
     lag: Rc<LocalSemaphore>,
+    legs: LegCache<Leg>,
 }
 
 impl MirrorChannel {
@@ -717,6 +868,7 @@ impl MirrorChannel {
                     .or_insert_with(|| Rc::new(LocalSemaphore::new(mirror.cfg.max_lag_ios.max(1))))
                     .clone()
             }),
+            legs: LegCache::new(&mirror.legs),
             mirror: mirror.clone(),
         }
     }
@@ -731,18 +883,21 @@ impl MirrorChannel {
         let m = &self.mirror;
         let rec = &m.recovery;
         let len = buf.len() as u64;
-        if rec.local_readable(offset.0, len) || m.legs.is_empty() {
+        let legs = if rec.local_readable(offset.0, len) {
             let (r, buf) = self.local.get(rec).read(offset, buf).await;
+            let legs = self.legs.get(&m.legs);
             match r {
-                Err(e) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+                Err(e) if recovery::is_device_error(&e) && !legs.is_empty() => {
                     let why = format!("local read: {e}");
                     recovery::fail_local(m, offset.0, len, &why).await;
                 }
                 r => return (r, buf),
             }
-            return recovery::remote_read(m, offset, buf).await;
-        }
-        recovery::remote_read(m, offset, buf).await
+            return recovery::remote_read(m, &legs, offset, buf).await;
+        } else {
+            self.legs.get(&m.legs)
+        };
+        recovery::remote_read(m, &legs, offset, buf).await
     }
 
     /// The mirrored write to every leg, completing when all are done. With
@@ -750,6 +905,7 @@ impl MirrorChannel {
     /// succeeds when at least one remote leg took it.
     async fn write_all_legs(
         &self,
+        legs: &super::legset::Snapshot<Leg>,
         stamp: Stamp,
         offset: ByteOffset,
         buf: &IoBuf,
@@ -758,7 +914,7 @@ impl MirrorChannel {
         let m = &self.mirror;
         let len = buf.len() as u64;
         let acked = Cell::new(0usize);
-        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
         if !skip_local {
             let lb = buf.clone();
             let local = self.local.get(&m.recovery);
@@ -766,11 +922,11 @@ impl MirrorChannel {
                 async move { Some(local.write(offset, lb).await.0) },
             ));
         }
-        for idx in 0..m.legs.len() {
+        for (_, leg) in legs.iter() {
             let b = buf.clone();
             let acked = &acked;
             futs.push(Box::pin(async move {
-                if m.leg_write(idx, stamp, offset.0, b).await {
+                if m.leg_write(leg, stamp, offset.0, b).await {
                     acked.set(acked.get() + 1);
                 }
                 None
@@ -780,7 +936,7 @@ impl MirrorChannel {
         let remote_ok = acked.get() > 0;
         match local {
             Some(Ok(())) => Ok(()),
-            Some(Err(e)) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
                 let why = format!("local write: {e}");
                 recovery::fail_local(m, offset.0, len, &why).await;
                 if remote_ok {
@@ -804,6 +960,8 @@ impl MirrorChannel {
         let guard = m.overlap.lock(offset.0, offset.0 + len);
         guard.ready().await;
         let stamp = m.seq.next();
+        // One view of the leg set for the whole write (see legset.rs).
+        let legs = self.legs.get(&m.legs);
         if let Err(e) = m.meta.begin_write(offset.0, len).await {
             m.meta.end_write(offset.0, len);
             return (Err(VolumeError::Io(e)), buf);
@@ -811,8 +969,8 @@ impl MirrorChannel {
         // Local leg failed: the write's regions are recorded (durably)
         // before any leg sees it, and it goes to the remote legs only.
         let rec = &m.recovery;
-        let skip_local = !m.legs.is_empty()
-            && !rec.local_writable()
+        let skip_local = !rec.local_writable()
+            && !legs.is_empty()
             && rec.record_missed_write(offset.0, len).await;
         let ack = if skip_local {
             AckPolicy::Sync
@@ -821,7 +979,9 @@ impl MirrorChannel {
         };
         match ack {
             AckPolicy::Sync => {
-                let res = self.write_all_legs(stamp, offset, &buf, skip_local).await;
+                let res = self
+                    .write_all_legs(&legs, stamp, offset, &buf, skip_local)
+                    .await;
                 m.meta.end_write(offset.0, len);
                 drop(guard);
                 (res, buf)
@@ -830,11 +990,11 @@ impl MirrorChannel {
                 let permit = self.lag.acquire().await;
                 let (res, b) = self.local.get(rec).write(offset, buf).await;
                 if let Err(e) = res {
-                    if recovery::is_device_error(&e) && !m.legs.is_empty() {
+                    if recovery::is_device_error(&e) && !legs.is_empty() {
                         // Fall back to a synchronous write to the legs.
                         let why = format!("local write: {e}");
                         recovery::fail_local(m, offset.0, len, &why).await;
-                        let res = self.write_all_legs(stamp, offset, &b, true).await;
+                        let res = self.write_all_legs(&legs, stamp, offset, &b, true).await;
                         m.meta.end_write(offset.0, len);
                         drop(guard);
                         return (res, b);
@@ -847,14 +1007,14 @@ impl MirrorChannel {
                 let mm = m.clone();
                 let data = b.clone();
                 spawn(async move {
-                    let legs = (0..mm.legs.len()).map(|idx| {
+                    let writes = legs.iter().map(|(_, leg)| {
                         let d = data.clone();
                         let mm = &mm;
                         Box::pin(async move {
-                            mm.leg_write(idx, stamp, offset.0, d).await;
+                            mm.leg_write(leg, stamp, offset.0, d).await;
                         }) as Pin<Box<dyn Future<Output = ()> + '_>>
                     });
-                    join_all(legs.collect()).await;
+                    join_all(writes.collect()).await;
                     mm.meta.end_write(offset.0, len);
                     mm.lag_ios.fetch_sub(1, Ordering::Relaxed);
                     mm.lag_bytes.fetch_sub(len, Ordering::Relaxed);
@@ -865,6 +1025,20 @@ impl MirrorChannel {
                 (Ok(()), b)
             }
         }
+    }
+
+    /// A FUA write: the write, then a flush of every leg (so it is durable
+    /// on every live leg when it completes, as the host asked).
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        let (r, buf) = self.write(offset, buf).await;
+        if r.is_err() {
+            return (r, buf);
+        }
+        (self.flush().await, buf)
     }
 
     /// Flushes the local leg and every live remote leg.
@@ -878,22 +1052,23 @@ impl MirrorChannel {
                 sleep(Duration::from_millis(1)).await;
             }
         }
+        let legs = self.legs.get(&m.legs);
         let rec = &m.recovery;
-        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + m.legs.len());
-        if rec.local_writable() || m.legs.is_empty() {
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
+        if rec.local_writable() || legs.is_empty() {
             let local = self.local.get(rec);
             futs.push(Box::pin(async move { Some(local.flush().await) }));
         }
-        for idx in 0..m.legs.len() {
+        for (_, leg) in legs.iter() {
             futs.push(Box::pin(async move {
-                m.leg_flush(idx).await;
+                m.leg_flush(leg).await;
                 None
             }));
         }
         let local = join_all(futs).await.into_iter().flatten().next();
-        let any_leg = m.legs.iter().any(|l| l.state().is_live());
+        let any_leg = legs.iter().any(|(_, l)| l.state().is_live());
         match local {
-            Some(Err(e)) if recovery::is_device_error(&e) && !m.legs.is_empty() => {
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
                 // What the local device holds is unknown now: rebuild it all.
                 recovery::fail_local(m, 0, 0, &format!("local flush: {e}")).await;
                 if any_leg {
@@ -919,11 +1094,11 @@ impl MirrorChannel {
 /// of the leg (tagged with link generation `gen`).
 async fn connect_link(
     m: Arc<Mirror>,
-    idx: usize,
+    leg: Arc<Leg>,
     gen: u64,
     install: bool,
 ) -> Result<(Rc<CoreLink>, GenerationExchange), String> {
-    let leg = &m.legs[idx];
+    let idx = leg.idx;
     let t = m.cfg.link_timeout;
     let conn = Conn::connect(leg.cfg.address, t)
         .await
@@ -944,8 +1119,8 @@ async fn connect_link(
         dead: Cell::new(false),
         last_rx: Cell::new(Instant::now()),
     });
-    spawn(receive_loop(m.clone(), idx, link.clone())).detach();
-    let ours = m.our_exchange(idx, GenerationFlags::PRIMARY);
+    spawn(receive_loop(m.clone(), leg.clone(), link.clone())).detach();
+    let ours = m.our_exchange(&leg, GenerationFlags::PRIMARY);
     let theirs = match link
         .request(&Message::GenerationExchange(ours), &[], t)
         .await
@@ -961,7 +1136,11 @@ async fn connect_link(
         }
     };
     if install {
-        spawn(watchdog(m.clone(), idx, link.clone())).detach();
+        if leg.removed.load(Ordering::SeqCst) || leg.link_gen.load(Ordering::SeqCst) != gen {
+            link.kill();
+            return Err("leg removed or link failed while connecting".into());
+        }
+        spawn(watchdog(m.clone(), leg.clone(), link.clone())).detach();
         let old = LINKS.with(|l| l.borrow_mut().insert((m.uid, idx), link.clone()));
         if let Some(old) = old {
             old.kill();
@@ -970,9 +1149,10 @@ async fn connect_link(
     Ok((link, theirs))
 }
 
-async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
+async fn receive_loop(m: Arc<Mirror>, leg: Arc<Leg>, link: Rc<CoreLink>) {
+    let idx = leg.idx;
     let reason = loop {
-        let mut f = match link.conn.recv().await {
+        let f = match link.conn.recv().await {
             Ok(f) => f,
             Err(e) => break format!("receive: {e}"),
         };
@@ -986,14 +1166,11 @@ async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
             Message::WriteAck(a) => Reply::Write(a.status),
             Message::FlushAck(a) => Reply::Flush(a.status),
             Message::GenerationExchange(g) => Reply::Gen(g),
-            Message::ReadResp(r) => Reply::Read(r.status, None),
+            Message::RangeDigestResp(r) => Reply::Digest(r.status, r.digests.as_bytes().to_vec()),
+            Message::ReadResp(r) => Reply::Read(r.status, r.data.to_vec()),
             Message::HeartbeatAck(_) => continue,
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
-        };
-        let reply = match reply {
-            Reply::Read(s, None) => Reply::Read(s, f.take_payload()),
-            r => r,
         };
         let tx = link.pending.borrow_mut().remove(&tag.0);
         if let Some(tx) = tx {
@@ -1007,11 +1184,12 @@ async fn receive_loop(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
                 l.remove(&(m.uid, idx));
             }
         });
-        m.leg_failed(idx, link.gen, &reason);
+        m.leg_failed(&leg, link.gen, &reason);
     }
 }
 
-async fn watchdog(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
+async fn watchdog(m: Arc<Mirror>, leg: Arc<Leg>, link: Rc<CoreLink>) {
+    let idx = leg.idx;
     let t = m.cfg.link_timeout;
     let beat = (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut counter = 0u64;
@@ -1028,7 +1206,7 @@ async fn watchdog(m: Arc<Mirror>, idx: usize, link: Rc<CoreLink>) {
                         l.remove(&(m.uid, idx));
                     }
                 });
-                m.leg_failed(idx, link.gen, &format!("no answer for {t:?} (heartbeat)"));
+                m.leg_failed(&leg, link.gen, &format!("no answer for {t:?} (heartbeat)"));
             }
             return;
         }
@@ -1050,14 +1228,15 @@ fn gen_str(g: u64) -> String {
 }
 
 /// Decides what a connect means, from both sides' generations.
-fn plan(m: &Mirror, idx: usize, theirs: &GenerationExchange) -> Result<Plan, String> {
+fn plan(m: &Mirror, leg: &Leg, theirs: &GenerationExchange) -> Result<Plan, String> {
+    let idx = leg.idx;
     let g = m.meta.generations();
     if theirs.flags.0 & (GenerationFlags::PRIMARY.0 | GenerationFlags::CRASHED_PRIMARY.0) != 0
         || theirs.bitmap.0 != 0
     {
         return Err(format!(
             "split brain: the leg at {} has been written as a primary (generation {}, bitmap {}); refusing to resync, the operator must choose which data survives",
-            m.legs[idx].cfg.site,
+            leg.cfg.site,
             gen_str(theirs.current.0),
             gen_str(theirs.bitmap.0)
         ));
@@ -1079,7 +1258,7 @@ fn plan(m: &Mirror, idx: usize, theirs: &GenerationExchange) -> Result<Plan, Str
     }
     Err(format!(
         "unrelated data: the leg at {} holds generation {}, ours is {} (history {}, {}); refusing to mix them, the operator must choose",
-        m.legs[idx].cfg.site,
+        leg.cfg.site,
         gen_str(r),
         gen_str(g.current),
         gen_str(g.history[0]),
@@ -1088,11 +1267,16 @@ fn plan(m: &Mirror, idx: usize, theirs: &GenerationExchange) -> Result<Plan, Str
 }
 
 /// One leg's life: connect, resync, stay synced; start over on failure.
-async fn supervise(m: Arc<Mirror>, idx: usize) {
+async fn supervise(m: Arc<Mirror>, leg: Arc<Leg>) {
+    supervise_leg(&m, &leg).await;
+    leg.sup_done.store(true, Ordering::SeqCst);
+}
+
+async fn supervise_leg(m: &Arc<Mirror>, leg: &Arc<Leg>) {
+    let idx = leg.idx;
     let mut backoff = Duration::from_millis(100);
     let mut logged_down = false;
-    while !m.stopping.load(Ordering::SeqCst) {
-        let leg = m.legs[idx].clone();
+    while !m.stopping.load(Ordering::SeqCst) && !leg.removed.load(Ordering::SeqCst) {
         match leg.state() {
             LegState::Failed | LegState::Split => {
                 sleep(Duration::from_millis(200)).await;
@@ -1105,7 +1289,7 @@ async fn supervise(m: Arc<Mirror>, idx: usize) {
             LegState::Degraded | LegState::Syncing => {}
         }
         let gen = leg.link_gen.load(Ordering::SeqCst);
-        match bring_up(&m, idx, gen).await {
+        match bring_up(m, leg, gen).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 logged_down = false;
@@ -1128,7 +1312,7 @@ async fn supervise(m: Arc<Mirror>, idx: usize) {
                 *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = reason;
                 if leg.state() == LegState::Syncing {
                     m.leg_failed(
-                        idx,
+                        leg,
                         leg.link_gen.load(Ordering::SeqCst),
                         "resync interrupted",
                     );
@@ -1145,15 +1329,15 @@ enum BringUp {
     Refused(String),
 }
 
-async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> {
-    let leg = m.legs[idx].clone();
+async fn bring_up(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), BringUp> {
+    let idx = leg.idx;
     // Probe: decide before any core sends a write.
-    let (probe, theirs) = connect_link(m.clone(), idx, gen, false)
+    let (probe, theirs) = connect_link(m.clone(), leg.clone(), gen, false)
         .await
         .map_err(BringUp::Retry)?;
     probe.kill();
     leg.remote_gen.store(theirs.current.0, Ordering::Relaxed);
-    match plan(m, idx, &theirs).map_err(BringUp::Refused)? {
+    match plan(m, leg, &theirs).map_err(BringUp::Refused)? {
         Plan::Incremental => {}
         Plan::Full => {
             tracing::warn!(
@@ -1167,9 +1351,9 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     // One link per core.
     let mut waits = Vec::new();
     for r in &m.reactors {
-        let mm = m.clone();
+        let (mm, lg) = (m.clone(), leg.clone());
         waits.push(
-            r.spawn(move || async move { connect_link(mm, idx, gen, true).await.map(|_| ()) }),
+            r.spawn(move || async move { connect_link(mm, lg, gen, true).await.map(|_| ()) }),
         );
     }
     for w in waits {
@@ -1202,10 +1386,10 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
         dirty_regions = m.meta.dirty_regions(idx),
         "mirror leg connected, resyncing"
     );
-    resync(m, idx, gen).await.map_err(BringUp::Retry)?;
+    resync(m, leg, gen).await.map_err(BringUp::Retry)?;
     // Leg now holds our data: make it durable there and adopt our generation.
     let link = m
-        .core_link(idx)
+        .core_link(leg)
         .ok_or_else(|| BringUp::Retry("link lost".into()))?;
     let stamp = m.seq.peek();
     match link
@@ -1224,7 +1408,7 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
         _ => return Err(BringUp::Retry("flush after resync failed".into())),
     }
     let adopt = m.our_exchange(
-        idx,
+        leg,
         GenerationFlags(GenerationFlags::PRIMARY.0 | GenerationFlags::UP_TO_DATE.0),
     );
     match link
@@ -1261,8 +1445,11 @@ async fn bring_up(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), BringUp> 
     Ok(())
 }
 
-async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
-    let leg = m.legs[idx].clone();
+/// How often a resync makes its progress (cleared bits) durable.
+const RESYNC_COMMIT_EVERY: Duration = Duration::from_millis(250);
+
+async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String> {
+    let idx = leg.idx;
     let local = m.local().channel();
     let rs = m.meta.region_size();
     let size = m.local().size().0;
@@ -1274,8 +1461,10 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
     *leg.resync_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
     let mut copied = 0u64;
     let mut cursor = 0u64;
+    let mut last_commit = Instant::now();
     loop {
         if m.stopping.load(Ordering::SeqCst)
+            || leg.removed.load(Ordering::SeqCst)
             || leg.state() != LegState::Syncing
             || leg.link_gen.load(Ordering::SeqCst) != gen
         {
@@ -1301,7 +1490,10 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
         if !m.recovery.local_readable(start, end - start) {
             return Err("the local device failed: the leg waits for its recovery".into());
         }
-        let link = m.core_link(idx).ok_or("link lost during resync")?;
+        if leg.removed.load(Ordering::SeqCst) {
+            return Err("leg removed".into());
+        }
+        let link = m.core_link(leg).ok_or("link lost during resync")?;
         let mut off = start;
         while off < end {
             let len = chunk.min(end - off);
@@ -1330,21 +1522,38 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
             {
                 Ok(Reply::Write(Status::Ok)) => {}
                 Ok(_) => {
-                    m.leg_failed(idx, gen, "resync write refused");
+                    m.leg_failed(leg, gen, "resync write refused");
                     return Err("resync write refused".into());
                 }
                 Err(e) => {
                     if link.kill() {
                         LINKS.with(|l| l.borrow_mut().remove(&(m.uid, idx)));
                     }
-                    m.leg_failed(idx, gen, &format!("resync: {e}"));
+                    m.leg_failed(leg, gen, &format!("resync: {e}"));
                     return Err(e);
                 }
             }
             off += len;
         }
+        if leg.removed.load(Ordering::SeqCst) {
+            // The slot may be handed to a new leg only after this task
+            // ended; still, never clear a bit of a leg that is gone.
+            return Err("leg removed".into());
+        }
         m.meta.clear_dirty(idx, r);
         drop(guard);
+        // Progress reaches the file now and then, so a crash in a long
+        // (full) sync resumes near where it was rather than from zero.
+        if last_commit.elapsed() >= RESYNC_COMMIT_EVERY {
+            last_commit = Instant::now();
+            if let Err(e) = m.meta.commit().await {
+                tracing::warn!(
+                    mirror = m.name,
+                    leg = idx,
+                    "metadata commit during resync: {e}"
+                );
+            }
+        }
         copied += end - start;
         leg.resync_copied.fetch_add(end - start, Ordering::Relaxed);
         leg.resync_pass_copied.fetch_add(1, Ordering::Relaxed);
@@ -1373,4 +1582,89 @@ async fn resync(m: &Arc<Mirror>, idx: usize, gen: u64) -> Result<(), String> {
 /// An Error message for refusing a peer.
 pub fn error_msg(code: ErrorCode, text: String) -> Message<'static> {
     Message::Error(ErrorMsg { code, text })
+}
+
+// ---------------------------------------------------------------------------
+// What the consistency check and repair (verify.rs) use of the engine.
+
+impl Mirror {
+    pub(super) fn overlap(&self) -> &Arc<OverlapDetector> {
+        &self.overlap
+    }
+
+    pub(super) fn verify_state(&self) -> &super::verify::VerifyState {
+        &self.verify
+    }
+
+    /// Slots up to the highest one in use (legs are added and removed
+    /// online: a slot below it may be empty, and reports `Failed`).
+    pub(super) fn leg_count(&self) -> usize {
+        self.legs
+            .snapshot()
+            .iter()
+            .map(|(i, _)| i + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(super) fn leg_state(&self, idx: usize) -> LegState {
+        self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
+    }
+
+    pub(super) fn leg_link_gen(&self, idx: usize) -> u64 {
+        self.legs
+            .get(idx)
+            .map_or(0, |l| l.link_gen.load(Ordering::SeqCst))
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn first_reactor(&self) -> Option<&ReactorHandle> {
+        self.reactors.first()
+    }
+
+    pub(super) fn peek_stamp(&self) -> Stamp {
+        self.seq.peek()
+    }
+
+    /// Records `offset..offset+len` in leg `idx`'s dirty bitmap (a resync
+    /// pass copies it once the leg is connected).
+    pub(super) fn mark_leg_dirty(&self, idx: usize, offset: u64, len: u64) {
+        if self.legs.get(idx).is_some() {
+            self.mark_dirty(idx, offset, len);
+        }
+    }
+
+    /// One request to leg `idx` on this core's link. A failure drops the
+    /// link and degrades the leg, as for a write.
+    pub(super) async fn leg_request(
+        &self,
+        idx: usize,
+        msg: &Message<'_>,
+        payload: &[IoBuf],
+    ) -> Result<Reply, String> {
+        let leg = self.legs.get(idx).ok_or_else(|| format!("no leg {idx}"))?;
+        let link = self
+            .core_link(&leg)
+            .ok_or_else(|| format!("leg {idx}: no link on this core"))?;
+        match link.request(msg, payload, self.cfg.link_timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if link.kill() {
+                    LINKS.with(|l| {
+                        let mut l = l.borrow_mut();
+                        if l.get(&(self.uid, idx))
+                            .is_some_and(|c| Rc::ptr_eq(c, &link))
+                        {
+                            l.remove(&(self.uid, idx));
+                        }
+                    });
+                }
+                self.leg_failed(&leg, link.gen, &e);
+                Err(e)
+            }
+        }
+    }
 }

@@ -18,6 +18,12 @@
 //! Two 4 KiB superblock slots (offsets 0 and 4096), written alternately with
 //! an increasing sequence number and a CRC32C, so a torn superblock write
 //! leaves the other slot valid; then each leg's bitmap, 4 KiB aligned.
+//! The superblock's leg count is the number of bitmap *slots* on file (leg
+//! slot `i` lives at `BITMAP_START + i * span`); legs are added and removed
+//! online (see `legset.rs`), so a slot may be unused, and the file grows by
+//! one bitmap when a leg is added in a slot past the end. In memory every
+//! mirror keeps [`MAX_LEGS`] slots. A file written before online leg
+//! changes (slots = legs, in order) reads the same way.
 //!
 //! # Ordering
 //! All file writes go through one metadata thread per mirror (off the
@@ -33,7 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -105,7 +111,10 @@ pub struct MirrorMeta {
     volume_size: u64,
     region_shift: u32,
     regions: u64,
+    /// Leg slots in memory (always [`MAX_LEGS`]).
     legs: usize,
+    /// Leg slots with a bitmap on file (grows when a leg is added past it).
+    file_slots: AtomicUsize,
     bits: Vec<Box<[AtomicU64]>>,
     dirty: Vec<AtomicU64>,
     page_dirty: Vec<Box<[AtomicBool]>>,
@@ -252,8 +261,12 @@ pub enum MetaError {
 
 impl MirrorMeta {
     /// Opens (or creates) the metadata of a mirror of `volume_size` bytes
-    /// with `legs` remote legs. A new file starts with every bit set for
-    /// every leg when `initial_full_sync` (a blank leg needs a full copy).
+    /// whose remote legs use slots `0..legs`. A new file starts with every
+    /// bit set for those slots when `initial_full_sync` (a blank leg needs a
+    /// full copy). An existing file may have more slots (legs were removed)
+    /// or fewer (a leg was added but its bitmap never reached the file):
+    /// slots missing from the file start all dirty, relative to no
+    /// generation (full sync), which is never wrong.
     /// An existing file's activity log is folded into the bitmaps (crash
     /// recovery) and emptied, durably, before this returns.
     pub fn open(
@@ -306,16 +319,33 @@ impl MirrorMeta {
                 .map(|_| AtomicU64::new(0))
                 .collect()
         };
-        let mut bits: Vec<Box<[AtomicU64]>> = (0..legs).map(|_| mk_bits()).collect();
+        let mut bits: Vec<Box<[AtomicU64]>> = (0..MAX_LEGS).map(|_| mk_bits()).collect();
+        let full = |words: &mut Box<[AtomicU64]>| {
+            for (i, w) in words.iter_mut().enumerate() {
+                let left = regions - (i as u64) * 64;
+                *w.get_mut() = if left >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << left) - 1
+                };
+            }
+        };
+        let file_slots;
         let (gens, al, seq, al_shift) = match existing {
-            Some(s) => {
-                if s.region_size != region_size || s.volume_size != volume_size || s.legs != legs {
+            Some(mut s) => {
+                if s.region_size != region_size || s.volume_size != volume_size {
                     return Err(mismatch(format!(
-                        "file holds a mirror of {} bytes, region {} bytes, {} legs; asked for {volume_size}, {region_size}, {legs}",
-                        s.volume_size, s.region_size, s.legs
+                        "file holds a mirror of {} bytes, region {} bytes; asked for {volume_size}, {region_size}",
+                        s.volume_size, s.region_size
                     )));
                 }
-                for (leg, words) in bits.iter_mut().enumerate() {
+                // Slots the caller uses that never reached the file: full sync.
+                for (leg, words) in bits.iter_mut().enumerate().take(legs).skip(s.legs) {
+                    full(words);
+                    s.gens.leg_bitmap[leg] = 0;
+                }
+                file_slots = s.legs.max(legs);
+                for (leg, words) in bits.iter_mut().enumerate().take(s.legs) {
                     let mut raw = vec![0u8; bitmap_bytes(regions) as usize];
                     file.read_exact_at(&mut raw, BITMAP_START + leg as u64 * span)
                         .map_err(io_err)?;
@@ -328,20 +358,14 @@ impl MirrorMeta {
             None => {
                 file.set_len(BITMAP_START + span * legs as u64)
                     .map_err(io_err)?;
+                file_slots = legs;
                 let gens = Generations {
                     current: random_gen(),
                     ..Generations::default()
                 };
                 if initial_full_sync {
-                    for words in bits.iter_mut() {
-                        for (i, w) in words.iter_mut().enumerate() {
-                            let left = regions - (i as u64) * 64;
-                            *w.get_mut() = if left >= 64 {
-                                u64::MAX
-                            } else {
-                                (1u64 << left) - 1
-                            };
-                        }
+                    for words in bits.iter_mut().take(legs) {
+                        full(words);
                     }
                 }
                 (gens, Vec::new(), 0, AL_EXTENT_SHIFT)
@@ -354,7 +378,8 @@ impl MirrorMeta {
             volume_size,
             region_shift: region_size.trailing_zeros(),
             regions,
-            legs,
+            legs: MAX_LEGS,
+            file_slots: AtomicUsize::new(file_slots),
             dirty: bits
                 .iter()
                 .map(|w| {
@@ -366,7 +391,7 @@ impl MirrorMeta {
                 })
                 .collect(),
             bits,
-            page_dirty: (0..legs)
+            page_dirty: (0..MAX_LEGS)
                 .map(|_| (0..pages).map(|_| AtomicBool::new(true)).collect())
                 .collect(),
             inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
@@ -382,7 +407,7 @@ impl MirrorMeta {
         for &e in &al {
             let (start, end) = (e << al_shift, (e + 1) << al_shift);
             for r in (start >> shift)..(end.div_ceil(region_size)).min(regions) {
-                for leg in 0..legs {
+                for leg in 0..file_slots {
                     meta.set_dirty(leg, r);
                 }
             }
@@ -495,6 +520,34 @@ impl MirrorMeta {
         for r in 0..self.regions {
             self.set_dirty(leg, r);
         }
+    }
+
+    /// Leg slots there are (bitmaps kept in memory).
+    pub fn max_legs(&self) -> usize {
+        self.legs
+    }
+
+    /// Prepares slot `leg` for a newly added leg: every region dirty (it
+    /// needs a full copy), its bitmap relative to no generation, and the
+    /// slot on file (the file grows if needed). Durable after the next
+    /// commit. Bits only ever get set here, so a write racing with it
+    /// cannot lose one.
+    pub fn reset_leg(&self, leg: usize) -> Result<(), MetaError> {
+        if leg >= self.legs {
+            return Err(MetaError::Mismatch {
+                path: self.path.display().to_string(),
+                reason: format!("leg slot {leg}: at most {MAX_LEGS} remote legs"),
+            });
+        }
+        self.set_all_dirty(leg);
+        self.update_generations(|g| g.leg_bitmap[leg] = 0);
+        self.file_slots.fetch_max(leg + 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Leg slots with a bitmap on file.
+    pub fn file_slots(&self) -> usize {
+        self.file_slots.load(Ordering::SeqCst)
     }
 
     /// The generations.
@@ -672,7 +725,8 @@ impl Writer {
             )));
         }
         let mut wrote_pages = false;
-        for leg in 0..m.legs {
+        let slots = m.file_slots.load(Ordering::SeqCst);
+        for leg in 0..slots {
             for (p, flag) in m.page_dirty[leg].iter().enumerate() {
                 if !flag.swap(false, Ordering::AcqRel) {
                     continue;
@@ -701,7 +755,7 @@ impl Writer {
             al_shift: AL_EXTENT_SHIFT,
             region_size: m.region_size(),
             volume_size: m.volume_size,
-            legs: m.legs,
+            legs: slots,
             gens: m.generations(),
             al: self.al.clone(),
         });
@@ -798,6 +852,49 @@ mod tests {
             MirrorMeta::open(&path, 1 << 29, 64 << 10, 2, false),
             Err(MetaError::Mismatch { .. })
         ));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_leg_added_online_gets_a_slot_on_file_and_a_full_bitmap() {
+        const R: u64 = 64 << 10;
+        let path = tmp("addleg");
+        let size = 8 << 20;
+        let regions = size / R;
+        // A file of the old shape: one leg, synced.
+        let m = MirrorMeta::open(&path, size, R, 1, false).expect("open");
+        m.set_dirty(0, 7);
+        m.update_generations(|g| g.leg_bitmap[0] = 42);
+        block_on(m.commit()).expect("commit");
+        // Add a leg in slot 2 (slot 1 unused): the file grows to 3 slots.
+        m.reset_leg(2).expect("slot 2");
+        assert!(m.reset_leg(MAX_LEGS).is_err());
+        assert_eq!(m.dirty_regions(2), regions);
+        // Resync copied half of it, then a crash.
+        for r in 0..regions / 2 {
+            m.clear_dirty(2, r);
+        }
+        block_on(m.commit()).expect("commit");
+        assert_eq!(m.file_slots(), 3);
+        let again = MirrorMeta::open(&path, size, R, 3, false).expect("reopen");
+        assert_eq!(again.file_slots(), 3);
+        assert_eq!(again.dirty_regions(0), 1);
+        assert!(again.is_dirty(0, 7));
+        assert_eq!(again.dirty_regions(1), 0);
+        assert_eq!(again.dirty_regions(2), regions - regions / 2);
+        assert_eq!(again.next_dirty(2, 0), Some(regions / 2));
+        assert_eq!(again.generations().leg_bitmap[0], 42);
+        again.close();
+        // The record names fewer legs than the file has (slot 2 removed):
+        // still the same mirror.
+        let fewer = MirrorMeta::open(&path, size, R, 1, false).expect("fewer");
+        assert_eq!(fewer.dirty_regions(0), 1);
+        fewer.close();
+        // More legs than the file has: the missing slot starts all dirty.
+        let more = MirrorMeta::open(&path, size, R, 4, false).expect("more");
+        assert_eq!(more.dirty_regions(3), regions);
+        assert_eq!(more.generations().leg_bitmap[3], 0);
+        more.close();
         let _ = std::fs::remove_file(&path);
     }
 

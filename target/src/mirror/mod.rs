@@ -11,12 +11,18 @@
 //! - [`meta`]: dirty bitmaps, activity log, generations, on disk;
 //! - [`link`]: frames and handshakes over reactor sockets;
 //! - [`engine`]: the mirrored volume, its legs, resync;
-//! - [`service`]: the site's listener, the remote leg targets, the agents.
+//! - [`legset`]: the versioned leg slots (legs added and removed online);
+//! - [`legops`]: `mirror_add_leg`, `mirror_remove_leg`, auto-replacement;
+//! - [`service`]: the site's listener, the remote leg targets, the agents;
+//! - [`verify`]: online consistency check by range digests, and repair.
 
 pub mod engine;
+pub mod legops;
+pub mod legset;
 pub mod link;
 pub mod meta;
 pub mod overlap;
 pub mod sequencer;
 pub mod service;
+pub mod verify;
 pub mod wire;

@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 use mirrorpoint_poller::{oneshot, sleep, IoBufMut, OneshotSender};
 use serde::Serialize;
 
-use super::{LegState, Mirror, Reply};
+use super::{Leg, LegState, Mirror, Reply};
+use crate::mirror::legset::Snapshot;
 use crate::mirror::wire::{Message, Read, Status};
 use crate::units::{ByteLen, ByteOffset};
 use crate::volume::{Volume, VolumeChannel, VolumeError};
@@ -692,8 +693,9 @@ impl LocalChannel {
 /// Whether leg `idx` can serve a read of `[offset, offset+len)`: synced, or
 /// syncing with the range clean for it (or missing locally: then the leg is
 /// the newest copy there is).
-fn leg_can_serve(m: &Mirror, idx: usize, offset: u64, len: u64) -> bool {
-    match m.legs[idx].state() {
+fn leg_can_serve(m: &Mirror, leg: &Leg, offset: u64, len: u64) -> bool {
+    let idx = leg.idx;
+    match leg.state() {
         LegState::Synced => true,
         LegState::Syncing => {
             let (a, b) = m.meta.regions_of(offset, len);
@@ -704,23 +706,17 @@ fn leg_can_serve(m: &Mirror, idx: usize, offset: u64, len: u64) -> bool {
 }
 
 /// Reads `len` bytes at `offset` from leg `idx` on this core's link.
-async fn leg_read(
-    m: &Mirror,
-    idx: usize,
-    offset: u64,
-    len: usize,
-) -> Result<mirrorpoint_poller::IoBuf, String> {
-    let link = m.core_link(idx).ok_or("no link to the leg on this core")?;
+async fn leg_read(m: &Mirror, idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, String> {
     let msg = Message::Read(Read {
         mirror: m.id,
         offset: ByteOffset(offset),
         len: ByteLen(len as u64),
     });
-    match link.request(&msg, &[], m.cfg.link_timeout).await? {
-        Reply::Read(Status::Ok, Some(data)) if data.len() == len => Ok(data),
+    match m.leg_request(idx, &msg, &[]).await? {
+        Reply::Read(Status::Ok, data) if data.len() == len => Ok(data),
         Reply::Read(Status::Ok, d) => Err(format!(
             "leg answered {} bytes for a read of {len}",
-            d.map_or(0, |d| d.len())
+            d.len()
         )),
         Reply::Read(s, _) => Err(format!("leg read failed: {s:?}")),
         _ => Err("unexpected answer to a read".into()),
@@ -731,6 +727,7 @@ async fn leg_read(
 /// the range). Waits up to the link timeout for a leg to be able to.
 pub(super) async fn remote_read(
     m: &Mirror,
+    legs: &Snapshot<Leg>,
     offset: ByteOffset,
     mut buf: IoBufMut,
 ) -> (Result<(), VolumeError>, IoBufMut) {
@@ -738,8 +735,10 @@ pub(super) async fn remote_read(
     let t0 = Instant::now();
     let mut last = String::from("no live remote leg");
     loop {
-        let pick = (0..m.legs.len()).find(|&i| leg_can_serve(m, i, offset.0, len as u64));
-        if let Some(idx) = pick {
+        let pick = legs
+            .iter()
+            .find(|(_, l)| leg_can_serve(m, l, offset.0, len as u64));
+        if let Some((idx, _)) = pick {
             match leg_read(m, idx, offset.0, len).await {
                 Ok(data) => {
                     buf.copy_from_slice(&data);
@@ -774,11 +773,22 @@ pub fn start_recover(
     replacement: Option<Arc<Volume>>,
 ) -> Result<(), RecoverError> {
     let rec = &m.recovery;
-    let src = source_leg.unwrap_or(0);
-    if src >= m.legs.len() {
+    let snap = m.legs.snapshot();
+    let src = match source_leg {
+        Some(s) => s,
+        // The first synced leg, else the first leg.
+        None => snap
+            .iter()
+            .find(|(_, l)| l.state() == LegState::Synced)
+            .or_else(|| snap.iter().next())
+            .map(|(i, _)| i)
+            .ok_or_else(|| {
+                RecoverError::Invalid("the mirror has no remote leg to recover from".into())
+            })?,
+    };
+    if snap.get(src).is_none() {
         return Err(RecoverError::Invalid(format!(
-            "source_leg: the mirror has {} remote leg(s), no leg {src}",
-            m.legs.len()
+            "source_leg: the mirror has no leg in slot {src}"
         )));
     }
     if rec.running.swap(true, Ordering::SeqCst) {
@@ -856,10 +866,10 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     let rec = &m.recovery;
     let src = rec.source_leg.load(Ordering::SeqCst);
     // The source must hold everything: wait until it is synced.
-    if m.legs[src].state() != LegState::Synced {
+    if m.leg_state(src) != LegState::Synced {
         return Err(format!(
             "source leg {src} is {:?}, waiting for it to be synced",
-            m.legs[src].state()
+            m.leg_state(src)
         ));
     }
     if rec.state() == LocalState::Failed {
@@ -897,7 +907,7 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
         if rec.state() != LocalState::Rebuilding {
             return Err("local device failed again during the rebuild".into());
         }
-        if m.legs[src].state() != LegState::Synced {
+        if m.leg_state(src) != LegState::Synced {
             // Progress so far stays: commit it, then wait for the leg.
             persist_progress(m, &local).await?;
             return Err(format!("source leg {src} left the synced state"));
@@ -916,7 +926,7 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
                 let data = leg_read(m, src, off, len)
                     .await
                     .map_err(|e| format!("reading region {r} from leg {src}: {e}"))?;
-                let data = aligned_for_disk(data).await?;
+                let data = into_chunk(&data).await?;
                 let (res, _) = local.write(ByteOffset(off), data).await;
                 if let Err(e) = res {
                     let why = format!("local write during rebuild: {e}");
@@ -980,20 +990,13 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The link hands a payload over in its own pool chunk when it is large
-/// (received straight into it) but as a slice of a shared receive chunk when
-/// it is small; direct I/O needs 4 KiB alignment, so only the latter is
-/// copied into a chunk of its own.
-async fn aligned_for_disk(
-    data: mirrorpoint_poller::IoBuf,
-) -> Result<mirrorpoint_poller::IoBuf, String> {
-    if (data.as_ptr() as usize) % 4096 == 0 {
-        return Ok(data);
-    }
+/// The link hands read data over as bytes (`Reply::Read`); the local
+/// volume takes a pool chunk (aligned for direct I/O).
+async fn into_chunk(data: &[u8]) -> Result<mirrorpoint_poller::IoBuf, String> {
     let mut b = super::alloc_wait(data.len())
         .await
         .map_err(|e| format!("rebuild buffer: {e}"))?;
-    b.copy_from_slice(&data);
+    b.copy_from_slice(data);
     Ok(b.freeze())
 }
 

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mirrorpoint_poller::{oneshot, spawn, IoBuf};
+use mirrorpoint_poller::{oneshot, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::{Acceptor as TcpAcceptor, TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -48,7 +48,7 @@ use super::meta::MirrorMeta;
 use super::wire::{
     AllocateRequest, AllocateResponse, CapacityReport, Decoded, DomainId, ErrorCode, ErrorMsg,
     Extent, FlushAck, Framer, Generation, GenerationExchange, GenerationFlags, HandshakeConfig,
-    Health, HeartbeatAck, Initiator, Message, MirrorId, ReadResp, ReleaseAck, ReleaseRequest,
+    Health, HeartbeatAck, Initiator, LegId, Message, MirrorId, ReleaseAck, ReleaseRequest,
     RequestTag, ServerCapacity, SharedSecret, SiteName, Status, StorageServerId, Timestamp,
     WriteAck,
 };
@@ -56,7 +56,7 @@ use crate::daemon::DaemonState;
 use crate::units::{ByteLen, ByteOffset};
 use crate::volume::{random_uuid, Volume, VolumeChannel};
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -141,22 +141,51 @@ pub struct MirrorParams {
     /// onto it from a remote leg without waiting for the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spare_bdev: Option<String>,
+    /// Replace a remote leg that is failed or unreachable for longer than
+    /// `failed_timeout_ms` by a newly allocated one (default off; also set
+    /// by `mirror_set_policy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_replace: Option<bool>,
+    /// See `auto_replace` (default 60000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_timeout_ms: Option<u64>,
 }
 
 /// What the asker persists about a mirror's legs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LegRecord {
-    site: String,
-    domain: u32,
-    address: SocketAddr,
-    extents: Vec<ExtentRec>,
+pub(super) struct LegRecord {
+    pub(super) site: String,
+    pub(super) domain: u32,
+    pub(super) address: SocketAddr,
+    pub(super) extents: Vec<ExtentRec>,
+    /// Bitmap slot (absent in records written before online leg changes:
+    /// the leg's position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) slot: Option<usize>,
+    /// The leg's id on the wire and at its agent (0: the first leg).
+    #[serde(default)]
+    pub(super) leg_id: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MirrorRecord {
-    mirror_id: u64,
-    size: u64,
-    legs: Vec<LegRecord>,
+pub(super) struct MirrorRecord {
+    pub(super) mirror_id: u64,
+    pub(super) size: u64,
+    pub(super) legs: Vec<LegRecord>,
+    /// Next leg id to hand out (ids are never reused).
+    #[serde(default)]
+    pub(super) next_leg_id: u32,
+    /// Legs removed whose allocation could not be released yet (their site
+    /// was unreachable); retried in the background.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) pending_release: Vec<LegRecord>,
+}
+
+impl MirrorRecord {
+    /// The slot of the `i`th leg record.
+    pub(super) fn slot_of(&self, i: usize) -> usize {
+        self.legs[i].slot.unwrap_or(i)
+    }
 }
 
 /// One extent of an allocation.
@@ -207,6 +236,10 @@ pub struct Allocation {
     pub extents: Vec<ExtentRec>,
     /// Generation the leg's data is at (0: never fully synced).
     pub generation: u64,
+    /// Which leg of the mirror (a mirror may have several legs here, on
+    /// different storage servers).
+    #[serde(default)]
+    pub leg: u32,
 }
 
 struct Report {
@@ -224,6 +257,7 @@ struct Piece {
 /// A hosted leg, resolved to volumes.
 struct LegTarget {
     mirror: u64,
+    leg: u32,
     size: u64,
     pieces: Vec<Piece>,
     gen: AtomicU64,
@@ -244,9 +278,19 @@ pub struct MirrorService {
     servers: Mutex<Vec<StorageServerParams>>,
     allocations: Mutex<Vec<Allocation>>,
     reports: Mutex<HashMap<u32, Report>>,
-    targets: Mutex<HashMap<u64, Arc<LegTarget>>>,
-    mirrors: Mutex<Vec<(MirrorParams, Arc<Mirror>)>>,
-    stop: Arc<AtomicBool>,
+    targets: Mutex<HashMap<(u64, u32), Arc<LegTarget>>>,
+    pub(super) mirrors: Mutex<Vec<(MirrorParams, Arc<Mirror>)>>,
+    /// Master: domains it placed legs of each mirror in (prefers others for
+    /// a further leg; in memory only, the domain agents' own exclusion of
+    /// servers holding a leg of the mirror is what is guaranteed).
+    placements: Mutex<HashMap<u64, Vec<u32>>>,
+    /// Serialises leg changes (add, remove, auto-replacement) per daemon.
+    pub(super) leg_ops: Mutex<()>,
+    /// The auto-replacement monitor thread is running.
+    pub(super) monitor: AtomicBool,
+    pub(super) stop: Arc<AtomicBool>,
+    /// Per mirror: the leg monitor's view (auto-replacement).
+    pub(super) policies: Mutex<HashMap<String, super::legops::PolicyState>>,
     listening: Mutex<Option<SocketAddr>>,
 }
 
@@ -259,14 +303,14 @@ pub struct SvcError {
     pub message: String,
 }
 
-fn err(errno: i32, message: impl Into<String>) -> SvcError {
+pub(super) fn err(errno: i32, message: impl Into<String>) -> SvcError {
     SvcError {
         errno,
         message: message.into(),
     }
 }
 
-fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
+pub(super) fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
     let secret = SharedSecret::new(site.secret.as_bytes())
         .map_err(|e| err(libc::EINVAL, format!("secret: {e}")))?;
     let name = SiteName::new(&site.name).map_err(|_| {
@@ -278,7 +322,7 @@ fn hs_config(site: &SiteParams) -> Result<HandshakeConfig, SvcError> {
     Ok(HandshakeConfig::new(secret, name))
 }
 
-fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+pub(super) fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -318,14 +362,6 @@ impl MirrorService {
         for (_, m) in lock(&self.mirrors).iter() {
             m.stop();
         }
-    }
-
-    /// The mirror whose local device is volume `v` (configured or replaced), if any.
-    fn mirrors_using(&self, v: &str) -> Option<String> {
-        lock(&self.mirrors)
-            .iter()
-            .find(|(p, m)| p.volume.as_deref() == Some(v) || m.local().name() == v)
-            .map(|(p, _)| p.name.clone())
     }
 
     /// The calls that rebuild this subsystem, for save_config.
@@ -504,8 +540,61 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
             format!("storage server '{}' (id {}) exists", p.name, p.id),
         ));
     }
+    // The pool's volumes are the server's storage from now on: nobody may
+    // delete them or build a mirror on them.
+    let owner = format!("storage server {}", p.name);
+    let mut claims = Vec::new();
+    for v in &p.volumes {
+        match ClaimGuard::take(&state.volumes, v, &owner) {
+            Ok(c) => claims.push(c),
+            Err(e) => return Err(err(libc::EBUSY, e.to_string())),
+        }
+    }
+    claims.into_iter().for_each(ClaimGuard::keep);
     servers.push(p);
     Ok(Value::Bool(true))
+}
+
+/// A volume claim that is released when dropped, unless kept: error paths
+/// of the calls that claim volumes give them back.
+struct ClaimGuard<'a> {
+    volumes: &'a crate::volume::VolumeRegistry,
+    name: String,
+    owner: String,
+    kept: bool,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn take(
+        volumes: &'a crate::volume::VolumeRegistry,
+        name: &str,
+        owner: &str,
+    ) -> Result<ClaimGuard<'a>, crate::volume::CreateError> {
+        volumes.claim(name, owner)?;
+        Ok(ClaimGuard {
+            volumes,
+            name: name.to_string(),
+            owner: owner.to_string(),
+            kept: false,
+        })
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.volumes.release(&self.name, &self.owner);
+        }
+    }
+}
+
+/// Who claims a mirror's local volume.
+fn mirror_owner(name: &str) -> String {
+    format!("mirror {name}")
 }
 
 /// Per server: (id, total bytes, free bytes, used intervals per volume).
@@ -570,6 +659,7 @@ fn report_capacity(state: &Arc<DaemonState>) {
 fn local_allocate(
     state: &DaemonState,
     mirror: u64,
+    leg: u32,
     size: u64,
     via: &str,
 ) -> Result<Vec<ExtentRec>, (Status, String)> {
@@ -579,13 +669,23 @@ fn local_allocate(
         .ok_or((Status::InvalidRequest, "site not configured".to_string()))?;
     let caps = capacity(state);
     let mut allocs = lock(&svc.allocations);
-    if let Some(a) = allocs.iter().find(|a| a.mirror_id == mirror) {
+    if let Some(a) = allocs
+        .iter()
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
+    {
         return Ok(a.extents.clone());
     }
+    // Another leg of the same mirror never shares a storage server with
+    // this one (a server's loss must not take two legs).
+    let taken: Vec<u32> = allocs
+        .iter()
+        .filter(|a| a.mirror_id == mirror)
+        .flat_map(|a| a.extents.iter().map(|e| e.server))
+        .collect();
     let servers = lock(&svc.servers).clone();
     let mut order: Vec<&ServerCapacity> = caps
         .iter()
-        .filter(|c| c.health == Health::Healthy)
+        .filter(|c| c.health == Health::Healthy && !taken.contains(&c.server.0))
         .collect();
     order.sort_by_key(|c| std::cmp::Reverse(c.free.0));
     let size = size.div_ceil(4096) * 4096;
@@ -645,7 +745,7 @@ fn local_allocate(
         return Err((
             Status::NoSpace,
             format!(
-                "domain {} has {} free bytes, {size} asked",
+                "domain {} has {} free bytes on servers holding no leg of mirror {mirror}, {size} asked",
                 site.domain, logical
             ),
         ));
@@ -656,12 +756,14 @@ fn local_allocate(
         size,
         extents: extents.clone(),
         generation: 0,
+        leg,
     });
     let path = MirrorService::alloc_path(state, &site.name);
     write_json_atomically(&path, &*allocs)
         .map_err(|e| (Status::IoError, format!("{}: {e}", path.display())))?;
     tracing::info!(
         mirror,
+        leg,
         size,
         extents = extents.len(),
         via,
@@ -670,18 +772,19 @@ fn local_allocate(
     Ok(extents)
 }
 
-fn local_release(state: &DaemonState, mirror: u64) -> Status {
+fn local_release(state: &DaemonState, mirror: u64, leg: u32) -> Status {
     let svc = &state.mirror;
     let Some(site) = svc.site() else {
         return Status::InvalidRequest;
     };
     let mut allocs = lock(&svc.allocations);
     let before = allocs.len();
-    allocs.retain(|a| a.mirror_id != mirror);
+    allocs.retain(|a| !(a.mirror_id == mirror && a.leg == leg));
     if allocs.len() == before {
         return Status::NotFound;
     }
-    if let Some(t) = lock(&svc.targets).remove(&mirror) {
+    tracing::info!(mirror, leg, "released a mirror leg");
+    if let Some(t) = lock(&svc.targets).remove(&(mirror, leg)) {
         t.released.store(true, Ordering::SeqCst);
     }
     match write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs) {
@@ -695,6 +798,7 @@ fn master_allocate(
     state: &DaemonState,
     asker: &str,
     mirror: u64,
+    leg: u32,
     size: u64,
     want: u32,
 ) -> Result<(u32, Vec<ExtentRec>), (Status, String)> {
@@ -725,22 +829,62 @@ fn master_allocate(
         }
     }
     candidates.retain(|(d, f)| *d != asker_domain && (want == 0 || *d == want) && *f >= size);
-    candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
-    let Some(&(chosen, _)) = candidates.first() else {
-        return Err((
-            Status::NoSpace,
-            format!(
-                "no domain{} has {size} free bytes",
-                if want == 0 {
-                    String::new()
-                } else {
-                    format!(" {want}")
+    // A further leg of a mirror goes to a domain holding none of its legs
+    // if one has room; otherwise to one that does, on other servers (that
+    // domain's agent excludes servers holding a leg of the mirror, and
+    // answers NoSpace if the others lack room: then the next is tried).
+    let placed = lock(&state.mirror.placements)
+        .get(&mirror)
+        .cloned()
+        .unwrap_or_default();
+    candidates.sort_by_key(|c| (placed.contains(&c.0), std::cmp::Reverse(c.1)));
+    let mut last = None;
+    for &(chosen, _) in &candidates {
+        match master_allocate_in(state, &site, &peers, asker, mirror, leg, size, chosen) {
+            Ok(ext) => {
+                let mut p = lock(&state.mirror.placements);
+                let v = p.entry(mirror).or_default();
+                if !v.contains(&chosen) {
+                    v.push(chosen);
                 }
-            ),
-        ));
-    };
+                return Ok((chosen, ext));
+            }
+            Err(e) => {
+                tracing::info!(mirror, leg, domain = chosen, "allocation refused: {}", e.1);
+                last = Some(e);
+            }
+        }
+    }
+    if let Some(e) = last {
+        return Err(e);
+    }
+    Err((
+        Status::NoSpace,
+        format!(
+            "no domain{} has {size} free bytes",
+            if want == 0 {
+                String::new()
+            } else {
+                format!(" {want}")
+            }
+        ),
+    ))
+}
+
+/// The master asks domain `chosen` (itself or a peer) for the extents.
+#[allow(clippy::too_many_arguments)]
+fn master_allocate_in(
+    state: &DaemonState,
+    site: &SiteParams,
+    peers: &[PeerParams],
+    asker: &str,
+    mirror: u64,
+    leg: u32,
+    size: u64,
+    chosen: u32,
+) -> Result<Vec<ExtentRec>, (Status, String)> {
     if chosen == site.domain {
-        return local_allocate(state, mirror, size, asker).map(|e| (chosen, e));
+        return local_allocate(state, mirror, leg, size, asker);
     }
     let peer = peers.iter().find(|p| p.domain == chosen).ok_or((
         Status::NotFound,
@@ -750,11 +894,12 @@ fn master_allocate(
         mirror: MirrorId(mirror),
         size: ByteLen(size),
         domain: DomainId(chosen),
+        leg: LegId(leg),
     });
-    let replies = agent_call(&site, peer.address, &req, 1).map_err(|e| (Status::Busy, e))?;
+    let replies = agent_call(site, peer.address, &req, 1).map_err(|e| (Status::Busy, e))?;
     match replies.last() {
         Some(Message::AllocateResponse(r)) if r.status == Status::Ok => {
-            Ok((chosen, r.extents.iter().map(ExtentRec::from).collect()))
+            Ok(r.extents.iter().map(ExtentRec::from).collect())
         }
         Some(Message::AllocateResponse(r)) => {
             Err((r.status, format!("domain {chosen} refused: {:?}", r.status)))
@@ -818,7 +963,7 @@ fn send_blocking(s: &mut StdTcpStream, framer: &Framer, m: &Message<'_>) -> Resu
 }
 
 /// Connects to an agent, authenticates, sends `req` and reads `replies` messages.
-fn agent_call(
+pub(super) fn agent_call(
     site: &SiteParams,
     addr: SocketAddr,
     req: &Message<'_>,
@@ -888,9 +1033,9 @@ fn serve_agent(
             let site = state.mirror.site();
             let master = site.as_ref().is_some_and(|x| x.master);
             let res = if master {
-                master_allocate(&state, &peer, r.mirror.0, r.size.0, r.domain.0)
+                master_allocate(&state, &peer, r.mirror.0, r.leg.0, r.size.0, r.domain.0)
             } else {
-                local_allocate(&state, r.mirror.0, r.size.0, &peer)
+                local_allocate(&state, r.mirror.0, r.leg.0, r.size.0, &peer)
                     .map(|e| (site.as_ref().map_or(0, |x| x.domain), e))
             };
             match res {
@@ -945,7 +1090,7 @@ fn serve_agent(
                         _ => Status::NotFound,
                     }
                 }
-                _ => local_release(&state, r.mirror.0),
+                _ => local_release(&state, r.mirror.0, r.leg.0),
             };
             vec![Message::ReleaseAck(ReleaseAck {
                 mirror: r.mirror,
@@ -1025,16 +1170,16 @@ async fn handle_conn(state: Arc<DaemonState>, stream: TcpStream, peer: SocketAdd
     }
 }
 
-fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String> {
+fn leg_target(state: &DaemonState, mirror: u64, leg: u32) -> Result<Arc<LegTarget>, String> {
     let svc = &state.mirror;
-    if let Some(t) = lock(&svc.targets).get(&mirror) {
+    if let Some(t) = lock(&svc.targets).get(&(mirror, leg)) {
         return Ok(t.clone());
     }
     let alloc = lock(&svc.allocations)
         .iter()
-        .find(|a| a.mirror_id == mirror)
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
         .cloned()
-        .ok_or_else(|| format!("no leg of mirror {mirror} is hosted here"))?;
+        .ok_or_else(|| format!("leg {leg} of mirror {mirror} is not hosted here"))?;
     let servers = lock(&svc.servers).clone();
     let mut pieces = Vec::new();
     for e in &alloc.extents {
@@ -1073,6 +1218,7 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
     }
     let t = Arc::new(LegTarget {
         mirror,
+        leg,
         size: alloc.size,
         pieces,
         gen: AtomicU64::new(alloc.generation),
@@ -1080,17 +1226,17 @@ fn leg_target(state: &DaemonState, mirror: u64) -> Result<Arc<LegTarget>, String
         inflight: AtomicU64::new(0),
         released: AtomicBool::new(false),
     });
-    lock(&svc.targets).insert(mirror, t.clone());
+    lock(&svc.targets).insert((mirror, leg), t.clone());
     Ok(t)
 }
 
-fn persist_generation(state: &DaemonState, mirror: u64, gen: u64) -> Result<(), String> {
+fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> Result<(), String> {
     let svc = &state.mirror;
     let site = svc.site().ok_or("site not configured")?;
     let mut allocs = lock(&svc.allocations);
     let a = allocs
         .iter_mut()
-        .find(|a| a.mirror_id == mirror)
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
         .ok_or("allocation gone")?;
     a.generation = gen;
     write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
@@ -1133,42 +1279,36 @@ impl Hosted {
         }
     }
 
-    /// Reads `len` bytes at `offset` through the extents into one pool
-    /// chunk (read straight into it when one piece holds the range).
-    async fn read(&self, offset: u64, len: u64) -> (Status, Option<IoBuf>) {
-        if len == 0
-            || offset
-                .checked_add(len)
-                .map_or(true, |end| end > self.target.size)
-        {
-            return (Status::OutOfRange, None);
-        }
-        let Ok(mut out) = super::link::alloc_wait(len as usize).await else {
-            return (Status::NoSpace, None);
-        };
+    /// Reads `len` bytes of the leg at `offset` into a pool chunk, routed
+    /// by the extent map (a read crossing extents is assembled).
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBufMut, String> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.target.size)
+            .ok_or_else(|| format!("read at {offset} beyond the leg"))?;
+        let mut out = super::link::alloc_wait(len)
+            .await
+            .map_err(|e| e.to_string())?;
         for (p, ch) in self.target.pieces.iter().zip(&self.chans) {
-            let (a, b) = (offset.max(p.logical), (offset + len).min(p.logical + p.len));
+            let (a, b) = (offset.max(p.logical), end.min(p.logical + p.len));
             if a >= b {
                 continue;
             }
-            let at = p.offset + (a - p.logical);
-            if a == offset && b == offset + len {
-                let (r, buf) = ch.read(ByteOffset(at), out).await;
-                return match r {
-                    Ok(()) => (Status::Ok, Some(buf.freeze())),
-                    Err(_) => (Status::IoError, None),
-                };
+            let at = ByteOffset(p.offset + (a - p.logical));
+            if a == offset && b == end {
+                let (r, buf) = ch.read(at, out).await;
+                r.map_err(|e| e.to_string())?;
+                return Ok(buf);
             }
-            let Ok(part) = super::link::alloc_wait((b - a) as usize).await else {
-                return (Status::NoSpace, None);
-            };
-            let (r, part) = ch.read(ByteOffset(at), part).await;
-            if r.is_err() {
-                return (Status::IoError, None);
-            }
-            out[(a - offset) as usize..(b - offset) as usize].copy_from_slice(&part);
+            let part = super::link::alloc_wait((b - a) as usize)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (r, part) = ch.read(at, part).await;
+            r.map_err(|e| e.to_string())?;
+            let dst = (a - offset) as usize;
+            out[dst..dst + part.len()].copy_from_slice(&part);
         }
-        (Status::Ok, Some(out.freeze()))
+        Ok(out)
     }
 
     async fn flush(&self) -> Status {
@@ -1195,7 +1335,7 @@ async fn serve_leg(
     first: GenerationExchange,
     peer: SocketAddr,
 ) {
-    let target = match leg_target(&state, first.mirror.0) {
+    let target = match leg_target(&state, first.mirror.0, first.leg.0) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%peer, "mirror link refused: {e}");
@@ -1306,25 +1446,6 @@ async fn serve_leg(
                 })
                 .detach();
             }
-            LegMsg::Read { offset, len } => {
-                let (c, h) = (conn.clone(), hosted.clone());
-                spawn(async move {
-                    let (status, data) = h.read(offset, len).await;
-                    let payload: Vec<IoBuf> = data.into_iter().collect();
-                    let bytes: &[u8] = payload.first().map_or(&[], |d| d);
-                    let _ = c
-                        .send(
-                            tag,
-                            &Message::ReadResp(ReadResp {
-                                status,
-                                data: bytes,
-                            }),
-                            &payload,
-                        )
-                        .await;
-                })
-                .detach();
-            }
             LegMsg::Flush { seq } => {
                 let (c, h) = (conn.clone(), hosted.clone());
                 spawn(async move {
@@ -1332,6 +1453,65 @@ async fn serve_leg(
                     let _ = c
                         .send(tag, &Message::FlushAck(FlushAck { seq, status }), &[])
                         .await;
+                })
+                .detach();
+            }
+            LegMsg::Digest(r) => {
+                // Consistency check: digest the extents here, send only digests.
+                let (c, h) = (conn.clone(), hosted.clone());
+                spawn(async move {
+                    let mut status = super::verify::check_request(&r, h.target.size);
+                    let mut digests = Vec::new();
+                    if status == Status::Ok {
+                        let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+                        let read = async |off: u64, n: usize| h.read(off, n).await;
+                        match super::verify::digest_regions(
+                            read,
+                            r.offset.0,
+                            r.len.0,
+                            u64::from(r.region_size),
+                            chunk,
+                        )
+                        .await
+                        {
+                            Ok(d) => digests = d,
+                            Err(e) => {
+                                tracing::warn!("digest of a hosted leg failed: {e}");
+                                status = Status::IoError;
+                            }
+                        }
+                    }
+                    let list = super::wire::DigestList::from_packed(&digests).unwrap_or_default();
+                    let resp = Message::RangeDigestResp(super::wire::RangeDigestResp {
+                        range: r,
+                        status,
+                        digests: list,
+                    });
+                    let _ = c.send(tag, &resp, &[]).await;
+                })
+                .detach();
+            }
+            LegMsg::Read { offset, len } => {
+                let (c, h) = (conn.clone(), hosted.clone());
+                spawn(async move {
+                    match h.read(offset, len).await {
+                        Ok(b) => {
+                            let b = b.freeze();
+                            let resp = Message::ReadResp(super::wire::ReadResp {
+                                status: Status::Ok,
+                                data: &b,
+                            });
+                            let _ = c.send(tag, &resp, std::slice::from_ref(&b)).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("read of a hosted leg failed: {e}");
+                            let resp = Message::ReadResp(super::wire::ReadResp {
+                                status: Status::IoError,
+                                data: &[],
+                            });
+                            let _ = c.send(tag, &resp, &[]).await;
+                        }
+                    }
                 })
                 .detach();
             }
@@ -1358,9 +1538,9 @@ async fn serve_leg(
                     if status == Status::Ok {
                         let (tx, rx) = oneshot();
                         let st2 = st.clone();
-                        let mirror = h.target.mirror;
+                        let (mirror, leg) = (h.target.mirror, h.target.leg);
                         std::thread::spawn(move || {
-                            tx.send(persist_generation(&st2, mirror, g.current.0))
+                            tx.send(persist_generation(&st2, mirror, leg, g.current.0))
                         });
                         match rx.await {
                             Ok(Ok(())) => h.target.gen.store(g.current.0, Ordering::SeqCst),
@@ -1404,12 +1584,13 @@ enum LegMsg {
     Flush {
         seq: super::wire::SeqNo,
     },
-    Read {
-        offset: u64,
-        len: u64,
-    },
     Heartbeat(super::wire::Heartbeat),
     Adopt(GenerationExchange),
+    Digest(super::wire::RangeDigest),
+    Read {
+        offset: u64,
+        len: usize,
+    },
     Other(String),
 }
 
@@ -1420,11 +1601,12 @@ fn to_owned_leg(m: Message<'_>) -> LegMsg {
             offset: w.offset.0,
         },
         Message::Flush(f) => LegMsg::Flush { seq: f.seq },
+        Message::Heartbeat(h) => LegMsg::Heartbeat(h),
+        Message::RangeDigest(r) => LegMsg::Digest(r),
         Message::Read(r) => LegMsg::Read {
             offset: r.offset.0,
-            len: r.len.0,
+            len: r.len.0 as usize,
         },
-        Message::Heartbeat(h) => LegMsg::Heartbeat(h),
         Message::GenerationExchange(g) if g.flags.0 & GenerationFlags::UP_TO_DATE.0 != 0 => {
             LegMsg::Adopt(g)
         }
@@ -1435,7 +1617,7 @@ fn to_owned_leg(m: Message<'_>) -> LegMsg {
 // ---------------------------------------------------------------------------
 // Mirrors run here as primary.
 
-fn record_path(state: &DaemonState, name: &str) -> PathBuf {
+pub(super) fn record_path(state: &DaemonState, name: &str) -> PathBuf {
     MirrorService::data_dir(state).join(format!("mirror-{name}.json"))
 }
 
@@ -1503,6 +1685,8 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     if local.mirror().is_some() {
         return Err(err(libc::EINVAL, "the local volume is itself a mirror"));
     }
+    let claim = ClaimGuard::take(&state.volumes, local.name(), &mirror_owner(&p.name))
+        .map_err(|e| err(libc::EBUSY, e.to_string()))?;
     let size = local.size().0;
     let rpath = record_path(state, &p.name);
     let record: MirrorRecord = if rpath.exists() {
@@ -1526,81 +1710,25 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         let id = p
             .mirror_id
             .unwrap_or_else(|| super::meta::random_gen() >> 1);
-        let want = p.domain.unwrap_or(0);
-        let (domain, extents) = if site.master {
-            master_allocate(state, &site.name, id, size, want)
-                .map_err(|(s, e)| err(-status_errno(s), e))?
-        } else {
-            let master = lock(&svc.peers)
-                .iter()
-                .find(|x| x.master)
-                .cloned()
-                .ok_or_else(|| {
-                    err(
-                        libc::EINVAL,
-                        "no master agent configured (agent_add_peer with master: true)",
-                    )
-                })?;
-            let req = Message::AllocateRequest(AllocateRequest {
-                mirror: MirrorId(id),
-                size: ByteLen(size),
-                domain: DomainId(want),
-            });
-            let replies = agent_call(&site, master.address, &req, 2)
-                .map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
-            match (replies.first(), replies.get(1)) {
-                (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a)))
-                    if a.status == Status::Ok =>
-                {
-                    (c.domain.0, a.extents.iter().map(ExtentRec::from).collect())
-                }
-                (_, Some(Message::AllocateResponse(a))) => {
-                    return Err(err(
-                        -status_errno(a.status),
-                        format!(
-                            "master agent could not allocate {size} bytes: {:?}",
-                            a.status
-                        ),
-                    ))
-                }
-                _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
-            }
-        };
-        let peer = lock(&svc.peers)
-            .iter()
-            .find(|x| x.domain == domain)
-            .cloned()
-            .ok_or_else(|| {
-                err(
-                    libc::EINVAL,
-                    format!(
-                        "domain {domain} was chosen but no peer of that domain is configured here"
-                    ),
-                )
-            })?;
+        let leg = allocate_leg(state, &site, id, 0, size, p.domain.unwrap_or(0))?;
         let r = MirrorRecord {
             mirror_id: id,
             size,
-            legs: vec![LegRecord {
-                site: peer.name,
-                domain,
-                address: peer.address,
-                extents,
-            }],
+            legs: vec![leg],
+            next_leg_id: 1,
+            pending_release: Vec::new(),
         };
         write_json_atomically(&rpath, &r)
             .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
         r
     };
     p.mirror_id = Some(record.mirror_id);
-    let meta = MirrorMeta::open(
-        &meta_path(state, &p.name),
-        size,
-        region_size,
-        record.legs.len(),
-        true,
-    )
-    .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let slots = (0..record.legs.len())
+        .map(|i| record.slot_of(i) + 1)
+        .max()
+        .unwrap_or(0);
+    let meta = MirrorMeta::open(&meta_path(state, &p.name), size, region_size, slots, true)
+        .map_err(|e| err(libc::EIO, e.to_string()))?;
     let spare = match &p.spare_bdev {
         Some(s) => Some(
             state
@@ -1616,6 +1744,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         region_size,
     )
     .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    let mut extra_claims = Vec::new();
     if let Some(d) = device.filter(|d| d != local.name()) {
         // A replacement was installed before the last stop.
         let v = state.volumes.get(&d).ok_or_else(|| {
@@ -1624,12 +1753,19 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
                 format!("the local device was replaced by '{d}', which does not exist"),
             )
         })?;
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, &d, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, e.to_string()))?,
+        );
         recovery
             .set_device(v)
             .map_err(|e| err(libc::EINVAL, e.to_string()))?;
-        p.volume = Some(d);
     }
     if let Some(s) = spare.filter(|s| s.name() != recovery.device().name()) {
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, s.name(), &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, format!("spare_bdev: {e}")))?,
+        );
         recovery
             .set_spare(s)
             .map_err(|e| err(libc::EINVAL, e.to_string()))?;
@@ -1644,9 +1780,12 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     let legs = record
         .legs
         .iter()
-        .map(|l| LegConfig {
+        .enumerate()
+        .map(|(i, l)| LegConfig {
             site: l.site.clone(),
             address: l.address,
+            slot: record.slot_of(i),
+            leg_id: l.leg_id,
         })
         .collect();
     let hs = hs_config(&site)?;
@@ -1659,7 +1798,8 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         cfg,
         hs,
         state.reactors.clone(),
-    );
+    )
+    .map_err(|e| err(libc::EINVAL, format!("{}: {e}", rpath.display())))?;
     let vol = Volume::new(
         p.name.clone(),
         random_uuid(),
@@ -1671,7 +1811,11 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         engine.stop();
         return Err(err(libc::EEXIST, e.to_string()));
     }
+    super::verify::resume(&engine);
+    claim.keep();
+    extra_claims.into_iter().for_each(ClaimGuard::keep);
     lock(&svc.mirrors).push((p.clone(), engine));
+    super::legops::start_monitor(state);
     tracing::info!(
         mirror = p.name,
         id = record.mirror_id,
@@ -1680,11 +1824,115 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         "mirror created"
     );
     Ok(
-        json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().map(|l| json!({"site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}),
+        json!({"name": p.name, "mirror_id": record.mirror_id, "legs": record.legs.iter().enumerate().map(|(i, l)| json!({"leg": record.slot_of(i), "leg_id": l.leg_id, "site": l.site, "domain": l.domain, "address": l.address.to_string(), "extents": l.extents})).collect::<Vec<_>>()}),
     )
 }
 
-fn status_errno(s: Status) -> i32 {
+/// Asks the master (or, on the master, decides) for leg `leg_id` of
+/// mirror `id`: returns the leg's record (domain, address, extent map),
+/// allocated and persisted by the domain's agent.
+pub(super) fn allocate_leg(
+    state: &DaemonState,
+    site: &SiteParams,
+    id: u64,
+    leg_id: u32,
+    size: u64,
+    want: u32,
+) -> Result<LegRecord, SvcError> {
+    let svc = &state.mirror;
+    let (domain, extents) = if site.master {
+        master_allocate(state, &site.name, id, leg_id, size, want)
+            .map_err(|(s, e)| err(-status_errno(s), e))?
+    } else {
+        let master = lock(&svc.peers)
+            .iter()
+            .find(|x| x.master)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    "no master agent configured (agent_add_peer with master: true)",
+                )
+            })?;
+        let req = Message::AllocateRequest(AllocateRequest {
+            mirror: MirrorId(id),
+            size: ByteLen(size),
+            domain: DomainId(want),
+            leg: LegId(leg_id),
+        });
+        let replies = agent_call(site, master.address, &req, 2)
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("master agent: {e}")))?;
+        match (replies.first(), replies.get(1)) {
+            (Some(Message::CapacityReport(c)), Some(Message::AllocateResponse(a)))
+                if a.status == Status::Ok =>
+            {
+                (c.domain.0, a.extents.iter().map(ExtentRec::from).collect())
+            }
+            (_, Some(Message::AllocateResponse(a))) => {
+                return Err(err(
+                    -status_errno(a.status),
+                    format!(
+                        "master agent could not allocate {size} bytes: {:?}",
+                        a.status
+                    ),
+                ))
+            }
+            _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
+        }
+    };
+    let peer = lock(&svc.peers)
+        .iter()
+        .find(|x| x.domain == domain)
+        .cloned()
+        .ok_or_else(|| {
+            err(
+                libc::EINVAL,
+                format!("domain {domain} was chosen but no peer of that domain is configured here"),
+            )
+        })?;
+    Ok(LegRecord {
+        site: peer.name,
+        domain,
+        address: peer.address,
+        extents,
+        slot: None,
+        leg_id,
+    })
+}
+
+/// Releases a leg's allocation at its agent (through the master unless
+/// this is the master).
+pub(super) fn release_leg(
+    state: &DaemonState,
+    site: &SiteParams,
+    mirror: u64,
+    leg: &LegRecord,
+) -> Result<(), String> {
+    let req = Message::ReleaseRequest(ReleaseRequest {
+        mirror: MirrorId(mirror),
+        domain: DomainId(leg.domain),
+        leg: LegId(leg.leg_id),
+    });
+    let addr = if site.master {
+        leg.address
+    } else {
+        lock(&state.mirror.peers)
+            .iter()
+            .find(|x| x.master)
+            .map(|m| m.address)
+            .ok_or("no master agent configured")?
+    };
+    let replies = agent_call(site, addr, &req, 1)?;
+    match replies.last() {
+        Some(Message::ReleaseAck(a)) if a.status == Status::Ok || a.status == Status::NotFound => {
+            Ok(())
+        }
+        Some(Message::ReleaseAck(a)) => Err(format!("release refused: {:?}", a.status)),
+        _ => Err("no release acknowledgement".into()),
+    }
+}
+
+pub(super) fn status_errno(s: Status) -> i32 {
     match s {
         Status::NoSpace => -libc::ENOSPC,
         Status::NotFound => -libc::ENOENT,
@@ -1696,6 +1944,12 @@ fn status_errno(s: Status) -> i32 {
 /// `mirror_delete`: stops the mirror, releases its remote legs, removes its state.
 pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
+    if state.iscsi.volume_in_use(name) {
+        return Err(err(
+            libc::EBUSY,
+            format!("mirror '{name}' is exported over iSCSI: remove it from its target node first"),
+        ));
+    }
     let (p, m) = {
         let mut ms = lock(&svc.mirrors);
         let pos = ms
@@ -1705,25 +1959,24 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
         ms.remove(pos)
     };
     let _ = state.volumes.delete(name);
+    // Hosts connected over NVMe/TCP see the namespace go (as for bdev_delete).
+    state.nvmf.remove_volume(name);
     m.stop();
+    state.volumes.release(m.local().name(), &mirror_owner(name));
+    // A replaced local volume and the spare are claimed too.
+    for v in [p.volume.as_deref(), p.spare_bdev.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        state.volumes.release(v, &mirror_owner(name));
+    }
+    super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
         if let Ok(r) = serde_json::from_str::<MirrorRecord>(&text) {
-            let master = lock(&svc.peers).iter().find(|x| x.master).cloned();
-            for leg in &r.legs {
-                let req = Message::ReleaseRequest(ReleaseRequest {
-                    mirror: MirrorId(r.mirror_id),
-                    domain: DomainId(leg.domain),
-                });
-                let addr = if site.master {
-                    Some(leg.address)
-                } else {
-                    master.as_ref().map(|m| m.address)
-                };
-                if let Some(a) = addr {
-                    if let Err(e) = agent_call(&site, a, &req, 1) {
-                        tracing::warn!(mirror = name, "releasing the leg at {}: {e}", leg.site);
-                    }
+            for leg in r.legs.iter().chain(&r.pending_release) {
+                if let Err(e) = release_leg(state, &site, r.mirror_id, leg) {
+                    tracing::warn!(mirror = name, "releasing the leg at {}: {e}", leg.site);
                 }
             }
         }
@@ -1741,7 +1994,14 @@ pub fn status(state: &DaemonState, name: Option<&str>) -> Result<Value, SvcError
     let out: Vec<Value> = ms
         .iter()
         .filter(|(p, _)| name.map_or(true, |n| n == p.name))
-        .map(|(_, m)| json!(m.status()))
+        .map(|(p, m)| {
+            let mut v = json!(m.status());
+            let job = super::verify::snapshot(m);
+            v["out_of_sync"] = json!(job.out_of_sync);
+            v["verify"] = json!(job);
+            super::legops::decorate_status(state, p, &mut v);
+            v
+        })
         .collect();
     if let Some(n) = name {
         if out.is_empty() {
@@ -1784,35 +2044,42 @@ fn recover_local(state: &DaemonState, p: RecoverParams) -> Result<Value, SvcErro
                     format!("replacement_bdev: no volume named '{r}'"),
                 )
             })?;
-            if state
-                .mirror
-                .mirrors_using(r)
-                .is_some_and(|other| other != p.name)
-                || r == &p.name
-                || v.mirror().is_some()
-            {
+            if v.mirror().is_some() {
                 return Err(err(
                     libc::EINVAL,
-                    format!("replacement_bdev: volume '{r}' is in use by a mirror"),
+                    format!("replacement_bdev: volume '{r}' is itself a mirror"),
                 ));
             }
-            Some(v)
+            // Claimed for the mirror (refused if another owner has it).
+            let g = ClaimGuard::take(&state.volumes, r, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EINVAL, format!("replacement_bdev: {e}")))?;
+            Some((v, g))
         }
         None => None,
     };
-    let mut ms = lock(&state.mirror.mirrors);
-    let (params, m) = ms
-        .iter_mut()
+    let (replacement, guard) = match replacement {
+        Some((v, g)) => (Some(v), Some(g)),
+        None => (None, None),
+    };
+    let ms = lock(&state.mirror.mirrors);
+    let (_, m) = ms
+        .iter()
         .find(|(x, _)| x.name == p.name)
         .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{}'", p.name)))?;
+    let previous = m.local();
     super::engine::recovery::start_recover(m, p.source_leg, replacement).map_err(|e| match e {
         RecoverError::Invalid(msg) => err(libc::EINVAL, msg),
         RecoverError::Busy(msg) => err(libc::EBUSY, msg),
         e @ RecoverError::Io { .. } => err(libc::EIO, e.to_string()),
     })?;
-    if let Some(r) = p.replacement_bdev {
-        // save_config recreates the mirror over its new local device.
-        params.volume = Some(r);
+    if let Some(g) = guard {
+        g.keep();
+        // The old device is no longer the mirror's: the operator may delete it.
+        if previous.name() != m.local().name() {
+            state
+                .volumes
+                .release(previous.name(), &mirror_owner(&p.name));
+        }
     }
     Ok(Value::Bool(true))
 }
@@ -1900,7 +2167,7 @@ struct RateParams {
     bytes_per_second: u64,
 }
 
-fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
+pub(super) fn rpc_err(e: SvcError) -> crate::rpc::RpcError {
     if e.errno == libc::EINVAL {
         crate::rpc::RpcError::invalid_params(e.message)
     } else {
@@ -1958,6 +2225,8 @@ pub fn register(
         let r: RateParams = parse_params(p)?;
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
     })?;
+    register_verify(methods, state)?;
+    super::legops::register(methods, state)?;
     Ok(())
 }
 
@@ -2066,6 +2335,99 @@ pub fn register_diag(
             .map_err(|_| RpcError::internal("reactor stopped"))?;
         let crc = res.map_err(|e| RpcError::app(-libc::EIO, e))?;
         Ok(json!({"crc32c": crc}))
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Consistency check and repair (mirror::verify).
+
+fn find_mirror(state: &DaemonState, name: &str) -> Result<Arc<Mirror>, SvcError> {
+    lock(&state.mirror.mirrors)
+        .iter()
+        .find(|(p, _)| p.name == name)
+        .map(|(_, m)| m.clone())
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))
+}
+
+fn verify_err(e: super::verify::VerifyError) -> SvcError {
+    use super::verify::VerifyError as E;
+    let errno = match &e {
+        E::Busy(_) => libc::EBUSY,
+        E::NotRunning(_) | E::NothingToRepair(_) => libc::EALREADY,
+        E::Param { .. } => libc::EINVAL,
+        E::Io { .. } => libc::EIO,
+    };
+    err(errno, e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    name: String,
+    /// Bytes per second (0: no cap); default 256 MiB/s.
+    #[serde(default)]
+    rate: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairParams {
+    name: String,
+    direction: super::verify::Direction,
+    #[serde(default)]
+    leg: Option<usize>,
+    #[serde(default)]
+    rate: Option<u64>,
+}
+
+/// Registers `mirror_verify`, `mirror_verify_cancel`, `mirror_verify_get`,
+/// `mirror_verify_set_rate` and `mirror_repair`.
+fn register_verify(
+    methods: &crate::rpc::MethodRegistry,
+    state: &Arc<DaemonState>,
+) -> Result<(), crate::rpc::RegisterError> {
+    use super::verify;
+    use crate::rpc::parse_params;
+    let s = state.clone();
+    methods.register("mirror_verify", move |p| {
+        let p: VerifyParams = parse_params(p)?;
+        let m = find_mirror(&s, &p.name).map_err(rpc_err)?;
+        let job = verify::start(&m, p.rate)
+            .map_err(verify_err)
+            .map_err(rpc_err)?;
+        Ok(json!({"started": true, "total_bytes": job.total_bytes, "rate_limit": job.rate_limit}))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_cancel", move |p| {
+        let n: NameOnly = parse_params(p)?;
+        let m = find_mirror(&s, &n.name).map_err(rpc_err)?;
+        verify::cancel(&m).map_err(verify_err).map_err(rpc_err)?;
+        Ok(Value::Bool(true))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_get", move |p| {
+        let n: NameOnly = parse_params(p)?;
+        let m = find_mirror(&s, &n.name).map_err(rpc_err)?;
+        let mut v = json!(verify::snapshot(&m));
+        v["active"] = json!(verify::is_running(&m));
+        Ok(v)
+    })?;
+    let s = state.clone();
+    methods.register("mirror_verify_set_rate", move |p| {
+        let r: RateParams = parse_params(p)?;
+        let m = find_mirror(&s, &r.name).map_err(rpc_err)?;
+        verify::set_rate(&m, r.bytes_per_second);
+        Ok(Value::Bool(true))
+    })?;
+    let s = state.clone();
+    methods.register("mirror_repair", move |p| {
+        let p: RepairParams = parse_params(p)?;
+        let m = find_mirror(&s, &p.name).map_err(rpc_err)?;
+        let rj = verify::repair(&m, p.direction, p.leg, p.rate)
+            .map_err(verify_err)
+            .map_err(rpc_err)?;
+        Ok(json!({"started": true, "total_bytes": rj.total_bytes, "ranges": rj.remaining.len()}))
     })?;
     Ok(())
 }

@@ -34,10 +34,11 @@ use super::qpair::{Event, QpairConfig, QueuePair};
 use super::sock;
 use super::spec::{
     CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
-    NvmOpcode, Sqe, Status, CONNECT_DATA_LEN,
+    NvmOpcode, RwCommand, Sqe, Status, CONNECT_DATA_LEN,
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
+use crate::units::Lba;
 use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -893,6 +894,17 @@ fn dispatch(
                 ctrl.stats.writes.fetch_add(1, Ordering::Relaxed);
                 ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
             }
+        }
+        if !status.is_success() {
+            let rw = sqe.opcode == NvmOpcode::Read.as_u8()
+                || sqe.opcode == NvmOpcode::Write.as_u8()
+                || sqe.opcode == NvmOpcode::WriteZeroes.as_u8();
+            let lba = if rw {
+                RwCommand::from_sqe(&sqe).slba
+            } else {
+                Lba(0)
+            };
+            ctrl.record_error(c.qid.get(), sqe.cid, status, nsid, lba);
         }
         let cqe = Cqe::new(sqe.cid, status);
         match read_data {

@@ -23,13 +23,15 @@ use super::identify::{
     IdentifyController, IdentifyNamespace, NamespaceIds, IDENTIFY_LEN,
 };
 use super::log_page::{
-    changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, GetLogPage, SmartLog,
+    changed_ns_list, discovery_log, error_log, lid, slice_log, DiscoveryEntry, ErrorEntry,
+    GetLogPage, SmartLog,
 };
 use super::spec::{
-    fid, number_of_queues_dw0, property_get_completion, AdminOpcode, Cap, Cc, CntlId, Cqe, Csts,
-    FabricsCommandType, Nsid, Property, PropertyCommand, Shutdown, Sqe, Status,
+    fid, number_of_queues_dw0, property_get_completion, AdminOpcode, Cap, Cc, CntlId, CommandId,
+    Cqe, Csts, FabricsCommandType, Nsid, Property, PropertyCommand, Shutdown, Sqe, Status,
 };
 use super::subsystem::{lock, Subsystem};
+use crate::units::Lba;
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +65,18 @@ impl ControllerLimits {
         let pages = (self.max_io_size / 4096).max(1);
         (31 - pages.leading_zeros()) as u8
     }
+}
+
+/// Entries the Error Information log page keeps (Identify ELPE + 1).
+pub const ERROR_LOG_ENTRIES: usize = 64;
+
+/// The newest failed commands, for the Error Information log page.
+#[derive(Debug, Default)]
+struct ErrorLog {
+    /// Errors over the controller's life (the newest entry's count).
+    count: u64,
+    /// Newest last; at most [`ERROR_LOG_ENTRIES`].
+    entries: VecDeque<ErrorEntry>,
 }
 
 /// Per-controller I/O statistics, updated by every queue with relaxed atomics.
@@ -136,6 +150,7 @@ pub struct Controller {
     /// Statistics.
     pub stats: IoStats,
     state: Mutex<State>,
+    errors: Mutex<ErrorLog>,
     dead: AtomicBool,
     sockets: Mutex<Vec<Weak<OwnedFd>>>,
     discovery_entries: DiscoverySource,
@@ -182,10 +197,39 @@ impl Controller {
                 waker: None,
                 last_keep_alive: Instant::now(),
             }),
+            errors: Mutex::new(ErrorLog::default()),
             dead: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
             discovery_entries,
         }
+    }
+
+    /// Records a command that completed with an error status in the Error
+    /// Information log (what `nvme error-log` shows): queue, command id,
+    /// status, namespace and first LBA.
+    pub fn record_error(&self, sqid: u16, cid: CommandId, status: Status, nsid: Nsid, lba: Lba) {
+        let mut log = lock(&self.errors);
+        log.count += 1;
+        let entry = ErrorEntry {
+            error_count: log.count,
+            sqid,
+            cid,
+            status,
+            param_error_location: 0xffff,
+            lba,
+            nsid,
+            trtype: 3,
+            command_specific: 0,
+        };
+        if log.entries.len() == ERROR_LOG_ENTRIES {
+            log.entries.pop_front();
+        }
+        log.entries.push_back(entry);
+    }
+
+    /// Errors recorded over the controller's life.
+    pub fn error_count(&self) -> u64 {
+        lock(&self.errors).count
     }
 
     /// Whether the controller has been torn down.
@@ -338,6 +382,7 @@ impl Controller {
         id.mdts = self.limits.mdts();
         id.maxcmd = self.limits.max_queue_depth;
         id.aerl = (MAX_AERS - 1) as u8;
+        id.elpe = (ERROR_LOG_ENTRIES - 1) as u8;
         let (ns, _) = self.subsystem.namespaces();
         // A volatile write cache is present unless every volume is RAM
         // (where there is no cache distinct from the medium to flush).
@@ -417,7 +462,11 @@ impl Controller {
                 let (genctr, entries) = (self.discovery_entries)(&self.hostnqn);
                 discovery_log(genctr, &entries).map_err(|_| Status::INTERNAL_ERROR)?
             }
-            (_, lid::ERROR_INFORMATION) => error_log(&[], 0),
+            (_, lid::ERROR_INFORMATION) => {
+                let log = lock(&self.errors);
+                let newest_first: Vec<ErrorEntry> = log.entries.iter().rev().copied().collect();
+                error_log(&newest_first, (ERROR_LOG_ENTRIES - 1) as u8)
+            }
             (false, lid::SMART) => {
                 let s = &self.stats;
                 SmartLog {
@@ -431,6 +480,7 @@ impl Controller {
                     host_reads: u128::from(s.reads.load(Ordering::Relaxed)),
                     host_writes: u128::from(s.writes.load(Ordering::Relaxed)),
                     power_cycles: 1,
+                    error_log_entries: u128::from(self.error_count()),
                     ..SmartLog::default()
                 }
                 .encode()

@@ -139,16 +139,13 @@ pub async fn execute(ns: &NsChannel, sqe: &Sqe, sgl: DataSgl, data: Option<IoBuf
                 if buf.len() != len {
                     return fail(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
                 }
-                let (r, _buf) = ns.chan.write(off, buf.freeze()).await;
+                let (r, _buf) = if rw.fua {
+                    ns.chan.write_fua(off, buf.freeze()).await
+                } else {
+                    ns.chan.write(off, buf.freeze()).await
+                };
                 match r {
-                    Ok(()) => {
-                        if rw.fua {
-                            if let Err(e) = ns.chan.flush().await {
-                                return fail(volume_status(&e, Dir::Write));
-                            }
-                        }
-                        fail(Status::SUCCESS)
-                    }
+                    Ok(()) => fail(Status::SUCCESS),
                     Err(e) => fail(volume_status(&e, Dir::Write)),
                 }
             }

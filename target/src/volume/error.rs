@@ -208,6 +208,19 @@ impl ErrorChannel {
         Box::pin(self.base.write(offset, buf)).await
     }
 
+    /// A FUA write counts as a write.
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        if let Some(e) = self.injection.take(1) {
+            mirrorpoint_poller::yield_now().await;
+            return (Err(e), buf);
+        }
+        Box::pin(self.base.write_fua(offset, buf)).await
+    }
+
     /// Flushes the base volume unless a flush error is armed.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         if let Some(e) = self.injection.take(2) {

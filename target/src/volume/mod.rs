@@ -85,6 +85,14 @@ pub enum CreateError {
     /// A volume of that name exists.
     #[error("a volume named '{0}' already exists")]
     Exists(String),
+    /// The volume is held as storage by something else.
+    #[error("volume '{name}' is claimed by {by}")]
+    Claimed {
+        /// The volume.
+        name: String,
+        /// Its owner, e.g. "mirror m1".
+        by: String,
+    },
     /// No volume of that name.
     #[error("no volume named '{0}'")]
     NotFound(String),
@@ -134,6 +142,11 @@ pub struct VolumeInfo {
     pub uuid: String,
     /// Backend-specific facts.
     pub driver_specific: serde_json::Value,
+    /// Held as storage by a mirror or a storage server (SPDK's field).
+    pub claimed: bool,
+    /// By what, when claimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
 }
 
 impl Volume {
@@ -196,6 +209,8 @@ impl Volume {
             num_blocks: self.num_blocks,
             uuid: self.uuid.clone(),
             driver_specific: driver,
+            claimed: false,
+            claimed_by: None,
         }
     }
 
@@ -331,6 +346,26 @@ impl VolumeChannel {
             }
             ChannelInner::Error(e) => e.write(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
+        }
+    }
+
+    /// Writes all of `buf` at `offset` and makes it durable before
+    /// completing (an NVMe or SCSI FUA write). Unlike `write` + `flush`,
+    /// other writes are not made durable by it.
+    pub async fn write_fua(
+        &self,
+        offset: ByteOffset,
+        buf: IoBuf,
+    ) -> (Result<(), VolumeError>, IoBuf) {
+        if let Err(e) = self.volume.check_range(offset, buf.len() as u64) {
+            return (Err(e), buf);
+        }
+        match &self.inner {
+            ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
+            // RAM has no volatile cache to bypass.
+            ChannelInner::Malloc(_) => self.write(offset, buf).await,
+            ChannelInner::Error(e) => e.write_fua(offset, buf).await,
+            ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
         }
     }
 

@@ -96,6 +96,10 @@ struct Entry {
     volume: Arc<Volume>,
     /// None for volumes another subsystem builds (mirrors): not a bdev call.
     spec: Option<VolumeSpec>,
+    /// Who holds the volume as its storage (a mirror's local leg, a storage
+    /// server's pool), as SPDK's bdev claims: it cannot be deleted or
+    /// claimed by another until released.
+    claimed_by: Option<String>,
 }
 
 /// All volumes of the daemon.
@@ -170,6 +174,7 @@ impl VolumeRegistry {
         entries.push(Entry {
             volume: volume.clone(),
             spec: Some(spec),
+            claimed_by: None,
         });
         Ok(volume)
     }
@@ -185,6 +190,7 @@ impl VolumeRegistry {
         entries.push(Entry {
             volume: volume.clone(),
             spec: None,
+            claimed_by: None,
         });
         Ok(volume)
     }
@@ -284,6 +290,7 @@ impl VolumeRegistry {
 
     /// Removes a volume. Channels still open keep it alive until they close.
     /// A volume an error volume wraps is claimed: delete the wrapper first.
+    /// A claimed volume is refused: its owner must release it first.
     pub fn delete(&self, name: &str) -> Result<Arc<Volume>, CreateError> {
         let mut entries = self.lock();
         if let Some(w) = entries
@@ -299,7 +306,53 @@ impl VolumeRegistry {
             .iter()
             .position(|e| e.volume.name() == name)
             .ok_or_else(|| CreateError::NotFound(name.to_string()))?;
+        if let Some(by) = &entries[pos].claimed_by {
+            return Err(CreateError::Claimed {
+                name: name.to_string(),
+                by: by.clone(),
+            });
+        }
         Ok(entries.remove(pos).volume)
+    }
+
+    /// Claims a volume for `owner` (e.g. "mirror m1"): until released, it
+    /// cannot be deleted or claimed by anyone else. Claiming again for the
+    /// same owner succeeds (config replay, retries).
+    pub fn claim(&self, name: &str, owner: &str) -> Result<Arc<Volume>, CreateError> {
+        let mut entries = self.lock();
+        let e = entries
+            .iter_mut()
+            .find(|e| e.volume.name() == name)
+            .ok_or_else(|| CreateError::NotFound(name.to_string()))?;
+        match &e.claimed_by {
+            Some(by) if by != owner => Err(CreateError::Claimed {
+                name: name.to_string(),
+                by: by.clone(),
+            }),
+            _ => {
+                e.claimed_by = Some(owner.to_string());
+                Ok(e.volume.clone())
+            }
+        }
+    }
+
+    /// Releases `owner`'s claim on a volume (nothing if it holds none).
+    pub fn release(&self, name: &str, owner: &str) {
+        let mut entries = self.lock();
+        if let Some(e) = entries
+            .iter_mut()
+            .find(|e| e.volume.name() == name && e.claimed_by.as_deref() == Some(owner))
+        {
+            e.claimed_by = None;
+        }
+    }
+
+    /// Who claimed a volume, if anyone.
+    pub fn claimed_by(&self, name: &str) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|e| e.volume.name() == name)
+            .and_then(|e| e.claimed_by.clone())
     }
 
     /// Looks a volume up.
@@ -310,9 +363,17 @@ impl VolumeRegistry {
             .map(|e| e.volume.clone())
     }
 
-    /// Every volume's facts, in creation order.
+    /// Every volume's facts, in creation order, with their claims.
     pub fn infos(&self) -> Vec<VolumeInfo> {
-        self.lock().iter().map(|e| e.volume.info()).collect()
+        self.lock()
+            .iter()
+            .map(|e| {
+                let mut info = e.volume.info();
+                info.claimed = e.claimed_by.is_some();
+                info.claimed_by = e.claimed_by.clone();
+                info
+            })
+            .collect()
     }
 
     /// Every volume, in creation order.

@@ -351,6 +351,10 @@ pub struct AllocateRequest {
     pub size: ByteLen,
     /// Domain asking.
     pub domain: DomainId,
+    /// Which leg of the mirror (0 for the first; a mirror can hold several
+    /// legs in one domain, on different storage servers). Was reserved
+    /// (zero) before third-leg allocation: old senders ask for leg 0.
+    pub leg: LegId,
 }
 
 /// One piece of a virtual mirror device.
@@ -385,6 +389,8 @@ pub struct ReleaseRequest {
     pub mirror: MirrorId,
     /// Domain releasing.
     pub domain: DomainId,
+    /// Which leg of the mirror (was reserved, zero: leg 0).
+    pub leg: LegId,
 }
 
 /// Completion of a release.
@@ -858,7 +864,7 @@ impl<'a> Message<'a> {
                 w.u64(a.mirror.0)?;
                 w.u64(a.size.0)?;
                 w.u32(a.domain.0)?;
-                w.zeros(4)
+                w.u32(a.leg.0)
             }
             Message::AllocateResponse(a) => {
                 w.u64(a.mirror.0)?;
@@ -868,7 +874,7 @@ impl<'a> Message<'a> {
             Message::ReleaseRequest(r) => {
                 w.u64(r.mirror.0)?;
                 w.u32(r.domain.0)?;
-                w.zeros(4)
+                w.u32(r.leg.0)
             }
             Message::ReleaseAck(r) => {
                 w.u64(r.mirror.0)?;
@@ -1229,12 +1235,13 @@ impl<'a> Message<'a> {
                 let mirror = MirrorId(r.u64()?);
                 let size = ByteLen(r.u64()?);
                 let domain = DomainId(r.u32()?);
-                r.reserved::<4>()?;
+                let leg = LegId(r.u32()?);
                 payload_len_is(t, payload, 0)?;
                 Message::AllocateRequest(AllocateRequest {
                     mirror,
                     size,
                     domain,
+                    leg,
                 })
             }
             MsgType::AllocateResponse => {
@@ -1264,9 +1271,13 @@ impl<'a> Message<'a> {
             MsgType::ReleaseRequest => {
                 let mirror = MirrorId(r.u64()?);
                 let domain = DomainId(r.u32()?);
-                r.reserved::<4>()?;
+                let leg = LegId(r.u32()?);
                 payload_len_is(t, payload, 0)?;
-                Message::ReleaseRequest(ReleaseRequest { mirror, domain })
+                Message::ReleaseRequest(ReleaseRequest {
+                    mirror,
+                    domain,
+                    leg,
+                })
             }
             MsgType::ReleaseAck => {
                 let mirror = MirrorId(r.u64()?);
@@ -1417,6 +1428,7 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
             mirror: MirrorId(11),
             size: ByteLen(10 << 30),
             domain: DomainId(2),
+            leg: LegId(3),
         }),
         Message::AllocateResponse(AllocateResponse {
             mirror: MirrorId(11),
@@ -1439,6 +1451,7 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
         Message::ReleaseRequest(ReleaseRequest {
             mirror: MirrorId(11),
             domain: DomainId(2),
+            leg: LegId(3),
         }),
         Message::ReleaseAck(ReleaseAck {
             mirror: MirrorId(11),
@@ -1761,6 +1774,7 @@ mod tests {
             mirror: MirrorId(1),
             size: ByteLen(0),
             domain: DomainId(1),
+            leg: LegId(0),
         });
         assert!(alloc.validate(&limits).is_err());
         let gen = Message::GenerationExchange(GenerationExchange {

@@ -151,11 +151,12 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                         .collect(),
                 })
             }),
-        (any::<u64>(), 1..=u64::MAX, any::<u32>()).prop_map(|(m, size, d)| {
+        (any::<u64>(), 1..=u64::MAX, any::<u32>(), any::<u32>()).prop_map(|(m, size, d, l)| {
             Message::AllocateRequest(AllocateRequest {
                 mirror: MirrorId(m),
                 size: ByteLen(size),
                 domain: DomainId(d),
+                leg: LegId(l),
             })
         }),
         (
@@ -186,10 +187,13 @@ fn message() -> impl Strategy<Value = Message<'static>> {
                     extents,
                 })
             }),
-        (any::<u64>(), any::<u32>()).prop_map(|(m, d)| Message::ReleaseRequest(ReleaseRequest {
-            mirror: MirrorId(m),
-            domain: DomainId(d)
-        })),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(m, d, l)| Message::ReleaseRequest(
+            ReleaseRequest {
+                mirror: MirrorId(m),
+                domain: DomainId(d),
+                leg: LegId(l),
+            }
+        )),
         (any::<u64>(), status()).prop_map(|(m, status)| Message::ReleaseAck(ReleaseAck {
             mirror: MirrorId(m),
             status

@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# Mirror performance through the NVMe/TCP front end, both sites on this
+# machine, beside the loopback TCP throughput measured in the same run.
+#
+# Starts two `mirrorpoint serve` processes: site "east" (primary, master
+# agent, listens on 127.0.0.2) and site "west" (remote, 127.0.0.3) whose
+# storage server holds the mirror leg. East has a local-only volume `l0` and
+# a mirrored volume `m1` (on `l1`, sync policy), exported as namespaces 1 and
+# 2 of one NVMe/TCP subsystem on 127.0.0.2. Then:
+#   1. `mirrorpoint-bench tcp` 127.0.0.1 -> 127.0.0.3, 1 and 2 streams,
+#      128 KiB sends: the loopback yardstick;
+#   2. resync throughput: the initial full sync of `m1` (resync rate
+#      unlimited), from mirror_create until the leg is synced;
+#   3. `mirrorpoint-bench nvmf` on each namespace: 4k randwrite at QD1 and
+#      QD32, 128k sequential write at QD4 (per connection, 2 connections);
+#   4. with --split-at S: one more 4k randwrite QD32 run on `m1` with
+#      `mirror_split` called at second S, writing the latency timeline plot
+#      (--svg) — issue #7's measurement.
+# Prints every command, then markdown tables: mirrored/local IOPS, MiB/s
+# against the loopback throughput, and the resync rate against it.
+#
+# Usage: bench/scripts/mirror-bench.sh [options]
+#   --time N          measured seconds per run (default 5)
+#   --ramp N          ramp seconds per run (default 1)
+#   --size SIZE       volume size in MiB (default 256)
+#   --backend B       uring (files under --dir, the default) or malloc
+#   --dir DIR         where volume files go (default ./build/mirror-bench; not tmpfs)
+#   --east-cpus L     CPUs of east's reactors (default 0)
+#   --west-cpus L     CPUs of west's reactors (default 1)
+#   --bench-cpus L    CPUs of the bench's reactors (default 1)
+#   --split-at S      also run the split measurement, splitting at second S
+#   --split-params J  extra JSON members for mirror_split (default: none)
+#   --svg PATH        where the split timeline plot goes (default $OUT/split.svg)
+#   --bin DIR         where mirrorpoint and mirrorpoint-bench are (default build/release)
+#   --out DIR         keep JSON outputs and logs there (default: mktemp)
+#   --quick           short runs (smoke test)
+set -euo pipefail
+
+TIME=5
+RAMP=1
+SIZE_MIB=256
+BACKEND=uring
+DIR=./build/mirror-bench
+EAST_CPUS=0
+WEST_CPUS=1
+BENCH_CPUS=1
+SPLIT_AT=
+SPLIT_PARAMS=
+SVG=
+OUT=
+root=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=$root/build/release
+
+die() { echo "mirror-bench: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case $1 in
+    --time) TIME=$2; shift 2 ;;
+    --ramp) RAMP=$2; shift 2 ;;
+    --size) SIZE_MIB=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    --east-cpus) EAST_CPUS=$2; shift 2 ;;
+    --west-cpus) WEST_CPUS=$2; shift 2 ;;
+    --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
+    --split-at) SPLIT_AT=$2; shift 2 ;;
+    --split-params) SPLIT_PARAMS=$2; shift 2 ;;
+    --svg) SVG=$2; shift 2 ;;
+    --bin) BIN=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; shift ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1" ;;
+    esac
+done
+case $BACKEND in uring|malloc) ;; *) die "--backend: uring or malloc" ;; esac
+MP=$BIN/mirrorpoint
+BENCH=$BIN/mirrorpoint-bench
+[ -x "$MP" ] && [ -x "$BENCH" ] ||
+    die "build first: cargo build --release -p mirrorpoint-bench -p mirrorpoint-target"
+command -v python3 >/dev/null || die "python3 is needed to read the JSON"
+OUT=${OUT:-$(mktemp -d /tmp/mp-mirror-bench.XXXXXX)}
+mkdir -p "$OUT"
+case $DIR in /*) ;; *) DIR=$PWD/$DIR ;; esac
+mkdir -p "$DIR"
+SVG=${SVG:-$OUT/split.svg}
+SIZE=$((SIZE_MIB * 1024 * 1024))
+SECRET=mirror-bench-shared-secret-0123456789
+nqn=nqn.2026-11.io.mirrorpoint:mirror-bench
+freeport() { python3 -c 'import socket,sys;s=socket.socket();s.bind((sys.argv[1],0));print(s.getsockname()[1])' "$1"; }
+nvmf_port=$(freeport 127.0.0.2)
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -f "$DIR"/east-*.img "$DIR"/west-*.img
+}
+trap cleanup EXIT INT TERM
+
+start_site() { # name cpus
+    local name=$1 cpus=$2
+    echo '{"subsystems": []}' >"$OUT/$name-config.json"
+    mkdir -p "$OUT/$name-data"
+    local cmd=("$MP" serve --config "$OUT/$name-config.json" --rpc-socket "$OUT/$name.sock"
+        --data-dir "$OUT/$name-data" --cores "$cpus" --buffers 1024)
+    echo "# $name: ${cmd[*]}"
+    "${cmd[@]}" >"$OUT/$name.log" 2>&1 &
+    pids+=($!)
+    local i=0
+    until [ -S "$OUT/$name.sock" ] && "$MP" rpc -s "$OUT/$name.sock" spdk_get_version >/dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -le 300 ] || { cat "$OUT/$name.log" >&2; die "$name did not start"; }
+        sleep 0.1
+    done
+}
+rpc() { # site method [params]
+    local site=$1; shift
+    echo "+ rpc $site $*" >&2
+    "$MP" rpc -s "$OUT/$site.sock" "$@"
+}
+json_get() { python3 -c 'import json,sys;v=json.load(sys.stdin)
+for k in sys.argv[1:]: v=v[int(k)] if k.isdigit() else v[k]
+print(v)' "$@"; }
+bdev() { # site name size
+    if [ "$BACKEND" = malloc ]; then
+        rpc "$1" bdev_malloc_create "{\"name\": \"$2\", \"num_blocks\": $(($3 / 4096)), \"block_size\": 4096}" >/dev/null
+    else
+        rpc "$1" bdev_uring_create "{\"name\": \"$2\", \"filename\": \"$DIR/$1-$2.img\", \"size\": $3, \"block_size\": 4096}" >/dev/null
+    fi
+}
+
+# 1. The yardstick.
+tcp_rows=()
+for s in 1 2; do
+    f="$OUT/tcp-$s.json"
+    cmd=("$BENCH" tcp --to 127.0.0.3 --streams "$s" --bs 128K --time "$TIME" --ramp "$RAMP" --json)
+    echo "${cmd[*]} > $f"
+    "${cmd[@]}" >"$f"
+    tcp_rows+=("$f")
+done
+
+# 2. Two sites, a leg on west's storage server, the mirror's initial sync.
+start_site east "$EAST_CPUS"
+start_site west "$WEST_CPUS"
+east_addr=$(rpc east agent_set_site "{\"name\": \"east\", \"domain\": 1, \"listen\": \"127.0.0.2:0\", \"secret\": \"$SECRET\", \"master\": true}" | json_get listen)
+west_addr=$(rpc west agent_set_site "{\"name\": \"west\", \"domain\": 2, \"listen\": \"127.0.0.3:0\", \"secret\": \"$SECRET\"}" | json_get listen)
+bdev west s1 "$SIZE"
+rpc west agent_add_storage_server '{"name": "ss1", "id": 1, "volumes": ["s1"]}' >/dev/null
+rpc east agent_add_peer "{\"name\": \"west\", \"domain\": 2, \"address\": \"$west_addr\"}" >/dev/null
+rpc west agent_add_peer "{\"name\": \"east\", \"domain\": 1, \"address\": \"$east_addr\", \"master\": true}" >/dev/null
+i=0
+until [ "$(rpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" != None ] &&
+    [ -n "$(rpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" ]; do
+    i=$((i + 1)); [ $i -le 100 ] || die "west never reported its capacity"; sleep 0.1
+done
+bdev east l0 "$SIZE"
+bdev east l1 "$SIZE"
+t0=$(date +%s.%N)
+rpc east mirror_create '{"name": "m1", "volume": "l1", "resync_rate": 0}' >/dev/null
+i=0
+until [ "$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 state)" = synced ]; do
+    i=$((i + 1)); [ $i -le 6000 ] || die "m1 never synced"; sleep 0.05
+done
+t1=$(date +%s.%N)
+copied=$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 resync_copied_bytes 2>/dev/null || echo "$SIZE")
+echo "{\"bytes\": $copied, \"seconds\": $(python3 -c "print($t1 - $t0)")}" >"$OUT/resync.json"
+
+# 3. The front end.
+rpc east nvmf_create_transport '{"trtype": "TCP", "in_capsule_data_size": 4096, "max_queue_depth": 128}' >/dev/null
+rpc east nvmf_create_subsystem "{\"nqn\": \"$nqn\", \"allow_any_host\": true, \"serial_number\": \"MPMIRROR0001\"}" >/dev/null
+rpc east nvmf_subsystem_add_ns "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"l0\", \"nsid\": 1}}" >/dev/null
+rpc east nvmf_subsystem_add_ns "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"m1\", \"nsid\": 2}}" >/dev/null
+rpc east nvmf_subsystem_add_listener "{\"nqn\": \"$nqn\", \"listen_address\": {\"trtype\": \"tcp\", \"adrfam\": \"ipv4\", \"traddr\": \"127.0.0.2\", \"trsvcid\": \"$nvmf_port\"}}" >/dev/null
+east_pid=${pids[0]}
+echo "# east pid $east_pid (CPUs $EAST_CPUS), west pid ${pids[1]} (CPUs $WEST_CPUS), bench CPUs $BENCH_CPUS; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+rows=()
+for spec in "randwrite 4K 1" "randwrite 4K 32" "write 128K 4"; do
+    set -- $spec
+    for nsid in 1 2; do
+        f="$OUT/ns$nsid-$1-$2-qd$3.json"
+        cmd=("$BENCH" nvmf --addr "127.0.0.2:$nvmf_port" --nqn "$nqn" --nsid "$nsid"
+            --workload "$1" --bs "$2" --qd "$3" --connections 2 --cores "$BENCH_CPUS"
+            --time "$TIME" --ramp "$RAMP" --target-pid "$east_pid" --json)
+        echo "${cmd[*]} > $f"
+        "${cmd[@]}" >"$f"
+    done
+    rows+=("$1 $2 QD$3|$OUT/ns1-$1-$2-qd$3.json|$OUT/ns2-$1-$2-qd$3.json")
+done
+
+# 4. Latency around a split.
+split_file=
+if [ -n "$SPLIT_AT" ]; then
+    params="{\"name\": \"m1\"${SPLIT_PARAMS:+, $SPLIT_PARAMS}}"
+    split_file="$OUT/split.json"
+    cmd=("$BENCH" nvmf --addr "127.0.0.2:$nvmf_port" --nqn "$nqn" --nsid 2
+        --workload randwrite --bs 4K --qd 32 --connections 2 --cores "$BENCH_CPUS"
+        --time "$TIME" --ramp "$RAMP" --target-pid "$east_pid" --json
+        --timeline-ms 10 --timeline-svg "$SVG"
+        --event "$SPLIT_AT:$MP rpc -s $OUT/east.sock mirror_split '$params'")
+    echo "${cmd[*]} > $split_file"
+    "${cmd[@]}" >"$split_file"
+fi
+
+echo
+python3 - "$OUT/resync.json" "$split_file" "${tcp_rows[@]}" -- "${rows[@]}" <<'PY'
+import json, sys
+args = sys.argv[1:]
+resync = json.load(open(args[0]))
+split_file = args[1]
+sep = args.index("--")
+tcps = [json.load(open(f)) for f in args[2:sep]]
+rows = args[sep + 1:]
+loop = max(t["mib_s"] for t in tcps)
+print("| loopback TCP | MiB/s |")
+print("|---|---:|")
+for t in tcps:
+    print(f"| {t['streams']} stream(s), 128 KiB sends | {t['mib_s']:,.0f} |")
+rs = resync["bytes"] / resync["seconds"] / 2**20
+print()
+print(f"Resync (initial full sync, unlimited rate): {resync['bytes'] / 2**20:,.0f} MiB in "
+      f"{resync['seconds']:.2f} s = {rs:,.0f} MiB/s = {rs / loop:.3f}x the best loopback figure")
+print()
+print("| workload (2 connections) | local IOPS | mirrored IOPS | mirrored/local | local MiB/s | mirrored MiB/s | mirrored/loopback | local p99 µs | mirrored p99 µs | target CPU µs/IO local | mirrored |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for row in rows:
+    name, a, b = row.split("|")
+    l, m = json.load(open(a)), json.load(open(b))
+    lt, mt = l.get("target_cpu", {}), m.get("target_cpu", {})
+    print(f"| {name} | {l['iops']:,.0f} | {m['iops']:,.0f} | {m['iops'] / l['iops']:.3f} "
+          f"| {l['mib_s']:,.1f} | {m['mib_s']:,.1f} | {m['mib_s'] / loop:.4f} "
+          f"| {l['lat_us']['p99']:.0f} | {m['lat_us']['p99']:.0f} "
+          f"| {lt.get('us_per_io', 0):.2f} | {mt.get('us_per_io', 0):.2f} |")
+if split_file:
+    s = json.load(open(split_file))
+    t = s["timeline"]
+    st = t["steady"]
+    print()
+    print(f"Split under 4k randwrite QD32 x 2 connections: steady ({st['ios']:,} I/Os) p99 {st['p99_us']:.0f} µs, "
+          f"p99.9 {st['p99_9_us']:.0f} µs, max {st['max_us']:.0f} µs")
+    for e in t["events"]:
+        a = e["around"]
+        print(f"- split requested at {e['started_s']:.3f} s, answered after {e['duration_ms']:.2f} ms (exit {e['exit_code']}); "
+              f"{a['ios']:,} I/Os within {t['window_ms']:.0f} ms: p99 {a['p99_us']:.0f} µs, p99.9 {a['p99_9_us']:.0f} µs, "
+              f"max {a['max_us']:.0f} µs = {e['max_over_steady_p99_9']:.2f}x steady p99.9")
+        print(f"  answer: {e['output']}")
+PY
+echo "# outputs in $OUT"
