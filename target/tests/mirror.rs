@@ -702,10 +702,17 @@ fn claimed_volumes_cannot_be_deleted_or_reused() {
             .rpc
             .call(method, Some(params.clone()))
             .expect_err("refused");
-        assert!(e.to_string().contains("claimed by"), "{method} {params}: {e}");
+        assert!(
+            e.to_string().contains("claimed by"),
+            "{method} {params}: {e}"
+        );
     };
     busy(&mut p.a, "bdev_delete", json!({"name": "local"}));
-    busy(&mut p.a, "mirror_create", json!({"name": "m1", "volume": "local"}));
+    busy(
+        &mut p.a,
+        "mirror_create",
+        json!({"name": "m1", "volume": "local"}),
+    );
     busy(&mut p.b, "bdev_delete", json!({"name": "s1"}));
     p.b.uring("s3", 8 * MIB);
     busy(
