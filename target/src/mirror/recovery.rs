@@ -601,7 +601,11 @@ impl LocalRecovery {
         let total = self.total.load(Ordering::Relaxed);
         let done = self.done.load(Ordering::Relaxed);
         let pct = if total == 0 {
-            100.0
+            if dirty == 0 {
+                100.0
+            } else {
+                0.0
+            }
         } else {
             ((done.min(total) as f64 * 100.0 / total as f64) * 10.0).round() / 10.0
         };
@@ -814,6 +818,8 @@ pub fn start_recover(
         rec.cursor.store(0, Ordering::SeqCst);
     }
     rec.source_leg.store(src, Ordering::SeqCst);
+    rec.total.store(rec.dirty_regions(), Ordering::Relaxed);
+    rec.done.store(0, Ordering::Relaxed);
     if let Err(source) = rec.commit_blocking() {
         rec.running.store(false, Ordering::SeqCst);
         return Err(RecoverError::Io {
