@@ -883,8 +883,11 @@ impl MirrorChannel {
         let m = &self.mirror;
         let rec = &m.recovery;
         let len = buf.len() as u64;
+        // The channel first, then the state: a replacement device is
+        // installed only after the state says failed (see recovery.rs).
+        let local = self.local.get(rec);
         let legs = if rec.local_readable(offset.0, len) {
-            let (r, buf) = self.local.get(rec).read(offset, buf).await;
+            let (r, buf) = local.read(offset, buf).await;
             let legs = self.legs.get(&m.legs);
             match r {
                 Err(e) if recovery::is_device_error(&e) && !legs.is_empty() => {
@@ -933,6 +936,29 @@ impl MirrorChannel {
             }));
         }
         let local = join_all(futs).await.into_iter().flatten().next();
+        let local_lost = match &local {
+            None => true,
+            Some(Err(e)) => recovery::is_device_error(e),
+            Some(Ok(())) => false,
+        };
+        if local_lost && acked.get() == 0 && !legs.is_empty() {
+            // No copy took it: wait (bounded) for a leg to be live again and
+            // resend, so a link drop while the local device is failed does
+            // not reach the host. The overlap lock is still held.
+            let deadline = Instant::now() + recovery::REMOTE_RETRY_LIMIT;
+            while acked.get() == 0
+                && Instant::now() < deadline
+                && !m.stopping.load(Ordering::SeqCst)
+            {
+                sleep(Duration::from_millis(10)).await;
+                for (_, leg) in legs.iter() {
+                    if leg.state().is_live() && m.leg_write(leg, stamp, offset.0, buf.clone()).await
+                    {
+                        acked.set(acked.get() + 1);
+                    }
+                }
+            }
+        }
         let remote_ok = acked.get() > 0;
         match local {
             Some(Ok(())) => Ok(()),

@@ -35,6 +35,7 @@
 //! overlap detector) but keeps its logic here, so the engine only has small
 //! hooks.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
@@ -46,7 +47,7 @@ use std::time::{Duration, Instant};
 use mirrorpoint_poller::{oneshot, sleep, IoBufMut, OneshotSender};
 use serde::Serialize;
 
-use super::{Leg, LegState, Mirror, Reply};
+use super::{join_all, Leg, LegState, Mirror, Reply};
 use crate::mirror::legset::Snapshot;
 use crate::mirror::wire::{Message, Read, Status};
 use crate::units::{ByteLen, ByteOffset};
@@ -431,6 +432,13 @@ impl LocalRecovery {
     /// Installs a volume as the local device (a replacement, or the one the
     /// file names at startup). It must be at least the mirror's size.
     pub fn set_device(&self, v: Arc<Volume>) -> Result<(), RecoverError> {
+        self.check_device(&v)?;
+        *self.device.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        self.device_version.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn check_device(&self, v: &Volume) -> Result<(), RecoverError> {
         if v.size().0 < self.size {
             return Err(RecoverError::Invalid(format!(
                 "replacement_bdev: volume '{}' holds {} bytes, the mirror needs {}",
@@ -445,8 +453,6 @@ impl LocalRecovery {
                 v.name()
             )));
         }
-        *self.device.lock().unwrap_or_else(|p| p.into_inner()) = v;
-        self.device_version.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -727,8 +733,12 @@ async fn leg_read(m: &Mirror, idx: usize, offset: u64, len: usize) -> Result<Vec
     }
 }
 
+/// How long a host read or write waits for a remote leg to serve it while
+/// the local device cannot (a leg reconnecting after a link drop).
+pub(super) const REMOTE_RETRY_LIMIT: Duration = Duration::from_secs(10);
+
 /// Serves a host read from a remote leg (the local volume failed or misses
-/// the range). Waits up to the link timeout for a leg to be able to.
+/// the range), retrying (up to [`REMOTE_RETRY_LIMIT`]) while no leg can.
 pub(super) async fn remote_read(
     m: &Mirror,
     legs: &Snapshot<Leg>,
@@ -752,7 +762,7 @@ pub(super) async fn remote_read(
                 Err(e) => last = e,
             }
         }
-        if t0.elapsed() > m.cfg.link_timeout || m.stopping.load(Ordering::SeqCst) {
+        if t0.elapsed() > REMOTE_RETRY_LIMIT || m.stopping.load(Ordering::SeqCst) {
             tracing::warn!(
                 mirror = m.name,
                 offset = offset.0,
@@ -806,16 +816,23 @@ pub fn start_recover(
         ));
     }
     if let Some(v) = replacement {
-        if let Err(e) = rec.set_device(v) {
+        if let Err(e) = rec.check_device(&v) {
             rec.running.store(false, Ordering::SeqCst);
             return Err(e);
         }
-        // A new device holds nothing of ours: everything is rebuilt.
+        // A new device holds nothing of ours: everything is rebuilt. The
+        // leg is failed *before* the device changes, so a read that sees
+        // the new device (channels check the version first) also sees the
+        // failed state and goes to a remote leg.
         rec.state.store(LocalState::Failed as u8, Ordering::SeqCst);
         for r in 0..rec.regions {
             rec.set_bit(r);
         }
         rec.cursor.store(0, Ordering::SeqCst);
+        if let Err(e) = rec.set_device(v) {
+            rec.running.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
     }
     rec.source_leg.store(src, Ordering::SeqCst);
     rec.total.store(rec.dirty_regions(), Ordering::Relaxed);
@@ -900,71 +917,34 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     }
     let dev = rec.device();
     let local = dev.channel();
-    let rs = 1u64 << rec.region_shift;
-    let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
-    let started = Instant::now();
-    let mut copied = 0u64;
-    let mut last_commit = Instant::now();
-    let mut cursor = rec.cursor.load(Ordering::SeqCst);
-    loop {
-        if m.stopping.load(Ordering::SeqCst) {
-            return Err("stopping".into());
-        }
-        if rec.state() != LocalState::Rebuilding {
-            return Err("local device failed again during the rebuild".into());
-        }
-        if m.leg_state(src) != LegState::Synced {
-            // Progress so far stays: commit it, then wait for the leg.
+    let pass = PassState {
+        cursor: Cell::new(rec.cursor.load(Ordering::SeqCst)),
+        copied: Cell::new(0),
+        active: Cell::new(0),
+        pause: Cell::new(false),
+        workers_left: Cell::new(REBUILD_DEPTH),
+        error: RefCell::new(None),
+        started: Instant::now(),
+    };
+    let mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>> = (0
+        ..REBUILD_DEPTH)
+        .map(|_| Box::pin(rebuild_worker(m, src, &local, &pass)) as _)
+        .collect();
+    futs.push(Box::pin(rebuild_committer(m, &local, &pass)));
+    join_all(futs).await;
+    let err = pass.error.borrow_mut().take();
+    if let Some(e) = err {
+        if rec.state() == LocalState::Rebuilding {
+            // Keep what was copied (flush, then commit), then wait and retry.
             persist_progress(m, &local).await?;
-            return Err(format!("source leg {src} left the synced state"));
         }
-        let Some(r) = rec.next_dirty(cursor).or_else(|| rec.next_dirty(0)) else {
-            break;
-        };
-        let start = r * rs;
-        let end = (start + rs).min(rec.size);
-        let guard = m.overlap.lock(start, end);
-        guard.ready().await;
-        if rec.is_dirty(r) {
-            let mut off = start;
-            while off < end {
-                let len = chunk.min(end - off) as usize;
-                let data = leg_read(m, src, off, len)
-                    .await
-                    .map_err(|e| format!("reading region {r} from leg {src}: {e}"))?;
-                let data = into_chunk(&data).await?;
-                let (res, _) = local.write(ByteOffset(off), data).await;
-                if let Err(e) = res {
-                    let why = format!("local write during rebuild: {e}");
-                    fail_local(m, start, end - start, &why).await;
-                    return Err(why);
-                }
-                off += len as u64;
-            }
-            rec.clear_bit(r);
-            copied += end - start;
-            rec.copied.fetch_add(end - start, Ordering::Relaxed);
-            rec.done.fetch_add(1, Ordering::Relaxed);
-        }
-        drop(guard);
-        cursor = r + 1;
-        rec.cursor.store(cursor, Ordering::SeqCst);
-        let el = started.elapsed().as_secs_f64().max(1e-6);
-        rec.rate_seen
-            .store((copied as f64 / el) as u64, Ordering::Relaxed);
-        if last_commit.elapsed() >= COMMIT_EVERY {
-            persist_progress(m, &local).await?;
-            last_commit = Instant::now();
-        }
-        let rate = m.resync_rate.load(Ordering::Relaxed);
-        if rate > 0 {
-            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                sleep(wait).await;
-            }
-        }
+        return Err(e);
     }
     if rec.dirty_regions() != 0 {
+        // Regions behind the cursor (a resumed rebuild starts mid-way):
+        // another pass from the start.
+        rec.cursor.store(0, Ordering::SeqCst);
+        persist_progress(m, &local).await?;
         return Ok(false);
     }
     // Nothing left: durable locally, then healthy.
@@ -1004,6 +984,148 @@ async fn into_chunk(data: &[u8]) -> Result<mirrorpoint_poller::IoBuf, String> {
         .map_err(|e| format!("rebuild buffer: {e}"))?;
     b.copy_from_slice(data);
     Ok(b.freeze())
+}
+
+/// Regions copied at once by a rebuild (each waits for a leg round trip
+/// and a local write: one at a time leaves the link and the disk idle).
+const REBUILD_DEPTH: usize = 8;
+
+/// One rebuild pass's shared state (all its tasks run on one reactor).
+struct PassState {
+    cursor: Cell<u64>,
+    copied: Cell<u64>,
+    active: Cell<usize>,
+    pause: Cell<bool>,
+    workers_left: Cell<usize>,
+    error: RefCell<Option<String>>,
+    started: Instant,
+}
+
+impl PassState {
+    fn fail(&self, e: String) {
+        self.error.borrow_mut().get_or_insert(e);
+    }
+}
+
+/// Takes the next dirty region at or after the pass's cursor and copies it
+/// from the leg, under the region's overlap lock; until none is left, an
+/// error, or the state changes.
+async fn rebuild_worker(m: &Arc<Mirror>, src: usize, local: &VolumeChannel, pass: &PassState) {
+    let rec = &m.recovery;
+    let rs = 1u64 << rec.region_shift;
+    let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
+    loop {
+        if pass.error.borrow().is_some() {
+            break;
+        }
+        if m.stopping.load(Ordering::SeqCst) {
+            pass.fail("stopping".into());
+            break;
+        }
+        if rec.state() != LocalState::Rebuilding {
+            pass.fail("local device failed again during the rebuild".into());
+            break;
+        }
+        if m.leg_state(src) != LegState::Synced {
+            pass.fail(format!("source leg {src} left the synced state"));
+            break;
+        }
+        if pass.pause.get() {
+            sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let Some(r) = rec.next_dirty(pass.cursor.get()) else {
+            break;
+        };
+        pass.cursor.set(r + 1);
+        rec.cursor.store(r + 1, Ordering::SeqCst);
+        pass.active.set(pass.active.get() + 1);
+        let res = rebuild_region(m, src, local, r, rs, chunk).await;
+        pass.active.set(pass.active.get() - 1);
+        match res {
+            Ok(n) => pass.copied.set(pass.copied.get() + n),
+            Err(e) => {
+                pass.fail(e);
+                break;
+            }
+        }
+        let el = pass.started.elapsed();
+        let copied = pass.copied.get();
+        rec.rate_seen.store(
+            (copied as f64 / el.as_secs_f64().max(1e-6)) as u64,
+            Ordering::Relaxed,
+        );
+        let rate = m.resync_rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(el) {
+                sleep(wait).await;
+            }
+        }
+    }
+    pass.workers_left.set(pass.workers_left.get() - 1);
+}
+
+/// Copies region `r` from leg `src` to the local device. Returns the bytes
+/// copied (0 when a host write's failure made it moot meanwhile).
+async fn rebuild_region(
+    m: &Arc<Mirror>,
+    src: usize,
+    local: &VolumeChannel,
+    r: u64,
+    rs: u64,
+    chunk: u64,
+) -> Result<u64, String> {
+    let rec = &m.recovery;
+    let start = r * rs;
+    let end = (start + rs).min(rec.size);
+    let guard = m.overlap.lock(start, end);
+    guard.ready().await;
+    if !rec.is_dirty(r) {
+        return Ok(0);
+    }
+    let mut off = start;
+    while off < end {
+        let len = chunk.min(end - off) as usize;
+        let data = leg_read(m, src, off, len)
+            .await
+            .map_err(|e| format!("reading region {r} from leg {src}: {e}"))?;
+        let data = into_chunk(&data).await?;
+        let (res, _) = local.write(ByteOffset(off), data).await;
+        if let Err(e) = res {
+            let why = format!("local write during rebuild: {e}");
+            fail_local(m, start, end - start, &why).await;
+            return Err(why);
+        }
+        off += len as u64;
+    }
+    rec.clear_bit(r);
+    rec.copied.fetch_add(end - start, Ordering::Relaxed);
+    rec.done.fetch_add(1, Ordering::Relaxed);
+    drop(guard);
+    Ok(end - start)
+}
+
+/// Every [`COMMIT_EVERY`]: pauses the workers, waits for the regions in
+/// flight, flushes the local device and commits the bitmap (so a cleared
+/// bit on disk is never ahead of the data), then lets them go on.
+async fn rebuild_committer(m: &Arc<Mirror>, local: &VolumeChannel, pass: &PassState) {
+    let mut last = Instant::now();
+    while pass.workers_left.get() > 0 {
+        sleep(Duration::from_millis(20)).await;
+        if last.elapsed() < COMMIT_EVERY || pass.error.borrow().is_some() {
+            continue;
+        }
+        pass.pause.set(true);
+        while pass.active.get() > 0 {
+            sleep(Duration::from_millis(1)).await;
+        }
+        if let Err(e) = persist_progress(m, local).await {
+            pass.fail(e);
+        }
+        pass.pause.set(false);
+        last = Instant::now();
+    }
 }
 
 /// Flushes the local device, then commits the bitmap and cursor: a bit
