@@ -620,7 +620,12 @@ impl Mirror {
                     let total = l.resync_total.load(Ordering::Relaxed);
                     let done = l.resync_pass_copied.load(Ordering::Relaxed);
                     let pct = if total == 0 {
-                        100.0
+                        // No pass yet: a new (added) leg has it all to do.
+                        if dirty == 0 {
+                            100.0
+                        } else {
+                            0.0
+                        }
                     } else {
                         ((done.min(total) as f64 * 100.0 / total as f64) * 10.0).round() / 10.0
                     };

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use super::engine::{LegConfig, LegState, Mirror};
 use super::service::{
     allocate_leg, err, lock, record_path, release_leg, rpc_err, write_json_atomically, LegRecord,
-    MirrorParams, MirrorRecord, SvcError,
+    MirrorParams, MirrorRecord, Replacing, SvcError,
 };
 use crate::daemon::DaemonState;
 
@@ -142,15 +142,7 @@ fn add_leg_locked(state: &DaemonState, name: &str, want: u32) -> Result<Value, S
         )
     })?;
     let mut rec = load_record(state, name)?;
-    let leg_id = rec
-        .legs
-        .iter()
-        .chain(&rec.pending_release)
-        .map(|l| l.leg_id + 1)
-        .max()
-        .unwrap_or(0)
-        .max(rec.next_leg_id)
-        .max(1);
+    let leg_id = next_leg_id(&rec);
     // The id is used up before any agent hears of it.
     rec.next_leg_id = leg_id + 1;
     save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
@@ -195,6 +187,18 @@ fn add_leg_locked(state: &DaemonState, name: &str, want: u32) -> Result<Value, S
     }))
 }
 
+/// The id the next added leg gets (never one used before in the mirror).
+fn next_leg_id(rec: &MirrorRecord) -> u32 {
+    rec.legs
+        .iter()
+        .chain(&rec.pending_release)
+        .map(|l| l.leg_id + 1)
+        .max()
+        .unwrap_or(0)
+        .max(rec.next_leg_id)
+        .max(1)
+}
+
 fn with_leg_pending(state: &DaemonState, name: &str, leg: &LegRecord) -> Result<(), String> {
     let mut rec = load_record(state, name).map_err(|e| e.message)?;
     rec.legs
@@ -237,6 +241,17 @@ fn remove_leg_locked(state: &DaemonState, name: &str, slot: usize) -> Result<Val
             )
         })?;
     let leg_id = rec.legs[pos].leg_id;
+    if m.legs().iter().all(|l| l.config().slot != slot) {
+        return Err(err(
+            libc::EINVAL,
+            format!("leg: mirror '{name}' runs no leg {slot}"),
+        ));
+    }
+    // The record first: after a crash from here on the leg is gone and
+    // its release is retried (the removal finishes after a restart).
+    let leg = rec.legs.remove(pos);
+    rec.pending_release.push(leg.clone());
+    save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
     let removed = m
         .remove_leg(slot)
         .map_err(|e| err(libc::EINVAL, format!("leg: {e}")))?;
@@ -249,9 +264,12 @@ fn remove_leg_locked(state: &DaemonState, name: &str, slot: usize) -> Result<Val
             removed.config().leg_id
         );
     }
-    let leg = rec.legs.remove(pos);
     let released = match release_leg(state, &site, rec.mirror_id, &leg) {
-        Ok(()) => true,
+        Ok(()) => {
+            rec.pending_release.retain(|l| l.leg_id != leg_id);
+            save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
+            true
+        }
         Err(e) => {
             tracing::warn!(
                 mirror = name,
@@ -259,11 +277,9 @@ fn remove_leg_locked(state: &DaemonState, name: &str, slot: usize) -> Result<Val
                 "could not release the removed leg at {} yet (retried in the background): {e}",
                 leg.site
             );
-            rec.pending_release.push(leg.clone());
             false
         }
     };
-    save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
     Ok(json!({"leg": slot, "leg_id": leg_id, "site": leg.site, "released": released}))
 }
 
@@ -356,6 +372,10 @@ fn monitor(weak: Weak<DaemonState>) {
         }
         let mirrors: Vec<(MirrorParams, Arc<Mirror>)> = lock(&state.mirror.mirrors).clone();
         for (p, m) in &mirrors {
+            if !lock(&state.mirror.policies).contains_key(&p.name) {
+                // First look at this mirror since the daemon started.
+                resume_replacement(&state, &p.name);
+            }
             check_mirror(&state, p, m);
         }
         if last_release_try.elapsed() >= RELEASE_RETRY {
@@ -469,16 +489,91 @@ fn check_mirror(state: &DaemonState, p: &MirrorParams, m: &Arc<Mirror>) {
 }
 
 /// Allocates and adds a new leg, then removes the one in `slot` (removed
-/// first if no slot is free).
+/// first if no slot is free). The record says a replacement is under way
+/// (`replacing`) until both are done, so that after a crash in between the
+/// restart finishes it (see [`resume_replacement`]) instead of allocating
+/// yet another leg.
 fn replace(state: &DaemonState, name: &str, slot: usize) -> Result<Value, SvcError> {
     let (_, m) = find(state, name)?;
-    if m.free_slot().is_some() {
-        let new = add_leg_locked(state, name, 0)?;
-        remove_leg_locked(state, name, slot)?;
-        Ok(new)
+    let mut rec = load_record(state, name)?;
+    let old = (0..rec.legs.len())
+        .find(|&i| rec.slot_of(i) == slot)
+        .map(|i| rec.legs[i].leg_id)
+        .ok_or_else(|| err(libc::ENOENT, format!("mirror '{name}' has no leg {slot}")))?;
+    rec.replacing = Some(Replacing {
+        old_leg_id: old,
+        new_from: next_leg_id(&rec),
+    });
+    save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
+    let res = if m.free_slot().is_some() {
+        add_leg_locked(state, name, 0).and_then(|new| {
+            remove_leg_locked(state, name, slot)?;
+            Ok(new)
+        })
     } else {
-        remove_leg_locked(state, name, slot)?;
-        add_leg_locked(state, name, 0)
+        remove_leg_locked(state, name, slot).and_then(|_| add_leg_locked(state, name, 0))
+    };
+    let mut rec = load_record(state, name)?;
+    rec.replacing = None;
+    save_record(state, name, &rec).map_err(|e| err(libc::EIO, e))?;
+    res
+}
+
+/// After a restart: a replacement that a crash interrupted is finished.
+/// If its new leg was recorded, the old leg is removed now (it was down
+/// past the timeout when the replacement began); if not, nothing was
+/// changed yet and the policy decides again.
+fn resume_replacement(state: &DaemonState, name: &str) {
+    let _ops = lock(&state.mirror.leg_ops);
+    let Ok(rec) = load_record(state, name) else {
+        return;
+    };
+    let Some(r) = rec.replacing else {
+        return;
+    };
+    let new_id = rec
+        .legs
+        .iter()
+        .filter(|l| l.leg_id >= r.new_from)
+        .map(|l| l.leg_id)
+        .max();
+    let old = (0..rec.legs.len()).find(|&i| rec.legs[i].leg_id == r.old_leg_id);
+    match (new_id, old) {
+        (Some(new_id), Some(i)) => {
+            let slot = rec.slot_of(i);
+            tracing::warn!(
+                mirror = name,
+                leg = slot,
+                leg_id = r.old_leg_id,
+                "finishing a leg replacement interrupted by a restart: removing the old leg"
+            );
+            if let Err(e) = remove_leg_locked(state, name, slot) {
+                tracing::error!(mirror = name, "finishing the replacement: {}", e.message);
+                return;
+            }
+            lock(&state.mirror.policies)
+                .entry(name.to_string())
+                .or_default()
+                .replacements
+                .push(json!({
+                    "at_unix_ms": now_unix_ms(),
+                    "old_leg": slot,
+                    "old_leg_id": r.old_leg_id,
+                    "new_leg_id": new_id,
+                    "reason": "replacement interrupted by a restart, finished after it",
+                }));
+        }
+        _ => tracing::info!(
+            mirror = name,
+            "a leg replacement was interrupted before its new leg was recorded, or after the old one was removed: nothing left to do"
+        ),
+    }
+    let Ok(mut again) = load_record(state, name) else {
+        return;
+    };
+    again.replacing = None;
+    if let Err(e) = save_record(state, name, &again) {
+        tracing::warn!(mirror = name, "{e}");
     }
 }
 

@@ -179,6 +179,17 @@ pub(super) struct MirrorRecord {
     /// was unreachable); retried in the background.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) pending_release: Vec<LegRecord>,
+    /// An automatic replacement under way (finished after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) replacing: Option<Replacing>,
+}
+
+/// A leg replacement under way: the old leg, and the first leg id its
+/// replacement can have.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(super) struct Replacing {
+    pub(super) old_leg_id: u32,
+    pub(super) new_from: u32,
 }
 
 impl MirrorRecord {
@@ -1654,6 +1665,17 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
             ))
         }
     };
+    if let Some(t) = p.failed_timeout_ms {
+        if t < super::legops::MIN_FAILED_TIMEOUT_MS {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "failed_timeout_ms: must be at least {}, not {t}",
+                    super::legops::MIN_FAILED_TIMEOUT_MS
+                ),
+            ));
+        }
+    }
     std::fs::create_dir_all(MirrorService::data_dir(state))
         .map_err(|e| err(libc::EIO, e.to_string()))?;
     let local = match (&p.volume, p.size) {
@@ -1717,6 +1739,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
             legs: vec![leg],
             next_leg_id: 1,
             pending_release: Vec::new(),
+            replacing: None,
         };
         write_json_atomically(&rpath, &r)
             .map_err(|e| err(libc::EIO, format!("{}: {e}", rpath.display())))?;
@@ -1944,6 +1967,8 @@ pub(super) fn status_errno(s: Status) -> i32 {
 /// `mirror_delete`: stops the mirror, releases its remote legs, removes its state.
 pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     let svc = &state.mirror;
+    // Not while a leg of it is being added, removed or replaced.
+    let _ops = lock(&svc.leg_ops);
     if state.iscsi.volume_in_use(name) {
         return Err(err(
             libc::EBUSY,
@@ -1981,6 +2006,8 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
             }
         }
     }
+    // A mirror created later under this name starts with a clean history.
+    lock(&svc.policies).remove(name);
     let _ = std::fs::remove_file(&rpath);
     let _ = std::fs::remove_file(meta_path(state, name));
     let _ = std::fs::remove_file(local_state_path(state, name));
