@@ -1141,3 +1141,100 @@ async fn persist_progress(m: &Arc<Mirror>, local: &VolumeChannel) -> Result<(), 
         .await
         .map_err(|e| format!("persist rebuild progress: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved() -> Saved {
+        Saved {
+            state: LocalState::Rebuilding,
+            source_leg: 2,
+            cursor: 77,
+            device: "repl".into(),
+            bits: vec![0x8000_0000_0000_0001, 0, 0x5],
+        }
+    }
+
+    #[test]
+    fn state_file_round_trips() {
+        let b = encode(&saved(), 16, 130);
+        let s = decode(&b, 16, 130).expect("decodes");
+        assert_eq!(s.state, LocalState::Rebuilding);
+        assert_eq!((s.source_leg, s.cursor), (2, 77));
+        assert_eq!(s.device, "repl");
+        assert_eq!(s.bits, saved().bits);
+    }
+
+    /// A torn, truncated or foreign file is refused with a reason, never a panic.
+    #[test]
+    fn damaged_state_files_are_refused() {
+        let b = encode(&saved(), 16, 130);
+        for n in 0..b.len() {
+            assert!(decode(&b[..n], 16, 130).is_err(), "truncated to {n}");
+        }
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(decode(&c, 16, 130).is_err(), "byte {i} flipped");
+        }
+        let e = decode(&b, 17, 65).err().expect("other geometry");
+        assert!(e.contains("regions"), "{e}");
+        // A CRC-valid file whose device name length points past the end.
+        let mut c = b[..b.len() - 4].to_vec();
+        let at = 8 + 1 + 4 + 8 + 4 + 8;
+        c[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32c::crc32c(&c);
+        c.extend_from_slice(&crc.to_le_bytes());
+        assert!(decode(&c, 16, 130).is_err());
+    }
+
+    #[test]
+    fn open_persists_and_reloads_the_bitmap() {
+        let dir = std::env::temp_dir().join(format!("mp-recovery-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let reg = crate::volume::VolumeRegistry::new();
+        let v = reg
+            .create(crate::volume::VolumeSpec::Malloc(
+                crate::volume::registry::MallocParams {
+                    name: Some("l".into()),
+                    num_blocks: 2048,
+                    block_size: crate::units::BlockSize::B512,
+                    uuid: None,
+                },
+            ))
+            .expect("malloc");
+        let path = dir.join("mirror-x.local");
+        let (rec, dev) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("new");
+        assert!(dev.is_none());
+        assert_eq!(rec.state(), LocalState::Healthy);
+        assert_eq!(rec.regions, 16);
+        rec.state.store(LocalState::Failed as u8, Ordering::SeqCst);
+        rec.set_bit(3);
+        rec.set_bit(15);
+        assert_eq!(rec.next_dirty(0), Some(3));
+        assert_eq!(rec.next_dirty(4), Some(15));
+        assert_eq!(rec.next_dirty(16), None);
+        assert!(!rec.local_readable(0, 4096));
+        rec.commit_blocking().expect("commit");
+        rec.close();
+        let (again, dev) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("reopen");
+        assert_eq!(dev.as_deref(), Some("l"));
+        assert_eq!(again.state(), LocalState::Failed);
+        assert_eq!(again.dirty_regions(), 2);
+        assert!(again.is_dirty(3) && again.is_dirty(15) && !again.is_dirty(4));
+        again.close();
+        assert!(matches!(
+            LocalRecovery::open(&path, v, 128 << 10),
+            Err(RecoverError::Invalid(_))
+        ));
+        std::fs::write(&path, b"garbage").expect("write");
+        let v2 = reg.get("l").expect("l");
+        assert!(matches!(
+            LocalRecovery::open(&path, v2, 64 << 10),
+            Err(RecoverError::Invalid(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
