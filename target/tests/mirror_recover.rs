@@ -406,6 +406,29 @@ fn configured_spare_takes_over_by_itself() {
             .call("mirror_recover_local", Some(json!({"name": "m0"})))
             .expect_err("healthy: nothing to recover");
     assert!(format!("{e:?}").contains("healthy"), "{e:?}");
+    // The error bdev's RPCs refuse what they must, naming the field.
+    let e =
+        r.a.rpc
+            .call("bdev_error_delete", Some(json!({"name": "base"})))
+            .expect_err("not an error volume");
+    assert!(format!("{e:?}").contains("name"), "{e:?}");
+    r.a.rpc
+        .call("bdev_delete", Some(json!({"name": "base"})))
+        .expect_err("wrapped by EE_base");
+    let e =
+        r.a.rpc
+            .call(
+                "bdev_error_inject_error",
+                Some(json!({"name": "EE_base", "io_type": "write", "num": 0})),
+            )
+            .expect_err("zero errors");
+    assert!(format!("{e:?}").contains("num"), "{e:?}");
+    r.a.rpc
+        .call(
+            "bdev_error_inject_error",
+            Some(json!({"name": "EE_base", "io_type": "sideways"})),
+        )
+        .expect_err("no such I/O type");
     let stop = Arc::new(AtomicBool::new(false));
     let _guard = StopOnDrop(stop.clone());
     let tally = Arc::new(Tally::default());

@@ -153,6 +153,16 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         let s = state.clone();
         methods.register(method, move |p| {
             let params: NameParam = parse_params(p)?;
+            if method == "bdev_error_delete"
+                && s.volumes
+                    .get(&params.name)
+                    .is_some_and(|v| v.error_injection().is_none())
+            {
+                return Err(RpcError::invalid_params(format!(
+                    "name: volume '{}' is not an error volume (bdev_error_create)",
+                    params.name
+                )));
+            }
             if s.iscsi.volume_in_use(&params.name) {
                 return Err(RpcError::app(
                     -libc::EBUSY,
