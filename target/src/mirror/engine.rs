@@ -1638,6 +1638,10 @@ impl Mirror {
             .unwrap_or(0)
     }
 
+    pub(super) fn leg_exists(&self, idx: usize) -> bool {
+        self.legs.get(idx).is_some()
+    }
+
     pub(super) fn leg_state(&self, idx: usize) -> LegState {
         self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
     }
@@ -1683,6 +1687,7 @@ impl Mirror {
         match link.request(msg, payload, self.cfg.link_timeout).await {
             Ok(r) => Ok(r),
             Err(e) => {
+                let e = format!("{:?}: {e}", msg.msg_type());
                 if link.kill() {
                     LINKS.with(|l| {
                         let mut l = l.borrow_mut();
