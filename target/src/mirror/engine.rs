@@ -28,6 +28,9 @@
 //! slots of a [`LegSet`]; each write takes one snapshot of it (per-core
 //! cache, see `legset.rs` for why a leg added under load misses nothing).
 
+#[path = "recovery.rs"]
+pub mod recovery;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,7 +58,7 @@ use super::wire::{
     Write, WriteFlags,
 };
 use crate::units::ByteOffset;
-use crate::volume::{Volume, VolumeChannel, VolumeError};
+use crate::volume::{Volume, VolumeError};
 
 /// When the host's write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,6 +135,8 @@ pub struct EngineConfig {
     pub resync_rate: u64,
     /// A link that answers nothing for this long is dead.
     pub link_timeout: Duration,
+    /// The local leg's failure/rebuild state (see [`recovery`]).
+    pub recovery: Arc<recovery::LocalRecovery>,
 }
 
 /// One remote leg's shared state.
@@ -222,7 +227,7 @@ pub struct Mirror {
     uid: u64,
     name: String,
     id: MirrorId,
-    local: Arc<Volume>,
+    recovery: Arc<recovery::LocalRecovery>,
     meta: Arc<MirrorMeta>,
     seq: Arc<SplitGate>,
     /// The consistency group's gate, once the mirror joined one (group.rs):
@@ -388,6 +393,8 @@ pub struct MirrorStatus {
     pub overlap_waits: u64,
     /// Remote legs.
     pub legs: Vec<LegStatus>,
+    /// The local leg: failure and rebuild.
+    pub local: recovery::LocalStatus,
 }
 
 /// How a connect decided to resync.
@@ -403,7 +410,7 @@ impl Mirror {
     pub fn start(
         name: String,
         id: MirrorId,
-        local: Arc<Volume>,
+        _local: Arc<Volume>,
         meta: Arc<MirrorMeta>,
         legs: Vec<LegConfig>,
         cfg: EngineConfig,
@@ -419,7 +426,7 @@ impl Mirror {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             name,
             id,
-            local,
+            recovery: cfg.recovery.clone(),
             meta,
             seq: Arc::new(SplitGate::new(1, 1)),
             group_gate: std::sync::OnceLock::new(),
@@ -437,6 +444,10 @@ impl Mirror {
         });
         for (_, leg) in m.legs.snapshot().iter() {
             m.spawn_supervisor(leg.clone());
+        }
+        if m.recovery.state() == recovery::LocalState::Rebuilding {
+            // A rebuild was under way at the last stop: resume it.
+            recovery::spawn_rebuild(&m);
         }
         Ok(m)
     }
@@ -568,9 +579,14 @@ impl Mirror {
         self.id
     }
 
-    /// The local volume.
-    pub fn local(&self) -> &Arc<Volume> {
-        &self.local
+    /// The local volume (the configured one, or its replacement).
+    pub fn local(&self) -> Arc<Volume> {
+        self.recovery.device()
+    }
+
+    /// The local leg's failure/rebuild state.
+    pub fn recovery(&self) -> &Arc<recovery::LocalRecovery> {
+        &self.recovery
     }
 
     /// The metadata.
@@ -697,7 +713,7 @@ impl Mirror {
         MirrorStatus {
             name: self.name.clone(),
             mirror_id: self.id.0,
-            local_volume: self.local.name().to_string(),
+            local_volume: self.local().name().to_string(),
             generation: format!("{:016x}", g.current),
             ack: self.cfg.ack,
             region_size: rs,
@@ -749,6 +765,7 @@ impl Mirror {
                     }
                 })
                 .collect(),
+            local: self.recovery.status(),
         }
     }
 
@@ -762,6 +779,7 @@ impl Mirror {
         }
         self.kill_links(None);
         self.meta.close();
+        self.recovery.close();
     }
 
     /// The operator's choice for a refused (`failed`) leg: the local data
@@ -959,7 +977,7 @@ type LegFuture<'a> = Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>
 /// The per-core handle front ends use (through [`VolumeChannel`]).
 pub struct MirrorChannel {
     mirror: Arc<Mirror>,
-    local: VolumeChannel,
+    local: recovery::LocalChannel,
     lag: Rc<LocalSemaphore>,
     legs: LegCache<Leg>,
 }
@@ -968,7 +986,7 @@ impl MirrorChannel {
     /// Opens a channel on this reactor.
     pub fn new(mirror: &Arc<Mirror>) -> MirrorChannel {
         MirrorChannel {
-            local: mirror.local.channel(),
+            local: recovery::LocalChannel::new(&mirror.recovery),
             lag: LAG.with(|l| {
                 l.borrow_mut()
                     .entry(mirror.uid)
@@ -980,13 +998,110 @@ impl MirrorChannel {
         }
     }
 
-    /// Reads are served by the local leg.
+    /// Reads are served by the local leg; by a remote leg when the local
+    /// one failed (the failing read is retried there) or misses the range.
     pub async fn read(
         &self,
         offset: ByteOffset,
         buf: IoBufMut,
     ) -> (Result<(), VolumeError>, IoBufMut) {
-        self.local.read(offset, buf).await
+        let m = &self.mirror;
+        let rec = &m.recovery;
+        let len = buf.len() as u64;
+        // The channel first, then the state: a replacement device is
+        // installed only after the state says failed (see recovery.rs).
+        let local = self.local.get(rec);
+        let legs = if rec.local_readable(offset.0, len) {
+            let (r, buf) = local.read(offset, buf).await;
+            let legs = self.legs.get(&m.legs);
+            match r {
+                Err(e) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                    let why = format!("local read: {e}");
+                    recovery::fail_local(m, offset.0, len, &why).await;
+                }
+                r => return (r, buf),
+            }
+            return recovery::remote_read(m, &legs, offset, buf).await;
+        } else {
+            self.legs.get(&m.legs)
+        };
+        recovery::remote_read(m, &legs, offset, buf).await
+    }
+
+    /// The mirrored write to every leg, completing when all are done. With
+    /// the local leg failed (`skip_local`) or failing now, the write
+    /// succeeds when at least one remote leg took it.
+    async fn write_all_legs(
+        &self,
+        legs: &super::legset::Snapshot<Leg>,
+        stamp: Stamp,
+        offset: ByteOffset,
+        buf: &IoBuf,
+        skip_local: bool,
+    ) -> Result<(), VolumeError> {
+        let m = &self.mirror;
+        let len = buf.len() as u64;
+        let acked = Cell::new(0usize);
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
+        if !skip_local {
+            let lb = buf.clone();
+            let local = self.local.get(&m.recovery);
+            futs.push(Box::pin(
+                async move { Some(local.write(offset, lb).await.0) },
+            ));
+        }
+        for (_, leg) in legs.iter() {
+            let b = buf.clone();
+            let acked = &acked;
+            futs.push(Box::pin(async move {
+                if m.leg_write(leg, stamp, offset.0, b).await {
+                    acked.set(acked.get() + 1);
+                }
+                None
+            }));
+        }
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let local_lost = match &local {
+            None => true,
+            Some(Err(e)) => recovery::is_device_error(e),
+            Some(Ok(())) => false,
+        };
+        if local_lost && acked.get() == 0 && !legs.is_empty() {
+            // No copy took it: wait (bounded) for a leg to be live again and
+            // resend, so a link drop while the local device is failed does
+            // not reach the host. The overlap lock is still held.
+            let deadline = Instant::now() + recovery::REMOTE_RETRY_LIMIT;
+            while acked.get() == 0
+                && Instant::now() < deadline
+                && !m.stopping.load(Ordering::SeqCst)
+            {
+                sleep(Duration::from_millis(10)).await;
+                for (_, leg) in legs.iter() {
+                    if leg.state().is_live() && m.leg_write(leg, stamp, offset.0, buf.clone()).await
+                    {
+                        acked.set(acked.get() + 1);
+                    }
+                }
+            }
+        }
+        let remote_ok = acked.get() > 0;
+        match local {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                let why = format!("local write: {e}");
+                recovery::fail_local(m, offset.0, len, &why).await;
+                if remote_ok {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(Err(e)) => Err(e),
+            None if remote_ok => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg took the write",
+            ))),
+        }
     }
 
     /// A mirrored write (see the module notes).
@@ -1004,33 +1119,42 @@ impl MirrorChannel {
             m.meta.end_write(offset.0, len);
             return (Err(VolumeError::Io(e)), buf);
         }
-        match m.cfg.ack {
+        // Local leg failed: the write's regions are recorded (durably)
+        // before any leg sees it, and it goes to the remote legs only.
+        let rec = &m.recovery;
+        let skip_local = !rec.local_writable()
+            && !legs.is_empty()
+            && rec.record_missed_write(offset.0, len).await;
+        let ack = if skip_local {
+            AckPolicy::Sync
+        } else {
+            m.cfg.ack
+        };
+        match ack {
             AckPolicy::Sync => {
-                let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
-                let lb = buf.clone();
-                futs.push(Box::pin(async move {
-                    Some(self.local.write(offset, lb).await.0)
-                }));
-                for (_, leg) in legs.iter() {
-                    let b = buf.clone();
-                    futs.push(Box::pin(async move {
-                        m.leg_write(leg, stamp, offset.0, b).await;
-                        None
-                    }));
-                }
-                let out = join_all(futs).await;
+                let res = self
+                    .write_all_legs(&legs, stamp, offset, &buf, skip_local)
+                    .await;
                 m.meta.end_write(offset.0, len);
                 drop(ticket);
                 drop(guard);
-                let local = out.into_iter().flatten().next().unwrap_or(Ok(()));
-                (local, buf)
+                (res, buf)
             }
             AckPolicy::Async => {
                 let permit = self.lag.acquire().await;
-                let (res, b) = self.local.write(offset, buf).await;
-                if res.is_err() {
+                let (res, b) = self.local.get(rec).write(offset, buf).await;
+                if let Err(e) = res {
+                    if recovery::is_device_error(&e) && !legs.is_empty() {
+                        // Fall back to a synchronous write to the legs.
+                        let why = format!("local write: {e}");
+                        recovery::fail_local(m, offset.0, len, &why).await;
+                        let res = self.write_all_legs(&legs, stamp, offset, &b, true).await;
+                        m.meta.end_write(offset.0, len);
+                        drop(guard);
+                        return (res, b);
+                    }
                     m.meta.end_write(offset.0, len);
-                    return (res, b);
+                    return (Err(e), b);
                 }
                 m.lag_ios.fetch_add(1, Ordering::Relaxed);
                 m.lag_bytes.fetch_add(len, Ordering::Relaxed);
@@ -1084,19 +1208,36 @@ impl MirrorChannel {
             }
         }
         let legs = self.legs.get(&m.legs);
-        let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
+        let rec = &m.recovery;
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
+        if rec.local_writable() || legs.is_empty() {
+            let local = self.local.get(rec);
+            futs.push(Box::pin(async move { Some(local.flush().await) }));
+        }
         for (_, leg) in legs.iter() {
             futs.push(Box::pin(async move {
                 m.leg_flush(leg).await;
                 None
             }));
         }
-        join_all(futs)
-            .await
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or(Ok(()))
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let any_leg = legs.iter().any(|(_, l)| l.state().is_live());
+        match local {
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                // What the local device holds is unknown now: rebuild it all.
+                recovery::fail_local(m, 0, 0, &format!("local flush: {e}")).await;
+                if any_leg {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(r) => r,
+            None if any_leg => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg is live",
+            ))),
+        }
     }
 }
 
@@ -1464,9 +1605,9 @@ const RESYNC_COMMIT_EVERY: Duration = Duration::from_millis(250);
 
 async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String> {
     let idx = leg.idx;
-    let local = m.local.channel();
+    let local = m.local().channel();
     let rs = m.meta.region_size();
-    let size = m.local.size().0;
+    let size = m.local().size().0;
     let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
     leg.resync_total
         .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
@@ -1495,6 +1636,15 @@ async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String>
         if !m.meta.is_dirty(idx, r) {
             continue;
         }
+        if m.recovery.is_dirty(r) {
+            // The local device misses this region (failed or being
+            // rebuilt): the leg holds the newest data there.
+            m.meta.clear_dirty(idx, r);
+            continue;
+        }
+        if !m.recovery.local_readable(start, end - start) {
+            return Err("the local device failed: the leg waits for its recovery".into());
+        }
         if leg.removed.load(Ordering::SeqCst) {
             return Err("leg removed".into());
         }
@@ -1504,7 +1654,13 @@ async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String>
             let len = chunk.min(end - off);
             let b = alloc_wait(len as usize).await.map_err(|e| e.to_string())?;
             let (res, b) = local.read(ByteOffset(off), b).await;
-            res.map_err(|e| format!("local read for resync: {e}"))?;
+            if let Err(e) = res {
+                let why = format!("local read for resync: {e}");
+                if recovery::is_device_error(&e) {
+                    recovery::fail_local(m, off, len, &why).await;
+                }
+                return Err(why);
+            }
             let data = b.freeze();
             let stamp = m.gate().peek();
             let msg = Message::Write(Write {

@@ -41,6 +41,7 @@ use mirrorpoint_transport::{Acceptor as TcpAcceptor, TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::engine::recovery::{LocalRecovery, RecoverError};
 use super::engine::{AckPolicy, EngineConfig, LegConfig, Mirror};
 use super::link::{join_all, now_ns, Conn, RawFrame};
 use super::meta::MirrorMeta;
@@ -136,6 +137,10 @@ pub struct MirrorParams {
     /// A leg silent this long is degraded (default 3000 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_timeout_ms: Option<u64>,
+    /// A spare volume: when the local device fails, the mirror rebuilds
+    /// onto it from a remote leg without waiting for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare_bdev: Option<String>,
     /// Replace a remote leg that is failed or unreachable for longer than
     /// `failed_timeout_ms` by a newly allocated one (default off; also set
     /// by `mirror_set_policy`).
@@ -412,7 +417,18 @@ impl MirrorService {
         for s in lock(&self.servers).iter() {
             out.push(("agent_add_storage_server".into(), json!(s)));
         }
-        for (p, _) in lock(&self.mirrors).iter() {
+        for (p, m) in lock(&self.mirrors).iter() {
+            // After a replacement (by the operator or onto the spare) the
+            // mirror is recreated over its current local device.
+            let mut p = p.clone();
+            let dev = m.local().name().to_string();
+            if p.volume.as_deref() != Some(dev.as_str()) {
+                p.volume = Some(dev.clone());
+                p.size = None;
+            }
+            if p.spare_bdev.as_deref() == Some(dev.as_str()) || m.recovery().spare_used() {
+                p.spare_bdev = None;
+            }
             out.push(("mirror_create".into(), json!(p)));
         }
         for g in lock(&self.groups).iter() {
@@ -1762,6 +1778,10 @@ fn meta_path(state: &DaemonState, name: &str) -> PathBuf {
     MirrorService::data_dir(state).join(format!("mirror-{name}.meta"))
 }
 
+fn local_state_path(state: &DaemonState, name: &str) -> PathBuf {
+    MirrorService::data_dir(state).join(format!("mirror-{name}.local"))
+}
+
 /// `mirror_create`.
 pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, SvcError> {
     let svc = &state.mirror;
@@ -1874,7 +1894,49 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         .unwrap_or(0);
     let meta = MirrorMeta::open(&meta_path(state, &p.name), size, region_size, slots, true)
         .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let spare = match &p.spare_bdev {
+        Some(s) => Some(
+            state
+                .volumes
+                .get(s)
+                .ok_or_else(|| err(libc::EINVAL, format!("spare_bdev: no volume named '{s}'")))?,
+        ),
+        None => None,
+    };
+    let (recovery, device) = LocalRecovery::open(
+        &local_state_path(state, &p.name),
+        local.clone(),
+        region_size,
+    )
+    .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    let mut extra_claims = Vec::new();
+    if let Some(d) = device.filter(|d| d != local.name()) {
+        // A replacement was installed before the last stop.
+        let v = state.volumes.get(&d).ok_or_else(|| {
+            err(
+                libc::ENODEV,
+                format!("the local device was replaced by '{d}', which does not exist"),
+            )
+        })?;
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, &d, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, e.to_string()))?,
+        );
+        recovery
+            .set_device(v)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    }
+    if let Some(s) = spare.filter(|s| s.name() != recovery.device().name()) {
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, s.name(), &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, format!("spare_bdev: {e}")))?,
+        );
+        recovery
+            .set_spare(s)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    }
     let cfg = EngineConfig {
+        recovery,
         ack,
         max_lag_ios: p.max_lag_ios.unwrap_or(64),
         resync_rate: p.resync_rate.unwrap_or(256 << 20),
@@ -1921,6 +1983,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
     super::split::ops::recover(state, &engine);
     super::verify::resume(&engine);
     claim.keep();
+    extra_claims.into_iter().for_each(ClaimGuard::keep);
     lock(&svc.mirrors).push((p.clone(), engine));
     super::legops::start_monitor(state);
     tracing::info!(
@@ -2073,6 +2136,13 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     state.nvmf.remove_volume(name);
     m.stop();
     state.volumes.release(m.local().name(), &mirror_owner(name));
+    // A replaced local volume and the spare are claimed too.
+    for v in [p.volume.as_deref(), p.spare_bdev.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        state.volumes.release(v, &mirror_owner(name));
+    }
     super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
@@ -2088,6 +2158,7 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     lock(&svc.policies).remove(name);
     let _ = std::fs::remove_file(&rpath);
     let _ = std::fs::remove_file(meta_path(state, name));
+    let _ = std::fs::remove_file(local_state_path(state, name));
     let _ = p;
     Ok(Value::Bool(true))
 }
@@ -2123,6 +2194,68 @@ pub fn set_resync_rate(state: &DaemonState, name: &str, bps: u64) -> Result<Valu
         .find(|(p, _)| p.name == name)
         .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
     m.set_resync_rate(bps);
+    Ok(Value::Bool(true))
+}
+
+/// `mirror_recover_local` parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverParams {
+    name: String,
+    #[serde(default)]
+    source_leg: Option<usize>,
+    #[serde(default)]
+    replacement_bdev: Option<String>,
+}
+
+/// `mirror_recover_local`: rebuilds the local device (the same one once it
+/// works again, or a replacement volume) from a remote leg while I/O goes on.
+fn recover_local(state: &DaemonState, p: RecoverParams) -> Result<Value, SvcError> {
+    let replacement = match &p.replacement_bdev {
+        Some(r) => {
+            let v = state.volumes.get(r).ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: no volume named '{r}'"),
+                )
+            })?;
+            if v.mirror().is_some() {
+                return Err(err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: volume '{r}' is itself a mirror"),
+                ));
+            }
+            // Claimed for the mirror (refused if another owner has it).
+            let g = ClaimGuard::take(&state.volumes, r, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EINVAL, format!("replacement_bdev: {e}")))?;
+            Some((v, g))
+        }
+        None => None,
+    };
+    let (replacement, guard) = match replacement {
+        Some((v, g)) => (Some(v), Some(g)),
+        None => (None, None),
+    };
+    let ms = lock(&state.mirror.mirrors);
+    let (_, m) = ms
+        .iter()
+        .find(|(x, _)| x.name == p.name)
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{}'", p.name)))?;
+    let previous = m.local();
+    super::engine::recovery::start_recover(m, p.source_leg, replacement).map_err(|e| match e {
+        RecoverError::Invalid(msg) => err(libc::EINVAL, msg),
+        RecoverError::Busy(msg) => err(libc::EBUSY, msg),
+        e @ RecoverError::Io { .. } => err(libc::EIO, e.to_string()),
+    })?;
+    if let Some(g) = guard {
+        g.keep();
+        // The old device is no longer the mirror's: the operator may delete it.
+        if previous.name() != m.local().name() {
+            state
+                .volumes
+                .release(previous.name(), &mirror_owner(&p.name));
+        }
+    }
     Ok(Value::Bool(true))
 }
 
@@ -2257,6 +2390,10 @@ pub fn register(
     let s = state.clone();
     methods.register("mirror_resolve", move |p| {
         resolve(&s, parse_params(p)?).map_err(rpc_err)
+    })?;
+    let s = state.clone();
+    methods.register("mirror_recover_local", move |p| {
+        recover_local(&s, parse_params(p)?).map_err(rpc_err)
     })?;
     let s = state.clone();
     methods.register("mirror_set_resync_rate", move |p| {

@@ -12,6 +12,7 @@
 //! Buffers are pool chunks passed by value (the op owns them while the kernel
 //! does), so the largest single I/O is one chunk.
 
+pub mod error;
 pub mod malloc;
 pub mod registry;
 pub mod uring;
@@ -111,6 +112,8 @@ pub enum Backend {
     Uring(uring::UringBackend),
     /// RAM.
     Malloc(malloc::MallocBackend),
+    /// A fault-injecting wrapper of another volume (`bdev_error_create`).
+    Error(error::ErrorBackend),
     /// A mirrored volume: a local volume plus remote legs.
     Mirror(Arc<crate::mirror::engine::Mirror>),
     /// A split mirror leg's frozen data (read-only, or a writable clone).
@@ -195,6 +198,7 @@ impl Volume {
         let (product, driver) = match &self.backend {
             Backend::Uring(u) => ("Uring disk", u.describe()),
             Backend::Malloc(_) => ("Malloc disk", serde_json::json!({})),
+            Backend::Error(e) => ("Error disk", e.describe()),
             Backend::Mirror(m) => (
                 "Mirror disk",
                 serde_json::json!({"mirror": {"local": m.local().name(), "mirror_id": m.id().0}}),
@@ -221,6 +225,7 @@ impl Volume {
         let inner = match &self.backend {
             Backend::Uring(u) => ChannelInner::Uring(u.channel()),
             Backend::Malloc(m) => ChannelInner::Malloc(m.clone()),
+            Backend::Error(e) => ChannelInner::Error(Box::new(e.channel())),
             Backend::Mirror(m) => {
                 ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
             }
@@ -237,6 +242,7 @@ impl Volume {
         match &self.backend {
             Backend::Uring(u) => u.sync_blocking(),
             Backend::Malloc(_) => Ok(()),
+            Backend::Error(e) => e.base().sync_blocking(),
             Backend::Mirror(m) => m.local().sync_blocking(),
             Backend::SplitImage(_) => Ok(()),
         }
@@ -254,6 +260,22 @@ impl Volume {
     pub fn mirror(&self) -> Option<&Arc<crate::mirror::engine::Mirror>> {
         match &self.backend {
             Backend::Mirror(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The armed errors, if this is an error volume (`bdev_error_create`).
+    pub fn error_injection(&self) -> Option<&Arc<error::Injection>> {
+        match &self.backend {
+            Backend::Error(e) => Some(e.injection()),
+            _ => None,
+        }
+    }
+
+    /// The volume an error volume wraps.
+    pub fn error_base(&self) -> Option<&Arc<Volume>> {
+        match &self.backend {
+            Backend::Error(e) => Some(e.base()),
             _ => None,
         }
     }
@@ -286,6 +308,7 @@ impl Volume {
 enum ChannelInner {
     Uring(uring::UringChannel),
     Malloc(malloc::MallocBackend),
+    Error(Box<error::ErrorChannel>),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
     SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
 }
@@ -318,6 +341,7 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Error(e) => e.read(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.read(offset, buf)).await,
             ChannelInner::SplitImage(i) => Box::pin(i.read(offset, buf)).await,
         }
@@ -335,6 +359,7 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Error(e) => e.write(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
             ChannelInner::SplitImage(i) => Box::pin(i.write(offset, buf)).await,
         }
@@ -355,6 +380,7 @@ impl VolumeChannel {
             ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
             // RAM has no volatile cache to bypass.
             ChannelInner::Malloc(_) => self.write(offset, buf).await,
+            ChannelInner::Error(e) => e.write_fua(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
             ChannelInner::SplitImage(i) => {
                 let (r, buf) = Box::pin(i.write(offset, buf)).await;
@@ -371,6 +397,7 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.flush().await,
             ChannelInner::Malloc(_) => Ok(()),
+            ChannelInner::Error(e) => e.flush().await,
             ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
             ChannelInner::SplitImage(i) => Box::pin(i.flush()).await,
         }
@@ -403,6 +430,7 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
+            ChannelInner::Error(e) => e.write_zeroes(offset, len).await,
             ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
                 self.mirror_zero(offset, len).await
             }
@@ -418,6 +446,7 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
+            ChannelInner::Error(e) => e.unmap(offset, len).await,
             ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
                 self.mirror_zero(offset, len).await
             }
