@@ -25,6 +25,9 @@ echo "== Linux kernel NVMe/TCP host against the target (QEMU guest)"
 cargo build -p mirrorpoint-target --bin mirrorpoint
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh
 
+echo "== split mirror under the Linux kernel NVMe/TCP host: ext4 written, split, the image fsck'ed (QEMU guest)"
+MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-split.sh
+
 echo "== Linux kernel iSCSI initiator against the target (QEMU guest, with and without digests)"
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/iscsi-mirrorpoint.sh
 
