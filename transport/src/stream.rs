@@ -10,7 +10,9 @@
 //!   the disk and to every mirror leg without copying.
 //! - Vectored sends put a small copied header and any number of shared pool
 //!   chunks in one `IORING_OP_SENDMSG`; partial sends resume at the exact
-//!   iovec and offset where the kernel stopped.
+//!   iovec and offset where the kernel stopped. [`TcpStream::send_list`]
+//!   does the same for a reusable [`crate::SendList`] of many byte parts and
+//!   chunks (a front end's batch of PDUs), allocating nothing once warm.
 //! - The socket stays in blocking mode: io_uring never blocks on it (it
 //!   tries without waiting and then arms an internal poll), while an
 //!   `O_NONBLOCK` socket would make some kernels hand `EAGAIN` back to us.

@@ -10,7 +10,11 @@
 //! drain the pool. So heads (and discarded data) are received here, on a
 //! duplicate of the connection's descriptor (same socket, kept in blocking
 //! mode by the transport so io_uring never hands back `EAGAIN`). The op owns
-//! the vector and the descriptor until the kernel completes it.
+//! the vector and the descriptor until the kernel completes it. The split
+//! receive does hold one pool chunk while it waits: the connection loop
+//! uses it only on I/O queues whose last capsule carried in-capsule data,
+//! so at most one chunk per such queue (an I/O queue that goes idle right
+//! after a write keeps its spare chunk until the next PDU or its close).
 
 use io_uring::{opcode, types};
 use mirrorpoint_poller::{IoBufMut, Op, OpKind};
