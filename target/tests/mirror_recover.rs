@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::two_sites::{two_sites, TwoSites};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::service::pattern_byte;
@@ -34,32 +35,13 @@ struct Rig {
 }
 
 fn rig(tag: &str, extra: Value, spare: bool) -> Rig {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    let s1 = b.uring("s1", 40 * MIB);
-    let s2 = b.uring("s2", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir,
+        mut a,
+        b,
+        servers,
+        ..
+    } = two_sites(tag, &[40 * MIB, 40 * MIB], false);
     let base = a.uring("base", SIZE);
     assert_eq!(
         a.call("bdev_error_create", json!({"base_name": "base"})),
@@ -78,7 +60,7 @@ fn rig(tag: &str, extra: Value, spare: bool) -> Rig {
         p.extend(e.clone());
     }
     let created = a.call("mirror_create", params);
-    let leg = LegMap::from_create(&created, &[s1, s2]);
+    let leg = LegMap::from_create(&created, &servers);
     a.wait_leg("m0", "synced", Duration::from_secs(60));
     Rig {
         _dir: dir,

@@ -7,6 +7,7 @@ mod common;
 #[path = "nvmf_host_common/mod.rs"]
 mod nvmf_host_common;
 
+use common::two_sites::{two_sites, TwoSites};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::units::ByteOffset;
@@ -29,32 +30,14 @@ struct Sites {
 }
 
 fn sites(tag: &str) -> Sites {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    let s1 = b.uring("s1", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir, a, b, servers, ..
+    } = two_sites(tag, &[40 * MIB], false);
     Sites {
         _dir: dir,
         a,
         b,
-        servers: vec![s1],
+        servers,
     }
 }
 
