@@ -8,6 +8,7 @@ mod common;
 mod nvmf_host_common;
 
 use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, write_sync, xorshift};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::wire::{
@@ -81,38 +82,6 @@ impl Pair {
         let remote = self.leg.read(SIZE);
         assert_same(&local, &remote, "local vs remote leg");
     }
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-/// One write through the volume API on reactor `core`; the data is `fill`.
-fn write_sync(site: &Site, core: usize, name: &str, offset: u64, len: usize, fill: u8) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[core]
-        .block_on(move || async move {
-            let mut b = buffer_pool().alloc(len).expect("buffer");
-            b.fill(fill);
-            vol.channel()
-                .write(ByteOffset(offset), b.freeze())
-                .await
-                .0
-                .expect("mirrored write")
-        })
-        .unwrap();
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// Many tasks on both cores write overlapping blocks at once, while the

@@ -8,6 +8,7 @@
 mod common;
 
 use common::process::{crc_of_pattern, proc_sites, Proc, ProcSites};
+use common::volume::{flush, write_sync};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::rpc::RpcClient;
@@ -154,30 +155,6 @@ fn all_synced_and_clean(s: &Value) -> bool {
         .unwrap()
         .iter()
         .all(|l| l["state"] == "synced" && l["dirty_regions"] == 0)
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-fn write_sync(site: &Site, name: &str, offset: u64, len: usize, fill: u8) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[1]
-        .block_on(move || async move {
-            let mut b = buffer_pool().alloc(len).expect("buffer");
-            b.fill(fill);
-            vol.channel()
-                .write(ByteOffset(offset), b.freeze())
-                .await
-                .0
-                .expect("mirrored write")
-        })
-        .unwrap();
 }
 
 /// Compares the local volume with every leg of the record.
@@ -382,7 +359,7 @@ fn third_leg_added_under_a_verifying_workload_ends_identical() {
 fn removed_leg_is_released_and_leg_set_survives_restart() {
     let mut s = sites("legs-remove", json!({}));
     s.east.wait_leg("m0", "synced", Duration::from_secs(60));
-    write_sync(&s.east, "m0", 0, 65536, 0x11);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x11);
     let added = s.east.call("mirror_add_leg", json!({"name": "m0"}));
     assert_eq!(added["site"], "north");
     wait_for(Duration::from_secs(60), "leg 1 synced", || {
@@ -440,8 +417,8 @@ fn removed_leg_is_released_and_leg_set_survives_restart() {
             .is_empty()
     });
     // Writes continue, and no longer reach the removed leg.
-    write_sync(&s.east, "m0", 0, 65536, 0x22);
-    write_sync(&s.east, "m0", 20 * MIB, 65536, 0x23);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x22);
+    write_sync(&s.east, 1, "m0", 20 * MIB, 65536, 0x23);
     assert_eq!(leg(&s.east.status("m0"), 1)["state"], "synced");
     let old = west_leg.read(SIZE);
     assert!(
@@ -498,7 +475,7 @@ fn removed_leg_is_released_and_leg_set_survives_restart() {
         .call("mirror_add_leg", json!({"name": "m0", "domain": 2}));
     assert_eq!(again["leg"], 0);
     assert_eq!(again["leg_id"], 2);
-    write_sync(&s.east, "m0", MIB, 65536, 0x33);
+    write_sync(&s.east, 1, "m0", MIB, 65536, 0x33);
     compare_all(&mut s, 2);
 }
 
@@ -605,7 +582,7 @@ fn leg_unreachable_past_the_timeout_is_replaced() {
 fn replacement_cut_by_a_crash_is_finished_after_restart() {
     let mut s = sites("legs-resume", json!({}));
     s.east.wait_leg("m0", "synced", Duration::from_secs(60));
-    write_sync(&s.east, "m0", 0, 65536, 0x44);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x44);
     // The replacement's first half: the new leg (north) added.
     let added = s.east.call("mirror_add_leg", json!({"name": "m0"}));
     assert_eq!(added["site"], "north");
@@ -663,7 +640,7 @@ fn replacement_cut_by_a_crash_is_finished_after_restart() {
         1,
         "{hosted:#}"
     );
-    write_sync(&s.east, "m0", 2 * MIB, 65536, 0x45);
+    write_sync(&s.east, 1, "m0", 2 * MIB, 65536, 0x45);
     compare_all(&mut s, 1);
 }
 

@@ -8,6 +8,7 @@
 mod common;
 
 use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, read_volume};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::service::pattern_byte;
@@ -170,35 +171,6 @@ fn local_state(a: &mut Site) -> String {
         .to_string()
 }
 
-fn flush(site: &Site) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get("m0").unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-/// Reads a whole volume of the daemon through the volume API.
-fn read_volume(site: &Site, name: &str) -> Vec<u8> {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move {
-            let ch = vol.channel();
-            let mut out = Vec::with_capacity(SIZE as usize);
-            let mut off = 0;
-            while off < SIZE {
-                let b = buffer_pool().alloc(128 * 1024).expect("buffer");
-                let (r, b) = ch.read(ByteOffset(off), b).await;
-                r.expect("read volume");
-                out.extend_from_slice(&b);
-                off += 128 * 1024;
-            }
-            out
-        })
-        .unwrap()
-}
-
 fn stop_and_check(
     stop: &AtomicBool,
     waits: Vec<mirrorpoint_poller::OneshotReceiver<()>>,
@@ -288,7 +260,7 @@ fn local_device_fails_under_load_and_is_rebuilt_in_place() {
     assert_eq!(s["local"]["rebuild_regions"], 0);
     let remote_reads = s["local"]["remote_reads"].as_u64().unwrap();
     // Reads are local again: more reads do not go to the leg.
-    read_volume(&r.a, "m0");
+    read_volume(&r.a, "m0", SIZE);
     assert_eq!(
         r.a.status("m0")["local"]["remote_reads"].as_u64().unwrap(),
         remote_reads
@@ -297,7 +269,7 @@ fn local_device_fails_under_load_and_is_rebuilt_in_place() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
         &read_file(&r.base, SIZE),
         &r.leg.read(SIZE),
@@ -370,7 +342,7 @@ fn failed_local_device_is_replaced_under_load() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
         &read_file(&repl, SIZE),
         &r.leg.read(SIZE),
@@ -431,9 +403,9 @@ fn configured_spare_takes_over_by_itself() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
-        &read_volume(&r.a, "spare"),
+        &read_volume(&r.a, "spare", SIZE),
         &r.leg.read(SIZE),
         "spare vs remote leg",
     );

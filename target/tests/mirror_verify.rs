@@ -9,6 +9,7 @@
 mod common;
 
 use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, xorshift};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::service::pattern_byte;
@@ -121,14 +122,6 @@ impl Pair {
         flush(&self.a, "m0");
         assert_same(&read_file(&self.local, SIZE), &self.leg.read(SIZE), what);
     }
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
 }
 
 /// The region-aligned, merged ranges covering the given byte ranges.
@@ -349,13 +342,6 @@ fn verify_is_one_at_a_time_rate_limited_and_cancellable() {
         Some(-libc::EALREADY),
         "repair needs a finished verify: {e}"
     );
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// Host writes on both cores, hammering a hot 2 MiB and the whole volume,
