@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::process::{crc_of_pattern, proc_sites, Proc, ProcSites};
+use common::process::{pattern_workload, proc_sites, verify_model, Model, Proc, ProcSites};
 use common::{assert_same, read_file, LegMap};
-use mirrorpoint_target::rpc::RpcClient;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,66 +15,21 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-const SLOT: u64 = 64 * 1024;
 
-/// Per slot: the last acknowledged seed, and a seed in flight when the
-/// daemon died (either may be on disk).
-type Model = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+/// Slots from 8 MiB.
+const BASE: u64 = 8 * MIB;
 
-fn slot_offset(slot: usize) -> u64 {
-    8 * MIB + slot as u64 * 2 * SLOT
-}
-
-/// Writers through the admin socket's bdev_write_pattern until `stop` or an error.
 fn workload(
     sock: PathBuf,
     model: Model,
     stop: Arc<AtomicBool>,
     threads: usize,
 ) -> Vec<std::thread::JoinHandle<u64>> {
-    (0..threads)
-        .map(|t| {
-            let (sock, model, stop) = (sock.clone(), model.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let Ok(mut c) = RpcClient::connect(&sock) else { return 0 };
-                let mut n = 0u64;
-                let mut seed = (t as u64 + 1) << 40;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = t * 16 + (seed % 16) as usize;
-                    model.lock().unwrap()[slot].1 = Some(seed);
-                    let r = c.call("bdev_write_pattern", Some(json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT, "seed": seed})));
-                    if r.is_err() {
-                        return n; // daemon gone: the in-flight seed stays "maybe"
-                    }
-                    let mut m = model.lock().unwrap();
-                    m[slot] = (seed, None);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect()
+    pattern_workload(sock, model, stop, threads, BASE, |_| 0)
 }
 
 fn verify(a: &Proc, model: &Model) {
-    for (slot, (acked, maybe)) in model.lock().unwrap().iter().enumerate() {
-        if *acked == 0 && maybe.is_none() {
-            continue;
-        }
-        let got = a.call(
-            "bdev_read_crc",
-            json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT}),
-        )["crc32c"]
-            .as_u64()
-            .unwrap() as u32;
-        let ok_acked = *acked != 0 && got == crc_of_pattern(*acked, slot_offset(slot), SLOT);
-        let ok_maybe = maybe.is_some_and(|s| got == crc_of_pattern(s, slot_offset(slot), SLOT));
-        assert!(
-            ok_acked || ok_maybe,
-            "slot {slot}: acknowledged write (seed {acked:#x}) lost"
-        );
-    }
+    verify_model(a, model, BASE)
 }
 
 #[test]

@@ -9,6 +9,8 @@ use mirrorpoint_target::rpc::RpcClient;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -198,4 +200,77 @@ pub fn crc_of_pattern(seed: u64, offset: u64, len: u64) -> u32 {
         .map(|p| pattern_byte(seed, p))
         .collect();
     crc32c::crc32c(&v)
+}
+
+/// Size of one slot of the pattern workload.
+pub const SLOT: u64 = 64 * 1024;
+
+/// Per slot: the last acknowledged seed, and a seed in flight when the
+/// daemon died (either may be on disk).
+pub type Model = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+
+/// Slot `slot` of a workload whose slots start at `base` (every other 64 KiB).
+pub fn slot_offset(base: u64, slot: usize) -> u64 {
+    base + slot as u64 * 2 * SLOT
+}
+
+/// `threads` writers of `m0` through the admin socket's bdev_write_pattern
+/// (thread `t` owns slots `t*16..t*16+16`, seeds `(t+1) << 40 | seed_tag`
+/// counting up) until `stop` or an error; each returns its acknowledged count.
+pub fn pattern_workload(
+    sock: PathBuf,
+    model: Model,
+    stop: Arc<AtomicBool>,
+    threads: usize,
+    base: u64,
+    seed_tag: impl Fn(&Model) -> u64 + Clone + Send + 'static,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..threads)
+        .map(|t| {
+            let (sock, model, stop, seed_tag) =
+                (sock.clone(), model.clone(), stop.clone(), seed_tag.clone());
+            std::thread::spawn(move || {
+                let Ok(mut c) = RpcClient::connect(&sock) else {
+                    return 0;
+                };
+                let mut n = 0u64;
+                let mut seed = (t as u64 + 1) << 40 | seed_tag(&model);
+                while !stop.load(Ordering::SeqCst) {
+                    seed += 1;
+                    let slot = t * 16 + (seed % 16) as usize;
+                    model.lock().unwrap()[slot].1 = Some(seed);
+                    let r = c.call("bdev_write_pattern", Some(json!({"name": "m0", "offset": slot_offset(base, slot), "len": SLOT, "seed": seed})));
+                    if r.is_err() {
+                        return n; // daemon gone: the in-flight seed stays "maybe"
+                    }
+                    model.lock().unwrap()[slot] = (seed, None);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+/// Every written slot of `m0` on `a` holds its acknowledged seed's pattern
+/// or the one that was in flight.
+pub fn verify_model(a: &Proc, model: &Model, base: u64) {
+    for (slot, (acked, maybe)) in model.lock().unwrap().iter().enumerate() {
+        if *acked == 0 && maybe.is_none() {
+            continue;
+        }
+        let off = slot_offset(base, slot);
+        let got = a.call(
+            "bdev_read_crc",
+            json!({"name": "m0", "offset": off, "len": SLOT}),
+        )["crc32c"]
+            .as_u64()
+            .unwrap() as u32;
+        let ok_acked = *acked != 0 && got == crc_of_pattern(*acked, off, SLOT);
+        let ok_maybe = maybe.is_some_and(|s| got == crc_of_pattern(s, off, SLOT));
+        assert!(
+            ok_acked || ok_maybe,
+            "slot {slot}: acknowledged write (seed {acked:#x}) lost"
+        );
+    }
 }
