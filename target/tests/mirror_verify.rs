@@ -126,22 +126,7 @@ impl Pair {
 
 /// The region-aligned, merged ranges covering the given byte ranges.
 fn expected(ranges: &[(u64, u64)]) -> Vec<Value> {
-    let mut regions: Vec<u64> = ranges
-        .iter()
-        .flat_map(|&(o, l)| (o / REGION)..(o + l).div_ceil(REGION))
-        .collect();
-    regions.sort_unstable();
-    regions.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for r in regions {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n == r => *n += 1,
-            _ => out.push((r, 1)),
-        }
-    }
-    out.into_iter()
-        .map(|(s, n)| json!({"offset": s * REGION, "length": n * REGION, "legs": [0]}))
-        .collect()
+    common::verify::expected(ranges, REGION)
 }
 
 fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {

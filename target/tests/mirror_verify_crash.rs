@@ -43,24 +43,7 @@ impl Proc {
 
 /// The region-aligned, merged ranges covering the given byte ranges.
 fn expected(ranges: &[(u64, u64)]) -> Value {
-    let mut regions: Vec<u64> = ranges
-        .iter()
-        .flat_map(|&(o, l)| (o / REGION)..(o + l).div_ceil(REGION))
-        .collect();
-    regions.sort_unstable();
-    regions.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for r in regions {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n == r => *n += 1,
-            _ => out.push((r, 1)),
-        }
-    }
-    Value::Array(
-        out.into_iter()
-            .map(|(s, n)| json!({"offset": s * REGION, "length": n * REGION, "legs": [0]}))
-            .collect(),
-    )
+    Value::Array(common::verify::expected(ranges, REGION))
 }
 
 /// Writes a pattern to the remote leg's logical `o..o+l` straight to the

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 pub mod process;
 mod tempdir;
 pub mod two_sites;
+pub mod verify;
 pub mod volume;
 pub use tempdir::TempDir;
 
