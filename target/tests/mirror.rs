@@ -7,6 +7,8 @@ mod common;
 #[path = "nvmf_host_common/mod.rs"]
 mod nvmf_host_common;
 
+use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, write_sync, xorshift};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::wire::{
@@ -35,35 +37,14 @@ struct Pair {
 }
 
 fn pair(tag: &str, with_proxy: bool, extra: Value) -> Pair {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
     // No single storage server of the remote site has room for the leg.
-    let s1 = b.uring("s1", 40 * MIB);
-    let s2 = b.uring("s2", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
-    );
-    let proxy = with_proxy.then(|| Proxy::start("127.0.0.4", b.addr));
-    let west = proxy.as_ref().map_or(b.addr, |p| p.addr);
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": west.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir,
+        mut a,
+        b,
+        servers,
+        proxy,
+    } = two_sites(tag, &[40 * MIB, 40 * MIB], with_proxy);
     let local = a.uring("local", SIZE);
     let mut params =
         json!({"name": "m0", "volume": "local", "link_timeout_ms": 600, "resync_rate": 0});
@@ -71,7 +52,7 @@ fn pair(tag: &str, with_proxy: bool, extra: Value) -> Pair {
         p.extend(e.clone());
     }
     let created = a.call("mirror_create", params);
-    let leg = LegMap::from_create(&created, &[s1, s2]);
+    let leg = LegMap::from_create(&created, &servers);
     assert!(
         leg.0.len() >= 2,
         "the leg should span both storage servers: {created:#}"
@@ -101,38 +82,6 @@ impl Pair {
         let remote = self.leg.read(SIZE);
         assert_same(&local, &remote, "local vs remote leg");
     }
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-/// One write through the volume API on reactor `core`; the data is `fill`.
-fn write_sync(site: &Site, core: usize, name: &str, offset: u64, len: usize, fill: u8) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[core]
-        .block_on(move || async move {
-            let mut b = buffer_pool().alloc(len).expect("buffer");
-            b.fill(fill);
-            vol.channel()
-                .write(ByteOffset(offset), b.freeze())
-                .await
-                .0
-                .expect("mirrored write")
-        })
-        .unwrap();
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// Many tasks on both cores write overlapping blocks at once, while the

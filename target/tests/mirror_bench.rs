@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::two_sites::{two_sites, TwoSites};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::units::ByteOffset;
@@ -85,30 +86,12 @@ fn run(site: &Site, name: &str, bs: u64, qd: usize, secs: f64, random: bool) -> 
 #[test]
 #[ignore]
 fn mirror_write_performance() {
-    let dir = TempDir::new("bench");
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    b.uring("s1", SIZE);
-    b.uring("s2", SIZE);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(Duration::from_secs(10), "capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    let TwoSites {
+        dir: _dir,
+        mut a,
+        b: _b,
+        ..
+    } = two_sites("bench", &[SIZE, SIZE], false);
     a.uring("l0", SIZE);
     a.uring("l1", SIZE);
     a.uring("l2", SIZE);

@@ -5,234 +5,41 @@
 
 mod common;
 
-use common::{assert_same, read_file, wait_for, LegMap, TempDir, SECRET};
-use mirrorpoint_target::mirror::service::pattern_byte;
-use mirrorpoint_target::rpc::RpcClient;
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use common::process::{pattern_workload, proc_sites, verify_model, Model, Proc, ProcSites};
+use common::{assert_same, read_file, LegMap};
+use serde_json::json;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-const SLOT: u64 = 64 * 1024;
 
-struct Proc {
-    child: Option<Child>,
-    dir: PathBuf,
-}
+/// Slots from 8 MiB.
+const BASE: u64 = 8 * MIB;
 
-impl Proc {
-    fn start(dir: &Path, config: &Path) -> Proc {
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("rpc.sock");
-        let _ = std::fs::remove_file(&sock);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mirrorpoint"))
-            .args(["serve", "-m", "0,1", "--no-pin", "--buffers", "256"])
-            .arg("-c")
-            .arg(config)
-            .arg("-r")
-            .arg(&sock)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn mirrorpoint");
-        let mut p = Proc {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let t0 = Instant::now();
-        while RpcClient::connect(&sock).is_err() {
-            let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || t0.elapsed() > Duration::from_secs(60) {
-                panic!(
-                    "daemon in {} did not come up ({exited:?}); log:\n{}",
-                    dir.display(),
-                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn rpc(&self) -> RpcClient {
-        RpcClient::connect(self.dir.join("rpc.sock")).expect("rpc")
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        match self.rpc().call(method, Some(params)) {
-            Ok(v) => v,
-            Err(e) => panic!(
-                "{method}: {e:?}\nlog:\n{}",
-                std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-            ),
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            let _ = c.wait();
-        }
-    }
-
-    fn save(&self) -> PathBuf {
-        let cfg = self.call("save_config", json!({}));
-        let p = self.dir.join("saved.json");
-        std::fs::write(&p, cfg.to_string()).unwrap();
-        p
-    }
-
-    fn leg_state(&self) -> String {
-        self.call("mirror_get_status", json!({"name": "m0"}))[0]["legs"][0]["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    fn wait_synced(&self, limit: Duration) {
-        let t0 = Instant::now();
-        while self.leg_state() != "synced" {
-            if t0.elapsed() > limit {
-                panic!(
-                    "never synced: {:#}\nlog:\n{}",
-                    self.call("mirror_get_status", json!({})),
-                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn crc_of_pattern(seed: u64, offset: u64, len: u64) -> u32 {
-    let v: Vec<u8> = (offset..offset + len)
-        .map(|p| pattern_byte(seed, p))
-        .collect();
-    crc32c::crc32c(&v)
-}
-
-/// Per slot: the last acknowledged seed, and a seed in flight when the
-/// daemon died (either may be on disk).
-type Model = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
-
-fn slot_offset(slot: usize) -> u64 {
-    8 * MIB + slot as u64 * 2 * SLOT
-}
-
-/// Writers through the admin socket's bdev_write_pattern until `stop` or an error.
 fn workload(
     sock: PathBuf,
     model: Model,
     stop: Arc<AtomicBool>,
     threads: usize,
 ) -> Vec<std::thread::JoinHandle<u64>> {
-    (0..threads)
-        .map(|t| {
-            let (sock, model, stop) = (sock.clone(), model.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let Ok(mut c) = RpcClient::connect(&sock) else { return 0 };
-                let mut n = 0u64;
-                let mut seed = (t as u64 + 1) << 40;
-                while !stop.load(Ordering::SeqCst) {
-                    seed += 1;
-                    let slot = t * 16 + (seed % 16) as usize;
-                    model.lock().unwrap()[slot].1 = Some(seed);
-                    let r = c.call("bdev_write_pattern", Some(json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT, "seed": seed})));
-                    if r.is_err() {
-                        return n; // daemon gone: the in-flight seed stays "maybe"
-                    }
-                    let mut m = model.lock().unwrap();
-                    m[slot] = (seed, None);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect()
+    pattern_workload(sock, model, stop, threads, BASE, |_| 0)
 }
 
 fn verify(a: &Proc, model: &Model) {
-    for (slot, (acked, maybe)) in model.lock().unwrap().iter().enumerate() {
-        if *acked == 0 && maybe.is_none() {
-            continue;
-        }
-        let got = a.call(
-            "bdev_read_crc",
-            json!({"name": "m0", "offset": slot_offset(slot), "len": SLOT}),
-        )["crc32c"]
-            .as_u64()
-            .unwrap() as u32;
-        let ok_acked = *acked != 0 && got == crc_of_pattern(*acked, slot_offset(slot), SLOT);
-        let ok_maybe = maybe.is_some_and(|s| got == crc_of_pattern(s, slot_offset(slot), SLOT));
-        assert!(
-            ok_acked || ok_maybe,
-            "slot {slot}: acknowledged write (seed {acked:#x}) lost"
-        );
-    }
+    verify_model(a, model, BASE)
 }
 
 #[test]
 fn kill_9_of_either_site_loses_no_acknowledged_write() {
-    let dir = TempDir::new("crash");
-    let empty = dir.0.join("empty.json");
-    std::fs::write(&empty, r#"{"subsystems": []}"#).unwrap();
-    let mut a = Proc::start(&dir.0.join("a"), &empty);
-    let mut b = Proc::start(&dir.0.join("b"), &empty);
-    let aaddr = a.call("agent_set_site", json!({"name": "east", "domain": 1, "listen": "127.0.0.2:0", "secret": SECRET, "master": true}))["listen"].as_str().unwrap().to_string();
-    let baddr = b.call(
-        "agent_set_site",
-        json!({"name": "west", "domain": 2, "listen": "127.0.0.3:0", "secret": SECRET}),
-    )["listen"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let files: Vec<PathBuf> = ["s1", "s2"]
-        .iter()
-        .map(|n| dir.0.join("b").join(format!("{n}.img")))
-        .collect();
-    for (i, f) in files.iter().enumerate() {
-        let n = format!("s{}", i + 1);
-        b.call(
-            "bdev_uring_create",
-            json!({"name": n, "filename": f, "size": 40 * MIB, "block_size": 4096}),
-        );
-        b.call(
-            "agent_add_storage_server",
-            json!({"name": format!("ss{}", i + 1), "id": i + 1, "volumes": [n]}),
-        );
-    }
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": baddr}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": aaddr, "master": true}),
-    );
-    wait_for(Duration::from_secs(10), "capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    let ProcSites {
+        dir,
+        mut a,
+        mut b,
+        files,
+    } = proc_sites("crash", 2);
     let local = dir.0.join("a").join("local.img");
     a.call(
         "bdev_uring_create",

@@ -7,15 +7,15 @@
 
 mod common;
 
+use common::process::{crc_of_pattern, proc_sites, Proc, ProcSites};
+use common::volume::{flush, write_sync};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
-use mirrorpoint_target::mirror::service::pattern_byte;
 use mirrorpoint_target::rpc::RpcClient;
 use mirrorpoint_target::units::ByteOffset;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,30 +155,6 @@ fn all_synced_and_clean(s: &Value) -> bool {
         .unwrap()
         .iter()
         .all(|l| l["state"] == "synced" && l["dirty_regions"] == 0)
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-fn write_sync(site: &Site, name: &str, offset: u64, len: usize, fill: u8) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[1]
-        .block_on(move || async move {
-            let mut b = buffer_pool().alloc(len).expect("buffer");
-            b.fill(fill);
-            vol.channel()
-                .write(ByteOffset(offset), b.freeze())
-                .await
-                .0
-                .expect("mirrored write")
-        })
-        .unwrap();
 }
 
 /// Compares the local volume with every leg of the record.
@@ -383,7 +359,7 @@ fn third_leg_added_under_a_verifying_workload_ends_identical() {
 fn removed_leg_is_released_and_leg_set_survives_restart() {
     let mut s = sites("legs-remove", json!({}));
     s.east.wait_leg("m0", "synced", Duration::from_secs(60));
-    write_sync(&s.east, "m0", 0, 65536, 0x11);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x11);
     let added = s.east.call("mirror_add_leg", json!({"name": "m0"}));
     assert_eq!(added["site"], "north");
     wait_for(Duration::from_secs(60), "leg 1 synced", || {
@@ -441,8 +417,8 @@ fn removed_leg_is_released_and_leg_set_survives_restart() {
             .is_empty()
     });
     // Writes continue, and no longer reach the removed leg.
-    write_sync(&s.east, "m0", 0, 65536, 0x22);
-    write_sync(&s.east, "m0", 20 * MIB, 65536, 0x23);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x22);
+    write_sync(&s.east, 1, "m0", 20 * MIB, 65536, 0x23);
     assert_eq!(leg(&s.east.status("m0"), 1)["state"], "synced");
     let old = west_leg.read(SIZE);
     assert!(
@@ -499,7 +475,7 @@ fn removed_leg_is_released_and_leg_set_survives_restart() {
         .call("mirror_add_leg", json!({"name": "m0", "domain": 2}));
     assert_eq!(again["leg"], 0);
     assert_eq!(again["leg_id"], 2);
-    write_sync(&s.east, "m0", MIB, 65536, 0x33);
+    write_sync(&s.east, 1, "m0", MIB, 65536, 0x33);
     compare_all(&mut s, 2);
 }
 
@@ -606,7 +582,7 @@ fn leg_unreachable_past_the_timeout_is_replaced() {
 fn replacement_cut_by_a_crash_is_finished_after_restart() {
     let mut s = sites("legs-resume", json!({}));
     s.east.wait_leg("m0", "synced", Duration::from_secs(60));
-    write_sync(&s.east, "m0", 0, 65536, 0x44);
+    write_sync(&s.east, 1, "m0", 0, 65536, 0x44);
     // The replacement's first half: the new leg (north) added.
     let added = s.east.call("mirror_add_leg", json!({"name": "m0"}));
     assert_eq!(added["site"], "north");
@@ -664,94 +640,12 @@ fn replacement_cut_by_a_crash_is_finished_after_restart() {
         1,
         "{hosted:#}"
     );
-    write_sync(&s.east, "m0", 2 * MIB, 65536, 0x45);
+    write_sync(&s.east, 1, "m0", 2 * MIB, 65536, 0x45);
     compare_all(&mut s, 1);
 }
 
 // ---------------------------------------------------------------------------
 // kill -9 in the middle of a new leg's full sync (daemons as processes).
-
-struct Proc {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, config: &Path) -> Proc {
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("rpc.sock");
-        let _ = std::fs::remove_file(&sock);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mirrorpoint"))
-            .args(["serve", "-m", "0,1", "--no-pin", "--buffers", "256"])
-            .arg("-c")
-            .arg(config)
-            .arg("-r")
-            .arg(&sock)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn mirrorpoint");
-        let mut p = Proc {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let t0 = Instant::now();
-        while RpcClient::connect(&sock).is_err() {
-            let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || t0.elapsed() > Duration::from_secs(60) {
-                panic!("daemon in {} did not come up ({exited:?})", dir.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        let mut c = RpcClient::connect(self.dir.join("rpc.sock")).expect("rpc");
-        match c.call(method, Some(params)) {
-            Ok(v) => v,
-            Err(e) => panic!(
-                "{method}: {e:?}\nlog:\n{}",
-                std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-            ),
-        }
-    }
-
-    fn status(&self) -> Value {
-        self.call("mirror_get_status", json!({"name": "m0"}))[0].clone()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn crc_of_pattern(seed: u64, offset: u64, len: u64) -> u32 {
-    let v: Vec<u8> = (offset..offset + len)
-        .map(|p| pattern_byte(seed, p))
-        .collect();
-    crc32c::crc32c(&v)
-}
 
 /// Per block: last acknowledged seed, and one in flight at the kill.
 type Model = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
@@ -796,45 +690,12 @@ fn pattern_writers(
 /// zero) and finishes; no acknowledged write is lost; all legs identical.
 #[test]
 fn kill_9_during_the_full_sync_of_an_added_leg_resumes_after_restart() {
-    let dir = TempDir::new("legs-crash");
-    let empty = dir.0.join("empty.json");
-    std::fs::write(&empty, r#"{"subsystems": []}"#).unwrap();
-    let mut a = Proc::start(&dir.0.join("a"), &empty);
-    let b = Proc::start(&dir.0.join("b"), &empty);
-    let aaddr = a.call("agent_set_site", json!({"name": "east", "domain": 1, "listen": "127.0.0.2:0", "secret": SECRET, "master": true}))["listen"].as_str().unwrap().to_string();
-    let baddr = b.call(
-        "agent_set_site",
-        json!({"name": "west", "domain": 2, "listen": "127.0.0.3:0", "secret": SECRET}),
-    )["listen"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let files: Vec<PathBuf> = ["s1", "s2"]
-        .iter()
-        .map(|n| dir.0.join("b").join(format!("{n}.img")))
-        .collect();
-    for (i, f) in files.iter().enumerate() {
-        let n = format!("s{}", i + 1);
-        b.call(
-            "bdev_uring_create",
-            json!({"name": n, "filename": f, "size": 40 * MIB, "block_size": 4096}),
-        );
-        b.call(
-            "agent_add_storage_server",
-            json!({"name": format!("ss{}", i + 1), "id": i + 1, "volumes": [n]}),
-        );
-    }
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": baddr}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": aaddr, "master": true}),
-    );
-    wait_for(Duration::from_secs(10), "capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    let ProcSites {
+        dir,
+        mut a,
+        b,
+        files,
+    } = proc_sites("legs-crash", 2);
     let local = dir.0.join("a").join("local.img");
     a.call(
         "bdev_uring_create",

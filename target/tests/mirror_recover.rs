@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, read_volume};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::service::pattern_byte;
@@ -34,32 +36,13 @@ struct Rig {
 }
 
 fn rig(tag: &str, extra: Value, spare: bool) -> Rig {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    let s1 = b.uring("s1", 40 * MIB);
-    let s2 = b.uring("s2", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir,
+        mut a,
+        b,
+        servers,
+        ..
+    } = two_sites(tag, &[40 * MIB, 40 * MIB], false);
     let base = a.uring("base", SIZE);
     assert_eq!(
         a.call("bdev_error_create", json!({"base_name": "base"})),
@@ -78,7 +61,7 @@ fn rig(tag: &str, extra: Value, spare: bool) -> Rig {
         p.extend(e.clone());
     }
     let created = a.call("mirror_create", params);
-    let leg = LegMap::from_create(&created, &[s1, s2]);
+    let leg = LegMap::from_create(&created, &servers);
     a.wait_leg("m0", "synced", Duration::from_secs(60));
     Rig {
         _dir: dir,
@@ -188,35 +171,6 @@ fn local_state(a: &mut Site) -> String {
         .to_string()
 }
 
-fn flush(site: &Site) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get("m0").unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-/// Reads a whole volume of the daemon through the volume API.
-fn read_volume(site: &Site, name: &str) -> Vec<u8> {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move {
-            let ch = vol.channel();
-            let mut out = Vec::with_capacity(SIZE as usize);
-            let mut off = 0;
-            while off < SIZE {
-                let b = buffer_pool().alloc(128 * 1024).expect("buffer");
-                let (r, b) = ch.read(ByteOffset(off), b).await;
-                r.expect("read volume");
-                out.extend_from_slice(&b);
-                off += 128 * 1024;
-            }
-            out
-        })
-        .unwrap()
-}
-
 fn stop_and_check(
     stop: &AtomicBool,
     waits: Vec<mirrorpoint_poller::OneshotReceiver<()>>,
@@ -306,7 +260,7 @@ fn local_device_fails_under_load_and_is_rebuilt_in_place() {
     assert_eq!(s["local"]["rebuild_regions"], 0);
     let remote_reads = s["local"]["remote_reads"].as_u64().unwrap();
     // Reads are local again: more reads do not go to the leg.
-    read_volume(&r.a, "m0");
+    read_volume(&r.a, "m0", SIZE);
     assert_eq!(
         r.a.status("m0")["local"]["remote_reads"].as_u64().unwrap(),
         remote_reads
@@ -315,7 +269,7 @@ fn local_device_fails_under_load_and_is_rebuilt_in_place() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
         &read_file(&r.base, SIZE),
         &r.leg.read(SIZE),
@@ -388,7 +342,7 @@ fn failed_local_device_is_replaced_under_load() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
         &read_file(&repl, SIZE),
         &r.leg.read(SIZE),
@@ -449,9 +403,9 @@ fn configured_spare_takes_over_by_itself() {
         let s = r.a.status("m0");
         s["legs"][0]["state"] == "synced" && s["legs"][0]["dirty_regions"] == 0
     });
-    flush(&r.a);
+    flush(&r.a, "m0");
     assert_same(
-        &read_volume(&r.a, "spare"),
+        &read_volume(&r.a, "spare", SIZE),
         &r.leg.read(SIZE),
         "spare vs remote leg",
     );

@@ -7,6 +7,8 @@ mod common;
 #[path = "nvmf_host_common/mod.rs"]
 mod nvmf_host_common;
 
+use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, read_volume, write_volume, xorshift};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::units::ByteOffset;
@@ -29,32 +31,14 @@ struct Sites {
 }
 
 fn sites(tag: &str) -> Sites {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    let s1 = b.uring("s1", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir, a, b, servers, ..
+    } = two_sites(tag, &[40 * MIB], false);
     Sites {
         _dir: dir,
         a,
         b,
-        servers: vec![s1],
+        servers,
     }
 }
 
@@ -68,59 +52,6 @@ fn mirror(s: &mut Sites, name: &str) -> (PathBuf, LegMap) {
     let leg = LegMap::from_create(&created, &s.servers);
     s.a.wait_leg(name, "synced", Duration::from_secs(60));
     (local, leg)
-}
-
-fn read_volume(site: &Site, name: &str, size: u64) -> Vec<u8> {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).expect("volume exists");
-    st.reactors[0]
-        .block_on(move || async move {
-            let ch = vol.channel();
-            let chunk = buffer_pool().chunk_size() as u64;
-            let mut out = Vec::with_capacity(size as usize);
-            let mut off = 0;
-            while off < size {
-                let n = chunk.min(size - off);
-                let b = buffer_pool().alloc(n as usize).expect("buffer");
-                let (r, b) = ch.read(ByteOffset(off), b).await;
-                r.expect("read");
-                out.extend_from_slice(&b);
-                off += n;
-            }
-            out
-        })
-        .unwrap()
-}
-
-fn write_volume(site: &Site, name: &str, offset: u64, len: usize, fill: u8) -> Result<(), String> {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).expect("volume exists");
-    st.reactors[1]
-        .block_on(move || async move {
-            let mut b = buffer_pool().alloc(len).expect("buffer");
-            b.fill(fill);
-            vol.channel()
-                .write(ByteOffset(offset), b.freeze())
-                .await
-                .0
-                .map_err(|e| e.to_string())
-        })
-        .unwrap()
-}
-
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// One write of the workload: which blocks of its task's area it covered,

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::*;
+use common::two_sites::{two_sites, TwoSites};
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::units::ByteOffset;
 use serde_json::json;
@@ -172,25 +172,12 @@ fn svg(samples: &[(u64, u64)], req: u64, ret: u64, end: u64, steady_p999: u64) -
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (release)"]
 fn split_latency_and_rejoin_speed() {
-    let dir = TempDir::new("split-bench");
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
-    b.uring("s1", SIZE + 8 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(Duration::from_secs(10), "capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    let TwoSites {
+        dir: _dir,
+        mut a,
+        b: _b,
+        ..
+    } = two_sites("split-bench", &[SIZE + 8 * MIB], false);
     a.uring("local", SIZE);
     a.call(
         "mirror_create",

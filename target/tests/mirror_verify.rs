@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::two_sites::{two_sites, TwoSites};
+use common::volume::{flush, xorshift};
 use common::*;
 use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::mirror::service::pattern_byte;
@@ -33,39 +35,20 @@ struct Pair {
 }
 
 fn pair(tag: &str) -> Pair {
-    let dir = TempDir::new(tag);
-    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
-    let mut b = Site::start(&dir.0.join("b"), "west", 2, "127.0.0.3", false);
     // The leg spans two storage servers (neither has room alone).
-    let s1 = b.uring("s1", 40 * MIB);
-    let s2 = b.uring("s2", 40 * MIB);
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
-    );
-    b.call(
-        "agent_add_storage_server",
-        json!({"name": "ss2", "id": 2, "volumes": ["s2"]}),
-    );
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": b.addr.to_string()}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": a.addr.to_string(), "master": true}),
-    );
-    wait_for(
-        Duration::from_secs(10),
-        "the remote agent's capacity report",
-        || !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null(),
-    );
+    let TwoSites {
+        dir,
+        mut a,
+        b,
+        servers,
+        ..
+    } = two_sites(tag, &[40 * MIB, 40 * MIB], false);
     let local = a.uring("local", SIZE);
     let created = a.call(
         "mirror_create",
         json!({"name": "m0", "volume": "local", "link_timeout_ms": 3000, "resync_rate": 0}),
     );
-    let leg = LegMap::from_create(&created, &[s1, s2]);
+    let leg = LegMap::from_create(&created, &servers);
     assert!(
         leg.0.len() >= 2,
         "leg should span both servers: {created:#}"
@@ -141,32 +124,9 @@ impl Pair {
     }
 }
 
-fn flush(site: &Site, name: &str) {
-    let st = site.daemon.as_ref().unwrap().state().clone();
-    let vol = st.volumes.get(name).unwrap();
-    st.reactors[0]
-        .block_on(move || async move { vol.channel().flush().await.expect("flush") })
-        .unwrap();
-}
-
 /// The region-aligned, merged ranges covering the given byte ranges.
 fn expected(ranges: &[(u64, u64)]) -> Vec<Value> {
-    let mut regions: Vec<u64> = ranges
-        .iter()
-        .flat_map(|&(o, l)| (o / REGION)..(o + l).div_ceil(REGION))
-        .collect();
-    regions.sort_unstable();
-    regions.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for r in regions {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n == r => *n += 1,
-            _ => out.push((r, 1)),
-        }
-    }
-    out.into_iter()
-        .map(|(s, n)| json!({"offset": s * REGION, "length": n * REGION, "legs": [0]}))
-        .collect()
+    common::verify::expected(ranges, REGION)
 }
 
 fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {
@@ -367,13 +327,6 @@ fn verify_is_one_at_a_time_rate_limited_and_cancellable() {
         Some(-libc::EALREADY),
         "repair needs a finished verify: {e}"
     );
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// Host writes on both cores, hammering a hot 2 MiB and the whole volume,

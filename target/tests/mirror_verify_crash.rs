@@ -7,122 +7,14 @@
 
 mod common;
 
-use common::{assert_same, read_file, wait_for, LegMap, TempDir, SECRET};
-use mirrorpoint_target::rpc::RpcClient;
+use common::process::{proc_sites, Proc, ProcSites};
+use common::{assert_same, read_file, LegMap};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 const REGION: u64 = 64 * 1024;
-
-struct Proc {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, config: &Path) -> Proc {
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("rpc.sock");
-        let _ = std::fs::remove_file(&sock);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mirrorpoint"))
-            .args(["serve", "-m", "0,1", "--no-pin", "--buffers", "256"])
-            .arg("-c")
-            .arg(config)
-            .arg("-r")
-            .arg(&sock)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn mirrorpoint");
-        let mut p = Proc {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let t0 = Instant::now();
-        while RpcClient::connect(&sock).is_err() {
-            let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || t0.elapsed() > Duration::from_secs(60) {
-                panic!(
-                    "daemon in {} did not come up ({exited:?}); log:\n{}",
-                    dir.display(),
-                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn rpc(&self) -> RpcClient {
-        RpcClient::connect(self.dir.join("rpc.sock")).expect("rpc")
-    }
-
-    fn call(&self, method: &str, params: Value) -> Value {
-        match self.rpc().call(method, Some(params)) {
-            Ok(v) => v,
-            Err(e) => panic!(
-                "{method}: {e:?}\nlog:\n{}",
-                std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-            ),
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            let _ = c.wait();
-        }
-    }
-
-    fn save(&self) -> PathBuf {
-        let cfg = self.call("save_config", json!({}));
-        let p = self.dir.join("saved.json");
-        std::fs::write(&p, cfg.to_string()).unwrap();
-        p
-    }
-
-    fn leg_state(&self) -> String {
-        self.call("mirror_get_status", json!({"name": "m0"}))[0]["legs"][0]["state"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    fn wait_synced(&self, limit: Duration) {
-        let t0 = Instant::now();
-        while self.leg_state() != "synced" {
-            if t0.elapsed() > limit {
-                panic!(
-                    "never synced: {:#}\nlog:\n{}",
-                    self.call("mirror_get_status", json!({})),
-                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 impl Proc {
     fn job(&self) -> Value {
@@ -151,24 +43,7 @@ impl Proc {
 
 /// The region-aligned, merged ranges covering the given byte ranges.
 fn expected(ranges: &[(u64, u64)]) -> Value {
-    let mut regions: Vec<u64> = ranges
-        .iter()
-        .flat_map(|&(o, l)| (o / REGION)..(o + l).div_ceil(REGION))
-        .collect();
-    regions.sort_unstable();
-    regions.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for r in regions {
-        match out.last_mut() {
-            Some((s, n)) if *s + *n == r => *n += 1,
-            _ => out.push((r, 1)),
-        }
-    }
-    Value::Array(
-        out.into_iter()
-            .map(|(s, n)| json!({"offset": s * REGION, "length": n * REGION, "legs": [0]}))
-            .collect(),
-    )
+    Value::Array(common::verify::expected(ranges, REGION))
 }
 
 /// Writes a pattern to the remote leg's logical `o..o+l` straight to the
@@ -192,45 +67,12 @@ fn corrupt_leg(b: &Proc, created: &Value, o: u64, l: u64, seed: u64) {
 
 #[test]
 fn kill_9_mid_verify_and_mid_repair_both_resume_and_finish() {
-    let dir = TempDir::new("verify-crash");
-    let empty = dir.0.join("empty.json");
-    std::fs::write(&empty, r#"{"subsystems": []}"#).unwrap();
-    let mut a = Proc::start(&dir.0.join("a"), &empty);
-    let b = Proc::start(&dir.0.join("b"), &empty);
-    let aaddr = a.call("agent_set_site", json!({"name": "east", "domain": 1, "listen": "127.0.0.2:0", "secret": SECRET, "master": true}))["listen"].as_str().unwrap().to_string();
-    let baddr = b.call(
-        "agent_set_site",
-        json!({"name": "west", "domain": 2, "listen": "127.0.0.3:0", "secret": SECRET}),
-    )["listen"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let files: Vec<PathBuf> = ["s1", "s2"]
-        .iter()
-        .map(|n| dir.0.join("b").join(format!("{n}.img")))
-        .collect();
-    for (i, f) in files.iter().enumerate() {
-        let n = format!("s{}", i + 1);
-        b.call(
-            "bdev_uring_create",
-            json!({"name": n, "filename": f, "size": 40 * MIB, "block_size": 4096}),
-        );
-        b.call(
-            "agent_add_storage_server",
-            json!({"name": format!("ss{}", i + 1), "id": i + 1, "volumes": [n]}),
-        );
-    }
-    a.call(
-        "agent_add_peer",
-        json!({"name": "west", "domain": 2, "address": baddr}),
-    );
-    b.call(
-        "agent_add_peer",
-        json!({"name": "east", "domain": 1, "address": aaddr, "master": true}),
-    );
-    wait_for(Duration::from_secs(10), "capacity report", || {
-        !a.call("agent_get_sites", json!({}))["peers"][0]["last_report_ms"].is_null()
-    });
+    let ProcSites {
+        dir,
+        mut a,
+        b,
+        files,
+    } = proc_sites("verify-crash", 2);
     let local = dir.0.join("a").join("local.img");
     a.call(
         "bdev_uring_create",

@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod process;
 mod tempdir;
+pub mod two_sites;
+pub mod verify;
+pub mod volume;
 pub use tempdir::TempDir;
 
 pub fn options(dir: &Path) -> DaemonOptions {
