@@ -484,8 +484,12 @@ pub fn svg(t: &TimelineReport, title: &str) -> String {
 fn event_label(command: &str) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
     // `... rpc METHOD ...` reads best as the method name.
+    // (skipping options and paths: `rpc -s /run/mp.sock mirror_split ...`).
     if let Some(i) = words.iter().position(|w| *w == "rpc") {
-        if let Some(m) = words.get(i + 1) {
+        if let Some(m) = words[i + 1..]
+            .iter()
+            .find(|w| !w.starts_with('-') && !w.contains('/'))
+        {
             return (*m).to_string();
         }
     }
@@ -582,6 +586,10 @@ mod tests {
         let plot = svg(&t, "split <test>");
         assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
         assert!(plot.contains("mirror_split (5.00 ms)"));
+        assert_eq!(
+            event_label("mirrorpoint rpc -s /run/mp.sock mirror_split '{}'"),
+            "mirror_split"
+        );
         assert!(plot.contains("split &lt;test&gt;"));
         assert_eq!(plot.matches("<polyline").count(), 4);
     }
