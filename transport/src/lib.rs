@@ -21,4 +21,4 @@ pub mod stream;
 pub use acceptor::{hand_off, Acceptor, HandoffError};
 pub use link::{Link, Received, TcpLink};
 pub use listener::TcpListener;
-pub use stream::TcpStream;
+pub use stream::{SendPart, TcpStream};
