@@ -16,7 +16,7 @@ echo "== loom models (lock-free code, every interleaving)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
     cargo test -p mirrorpoint-poller --lib wake::loom_tests
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
-    cargo test -p mirrorpoint-target --lib mirror::sequencer::loom_tests
+    cargo test -p mirrorpoint-target --lib -- mirror::sequencer::loom_tests mirror::split::loom_tests
 
 echo "== fuzz smoke (every cargo-fuzz target, briefly)"
 ./scripts/fuzz-smoke.sh "${MP_FUZZ_SECONDS:-15}"
@@ -24,6 +24,9 @@ echo "== fuzz smoke (every cargo-fuzz target, briefly)"
 echo "== Linux kernel NVMe/TCP host against the target (QEMU guest)"
 cargo build -p mirrorpoint-target --bin mirrorpoint
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh
+
+echo "== split mirror under the Linux kernel NVMe/TCP host: ext4 written, split, the image fsck'ed (QEMU guest)"
+MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-split.sh
 
 echo "== Linux kernel iSCSI initiator against the target (QEMU guest, with and without digests)"
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/iscsi-mirrorpoint.sh

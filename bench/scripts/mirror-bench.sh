@@ -15,7 +15,15 @@
 #      QD32, 128k sequential write at QD4 (per connection, 2 connections);
 #   4. with --split-at S: one more 4k randwrite QD32 run on `m1` with
 #      `mirror_split` called at second S, writing the latency timeline plot
-#      (--svg) — issue #7's measurement.
+#      (--svg) — issue #7's measurement;
+#   5. with --recover: recovery of the local device (issue #6 item 3) on a
+#      second mirror `m2` over an error bdev `EE_l2`: (a) idle host: the
+#      local device fails (bdev_error_inject_error), mirror_recover_local
+#      rebuilds it onto a blank replacement at an unlimited rate, timed from
+#      the call until the local leg is healthy; (b) busy host: 4k randrw
+#      (70 % reads) QD32 on `m2` without a rebuild, then the same with a
+#      rebuild onto another replacement started at second 0 and capped at
+#      --recover-rate MiB/s.
 # Prints every command, then markdown tables: mirrored/local IOPS, MiB/s
 # against the loopback throughput, and the resync rate against it.
 #
@@ -33,6 +41,8 @@
 #   --svg PATH        where the split timeline plot goes (default $OUT/split.svg)
 #   --bin DIR         where mirrorpoint and mirrorpoint-bench are (default build/release)
 #   --out DIR         keep JSON outputs and logs there (default: mktemp)
+#   --recover         also run the local-device recovery measurement (5.)
+#   --recover-rate N  rebuild cap in MiB/s for the busy-host run (default 32)
 #   --quick           short runs (smoke test)
 set -euo pipefail
 
@@ -48,6 +58,8 @@ SPLIT_AT=
 SPLIT_PARAMS=
 SVG=
 OUT=
+RECOVER=
+RECOVER_RATE=32
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$root/build/release
 
@@ -67,6 +79,8 @@ while [ $# -gt 0 ]; do
     --svg) SVG=$2; shift 2 ;;
     --bin) BIN=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --recover) RECOVER=1; shift ;;
+    --recover-rate) RECOVER_RATE=$2; shift 2 ;;
     --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1" ;;
@@ -144,7 +158,10 @@ start_site east "$EAST_CPUS"
 start_site west "$WEST_CPUS"
 east_addr=$(rpc east agent_set_site "{\"name\": \"east\", \"domain\": 1, \"listen\": \"127.0.0.2:0\", \"secret\": \"$SECRET\", \"master\": true}" | json_get listen)
 west_addr=$(rpc west agent_set_site "{\"name\": \"west\", \"domain\": 2, \"listen\": \"127.0.0.3:0\", \"secret\": \"$SECRET\"}" | json_get listen)
-bdev west s1 "$SIZE"
+# With --recover, west also holds m2's leg.
+west_size=$SIZE
+[ -z "$RECOVER" ] || west_size=$((2 * SIZE))
+bdev west s1 "$west_size"
 rpc west agent_add_storage_server '{"name": "ss1", "id": 1, "volumes": ["s1"]}' >/dev/null
 rpc east agent_add_peer "{\"name\": \"west\", \"domain\": 2, \"address\": \"$west_addr\"}" >/dev/null
 rpc west agent_add_peer "{\"name\": \"east\", \"domain\": 1, \"address\": \"$east_addr\", \"master\": true}" >/dev/null
@@ -202,14 +219,69 @@ if [ -n "$SPLIT_AT" ]; then
     "${cmd[@]}" >"$split_file"
 fi
 
+# 5. Recovery of the local device.
+recover_file=
+local_state() { rpc east mirror_get_status '{"name": "m2"}' | json_get 0 local state; }
+wait_healthy() {
+    local i=0
+    until [ "$(local_state)" = healthy ]; do
+        i=$((i + 1)); [ $i -le 12000 ] || die "m2's local device was never rebuilt"; sleep 0.05
+    done
+}
+if [ -n "$RECOVER" ]; then
+    bdev east l2 "$SIZE"
+    rpc east bdev_error_create '{"base_name": "l2"}' >/dev/null
+    rpc east mirror_create '{"name": "m2", "volume": "EE_l2", "resync_rate": 0}' >/dev/null
+    i=0
+    until [ "$(rpc east mirror_get_status '{"name": "m2"}' | json_get 0 legs 0 state)" = synced ]; do
+        i=$((i + 1)); [ $i -le 6000 ] || die "m2 never synced"; sleep 0.05
+    done
+    # (a) Idle host: fail the device (one write hits the error), rebuild
+    # onto a blank replacement, unlimited rate.
+    rpc east bdev_error_inject_error '{"name": "EE_l2", "io_type": "all", "permanent": true}' >/dev/null
+    rpc east bdev_write_pattern '{"name": "m2", "offset": 0, "len": 4096, "seed": 1}' >/dev/null
+    [ "$(local_state)" = failed ] || die "m2's local device did not fail"
+    bdev east r2 "$SIZE"
+    t0=$(date +%s.%N)
+    rpc east mirror_recover_local '{"name": "m2", "replacement_bdev": "r2"}' >/dev/null
+    wait_healthy
+    t1=$(date +%s.%N)
+    idle_bytes=$(rpc east mirror_get_status '{"name": "m2"}' | json_get 0 local rebuild_copied_bytes)
+    # (b) Busy host: the same load without and with a capped rebuild (onto
+    # another replacement: moving a healthy mirror rebuilds it whole).
+    rpc east mirror_set_resync_rate "{\"name\": \"m2\", \"bytes_per_second\": $((RECOVER_RATE * 1024 * 1024))}" >/dev/null
+    rpc east nvmf_subsystem_add_ns "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"m2\", \"nsid\": 3}}" >/dev/null
+    bdev east r3 "$SIZE"
+    for phase in base rebuild; do
+        f="$OUT/recover-$phase.json"
+        cmd=("$BENCH" nvmf --addr "127.0.0.2:$nvmf_port" --nqn "$nqn" --nsid 3
+            --workload randrw --rwmixread 70 --bs 4K --qd 32 --connections 2 --cores "$BENCH_CPUS"
+            --time "$TIME" --ramp "$RAMP" --target-pid "$east_pid" --json)
+        if [ $phase = rebuild ]; then
+            rpc east mirror_recover_local '{"name": "m2", "replacement_bdev": "r3"}' >/dev/null
+        fi
+        echo "${cmd[*]} > $f"
+        "${cmd[@]}" >"$f"
+        if [ $phase = rebuild ]; then
+            rpc east mirror_get_status '{"name": "m2"}' >"$OUT/recover-status.json"
+            [ "$(local_state)" = rebuilding ] ||
+                echo "# warning: the rebuild ended before the measured run did (raise --size or lower --recover-rate)" >&2
+        fi
+    done
+    wait_healthy
+    recover_file="$OUT/recover.json"
+    echo "{\"idle_bytes\": $idle_bytes, \"idle_seconds\": $(python3 -c "print($t1 - $t0)"), \"rate_mib_s\": $RECOVER_RATE}" >"$recover_file"
+fi
+
 echo
-python3 - "$OUT/resync.json" "$split_file" "${tcp_rows[@]}" -- "${rows[@]}" <<'PY'
+python3 - "$OUT/resync.json" "$split_file" "$recover_file" "$OUT" "${tcp_rows[@]}" -- "${rows[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
 resync = json.load(open(args[0]))
 split_file = args[1]
+recover_file, out = args[2], args[3]
 sep = args.index("--")
-tcps = [json.load(open(f)) for f in args[2:sep]]
+tcps = [json.load(open(f)) for f in args[4:sep]]
 rows = args[sep + 1:]
 loop = max(t["mib_s"] for t in tcps)
 print("| loopback TCP | MiB/s |")
@@ -244,5 +316,22 @@ if split_file:
               f"{a['ios']:,} I/Os within {t['window_ms']:.0f} ms: p99 {a['p99_us']:.0f} µs, p99.9 {a['p99_9_us']:.0f} µs, "
               f"max {a['max_us']:.0f} µs = {e['max_over_steady_p99_9']:.2f}x steady p99.9")
         print(f"  answer: {e['output']}")
+if recover_file:
+    r = json.load(open(recover_file))
+    rb = r["idle_bytes"] / r["idle_seconds"] / 2**20
+    print()
+    print(f"Rebuild of the local device, idle host, unlimited rate: {r['idle_bytes'] / 2**20:,.0f} MiB in "
+          f"{r['idle_seconds']:.2f} s = {rb:,.0f} MiB/s = {rb / loop:.3f}x the best loopback figure (goal >= 0.8)")
+    base = json.load(open(f"{out}/recover-base.json"))
+    reb = json.load(open(f"{out}/recover-rebuild.json"))
+    st = json.load(open(f"{out}/recover-status.json"))[0]["local"]
+    print()
+    print(f"| 4k randrw 70 % read, QD32 x 2 connections, on m2 | IOPS | MiB/s | p99 µs |")
+    print("|---|---:|---:|---:|")
+    print(f"| no rebuild | {base['iops']:,.0f} | {base['mib_s']:,.1f} | {base['lat_us']['p99']:.0f} |")
+    print(f"| rebuild capped at {r['rate_mib_s']} MiB/s | {reb['iops']:,.0f} | {reb['mib_s']:,.1f} | {reb['lat_us']['p99']:.0f} |")
+    print(f"Host IOPS during the rebuild: {reb['iops'] / base['iops']:.3f}x; rebuild measured at "
+          f"{st['rebuild_rate_bps'] / 2**20:,.1f} MiB/s (cap {r['rate_mib_s']}), "
+          f"{st['remote_reads']:,} host reads served by the leg")
 PY
 echo "# outputs in $OUT"

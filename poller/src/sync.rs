@@ -21,7 +21,19 @@ pub struct LocalSemaphore {
 
 struct SemInner {
     permits: Cell<usize>,
-    waiters: RefCell<VecDeque<Waker>>,
+    /// Waiting acquirers, oldest first: (registration id, its latest waker).
+    waiters: RefCell<VecDeque<(u64, Waker)>>,
+    next_id: Cell<u64>,
+}
+
+impl SemInner {
+    /// Wakes the oldest waiter (it leaves the queue; see [`Acquire`]).
+    fn wake_next(&self) {
+        let next = self.waiters.borrow_mut().pop_front();
+        if let Some((_, w)) = next {
+            w.wake();
+        }
+    }
 }
 
 /// Gives its permit back on drop.
@@ -36,6 +48,7 @@ impl LocalSemaphore {
             inner: Rc::new(SemInner {
                 permits: Cell::new(permits),
                 waiters: RefCell::new(VecDeque::new()),
+                next_id: Cell::new(0),
             }),
         }
     }
@@ -47,40 +60,84 @@ impl LocalSemaphore {
 
     /// Waits for a permit.
     pub fn acquire(&self) -> Acquire<'_> {
-        Acquire { sem: self }
+        Acquire {
+            sem: self,
+            id: None,
+        }
     }
 }
 
 /// Future of [`LocalSemaphore::acquire`].
+///
+/// A waiting acquirer has exactly one entry in the queue, whatever how often
+/// it is polled (a re-poll only refreshes its waker): a second entry would
+/// later take a release's wake-up for a task that no longer waits, and the
+/// waiter behind it would never be woken. A release pops the oldest entry
+/// and wakes it; an acquirer dropped while queued leaves the queue, and one
+/// dropped after being woken but before taking the permit wakes the next.
 pub struct Acquire<'a> {
     sem: &'a LocalSemaphore,
+    /// Registration id once it waited (queued, or popped and woken).
+    id: Option<u64>,
 }
 
 impl Future for Acquire<'_> {
     type Output = LocalPermit;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<LocalPermit> {
-        let inner = &self.sem.inner;
+        let this = self.get_mut();
+        let inner = &this.sem.inner;
         let n = inner.permits.get();
         if n > 0 {
             inner.permits.set(n - 1);
+            if let Some(id) = this.id.take() {
+                inner.waiters.borrow_mut().retain(|(i, _)| *i != id);
+            }
             return Poll::Ready(LocalPermit {
                 inner: inner.clone(),
             });
         }
-        inner.waiters.borrow_mut().push_back(cx.waker().clone());
+        let mut waiters = inner.waiters.borrow_mut();
+        let queued = this
+            .id
+            .and_then(|id| waiters.iter_mut().find(|(i, _)| *i == id));
+        match queued {
+            Some(entry) => entry.1.clone_from(cx.waker()),
+            None => {
+                // First wait, or woken and beaten to the permit: (re)queue.
+                let id = this.id.unwrap_or_else(|| {
+                    let id = inner.next_id.get();
+                    inner.next_id.set(id.wrapping_add(1));
+                    id
+                });
+                this.id = Some(id);
+                waiters.push_back((id, cx.waker().clone()));
+            }
+        }
         Poll::Pending
+    }
+}
+
+impl Drop for Acquire<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.id else { return };
+        let inner = &self.sem.inner;
+        let was_queued = {
+            let mut waiters = inner.waiters.borrow_mut();
+            let before = waiters.len();
+            waiters.retain(|(i, _)| *i != id);
+            waiters.len() != before
+        };
+        // Woken (popped) but gone without the permit: pass the wake-up on.
+        if !was_queued && inner.permits.get() > 0 {
+            inner.wake_next();
+        }
     }
 }
 
 impl Drop for LocalPermit {
     fn drop(&mut self) {
         self.inner.permits.set(self.inner.permits.get() + 1);
-        // Wake one waiter; it re-checks (a waiter that went away just passes
-        // the chance on, because it will not take the permit).
-        let next = self.inner.waiters.borrow_mut().pop_front();
-        if let Some(w) = next {
-            w.wake();
-        }
+        self.inner.wake_next();
     }
 }
 
@@ -197,6 +254,132 @@ impl<T> Future for OneshotReceiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (c.clone(), Waker::from(c))
+    }
+
+    fn poll<F: Future + Unpin>(f: &mut F, w: &Waker) -> Poll<F::Output> {
+        Pin::new(f).poll(&mut Context::from_waker(w))
+    }
+
+    /// A waiter polled again while it waits (as `join_all` does with every
+    /// child when any of them is woken) must not leave a stale registration
+    /// that swallows the wake-up meant for the next waiter.
+    #[test]
+    fn a_waiter_polled_twice_does_not_swallow_the_next_wakeup() {
+        let sem = LocalSemaphore::new(1);
+        let (_, wa) = counter();
+        let Poll::Ready(pa) = poll(&mut sem.acquire(), &wa) else {
+            panic!("first acquire waits");
+        };
+        let (cb, wb) = counter();
+        let mut b = sem.acquire();
+        assert!(poll(&mut b, &wb).is_pending());
+        assert!(poll(&mut b, &wb).is_pending());
+        let (cc, wc) = counter();
+        let mut c = sem.acquire();
+        assert!(poll(&mut c, &wc).is_pending());
+        drop(pa);
+        assert_eq!(cb.0.load(Ordering::SeqCst), 1, "b woken");
+        let Poll::Ready(pb) = poll(&mut b, &wb) else {
+            panic!("b not ready after the release");
+        };
+        drop(pb);
+        assert_eq!(cc.0.load(Ordering::SeqCst), 1, "c never woken");
+        assert!(poll(&mut c, &wc).is_ready());
+    }
+
+    /// A waiter that was woken but dropped before taking the permit passes
+    /// the wake-up on; one dropped while queued leaves the queue.
+    #[test]
+    fn a_woken_waiter_that_goes_away_passes_the_permit_on() {
+        let sem = LocalSemaphore::new(1);
+        let (_, wa) = counter();
+        let Poll::Ready(pa) = poll(&mut sem.acquire(), &wa) else {
+            panic!("first acquire waits");
+        };
+        let (cb, wb) = counter();
+        let mut b = sem.acquire();
+        assert!(poll(&mut b, &wb).is_pending());
+        let (cc, wc) = counter();
+        let mut c = sem.acquire();
+        assert!(poll(&mut c, &wc).is_pending());
+        let (cd, wd) = counter();
+        let mut d = sem.acquire();
+        assert!(poll(&mut d, &wd).is_pending());
+        drop(c); // queued, goes away
+        drop(pa); // wakes b
+        assert_eq!(cb.0.load(Ordering::SeqCst), 1);
+        drop(b); // woken, goes away without the permit: d is next
+        assert_eq!(cd.0.load(Ordering::SeqCst), 1, "d never woken");
+        assert_eq!(cc.0.load(Ordering::SeqCst), 0);
+        assert!(poll(&mut d, &wd).is_ready());
+    }
+
+    /// Stress: many tasks on one thread through a semaphore of 2, each
+    /// polled spuriously; all finish and never more than 2 hold a permit.
+    #[test]
+    fn stress_every_waiter_finishes_and_the_bound_holds() {
+        let sem = LocalSemaphore::new(2);
+        let holders = Rc::new(Cell::new(0usize));
+        type Task = (Arc<Count>, Waker, Pin<Box<dyn Future<Output = ()>>>);
+        let mut tasks: Vec<Task> = (0..64)
+            .map(|i| {
+                let (c, w) = counter();
+                let (sem, holders) = (sem.clone(), holders.clone());
+                let fut: Pin<Box<dyn Future<Output = ()>>> = Box::pin(async move {
+                    let _p = sem.acquire().await;
+                    holders.set(holders.get() + 1);
+                    assert!(holders.get() <= 2, "more than 2 permits out");
+                    // Yield a few times while holding the permit.
+                    for _ in 0..(i % 3) {
+                        let mut y = false;
+                        std::future::poll_fn(|cx| {
+                            if y {
+                                Poll::Ready(())
+                            } else {
+                                y = true;
+                                cx.waker().wake_by_ref();
+                                Poll::Pending
+                            }
+                        })
+                        .await;
+                    }
+                    holders.set(holders.get() - 1);
+                });
+                c.0.store(1, Ordering::SeqCst);
+                (c, w, fut)
+            })
+            .collect();
+        let mut rounds = 0;
+        while !tasks.is_empty() {
+            rounds += 1;
+            assert!(rounds < 10_000, "{} tasks never finished", tasks.len());
+            // Poll the woken ones, and every third one spuriously.
+            let mut i = 0;
+            tasks.retain_mut(|(c, w, f)| {
+                i += 1;
+                let woken = c.0.swap(0, Ordering::SeqCst) > 0;
+                if !(woken || (i + rounds) % 3 == 0) {
+                    return true;
+                }
+                f.as_mut().poll(&mut Context::from_waker(w)).is_pending()
+            });
+        }
+    }
 
     #[test]
     fn oneshot_across_threads() {

@@ -463,3 +463,111 @@ fn verify_under_host_writes_reports_nothing_false() {
     );
     p.compare("after verifying under writes");
 }
+
+/// Two remote legs (the second added online on the remote site's third
+/// storage server): verify names exactly the legs that differ per range,
+/// and a `from_leg` repair from leg 1 makes the local leg and leg 0 hold
+/// leg 1's data where leg 1 differs, and the local data elsewhere.
+#[test]
+fn two_legs_verify_names_the_differing_legs_and_from_leg_repairs_all() {
+    let mut p = pair("verify-2legs");
+    let s3 = p.b.uring("s3", 64 * MIB);
+    p.b.call(
+        "agent_add_storage_server",
+        json!({"name": "ss3", "id": 3, "volumes": ["s3"]}),
+    );
+    // Let the master see the new server in a capacity report.
+    std::thread::sleep(Duration::from_millis(1200));
+    let added =
+        p.a.call("mirror_add_leg", json!({"name": "m0", "domain": 2}));
+    assert_eq!(added["leg"], 1, "{added:#}");
+    let ext1: Vec<(u64, u64, String, u64)> = added["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["logical_offset"].as_u64().unwrap(),
+                e["len"].as_u64().unwrap(),
+                format!("s{}", e["server"].as_u64().unwrap()),
+                e["device_offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(ext1.iter().all(|e| e.2 == "s3"), "{added:#}");
+    wait_for(Duration::from_secs(60), "leg 1 synced", || {
+        p.a.status("m0")["legs"][1]["state"] == "synced"
+    });
+    p.a.call(
+        "bdev_write_pattern",
+        json!({"name": "m0", "offset": 0, "len": 12 * MIB, "seed": 9}),
+    );
+    let leg0 = p.extents.clone();
+    let mut corrupt = |extents: &[(u64, u64, String, u64)], offset: u64, len: u64, seed: u64| {
+        for (lo, l, vol, dev) in extents {
+            let (a, b) = (offset.max(*lo), (offset + len).min(lo + l));
+            if a < b {
+                p.b.call(
+                    "bdev_write_pattern",
+                    json!({"name": vol, "offset": dev + (a - lo), "len": b - a, "seed": seed}),
+                );
+            }
+        }
+    };
+    corrupt(&ext1, 2 * MIB, 4096, 31); // leg 1 only
+    corrupt(&leg0, 6 * MIB, 65536, 32); // both legs, differently
+    corrupt(&ext1, 6 * MIB, 65536, 33);
+    corrupt(&leg0, 9 * MIB + 8192, 4096, 34); // leg 0 only
+    let v = p.verify(0);
+    assert_eq!(
+        v["out_of_sync"],
+        json!([
+            {"offset": 2 * MIB, "length": REGION, "legs": [1]},
+            {"offset": 6 * MIB, "length": REGION, "legs": [0, 1]},
+            {"offset": 9 * MIB, "length": REGION, "legs": [0]},
+        ]),
+        "{v:#}"
+    );
+    assert_eq!(v["skipped_bytes"], json!([0, 0]), "{v:#}");
+    p.a.call(
+        "mirror_repair",
+        json!({"name": "m0", "direction": "from_leg", "leg": 1}),
+    );
+    let v = p.wait_job("finished");
+    assert_eq!(v["out_of_sync"], json!([]), "{v:#}");
+    flush(&p.a, "m0");
+    let local = read_file(&p.local, SIZE);
+    let l0 = p.leg.read(SIZE);
+    let l1 = LegMap::from_create(
+        &json!({"legs": [added.clone()]}),
+        &[s3.clone(), s3.clone(), s3],
+    )
+    .read(SIZE);
+    assert_same(&local, &l0, "local vs leg 0 after from_leg 1");
+    assert_same(&local, &l1, "local vs leg 1 after from_leg 1");
+    // Where leg 1 differed, its data won; at 9 MiB (leg 1 agreed with the
+    // local leg) the local data won.
+    let p1 = |off: u64, len: u64, seed: u64| -> Vec<u8> {
+        let mut out = Vec::new();
+        for (lo, l, _, dev) in &ext1 {
+            let (a, b) = (off.max(*lo), (off + len).min(lo + l));
+            if a < b {
+                out.extend(pattern(seed, dev + (a - lo), b - a));
+            }
+        }
+        out
+    };
+    let at = |o: u64, l: u64| &local[o as usize..(o + l) as usize];
+    assert!(
+        at(2 * MIB, 4096) == &p1(2 * MIB, 4096, 31)[..],
+        "2 MiB: leg 1's data"
+    );
+    assert!(
+        at(6 * MIB, 65536) == &p1(6 * MIB, 65536, 33)[..],
+        "6 MiB: leg 1's data"
+    );
+    assert!(
+        at(9 * MIB + 8192, 4096) == &pattern(9, 9 * MIB + 8192, 4096)[..],
+        "9 MiB: the local data (written through the mirror with seed 9)"
+    );
+}

@@ -1,8 +1,9 @@
 //! kill -9 of the primary daemon (a real process) in the middle of a
-//! `mirror_verify` and in the middle of a `mirror_repair`: after a restart
-//! from the saved configuration each resumes from its persisted cursor and
-//! finishes, the verify reports exactly the corrupted ranges, and after the
-//! repair the legs are byte-identical.
+//! `mirror_verify` and in the middle of a `mirror_repair` in each direction:
+//! after a restart from the saved configuration each resumes from its
+//! persisted cursor and finishes, the verify reports exactly the corrupted
+//! ranges, and after each repair the legs are byte-identical (holding the
+//! leg's data after `from_leg`).
 
 mod common;
 
@@ -170,6 +171,25 @@ fn expected(ranges: &[(u64, u64)]) -> Value {
     )
 }
 
+/// Writes a pattern to the remote leg's logical `o..o+l` straight to the
+/// storage servers' volumes (behind the mirror's back).
+fn corrupt_leg(b: &Proc, created: &Value, o: u64, l: u64, seed: u64) {
+    for e in created["legs"][0]["extents"].as_array().unwrap() {
+        let (lo, el, dev) = (
+            e["logical_offset"].as_u64().unwrap(),
+            e["len"].as_u64().unwrap(),
+            e["device_offset"].as_u64().unwrap(),
+        );
+        let (x, y) = (o.max(lo), (o + l).min(lo + el));
+        if x < y {
+            b.call(
+                "bdev_write_pattern",
+                json!({"name": format!("s{}", e["server"]), "offset": dev + (x - lo), "len": y - x, "seed": seed}),
+            );
+        }
+    }
+}
+
 #[test]
 fn kill_9_mid_verify_and_mid_repair_both_resume_and_finish() {
     let dir = TempDir::new("verify-crash");
@@ -232,20 +252,7 @@ fn kill_9_mid_verify_and_mid_repair_both_resume_and_finish() {
         (50 * MIB + 4096, 8192),
     ];
     for (i, &(o, l)) in corrupt.iter().enumerate() {
-        for e in created["legs"][0]["extents"].as_array().unwrap() {
-            let (lo, el, dev) = (
-                e["logical_offset"].as_u64().unwrap(),
-                e["len"].as_u64().unwrap(),
-                e["device_offset"].as_u64().unwrap(),
-            );
-            let (x, y) = (o.max(lo), (o + l).min(lo + el));
-            if x < y {
-                b.call(
-                    "bdev_write_pattern",
-                    json!({"name": format!("s{}", e["server"]), "offset": dev + (x - lo), "len": y - x, "seed": 11 + i as u64}),
-                );
-            }
-        }
+        corrupt_leg(&b, &created, o, l, 11 + i as u64);
     }
 
     // 1. kill -9 mid-verify (8 MiB/s: 8 s for the volume).
@@ -320,5 +327,39 @@ fn kill_9_mid_verify_and_mid_repair_both_resume_and_finish() {
         &leg.read(SIZE),
         "after the repair",
     );
+
+    // 3. kill -9 mid-repair from the leg (the leg's data wins).
+    let mut a = a;
+    let bad = (30 * MIB, 8 * MIB);
+    corrupt_leg(&b, &created, bad.0, bad.1, 50);
+    let want_leg = leg.read(SIZE)[bad.0 as usize..(bad.0 + bad.1) as usize].to_vec();
+    a.call("mirror_verify", json!({"name": "m0", "rate": 0}));
+    let v = a.wait_job("finished", Duration::from_secs(90));
+    assert_eq!(v["out_of_sync"], expected(&[bad]), "{v:#}");
+    a.call(
+        "mirror_repair",
+        json!({"name": "m0", "direction": "from_leg", "leg": 0, "rate": 4 * MIB}),
+    );
+    let t0 = Instant::now();
+    while a.job()["repair"]["repaired_bytes"].as_u64().unwrap_or(0) < 2 * MIB {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "repair too slow: {:#}",
+            a.job()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill9();
+    let a = Proc::start(&a.dir.clone(), &acfg);
+    let v = a.wait_job("finished", Duration::from_secs(90));
+    assert_eq!(v["resumed"], 1, "{v:#}");
+    assert_eq!(v["out_of_sync"], json!([]), "{v:#}");
+    a.wait_synced(Duration::from_secs(60));
+    let local_now = read_file(&local, SIZE);
+    assert!(
+        local_now[bad.0 as usize..(bad.0 + bad.1) as usize] == want_leg[..],
+        "the local leg does not hold the leg's data after from_leg"
+    );
+    assert_same(&local_now, &leg.read(SIZE), "after the from_leg repair");
     drop(b);
 }

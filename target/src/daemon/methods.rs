@@ -8,7 +8,8 @@
 use super::config::{ConfigCall, ConfigFile, SubsystemConfig};
 use super::DaemonState;
 use crate::rpc::{parse_params, MethodRegistry, RegisterError, RpcError};
-use crate::volume::registry::{MallocParams, UringParams};
+use crate::volume::error::{ErrorKind, IoType};
+use crate::volume::registry::{ErrorParams, MallocParams, UringParams};
 use crate::volume::{CreateError, VolumeSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -51,6 +52,21 @@ struct OptionalName {
     name: Option<String>,
 }
 
+/// `bdev_error_inject_error` (SPDK's names; `permanent` is ours: every
+/// request of the type fails until cleared).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectParams {
+    name: String,
+    io_type: IoType,
+    #[serde(default)]
+    error_type: ErrorKind,
+    #[serde(default)]
+    num: Option<u64>,
+    #[serde(default)]
+    permanent: bool,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct SaveConfigParams {
@@ -89,10 +105,64 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         );
         Ok(Value::String(v.name().to_string()))
     })?;
-    for method in ["bdev_delete", "bdev_malloc_delete", "bdev_uring_delete"] {
+    let s = state.clone();
+    methods.register("bdev_error_create", move |p| {
+        let params: ErrorParams = parse_params(p)?;
+        let v = s
+            .volumes
+            .create(VolumeSpec::Error(params))
+            .map_err(create_error)?;
+        tracing::info!(name = v.name(), "created error volume");
+        Ok(Value::String(v.name().to_string()))
+    })?;
+    let s = state.clone();
+    methods.register("bdev_error_inject_error", move |p| {
+        let params: InjectParams = parse_params(p)?;
+        let v = s
+            .volumes
+            .get(&params.name)
+            .ok_or_else(|| create_error(CreateError::NotFound(params.name.clone())))?;
+        let inj = v.error_injection().ok_or_else(|| {
+            RpcError::invalid_params(format!(
+                "name: volume '{}' is not an error volume (bdev_error_create)",
+                params.name
+            ))
+        })?;
+        let num = params.num.unwrap_or(1);
+        if num == 0 && !params.permanent && params.io_type != IoType::Clear {
+            return Err(RpcError::invalid_params(
+                "num: must be at least 1 (or give \"permanent\": true)",
+            ));
+        }
+        inj.arm(params.io_type, params.error_type, num, params.permanent);
+        tracing::info!(
+            name = params.name,
+            io_type = ?params.io_type,
+            num,
+            permanent = params.permanent,
+            "error injection armed"
+        );
+        Ok(Value::Bool(true))
+    })?;
+    for method in [
+        "bdev_delete",
+        "bdev_malloc_delete",
+        "bdev_uring_delete",
+        "bdev_error_delete",
+    ] {
         let s = state.clone();
         methods.register(method, move |p| {
             let params: NameParam = parse_params(p)?;
+            if method == "bdev_error_delete"
+                && s.volumes
+                    .get(&params.name)
+                    .is_some_and(|v| v.error_injection().is_none())
+            {
+                return Err(RpcError::invalid_params(format!(
+                    "name: volume '{}' is not an error volume (bdev_error_create)",
+                    params.name
+                )));
+            }
             if s.iscsi.volume_in_use(&params.name) {
                 return Err(RpcError::app(
                     -libc::EBUSY,

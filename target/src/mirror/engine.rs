@@ -28,6 +28,9 @@
 //! slots of a [`LegSet`]; each write takes one snapshot of it (per-core
 //! cache, see `legset.rs` for why a leg added under load misses nothing).
 
+#[path = "recovery.rs"]
+pub mod recovery;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -47,14 +50,15 @@ use super::legset::{LegCache, LegSet, LegSetError};
 use super::link::{alloc_wait, join_all, now_ns, timeout, Conn};
 use super::meta::MirrorMeta;
 use super::overlap::OverlapDetector;
-use super::sequencer::{Sequencer, Stamp};
+use super::sequencer::Stamp;
+use super::split::{LegSplit, SplitGate, SplitInfo};
 use super::wire::{
     Epoch, ErrorCode, ErrorMsg, Flush, Generation, GenerationExchange, GenerationFlags,
     HandshakeConfig, Heartbeat, LegId, Message, MirrorId, RequestTag, SeqNo, Status, Timestamp,
     Write, WriteFlags,
 };
 use crate::units::ByteOffset;
-use crate::volume::{Volume, VolumeChannel, VolumeError};
+use crate::volume::{Volume, VolumeError};
 
 /// When the host's write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,7 +81,8 @@ pub enum LegState {
     Syncing = 1,
     /// Unreachable: writes are recorded in its dirty bitmap.
     Degraded = 2,
-    /// Frozen at an epoch (not implemented yet).
+    /// Frozen at an epoch: writes skip it (they set its dirty bits), its
+    /// data is a point-in-time image (see `split.rs`).
     Split = 3,
     /// Refused (unrelated data or split brain): the operator must decide.
     Failed = 4,
@@ -113,6 +118,9 @@ pub struct LegConfig {
     /// added later gets a new one, so a stale allocation is never mistaken
     /// for it).
     pub leg_id: u32,
+    /// The leg is split (or a split/rejoin of it was interrupted): it starts
+    /// `Split` and every write skips it.
+    pub split: bool,
 }
 
 /// Engine tunables.
@@ -127,14 +135,18 @@ pub struct EngineConfig {
     pub resync_rate: u64,
     /// A link that answers nothing for this long is dead.
     pub link_timeout: Duration,
+    /// The local leg's failure/rebuild state (see [`recovery`]).
+    pub recovery: Arc<recovery::LocalRecovery>,
 }
 
 /// One remote leg's shared state.
 pub struct Leg {
     idx: usize,
     cfg: LegConfig,
-    state: AtomicU8,
-    link_gen: AtomicU64,
+    pub(super) state: AtomicU8,
+    pub(super) link_gen: AtomicU64,
+    /// Split bookkeeping (which epochs skip the leg).
+    pub(super) split: LegSplit,
     degraded_inflight: AtomicU64,
     last_error: Mutex<String>,
     remote_gen: AtomicU64,
@@ -152,10 +164,19 @@ pub struct Leg {
 
 impl Leg {
     fn new(cfg: LegConfig) -> Leg {
+        let split = LegSplit::default();
+        if cfg.split {
+            split.skip_all();
+        }
         Leg {
             idx: cfg.slot,
+            state: AtomicU8::new(if cfg.split {
+                LegState::Split
+            } else {
+                LegState::Degraded
+            } as u8),
+            split,
             cfg,
-            state: AtomicU8::new(LegState::Degraded as u8),
             // Random start: link sessions (see connect_link) must not
             // repeat across restarts of this daemon, nor between the legs
             // that used a slot one after the other.
@@ -206,14 +227,17 @@ pub struct Mirror {
     uid: u64,
     name: String,
     id: MirrorId,
-    local: Arc<Volume>,
+    recovery: Arc<recovery::LocalRecovery>,
     meta: Arc<MirrorMeta>,
-    seq: Sequencer,
+    seq: Arc<SplitGate>,
+    /// The consistency group's gate, once the mirror joined one (group.rs):
+    /// it replaces `seq` for good (until a restart).
+    group_gate: std::sync::OnceLock<Arc<SplitGate>>,
     overlap: Arc<OverlapDetector>,
-    legs: LegSet<Leg>,
+    pub(super) legs: LegSet<Leg>,
     /// Removed legs whose supervisor may still run (their slot waits).
     retired: Mutex<Vec<Arc<Leg>>>,
-    cfg: EngineConfig,
+    pub(super) cfg: EngineConfig,
     resync_rate: AtomicU64,
     hs: HandshakeConfig,
     reactors: Vec<ReactorHandle>,
@@ -333,6 +357,9 @@ pub struct LegStatus {
     pub degradations: u64,
     /// Last failure.
     pub last_error: String,
+    /// The leg's split (point, image, phase), when split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitInfo>,
 }
 
 /// What `mirror_get_status` reports.
@@ -366,6 +393,8 @@ pub struct MirrorStatus {
     pub overlap_waits: u64,
     /// Remote legs.
     pub legs: Vec<LegStatus>,
+    /// The local leg: failure and rebuild.
+    pub local: recovery::LocalStatus,
 }
 
 /// How a connect decided to resync.
@@ -381,7 +410,7 @@ impl Mirror {
     pub fn start(
         name: String,
         id: MirrorId,
-        local: Arc<Volume>,
+        _local: Arc<Volume>,
         meta: Arc<MirrorMeta>,
         legs: Vec<LegConfig>,
         cfg: EngineConfig,
@@ -397,9 +426,10 @@ impl Mirror {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             name,
             id,
-            local,
+            recovery: cfg.recovery.clone(),
             meta,
-            seq: Sequencer::new(1, 1),
+            seq: Arc::new(SplitGate::new(1, 1)),
+            group_gate: std::sync::OnceLock::new(),
             overlap: OverlapDetector::new(20, 64),
             legs,
             retired: Mutex::new(Vec::new()),
@@ -414,6 +444,10 @@ impl Mirror {
         });
         for (_, leg) in m.legs.snapshot().iter() {
             m.spawn_supervisor(leg.clone());
+        }
+        if m.recovery.state() == recovery::LocalState::Rebuilding {
+            // A rebuild was under way at the last stop: resume it.
+            recovery::spawn_rebuild(&m);
         }
         Ok(m)
     }
@@ -545,14 +579,109 @@ impl Mirror {
         self.id
     }
 
-    /// The local volume.
-    pub fn local(&self) -> &Arc<Volume> {
-        &self.local
+    /// The local volume (the configured one, or its replacement).
+    pub fn local(&self) -> Arc<Volume> {
+        self.recovery.device()
+    }
+
+    /// The local leg's failure/rebuild state.
+    pub fn recovery(&self) -> &Arc<recovery::LocalRecovery> {
+        &self.recovery
     }
 
     /// The metadata.
     pub fn meta(&self) -> &Arc<MirrorMeta> {
         &self.meta
+    }
+
+    /// The sequencer (and split gate) writes take their stamps from: the
+    /// group's once the mirror joined one, its own before.
+    pub fn gate(&self) -> &Arc<SplitGate> {
+        self.group_gate.get().unwrap_or(&self.seq)
+    }
+
+    fn enter_gate(&self) -> (Stamp, super::split::Ticket) {
+        if let Some(g) = self.group_gate.get() {
+            return g.enter();
+        }
+        let (stamp, ticket) = self.seq.enter();
+        // Dekker with join_gate: either it sees this ticket on the old gate
+        // (and waits for it), or this load sees the group's gate.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        match self.group_gate.get() {
+            Some(now) => {
+                drop(ticket);
+                now.enter()
+            }
+            None => (stamp, ticket),
+        }
+    }
+
+    /// Joins a consistency group: from now on writes are stamped by `gate`.
+    /// Returns once no write stamped by the old gate is in flight (so a
+    /// group split cannot miss one). Blocking; not on a reactor.
+    pub fn join_gate(&self, gate: Arc<SplitGate>, limit: Duration) -> Result<(), String> {
+        if let Some(g) = self.group_gate.get() {
+            return if Arc::ptr_eq(g, &gate) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "mirror '{}' already belongs to a consistency group (until a restart)",
+                    self.name
+                ))
+            };
+        }
+        if self.group_gate.set(gate).is_err() {
+            return Err(format!(
+                "mirror '{}' joined another group meanwhile",
+                self.name
+            ));
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let t0 = Instant::now();
+        while self.seq.inflight(0) + self.seq.inflight(1) != 0 {
+            if t0.elapsed() > limit {
+                return Err(format!(
+                    "writes of '{}' did not drain in {limit:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// The leg in slot `idx`, if any.
+    pub fn leg(&self, idx: usize) -> Option<Arc<Leg>> {
+        self.legs.get(idx)
+    }
+
+    /// Leg `idx`'s recorded split.
+    pub fn split_info(&self, idx: usize) -> Option<SplitInfo> {
+        self.legs.get(idx).and_then(|l| l.split.info())
+    }
+
+    /// Records leg `idx`'s split.
+    pub fn set_split_info(&self, idx: usize, info: Option<SplitInfo>) {
+        if let Some(l) = self.legs.get(idx) {
+            l.split.set_info(info);
+        }
+    }
+
+    /// The split of leg `idx` is over (rejoin): writes reach it again and
+    /// it resyncs its dirty regions (bits set since the split).
+    pub fn end_split(&self, idx: usize) {
+        let Some(leg) = self.legs.get(idx) else {
+            return;
+        };
+        leg.split.clear();
+        leg.split.set_info(None);
+        let _ = leg.state.compare_exchange(
+            LegState::Split as u8,
+            LegState::Degraded as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     /// Leg states, in slot order.
@@ -580,11 +709,11 @@ impl Mirror {
     pub fn status(&self) -> MirrorStatus {
         let g = self.meta.generations();
         let rs = self.meta.region_size();
-        let next = self.seq.peek();
+        let next = self.gate().peek();
         MirrorStatus {
             name: self.name.clone(),
             mirror_id: self.id.0,
-            local_volume: self.local.name().to_string(),
+            local_volume: self.local().name().to_string(),
             generation: format!("{:016x}", g.current),
             ack: self.cfg.ack,
             region_size: rs,
@@ -632,9 +761,11 @@ impl Mirror {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .clone(),
+                        split: l.split.info(),
                     }
                 })
                 .collect(),
+            local: self.recovery.status(),
         }
     }
 
@@ -648,6 +779,7 @@ impl Mirror {
         }
         self.kill_links(None);
         self.meta.close();
+        self.recovery.close();
     }
 
     /// The operator's choice for a refused (`failed`) leg: the local data
@@ -675,7 +807,7 @@ impl Mirror {
     }
 
     /// A link of leg `idx` on this core failed (or a write to it did).
-    fn leg_failed(&self, leg: &Leg, gen: u64, reason: &str) {
+    pub(super) fn leg_failed(&self, leg: &Leg, gen: u64, reason: &str) {
         let idx = leg.idx;
         if leg
             .link_gen
@@ -722,6 +854,12 @@ impl Mirror {
     async fn leg_write(&self, leg: &Leg, stamp: Stamp, offset: u64, buf: IoBuf) -> bool {
         let idx = leg.idx;
         let len = buf.len() as u64;
+        if leg.split.skips(stamp.epoch) {
+            // Written after the leg's split point: the leg's bitmap records
+            // it for the rejoin (split.rs).
+            self.mark_dirty(idx, offset, len);
+            return false;
+        }
         // Dekker with the supervisor's Degraded -> Syncing switch: a write
         // that saw the leg down has its bit set before the resync scans.
         leg.degraded_inflight.fetch_add(1, Ordering::SeqCst);
@@ -790,7 +928,7 @@ impl Mirror {
         }
     }
 
-    async fn leg_flush(&self, leg: &Leg) {
+    pub(super) async fn leg_flush(&self, leg: &Leg) {
         let idx = leg.idx;
         if !leg.state().is_live() {
             return;
@@ -798,7 +936,7 @@ impl Mirror {
         let Some(link) = self.core_link(leg) else {
             return;
         };
-        let stamp = self.seq.peek();
+        let stamp = self.gate().peek();
         let msg = Message::Flush(Flush {
             mirror: self.id,
             seq: SeqNo(stamp.seq),
@@ -839,7 +977,7 @@ type LegFuture<'a> = Pin<Box<dyn Future<Output = Option<Result<(), VolumeError>>
 /// The per-core handle front ends use (through [`VolumeChannel`]).
 pub struct MirrorChannel {
     mirror: Arc<Mirror>,
-    local: VolumeChannel,
+    local: recovery::LocalChannel,
     lag: Rc<LocalSemaphore>,
     legs: LegCache<Leg>,
 }
@@ -848,7 +986,7 @@ impl MirrorChannel {
     /// Opens a channel on this reactor.
     pub fn new(mirror: &Arc<Mirror>) -> MirrorChannel {
         MirrorChannel {
-            local: mirror.local.channel(),
+            local: recovery::LocalChannel::new(&mirror.recovery),
             lag: LAG.with(|l| {
                 l.borrow_mut()
                     .entry(mirror.uid)
@@ -860,13 +998,110 @@ impl MirrorChannel {
         }
     }
 
-    /// Reads are served by the local leg.
+    /// Reads are served by the local leg; by a remote leg when the local
+    /// one failed (the failing read is retried there) or misses the range.
     pub async fn read(
         &self,
         offset: ByteOffset,
         buf: IoBufMut,
     ) -> (Result<(), VolumeError>, IoBufMut) {
-        self.local.read(offset, buf).await
+        let m = &self.mirror;
+        let rec = &m.recovery;
+        let len = buf.len() as u64;
+        // The channel first, then the state: a replacement device is
+        // installed only after the state says failed (see recovery.rs).
+        let local = self.local.get(rec);
+        let legs = if rec.local_readable(offset.0, len) {
+            let (r, buf) = local.read(offset, buf).await;
+            let legs = self.legs.get(&m.legs);
+            match r {
+                Err(e) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                    let why = format!("local read: {e}");
+                    recovery::fail_local(m, offset.0, len, &why).await;
+                }
+                r => return (r, buf),
+            }
+            return recovery::remote_read(m, &legs, offset, buf).await;
+        } else {
+            self.legs.get(&m.legs)
+        };
+        recovery::remote_read(m, &legs, offset, buf).await
+    }
+
+    /// The mirrored write to every leg, completing when all are done. With
+    /// the local leg failed (`skip_local`) or failing now, the write
+    /// succeeds when at least one remote leg took it.
+    async fn write_all_legs(
+        &self,
+        legs: &super::legset::Snapshot<Leg>,
+        stamp: Stamp,
+        offset: ByteOffset,
+        buf: &IoBuf,
+        skip_local: bool,
+    ) -> Result<(), VolumeError> {
+        let m = &self.mirror;
+        let len = buf.len() as u64;
+        let acked = Cell::new(0usize);
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
+        if !skip_local {
+            let lb = buf.clone();
+            let local = self.local.get(&m.recovery);
+            futs.push(Box::pin(
+                async move { Some(local.write(offset, lb).await.0) },
+            ));
+        }
+        for (_, leg) in legs.iter() {
+            let b = buf.clone();
+            let acked = &acked;
+            futs.push(Box::pin(async move {
+                if m.leg_write(leg, stamp, offset.0, b).await {
+                    acked.set(acked.get() + 1);
+                }
+                None
+            }));
+        }
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let local_lost = match &local {
+            None => true,
+            Some(Err(e)) => recovery::is_device_error(e),
+            Some(Ok(())) => false,
+        };
+        if local_lost && acked.get() == 0 && !legs.is_empty() {
+            // No copy took it: wait (bounded) for a leg to be live again and
+            // resend, so a link drop while the local device is failed does
+            // not reach the host. The overlap lock is still held.
+            let deadline = Instant::now() + recovery::REMOTE_RETRY_LIMIT;
+            while acked.get() == 0
+                && Instant::now() < deadline
+                && !m.stopping.load(Ordering::SeqCst)
+            {
+                sleep(Duration::from_millis(10)).await;
+                for (_, leg) in legs.iter() {
+                    if leg.state().is_live() && m.leg_write(leg, stamp, offset.0, buf.clone()).await
+                    {
+                        acked.set(acked.get() + 1);
+                    }
+                }
+            }
+        }
+        let remote_ok = acked.get() > 0;
+        match local {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                let why = format!("local write: {e}");
+                recovery::fail_local(m, offset.0, len, &why).await;
+                if remote_ok {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(Err(e)) => Err(e),
+            None if remote_ok => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg took the write",
+            ))),
+        }
     }
 
     /// A mirrored write (see the module notes).
@@ -875,39 +1110,51 @@ impl MirrorChannel {
         let len = buf.len() as u64;
         let guard = m.overlap.lock(offset.0, offset.0 + len);
         guard.ready().await;
-        let stamp = m.seq.next();
+        // The ticket counts the write in its epoch until every leg has it
+        // (a split waits for its old epoch's tickets).
+        let (stamp, ticket) = m.enter_gate();
         // One view of the leg set for the whole write (see legset.rs).
         let legs = self.legs.get(&m.legs);
         if let Err(e) = m.meta.begin_write(offset.0, len).await {
             m.meta.end_write(offset.0, len);
             return (Err(VolumeError::Io(e)), buf);
         }
-        match m.cfg.ack {
+        // Local leg failed: the write's regions are recorded (durably)
+        // before any leg sees it, and it goes to the remote legs only.
+        let rec = &m.recovery;
+        let skip_local = !rec.local_writable()
+            && !legs.is_empty()
+            && rec.record_missed_write(offset.0, len).await;
+        let ack = if skip_local {
+            AckPolicy::Sync
+        } else {
+            m.cfg.ack
+        };
+        match ack {
             AckPolicy::Sync => {
-                let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
-                let lb = buf.clone();
-                futs.push(Box::pin(async move {
-                    Some(self.local.write(offset, lb).await.0)
-                }));
-                for (_, leg) in legs.iter() {
-                    let b = buf.clone();
-                    futs.push(Box::pin(async move {
-                        m.leg_write(leg, stamp, offset.0, b).await;
-                        None
-                    }));
-                }
-                let out = join_all(futs).await;
+                let res = self
+                    .write_all_legs(&legs, stamp, offset, &buf, skip_local)
+                    .await;
                 m.meta.end_write(offset.0, len);
+                drop(ticket);
                 drop(guard);
-                let local = out.into_iter().flatten().next().unwrap_or(Ok(()));
-                (local, buf)
+                (res, buf)
             }
             AckPolicy::Async => {
                 let permit = self.lag.acquire().await;
-                let (res, b) = self.local.write(offset, buf).await;
-                if res.is_err() {
+                let (res, b) = self.local.get(rec).write(offset, buf).await;
+                if let Err(e) = res {
+                    if recovery::is_device_error(&e) && !legs.is_empty() {
+                        // Fall back to a synchronous write to the legs.
+                        let why = format!("local write: {e}");
+                        recovery::fail_local(m, offset.0, len, &why).await;
+                        let res = self.write_all_legs(&legs, stamp, offset, &b, true).await;
+                        m.meta.end_write(offset.0, len);
+                        drop(guard);
+                        return (res, b);
+                    }
                     m.meta.end_write(offset.0, len);
-                    return (res, b);
+                    return (Err(e), b);
                 }
                 m.lag_ios.fetch_add(1, Ordering::Relaxed);
                 m.lag_bytes.fetch_add(len, Ordering::Relaxed);
@@ -925,6 +1172,7 @@ impl MirrorChannel {
                     mm.meta.end_write(offset.0, len);
                     mm.lag_ios.fetch_sub(1, Ordering::Relaxed);
                     mm.lag_bytes.fetch_sub(len, Ordering::Relaxed);
+                    drop(ticket);
                     drop(guard);
                     drop(permit);
                 })
@@ -960,19 +1208,36 @@ impl MirrorChannel {
             }
         }
         let legs = self.legs.get(&m.legs);
-        let mut futs: Vec<LegFuture<'_>> = vec![Box::pin(async { Some(self.local.flush().await) })];
+        let rec = &m.recovery;
+        let mut futs: Vec<LegFuture<'_>> = Vec::with_capacity(1 + legs.len());
+        if rec.local_writable() || legs.is_empty() {
+            let local = self.local.get(rec);
+            futs.push(Box::pin(async move { Some(local.flush().await) }));
+        }
         for (_, leg) in legs.iter() {
             futs.push(Box::pin(async move {
                 m.leg_flush(leg).await;
                 None
             }));
         }
-        join_all(futs)
-            .await
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or(Ok(()))
+        let local = join_all(futs).await.into_iter().flatten().next();
+        let any_leg = legs.iter().any(|(_, l)| l.state().is_live());
+        match local {
+            Some(Err(e)) if recovery::is_device_error(&e) && !legs.is_empty() => {
+                // What the local device holds is unknown now: rebuild it all.
+                recovery::fail_local(m, 0, 0, &format!("local flush: {e}")).await;
+                if any_leg {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+            Some(r) => r,
+            None if any_leg => Ok(()),
+            None => Err(VolumeError::Io(std::io::Error::other(
+                "the local device failed and no remote leg is live",
+            ))),
+        }
     }
 }
 
@@ -1281,7 +1546,7 @@ async fn bring_up(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), Bring
     let link = m
         .core_link(leg)
         .ok_or_else(|| BringUp::Retry("link lost".into()))?;
-    let stamp = m.seq.peek();
+    let stamp = m.gate().peek();
     match link
         .request(
             &Message::Flush(Flush {
@@ -1340,9 +1605,9 @@ const RESYNC_COMMIT_EVERY: Duration = Duration::from_millis(250);
 
 async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String> {
     let idx = leg.idx;
-    let local = m.local.channel();
+    let local = m.local().channel();
     let rs = m.meta.region_size();
-    let size = m.local.size().0;
+    let size = m.local().size().0;
     let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
     leg.resync_total
         .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
@@ -1371,6 +1636,15 @@ async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String>
         if !m.meta.is_dirty(idx, r) {
             continue;
         }
+        if m.recovery.is_dirty(r) {
+            // The local device misses this region (failed or being
+            // rebuilt): the leg holds the newest data there.
+            m.meta.clear_dirty(idx, r);
+            continue;
+        }
+        if !m.recovery.local_readable(start, end - start) {
+            return Err("the local device failed: the leg waits for its recovery".into());
+        }
         if leg.removed.load(Ordering::SeqCst) {
             return Err("leg removed".into());
         }
@@ -1380,9 +1654,15 @@ async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String>
             let len = chunk.min(end - off);
             let b = alloc_wait(len as usize).await.map_err(|e| e.to_string())?;
             let (res, b) = local.read(ByteOffset(off), b).await;
-            res.map_err(|e| format!("local read for resync: {e}"))?;
+            if let Err(e) = res {
+                let why = format!("local read for resync: {e}");
+                if recovery::is_device_error(&e) {
+                    recovery::fail_local(m, off, len, &why).await;
+                }
+                return Err(why);
+            }
             let data = b.freeze();
-            let stamp = m.seq.peek();
+            let stamp = m.gate().peek();
             let msg = Message::Write(Write {
                 mirror: m.id,
                 seq: SeqNo(stamp.seq),
@@ -1482,6 +1762,10 @@ impl Mirror {
             .unwrap_or(0)
     }
 
+    pub(super) fn leg_exists(&self, idx: usize) -> bool {
+        self.legs.get(idx).is_some()
+    }
+
     pub(super) fn leg_state(&self, idx: usize) -> LegState {
         self.legs.get(idx).map_or(LegState::Failed, |l| l.state())
     }
@@ -1501,7 +1785,7 @@ impl Mirror {
     }
 
     pub(super) fn peek_stamp(&self) -> Stamp {
-        self.seq.peek()
+        self.gate().peek()
     }
 
     /// Records `offset..offset+len` in leg `idx`'s dirty bitmap (a resync
@@ -1527,6 +1811,7 @@ impl Mirror {
         match link.request(msg, payload, self.cfg.link_timeout).await {
             Ok(r) => Ok(r),
             Err(e) => {
+                let e = format!("{:?}: {e}", msg.msg_type());
                 if link.kill() {
                     LINKS.with(|l| {
                         let mut l = l.borrow_mut();

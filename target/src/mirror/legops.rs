@@ -153,6 +153,7 @@ fn add_leg_locked(state: &DaemonState, name: &str, want: u32) -> Result<Value, S
         address: leg.address,
         slot,
         leg_id,
+        split: false,
     };
     let mut with_leg = rec.clone();
     with_leg.legs.push(leg.clone());

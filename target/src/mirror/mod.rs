@@ -14,9 +14,12 @@
 //! - [`legset`]: the versioned leg slots (legs added and removed online);
 //! - [`legops`]: `mirror_add_leg`, `mirror_remove_leg`, auto-replacement;
 //! - [`service`]: the site's listener, the remote leg targets, the agents;
-//! - [`verify`]: online consistency check by range digests, and repair.
+//! - [`verify`]: online consistency check by range digests, and repair;
+//! - [`split`]: split mirror (point-in-time images), rejoin, promote;
+//! - [`group`]: consistency groups (mirrors sharing one sequencer).
 
 pub mod engine;
+pub mod group;
 pub mod legops;
 pub mod legset;
 pub mod link;
@@ -24,5 +27,6 @@ pub mod meta;
 pub mod overlap;
 pub mod sequencer;
 pub mod service;
+pub mod split;
 pub mod verify;
 pub mod wire;

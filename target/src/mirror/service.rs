@@ -41,6 +41,7 @@ use mirrorpoint_transport::{Acceptor as TcpAcceptor, TcpListener, TcpStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::engine::recovery::{LocalRecovery, RecoverError};
 use super::engine::{AckPolicy, EngineConfig, LegConfig, Mirror};
 use super::link::{join_all, now_ns, Conn, RawFrame};
 use super::meta::MirrorMeta;
@@ -136,6 +137,10 @@ pub struct MirrorParams {
     /// A leg silent this long is degraded (default 3000 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_timeout_ms: Option<u64>,
+    /// A spare volume: when the local device fails, the mirror rebuilds
+    /// onto it from a remote leg without waiting for the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare_bdev: Option<String>,
     /// Replace a remote leg that is failed or unreachable for longer than
     /// `failed_timeout_ms` by a newly allocated one (default off; also set
     /// by `mirror_set_policy`).
@@ -160,6 +165,9 @@ pub(super) struct LegRecord {
     /// The leg's id on the wire and at its agent (0: the first leg).
     #[serde(default)]
     pub(super) leg_id: u32,
+    /// The leg's split (split.rs), when split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) split: Option<super::split::SplitInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +200,21 @@ impl MirrorRecord {
     pub(super) fn slot_of(&self, i: usize) -> usize {
         self.legs[i].slot.unwrap_or(i)
     }
+}
+
+/// Rewrites a mirror's record (atomically, durably).
+pub(super) fn update_record(
+    state: &DaemonState,
+    name: &str,
+    f: impl FnOnce(&mut MirrorRecord),
+) -> Result<(), SvcError> {
+    let path = record_path(state, name);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    let mut r: MirrorRecord = serde_json::from_str(&text)
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    f(&mut r);
+    write_json_atomically(&path, &r).map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))
 }
 
 /// One extent of an allocation.
@@ -246,6 +269,9 @@ pub struct Allocation {
     /// different storage servers).
     #[serde(default)]
     pub leg: u32,
+    /// Split off by the primary (split.rs): the primary's writes are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<super::split::ops::HostedSplit>,
 }
 
 struct Report {
@@ -274,6 +300,8 @@ struct LegTarget {
     inflight: AtomicU64,
     /// The allocation was released: links stop applying writes.
     released: AtomicBool,
+    /// The leg is split off: the primary's writes are refused.
+    frozen: AtomicBool,
 }
 
 /// Everything mirror-related of a daemon.
@@ -297,6 +325,8 @@ pub struct MirrorService {
     pub(super) stop: Arc<AtomicBool>,
     /// Per mirror: the leg monitor's view (auto-replacement).
     pub(super) policies: Mutex<HashMap<String, super::legops::PolicyState>>,
+    /// Consistency groups (group.rs).
+    pub(super) groups: Mutex<Vec<super::group::Group>>,
     listening: Mutex<Option<SocketAddr>>,
 }
 
@@ -362,6 +392,11 @@ impl MirrorService {
         lock(&self.mirrors).iter().map(|(_, m)| m.clone()).collect()
     }
 
+    /// Whether the daemon is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     /// Stops every mirror (clean metadata) and the agent threads.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -382,8 +417,22 @@ impl MirrorService {
         for s in lock(&self.servers).iter() {
             out.push(("agent_add_storage_server".into(), json!(s)));
         }
-        for (p, _) in lock(&self.mirrors).iter() {
+        for (p, m) in lock(&self.mirrors).iter() {
+            // After a replacement (by the operator or onto the spare) the
+            // mirror is recreated over its current local device.
+            let mut p = p.clone();
+            let dev = m.local().name().to_string();
+            if p.volume.as_deref() != Some(dev.as_str()) {
+                p.volume = Some(dev.clone());
+                p.size = None;
+            }
+            if p.spare_bdev.as_deref() == Some(dev.as_str()) || m.recovery().spare_used() {
+                p.spare_bdev = None;
+            }
             out.push(("mirror_create".into(), json!(p)));
+        }
+        for g in lock(&self.groups).iter() {
+            out.push(("mirror_group_create".into(), json!(g.params)));
         }
         out
     }
@@ -547,6 +596,8 @@ pub fn add_storage_server(state: &DaemonState, p: StorageServerParams) -> Result
     }
     claims.into_iter().for_each(ClaimGuard::keep);
     servers.push(p);
+    drop(servers);
+    restore_split_images(state);
     Ok(Value::Bool(true))
 }
 
@@ -751,6 +802,7 @@ fn local_allocate(
         size,
         extents: extents.clone(),
         generation: 0,
+        split: None,
         leg,
     });
     let path = MirrorService::alloc_path(state, &site.name);
@@ -774,6 +826,13 @@ fn local_release(state: &DaemonState, mirror: u64, leg: u32) -> Status {
     };
     let mut allocs = lock(&svc.allocations);
     let before = allocs.len();
+    if let Some(hs) = allocs
+        .iter()
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
+        .and_then(|a| a.split.as_ref())
+    {
+        super::split::ops::drop_image(state, mirror, leg, &hs.image);
+    }
     allocs.retain(|a| !(a.mirror_id == mirror && a.leg == leg));
     if allocs.len() == before {
         return Status::NotFound;
@@ -933,6 +992,8 @@ fn to_static(m: Message<'_>) -> Option<Message<'static>> {
         Message::AllocateResponse(x) => Message::AllocateResponse(x),
         Message::ReleaseRequest(x) => Message::ReleaseRequest(x),
         Message::ReleaseAck(x) => Message::ReleaseAck(x),
+        Message::SplitCtl(x) => Message::SplitCtl(x),
+        Message::SplitCtlResp(x) => Message::SplitCtlResp(x),
         _ => return None,
     })
 }
@@ -1092,6 +1153,7 @@ fn serve_agent(
                 status,
             })]
         }
+        Message::SplitCtl(c) => vec![super::split::ops::hosted_ctl(&state, &c)],
         _ => vec![Message::Error(ErrorMsg {
             code: ErrorCode::UnexpectedMessage,
             text: "not an agent request".into(),
@@ -1220,6 +1282,7 @@ fn leg_target(state: &DaemonState, mirror: u64, leg: u32) -> Result<Arc<LegTarge
         session: AtomicU64::new(u64::MAX),
         inflight: AtomicU64::new(0),
         released: AtomicBool::new(false),
+        frozen: AtomicBool::new(alloc.split.is_some()),
     });
     lock(&svc.targets).insert((mirror, leg), t.clone());
     Ok(t)
@@ -1236,6 +1299,86 @@ fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> R
     a.generation = gen;
     write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
         .map_err(|e| e.to_string())
+}
+
+/// A hosted leg's split, if any.
+pub(super) fn hosted_split(
+    state: &DaemonState,
+    mirror: u64,
+    leg: u32,
+) -> Result<Option<super::split::ops::HostedSplit>, String> {
+    lock(&state.mirror.allocations)
+        .iter()
+        .find(|a| a.mirror_id == mirror && a.leg == leg)
+        .map(|a| a.split.clone())
+        .ok_or_else(|| format!("no leg of mirror {mirror} is hosted here"))
+}
+
+/// Records (persists) a hosted leg's split and fences the primary's links:
+/// once this returns with a split, no write of the primary is being
+/// applied or will be.
+pub(super) fn set_hosted_split(
+    state: &DaemonState,
+    mirror: u64,
+    leg: u32,
+    split: Option<super::split::ops::HostedSplit>,
+) -> Result<(), String> {
+    let svc = &state.mirror;
+    let frozen = split.is_some();
+    let target = lock(&svc.targets).get(&(mirror, leg)).cloned();
+    if let Some(t) = &target {
+        if frozen {
+            t.frozen.store(true, Ordering::SeqCst);
+            let t0 = Instant::now();
+            while t.inflight.load(Ordering::SeqCst) != 0 && t0.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    let site = svc.site().ok_or("site not configured")?;
+    {
+        let mut allocs = lock(&svc.allocations);
+        let a = allocs
+            .iter_mut()
+            .find(|a| a.mirror_id == mirror && a.leg == leg)
+            .ok_or("allocation gone")?;
+        a.split = split;
+        write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
+            .map_err(|e| e.to_string())?;
+    }
+    if let (Some(t), false) = (target, frozen) {
+        t.frozen.store(false, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// One extent of a hosted leg: (logical offset, length, volume, offset in it).
+pub(super) type HostedPiece = (u64, u64, Arc<Volume>, u64);
+
+/// A hosted leg's extents.
+pub(super) fn hosted_pieces(
+    state: &DaemonState,
+    mirror: u64,
+    leg: u32,
+) -> Result<Vec<HostedPiece>, String> {
+    let t = leg_target(state, mirror, leg)?;
+    Ok(t.pieces
+        .iter()
+        .map(|p| (p.logical, p.len, p.volume.clone(), p.offset))
+        .collect())
+}
+
+/// Registers the image volumes of split hosted legs whose storage servers
+/// are all configured (start-up replays servers after the site).
+fn restore_split_images(state: &DaemonState) {
+    let allocs = lock(&state.mirror.allocations).clone();
+    for a in allocs {
+        if let Some(hs) = &a.split {
+            if let Err(e) = super::split::ops::expose(state, a.mirror_id, a.leg, hs) {
+                tracing::debug!(mirror = a.mirror_id, "split image not exposed yet: {e}");
+            }
+        }
+    }
 }
 
 struct Hosted {
@@ -1342,6 +1485,19 @@ async fn serve_leg(
             return;
         }
     };
+    if target.frozen.load(Ordering::SeqCst) {
+        let text = format!(
+            "this leg of mirror {} is split off; it takes no writes until a rejoin",
+            target.mirror
+        );
+        tracing::info!(%peer, "{text}");
+        conn.refuse(Message::Error(ErrorMsg {
+            code: ErrorCode::UnexpectedPeer,
+            text,
+        }))
+        .await;
+        return;
+    }
     // Fence: a new link session starts. Links of another session stop
     // applying writes (a write of a dead link still in a socket buffer must
     // not land after the primary resynced its region), and writes already
@@ -1424,7 +1580,9 @@ async fn serve_leg(
                 };
                 let t = &hosted.target;
                 t.inflight.fetch_add(1, Ordering::SeqCst);
-                if t.session.load(Ordering::SeqCst) != session || t.released.load(Ordering::SeqCst)
+                if t.session.load(Ordering::SeqCst) != session
+                    || t.released.load(Ordering::SeqCst)
+                    || t.frozen.load(Ordering::SeqCst)
                 {
                     t.inflight.fetch_sub(1, Ordering::SeqCst);
                     tracing::info!(%peer, "write on a link of an older session fenced, dropping the link");
@@ -1620,6 +1778,10 @@ fn meta_path(state: &DaemonState, name: &str) -> PathBuf {
     MirrorService::data_dir(state).join(format!("mirror-{name}.meta"))
 }
 
+fn local_state_path(state: &DaemonState, name: &str) -> PathBuf {
+    MirrorService::data_dir(state).join(format!("mirror-{name}.local"))
+}
+
 /// `mirror_create`.
 pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, SvcError> {
     let svc = &state.mirror;
@@ -1732,7 +1894,49 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         .unwrap_or(0);
     let meta = MirrorMeta::open(&meta_path(state, &p.name), size, region_size, slots, true)
         .map_err(|e| err(libc::EIO, e.to_string()))?;
+    let spare = match &p.spare_bdev {
+        Some(s) => Some(
+            state
+                .volumes
+                .get(s)
+                .ok_or_else(|| err(libc::EINVAL, format!("spare_bdev: no volume named '{s}'")))?,
+        ),
+        None => None,
+    };
+    let (recovery, device) = LocalRecovery::open(
+        &local_state_path(state, &p.name),
+        local.clone(),
+        region_size,
+    )
+    .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    let mut extra_claims = Vec::new();
+    if let Some(d) = device.filter(|d| d != local.name()) {
+        // A replacement was installed before the last stop.
+        let v = state.volumes.get(&d).ok_or_else(|| {
+            err(
+                libc::ENODEV,
+                format!("the local device was replaced by '{d}', which does not exist"),
+            )
+        })?;
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, &d, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, e.to_string()))?,
+        );
+        recovery
+            .set_device(v)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    }
+    if let Some(s) = spare.filter(|s| s.name() != recovery.device().name()) {
+        extra_claims.push(
+            ClaimGuard::take(&state.volumes, s.name(), &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EBUSY, format!("spare_bdev: {e}")))?,
+        );
+        recovery
+            .set_spare(s)
+            .map_err(|e| err(libc::EINVAL, e.to_string()))?;
+    }
     let cfg = EngineConfig {
+        recovery,
         ack,
         max_lag_ios: p.max_lag_ios.unwrap_or(64),
         resync_rate: p.resync_rate.unwrap_or(256 << 20),
@@ -1745,6 +1949,7 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         .map(|(i, l)| LegConfig {
             site: l.site.clone(),
             address: l.address,
+            split: l.split.is_some(),
             slot: record.slot_of(i),
             leg_id: l.leg_id,
         })
@@ -1772,8 +1977,13 @@ pub fn create(state: &Arc<DaemonState>, mut p: MirrorParams) -> Result<Value, Sv
         engine.stop();
         return Err(err(libc::EEXIST, e.to_string()));
     }
+    for (i, l) in record.legs.iter().enumerate() {
+        engine.set_split_info(record.slot_of(i), l.split.clone());
+    }
+    super::split::ops::recover(state, &engine);
     super::verify::resume(&engine);
     claim.keep();
+    extra_claims.into_iter().for_each(ClaimGuard::keep);
     lock(&svc.mirrors).push((p.clone(), engine));
     super::legops::start_monitor(state);
     tracing::info!(
@@ -1857,6 +2067,7 @@ pub(super) fn allocate_leg(
         extents,
         slot: None,
         leg_id,
+        split: None,
     })
 }
 
@@ -1925,6 +2136,13 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     state.nvmf.remove_volume(name);
     m.stop();
     state.volumes.release(m.local().name(), &mirror_owner(name));
+    // A replaced local volume and the spare are claimed too.
+    for v in [p.volume.as_deref(), p.spare_bdev.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        state.volumes.release(v, &mirror_owner(name));
+    }
     super::verify::forget(&m);
     let rpath = record_path(state, name);
     if let (Some(site), Ok(text)) = (svc.site(), std::fs::read_to_string(&rpath)) {
@@ -1940,6 +2158,7 @@ pub fn delete(state: &Arc<DaemonState>, name: &str) -> Result<Value, SvcError> {
     lock(&svc.policies).remove(name);
     let _ = std::fs::remove_file(&rpath);
     let _ = std::fs::remove_file(meta_path(state, name));
+    let _ = std::fs::remove_file(local_state_path(state, name));
     let _ = p;
     Ok(Value::Bool(true))
 }
@@ -1975,6 +2194,68 @@ pub fn set_resync_rate(state: &DaemonState, name: &str, bps: u64) -> Result<Valu
         .find(|(p, _)| p.name == name)
         .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{name}'")))?;
     m.set_resync_rate(bps);
+    Ok(Value::Bool(true))
+}
+
+/// `mirror_recover_local` parameters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverParams {
+    name: String,
+    #[serde(default)]
+    source_leg: Option<usize>,
+    #[serde(default)]
+    replacement_bdev: Option<String>,
+}
+
+/// `mirror_recover_local`: rebuilds the local device (the same one once it
+/// works again, or a replacement volume) from a remote leg while I/O goes on.
+fn recover_local(state: &DaemonState, p: RecoverParams) -> Result<Value, SvcError> {
+    let replacement = match &p.replacement_bdev {
+        Some(r) => {
+            let v = state.volumes.get(r).ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: no volume named '{r}'"),
+                )
+            })?;
+            if v.mirror().is_some() {
+                return Err(err(
+                    libc::EINVAL,
+                    format!("replacement_bdev: volume '{r}' is itself a mirror"),
+                ));
+            }
+            // Claimed for the mirror (refused if another owner has it).
+            let g = ClaimGuard::take(&state.volumes, r, &mirror_owner(&p.name))
+                .map_err(|e| err(libc::EINVAL, format!("replacement_bdev: {e}")))?;
+            Some((v, g))
+        }
+        None => None,
+    };
+    let (replacement, guard) = match replacement {
+        Some((v, g)) => (Some(v), Some(g)),
+        None => (None, None),
+    };
+    let ms = lock(&state.mirror.mirrors);
+    let (_, m) = ms
+        .iter()
+        .find(|(x, _)| x.name == p.name)
+        .ok_or_else(|| err(libc::ENODEV, format!("no mirror named '{}'", p.name)))?;
+    let previous = m.local();
+    super::engine::recovery::start_recover(m, p.source_leg, replacement).map_err(|e| match e {
+        RecoverError::Invalid(msg) => err(libc::EINVAL, msg),
+        RecoverError::Busy(msg) => err(libc::EBUSY, msg),
+        e @ RecoverError::Io { .. } => err(libc::EIO, e.to_string()),
+    })?;
+    if let Some(g) = guard {
+        g.keep();
+        // The old device is no longer the mirror's: the operator may delete it.
+        if previous.name() != m.local().name() {
+            state
+                .volumes
+                .release(previous.name(), &mirror_owner(&p.name));
+        }
+    }
     Ok(Value::Bool(true))
 }
 
@@ -2111,12 +2392,17 @@ pub fn register(
         resolve(&s, parse_params(p)?).map_err(rpc_err)
     })?;
     let s = state.clone();
+    methods.register("mirror_recover_local", move |p| {
+        recover_local(&s, parse_params(p)?).map_err(rpc_err)
+    })?;
+    let s = state.clone();
     methods.register("mirror_set_resync_rate", move |p| {
         let r: RateParams = parse_params(p)?;
         set_resync_rate(&s, &r.name, r.bytes_per_second).map_err(rpc_err)
     })?;
     register_verify(methods, state)?;
     super::legops::register(methods, state)?;
+    super::split::ops::register(methods, state)?;
     Ok(())
 }
 

@@ -64,6 +64,13 @@ use crate::units::{ByteLen, ByteOffset};
 /// when regions are larger.
 pub const STEP: u64 = 1 << 20;
 
+/// Steps checked concurrently (pipelining one step's digesting with the
+/// next one's reads and the legs' answers; each step holds its own lock).
+/// With 4, the legs' storage-volume channels see more operations than their
+/// queue depth, which is what exposed the lost wake-up fixed in
+/// `LocalSemaphore` (host writes to the leg hung until the link timed out).
+pub const DEPTH: usize = 4;
+
 /// Longest interval between two writes of the job file while running.
 pub const PERSIST_EVERY: Duration = Duration::from_millis(500);
 
@@ -695,10 +702,27 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
         let mut at = span.offset.max(cursor);
         while at < end {
             check_stop(m)?;
-            // Steps aligned to `step`, so they coincide with overlap stripes.
-            let next = ((at / step) + 1).saturating_mul(step).min(end);
-            let found = check_range(m, at, next, rs).await?;
-            {
+            // Up to `depth` steps at once (each under its own lock), so one
+            // step's digesting overlaps the next one's reads and the legs'
+            // answers; results are taken in order. Steps are aligned to
+            // `step`, so they coincide with overlap stripes.
+            let mut steps = Vec::new();
+            let mut s_at = at;
+            while s_at < end && steps.len() < depth(m) {
+                let next = ((s_at / step) + 1).saturating_mul(step).min(end);
+                steps.push((s_at, next));
+                s_at = next;
+            }
+            type Fut<'a> =
+                std::pin::Pin<Box<dyn std::future::Future<Output = Result<Found, Stop>> + 'a>>;
+            let futs: Vec<Fut<'_>> = steps
+                .iter()
+                .map(|&(a, b)| Box::pin(check_range(m, a, b, rs)) as Fut<'_>)
+                .collect();
+            let results = join_all(futs).await;
+            let mut bytes = 0;
+            for ((a, b), found) in steps.into_iter().zip(results) {
+                let found = found?;
                 let mut job = vs.job();
                 for (off, len, legs) in found.differ {
                     tracing::warn!(
@@ -710,19 +734,19 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
                     );
                     merge(&mut job.out_of_sync, off, len, legs);
                 }
-                for (leg, b) in found.skipped.iter().enumerate() {
+                for (leg, n) in found.skipped.iter().enumerate() {
                     if let Some(s) = job.skipped_bytes.get_mut(leg) {
-                        *s += b;
+                        *s += n;
                     }
                 }
-                job.checked_bytes += next - at;
-                job.cursor = next;
-                done += next - at;
+                job.checked_bytes += b - a;
+                job.cursor = b;
+                done += b - a;
+                bytes += b - a;
                 job.rate_bps = (done as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64;
+                cursor = b;
+                at = b;
             }
-            let bytes = next - at;
-            cursor = next;
-            at = next;
             if last_persist.elapsed() >= PERSIST_EVERY {
                 persist(m).await;
                 last_persist = Instant::now();
@@ -731,6 +755,16 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
         }
     }
     Ok(())
+}
+
+/// Steps checked at once: [`DEPTH`], fewer under a low rate cap (so the
+/// cap is kept smoothly: at most one step per 1/16 s).
+fn depth(m: &Mirror) -> usize {
+    let rate = m.verify_state().rate.load(Ordering::Relaxed);
+    if rate == 0 {
+        return DEPTH;
+    }
+    ((rate / (16 * STEP)) as usize).clamp(1, DEPTH)
 }
 
 fn merge(list: &mut Vec<OutOfSync>, offset: u64, length: u64, legs: Vec<usize>) {
@@ -859,7 +893,9 @@ async fn check_range(m: &Arc<Mirror>, start: u64, end: u64, rs: u64) -> Result<F
             }
         }
         for (leg, skipped) in found.skipped.iter_mut().enumerate() {
-            if !live.iter().any(|(l, _)| *l == leg) {
+            // A leg not compared at all (down, failed); an empty slot (a
+            // removed leg) is not a leg.
+            if m.leg_exists(leg) && !live.iter().any(|(l, _)| *l == leg) {
                 *skipped += len;
             }
         }

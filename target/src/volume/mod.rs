@@ -12,6 +12,7 @@
 //! Buffers are pool chunks passed by value (the op owns them while the kernel
 //! does), so the largest single I/O is one chunk.
 
+pub mod error;
 pub mod malloc;
 pub mod registry;
 pub mod uring;
@@ -111,8 +112,12 @@ pub enum Backend {
     Uring(uring::UringBackend),
     /// RAM.
     Malloc(malloc::MallocBackend),
+    /// A fault-injecting wrapper of another volume (`bdev_error_create`).
+    Error(error::ErrorBackend),
     /// A mirrored volume: a local volume plus remote legs.
     Mirror(Arc<crate::mirror::engine::Mirror>),
+    /// A split mirror leg's frozen data (read-only, or a writable clone).
+    SplitImage(Arc<crate::mirror::split::ops::SplitImage>),
 }
 
 /// A block device, shared by every core.
@@ -193,10 +198,12 @@ impl Volume {
         let (product, driver) = match &self.backend {
             Backend::Uring(u) => ("Uring disk", u.describe()),
             Backend::Malloc(_) => ("Malloc disk", serde_json::json!({})),
+            Backend::Error(e) => ("Error disk", e.describe()),
             Backend::Mirror(m) => (
                 "Mirror disk",
                 serde_json::json!({"mirror": {"local": m.local().name(), "mirror_id": m.id().0}}),
             ),
+            Backend::SplitImage(i) => ("Split mirror image", i.describe()),
         };
         VolumeInfo {
             name: self.name.clone(),
@@ -218,9 +225,11 @@ impl Volume {
         let inner = match &self.backend {
             Backend::Uring(u) => ChannelInner::Uring(u.channel()),
             Backend::Malloc(m) => ChannelInner::Malloc(m.clone()),
+            Backend::Error(e) => ChannelInner::Error(Box::new(e.channel())),
             Backend::Mirror(m) => {
                 ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
             }
+            Backend::SplitImage(i) => ChannelInner::SplitImage(Box::new(i.channel())),
         };
         VolumeChannel {
             volume: self.clone(),
@@ -233,7 +242,17 @@ impl Volume {
         match &self.backend {
             Backend::Uring(u) => u.sync_blocking(),
             Backend::Malloc(_) => Ok(()),
+            Backend::Error(e) => e.base().sync_blocking(),
             Backend::Mirror(m) => m.local().sync_blocking(),
+            Backend::SplitImage(_) => Ok(()),
+        }
+    }
+
+    /// The split image, if this is one.
+    pub fn split_image(&self) -> Option<&Arc<crate::mirror::split::ops::SplitImage>> {
+        match &self.backend {
+            Backend::SplitImage(i) => Some(i),
+            _ => None,
         }
     }
 
@@ -241,6 +260,22 @@ impl Volume {
     pub fn mirror(&self) -> Option<&Arc<crate::mirror::engine::Mirror>> {
         match &self.backend {
             Backend::Mirror(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The armed errors, if this is an error volume (`bdev_error_create`).
+    pub fn error_injection(&self) -> Option<&Arc<error::Injection>> {
+        match &self.backend {
+            Backend::Error(e) => Some(e.injection()),
+            _ => None,
+        }
+    }
+
+    /// The volume an error volume wraps.
+    pub fn error_base(&self) -> Option<&Arc<Volume>> {
+        match &self.backend {
+            Backend::Error(e) => Some(e.base()),
             _ => None,
         }
     }
@@ -273,7 +308,9 @@ impl Volume {
 enum ChannelInner {
     Uring(uring::UringChannel),
     Malloc(malloc::MallocBackend),
+    Error(Box<error::ErrorChannel>),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
+    SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
 }
 
 /// A volume opened on one reactor; all I/O goes through it.
@@ -304,7 +341,9 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Error(e) => e.read(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.read(offset, buf)).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.read(offset, buf)).await,
         }
     }
 
@@ -320,7 +359,9 @@ impl VolumeChannel {
                 yield_now().await;
                 out
             }
+            ChannelInner::Error(e) => e.write(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write(offset, buf)).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.write(offset, buf)).await,
         }
     }
 
@@ -339,7 +380,15 @@ impl VolumeChannel {
             ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
             // RAM has no volatile cache to bypass.
             ChannelInner::Malloc(_) => self.write(offset, buf).await,
+            ChannelInner::Error(e) => e.write_fua(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
+            ChannelInner::SplitImage(i) => {
+                let (r, buf) = Box::pin(i.write(offset, buf)).await;
+                if r.is_err() {
+                    return (r, buf);
+                }
+                (Box::pin(i.flush()).await, buf)
+            }
         }
     }
 
@@ -348,7 +397,9 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.flush().await,
             ChannelInner::Malloc(_) => Ok(()),
+            ChannelInner::Error(e) => e.flush().await,
             ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
+            ChannelInner::SplitImage(i) => Box::pin(i.flush()).await,
         }
     }
 
@@ -379,7 +430,10 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
-            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
+            ChannelInner::Error(e) => e.write_zeroes(offset, len).await,
+            ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
+                self.mirror_zero(offset, len).await
+            }
         }
     }
 
@@ -392,7 +446,10 @@ impl VolumeChannel {
                 m.zero(offset, len);
                 Ok(())
             }
-            ChannelInner::Mirror(_) => self.mirror_zero(offset, len).await,
+            ChannelInner::Error(e) => e.unmap(offset, len).await,
+            ChannelInner::Mirror(_) | ChannelInner::SplitImage(_) => {
+                self.mirror_zero(offset, len).await
+            }
         }
     }
 }

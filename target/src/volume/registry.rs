@@ -48,6 +48,18 @@ pub struct UringParams {
     pub uuid: Option<String>,
 }
 
+/// Parameters of `bdev_error_create` (SPDK's names): wraps `base_name` as
+/// `EE_<base_name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorParams {
+    /// The volume to wrap.
+    pub base_name: String,
+    /// Fixed UUID; random when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
 /// How a volume was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSpec {
@@ -55,6 +67,8 @@ pub enum VolumeSpec {
     Malloc(MallocParams),
     /// `bdev_uring_create`.
     Uring(UringParams),
+    /// `bdev_error_create`.
+    Error(ErrorParams),
 }
 
 impl VolumeSpec {
@@ -63,6 +77,7 @@ impl VolumeSpec {
         match self {
             VolumeSpec::Malloc(_) => "bdev_malloc_create",
             VolumeSpec::Uring(_) => "bdev_uring_create",
+            VolumeSpec::Error(_) => "bdev_error_create",
         }
     }
 
@@ -71,6 +86,7 @@ impl VolumeSpec {
         let v = match self {
             VolumeSpec::Malloc(p) => serde_json::to_value(p),
             VolumeSpec::Uring(p) => serde_json::to_value(p),
+            VolumeSpec::Error(p) => serde_json::to_value(p),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -142,6 +158,7 @@ impl VolumeRegistry {
                 self.build_malloc(&name, p)?
             }
             VolumeSpec::Uring(p) => self.build_uring(p)?,
+            VolumeSpec::Error(p) => self.build_error(p)?,
         };
         let mut entries = self.lock();
         if entries.iter().any(|e| e.volume.name() == volume.name()) {
@@ -151,6 +168,7 @@ impl VolumeRegistry {
         match &mut spec {
             VolumeSpec::Malloc(p) => p.uuid = Some(volume.uuid().to_string()),
             VolumeSpec::Uring(p) => p.uuid = Some(volume.uuid().to_string()),
+            VolumeSpec::Error(p) => p.uuid = Some(volume.uuid().to_string()),
         }
         let volume = Arc::new(volume);
         entries.push(Entry {
@@ -252,10 +270,38 @@ impl VolumeRegistry {
         ))
     }
 
+    fn build_error(&self, p: &ErrorParams) -> Result<Volume, CreateError> {
+        if let Some(u) = &p.uuid {
+            check_uuid(u)?;
+        }
+        let base = self
+            .get(&p.base_name)
+            .ok_or_else(|| CreateError::NotFound(p.base_name.clone()))?;
+        let name = format!("EE_{}", p.base_name);
+        check_name(&name)?;
+        Ok(Volume::new(
+            name,
+            p.uuid.clone().unwrap_or_else(random_uuid),
+            base.block_size(),
+            base.num_blocks(),
+            Backend::Error(super::error::ErrorBackend::new(base)),
+        ))
+    }
+
     /// Removes a volume. Channels still open keep it alive until they close.
+    /// A volume an error volume wraps is claimed: delete the wrapper first.
     /// A claimed volume is refused: its owner must release it first.
     pub fn delete(&self, name: &str) -> Result<Arc<Volume>, CreateError> {
         let mut entries = self.lock();
+        if let Some(w) = entries
+            .iter()
+            .find(|e| e.volume.error_base().is_some_and(|b| b.name() == name))
+        {
+            return Err(CreateError::Invalid(format!(
+                "volume '{name}' is claimed by the error volume '{}' (bdev_error_delete it first)",
+                w.volume.name()
+            )));
+        }
         let pos = entries
             .iter()
             .position(|e| e.volume.name() == name)

@@ -116,6 +116,11 @@ msg_types! {
     ReleaseAck = 0x0054, 16;
     /// Generation ids for choosing the resync direction.
     GenerationExchange = 0x0060, 48;
+    /// Split control between a primary and the site hosting the leg
+    /// (freeze, query the image's written regions, end, promote).
+    SplitCtl = 0x0031, 40;
+    /// Answer to a SplitCtl: status and the image's written-regions bitmap.
+    SplitCtlResp = 0x0032, 24;
 }
 
 impl MsgType {

@@ -295,6 +295,84 @@ pub struct SplitMarker {
     pub seq: SeqNo,
 }
 
+/// Most bytes of a split image's name in a [`SplitCtl`].
+pub const MAX_SPLIT_NAME: usize = 255;
+/// Most bytes of a [`SplitCtlResp`] bitmap (8 Mi regions: 512 GiB at 64 KiB).
+pub const MAX_SPLIT_BITMAP: usize = 1 << 20;
+
+/// What a [`SplitCtl`] asks of the site hosting a leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitOp {
+    /// Stop taking the primary's writes for the leg, persist the split
+    /// point and expose the frozen data as a volume named `name`.
+    Freeze,
+    /// Report the regions written into the image since the split (the
+    /// image stops taking writes first, so the answer is final).
+    Query,
+    /// Drop the image and take the primary's writes again (rejoin).
+    End,
+    /// Detach the image from the mirror: an independent volume.
+    Promote,
+}
+
+impl SplitOp {
+    /// The wire value.
+    pub fn to_wire(self) -> u32 {
+        match self {
+            SplitOp::Freeze => 1,
+            SplitOp::Query => 2,
+            SplitOp::End => 3,
+            SplitOp::Promote => 4,
+        }
+    }
+
+    /// From the wire value.
+    pub fn from_wire(v: u32) -> Option<SplitOp> {
+        Some(match v {
+            1 => SplitOp::Freeze,
+            2 => SplitOp::Query,
+            3 => SplitOp::End,
+            4 => SplitOp::Promote,
+            _ => return None,
+        })
+    }
+}
+
+/// Split control (agent connection, primary to the leg's site).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitCtl {
+    /// Mirror.
+    pub mirror: MirrorId,
+    /// The leg (its id within the mirror; a site may host several).
+    pub leg: LegId,
+    /// Operation.
+    pub op: SplitOp,
+    /// Freeze: the image takes writes (a writable clone).
+    pub writable: bool,
+    /// Split point: first epoch after the split.
+    pub epoch: Epoch,
+    /// Split point: first sequence number after the split.
+    pub seq: SeqNo,
+    /// Region size of the image's written-regions bitmap (a power of two, 4 KiB to 1 GiB).
+    pub region_size: u32,
+    /// Image volume name (Freeze), at most [`MAX_SPLIT_NAME`] bytes of UTF-8.
+    pub name: String,
+}
+
+/// Answer to a [`SplitCtl`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitCtlResp {
+    /// Mirror.
+    pub mirror: MirrorId,
+    /// Outcome.
+    pub status: Status,
+    /// Region size of `bitmap`.
+    pub region_size: u32,
+    /// Query: one bit per region written into the image since the split
+    /// (LSB first), at most [`MAX_SPLIT_BITMAP`] bytes; empty otherwise.
+    pub bitmap: Vec<u8>,
+}
+
 /// Liveness probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -440,6 +518,8 @@ pub enum Message<'a> {
     RangeDigest(RangeDigest),
     RangeDigestResp(RangeDigestResp<'a>),
     SplitMarker(SplitMarker),
+    SplitCtl(SplitCtl),
+    SplitCtlResp(SplitCtlResp),
     Heartbeat(Heartbeat),
     HeartbeatAck(HeartbeatAck),
     CapacityReport(CapacityReport),
@@ -618,6 +698,8 @@ impl<'a> Message<'a> {
             Message::RangeDigest(_) => MsgType::RangeDigest,
             Message::RangeDigestResp(_) => MsgType::RangeDigestResp,
             Message::SplitMarker(_) => MsgType::SplitMarker,
+            Message::SplitCtl(_) => MsgType::SplitCtl,
+            Message::SplitCtlResp(_) => MsgType::SplitCtlResp,
             Message::Heartbeat(_) => MsgType::Heartbeat,
             Message::HeartbeatAck(_) => MsgType::HeartbeatAck,
             Message::CapacityReport(_) => MsgType::CapacityReport,
@@ -685,6 +767,34 @@ impl<'a> Message<'a> {
                 Ok(())
             }
             Message::SplitMarker(_) | Message::Heartbeat(_) => Ok(()),
+            Message::SplitCtl(c) => {
+                count_of(
+                    t,
+                    "bytes of image name",
+                    c.name.len() as u64,
+                    MAX_SPLIT_NAME,
+                )?;
+                if !c.region_size.is_power_of_two() || !(4096..=1 << 30).contains(&c.region_size) {
+                    return Err(invalid(
+                        t,
+                        "region_size",
+                        "not a power of two from 4 KiB to 1 GiB",
+                    ));
+                }
+                Ok(())
+            }
+            Message::SplitCtlResp(r) => {
+                count_of(
+                    t,
+                    "bytes of bitmap",
+                    r.bitmap.len() as u64,
+                    MAX_SPLIT_BITMAP,
+                )?;
+                if r.status != Status::Ok && !r.bitmap.is_empty() {
+                    return Err(invalid(t, "bitmap", "present with an error status"));
+                }
+                Ok(())
+            }
             Message::HeartbeatAck(h) => {
                 if h.replied < h.received {
                     return Err(invalid(t, "replied", "before received"));
@@ -731,6 +841,8 @@ impl<'a> Message<'a> {
         match self {
             Message::Hello(h) => h.name.as_str().len(),
             Message::Error(e) => e.text.len(),
+            Message::SplitCtl(c) => c.name.len(),
+            Message::SplitCtlResp(r) => r.bitmap.len(),
             Message::CapacityReport(c) => c.servers.len().saturating_mul(CAPACITY_ENTRY_LEN),
             Message::AllocateResponse(a) => a.extents.len().saturating_mul(EXTENT_ENTRY_LEN),
             _ => 0,
@@ -845,6 +957,23 @@ impl<'a> Message<'a> {
                 w.zeros(4)?;
                 w.u64(s.seq.0)
             }
+            Message::SplitCtl(c) => {
+                w.u64(c.mirror.0)?;
+                w.u64(c.seq.0)?;
+                w.u32(c.epoch.0)?;
+                w.u32(c.op.to_wire())?;
+                w.u32(u32::from(c.writable))?;
+                w.u32(c.region_size)?;
+                w.u32(u32::try_from(c.name.len()).unwrap_or(u32::MAX))?;
+                w.u32(c.leg.0)
+            }
+            Message::SplitCtlResp(r) => {
+                w.u64(r.mirror.0)?;
+                w.u32(r.status.to_wire())?;
+                w.u32(r.region_size)?;
+                w.u32(u32::try_from(r.bitmap.len()).unwrap_or(u32::MAX))?;
+                w.zeros(4)
+            }
             Message::Heartbeat(h) => {
                 w.u64(h.counter)?;
                 w.u64(h.sent.0)
@@ -897,6 +1026,8 @@ impl<'a> Message<'a> {
         match self {
             Message::Hello(h) => w.bytes(h.name.as_str().as_bytes()),
             Message::Error(e) => w.bytes(e.text.as_bytes()),
+            Message::SplitCtl(c) => w.bytes(c.name.as_bytes()),
+            Message::SplitCtlResp(r) => w.bytes(&r.bitmap),
             Message::CapacityReport(c) => {
                 for s in &c.servers {
                     w.u32(s.server.0)?;
@@ -1184,6 +1315,54 @@ impl<'a> Message<'a> {
                 payload_len_is(t, payload, 0)?;
                 Message::SplitMarker(SplitMarker { mirror, epoch, seq })
             }
+            MsgType::SplitCtl => {
+                let mirror = MirrorId(r.u64()?);
+                let seq = SeqNo(r.u64()?);
+                let epoch = Epoch(r.u32()?);
+                let op = SplitOp::from_wire(r.u32()?).ok_or(invalid(
+                    t,
+                    "op",
+                    "unknown split operation",
+                ))?;
+                let writable = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(invalid(t, "writable", "must be 0 or 1")),
+                };
+                let region_size = r.u32()?;
+                let len = r.u32()?;
+                let leg = LegId(r.u32()?);
+                count_of(t, "bytes of image name", u64::from(len), MAX_SPLIT_NAME)?;
+                payload_len_is(t, payload, u64::from(len))?;
+                let name = std::str::from_utf8(payload)
+                    .map_err(|_| invalid(t, "name", "not UTF-8"))?
+                    .to_owned();
+                Message::SplitCtl(SplitCtl {
+                    mirror,
+                    leg,
+                    op,
+                    writable,
+                    epoch,
+                    seq,
+                    region_size,
+                    name,
+                })
+            }
+            MsgType::SplitCtlResp => {
+                let mirror = MirrorId(r.u64()?);
+                let status = status(t, r.u32()?)?;
+                let region_size = r.u32()?;
+                let len = r.u32()?;
+                r.reserved::<4>()?;
+                count_of(t, "bytes of bitmap", u64::from(len), MAX_SPLIT_BITMAP)?;
+                payload_len_is(t, payload, u64::from(len))?;
+                Message::SplitCtlResp(SplitCtlResp {
+                    mirror,
+                    status,
+                    region_size,
+                    bitmap: payload.to_vec(),
+                })
+            }
             MsgType::Heartbeat => {
                 let counter = r.u64()?;
                 let sent = Timestamp(r.u64()?);
@@ -1464,6 +1643,22 @@ pub(crate) fn samples() -> Vec<Message<'static>> {
             bitmap: Generation(0xcafe),
             history: [Generation(3), Generation(0)],
             flags: GenerationFlags::PRIMARY,
+        }),
+        Message::SplitCtl(SplitCtl {
+            mirror: MirrorId(1),
+            leg: LegId(2),
+            op: SplitOp::Freeze,
+            writable: true,
+            epoch: Epoch(3),
+            seq: SeqNo(104),
+            region_size: 65536,
+            name: "m0-backup".into(),
+        }),
+        Message::SplitCtlResp(SplitCtlResp {
+            mirror: MirrorId(1),
+            status: Status::Ok,
+            region_size: 65536,
+            bitmap: vec![0x81, 0, 4],
         }),
     ]
 }

@@ -115,6 +115,29 @@ fn message() -> impl Strategy<Value = Message<'static>> {
             epoch: Epoch(e),
             seq: SeqNo(s)
         })),
+        (ids, 1u32..=4, any::<bool>(), 12u32..=30, "[a-z0-9_-]{0,40}").prop_map(
+            |((m, s, e), op, writable, shift, name)| Message::SplitCtl(SplitCtl {
+                mirror: MirrorId(m),
+                leg: LegId(e ^ 5),
+                op: SplitOp::from_wire(op).unwrap_or(SplitOp::Query),
+                writable,
+                epoch: Epoch(e),
+                seq: SeqNo(s),
+                region_size: 1 << shift,
+                name,
+            })
+        ),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(m, rs, bitmap)| Message::SplitCtlResp(SplitCtlResp {
+                mirror: MirrorId(m),
+                status: Status::Ok,
+                region_size: rs,
+                bitmap,
+            })),
         (any::<u64>(), any::<u64>()).prop_map(|(c, t)| Message::Heartbeat(Heartbeat {
             counter: c,
             sent: Timestamp(t)

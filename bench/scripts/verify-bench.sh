@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# Online consistency check (mirror_verify) throughput and what it costs the
+# host, both sites on this machine, beside the loopback TCP throughput
+# measured in the same run (issue #6 item 5).
+#
+# Starts two `mirrorpoint serve` processes: "east" (primary, master agent,
+# 127.0.0.2) and "west" (remote, 127.0.0.3) whose storage server holds the
+# leg of east's mirrored volume `m1` (on `l1`). Fills `m1` with a pattern
+# through the mirror, then:
+#   1. `mirrorpoint-bench tcp` 127.0.0.1 -> 127.0.0.3, 1 and 2 streams,
+#      128 KiB sends: the loopback yardstick;
+#   2. idle host: `mirror_verify` with no rate cap, --passes times; the
+#      verify rate is the job's bytes over its started..finished time;
+#   3. busy host: `mirrorpoint-bench nvmf` 4k randwrite QD32 on `m1` over
+#      NVMe/TCP, without verify, then with verify running back to back at
+#      --rate (capped), then uncapped; host IOPS of each, and the verify
+#      rate reached meanwhile.
+# Prints every command, then markdown tables.
+#
+# Usage: bench/scripts/verify-bench.sh [options]
+#   --time N          measured seconds per host run (default 5)
+#   --ramp N          ramp seconds per host run (default 1)
+#   --size SIZE       volume size in MiB (default 256)
+#   --rate MIB        verify rate cap for the busy run, MiB/s (default 64)
+#   --passes N        idle verify passes (default 2)
+#   --repeat N        rounds of the three busy-host runs (default 2; each
+#                     round is compared with its own no-verify run)
+#   --dir DIR         where volume files go (default ./build/verify-bench; not tmpfs)
+#   --east-cpus L     CPUs of east's reactors (default 0)
+#   --west-cpus L     CPUs of west's reactors (default 1)
+#   --bench-cpus L    CPUs of the bench's reactors (default 1)
+#   --bin DIR         where mirrorpoint and mirrorpoint-bench are (default build/release)
+#   --out DIR         keep JSON outputs and logs there (default: mktemp)
+#   --quick           short runs (smoke test)
+set -euo pipefail
+
+TIME=5
+RAMP=1
+SIZE_MIB=256
+RATE_MIB=64
+PASSES=2
+REPEAT=2
+DIR=./build/verify-bench
+EAST_CPUS=0
+WEST_CPUS=1
+BENCH_CPUS=1
+OUT=
+root=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=$root/build/release
+
+die() { echo "verify-bench: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case $1 in
+    --time) TIME=$2; shift 2 ;;
+    --ramp) RAMP=$2; shift 2 ;;
+    --size) SIZE_MIB=$2; shift 2 ;;
+    --rate) RATE_MIB=$2; shift 2 ;;
+    --passes) PASSES=$2; shift 2 ;;
+    --repeat) REPEAT=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    --east-cpus) EAST_CPUS=$2; shift 2 ;;
+    --west-cpus) WEST_CPUS=$2; shift 2 ;;
+    --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
+    --bin) BIN=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; PASSES=1; shift ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1" ;;
+    esac
+done
+MP=$BIN/mirrorpoint
+BENCH=$BIN/mirrorpoint-bench
+[ -x "$MP" ] && [ -x "$BENCH" ] ||
+    die "build first: cargo build --release -p mirrorpoint-bench -p mirrorpoint-target"
+command -v python3 >/dev/null || die "python3 is needed to read the JSON"
+OUT=${OUT:-$(mktemp -d /tmp/mp-verify-bench.XXXXXX)}
+mkdir -p "$OUT"
+case $DIR in /*) ;; *) DIR=$PWD/$DIR ;; esac
+mkdir -p "$DIR"
+SIZE=$((SIZE_MIB * 1024 * 1024))
+RATE=$((RATE_MIB * 1024 * 1024))
+SECRET=verify-bench-shared-secret-0123456789
+nqn=nqn.2026-11.io.mirrorpoint:verify-bench
+freeport() { python3 -c 'import socket,sys;s=socket.socket();s.bind((sys.argv[1],0));print(s.getsockname()[1])' "$1"; }
+nvmf_port=$(freeport 127.0.0.2)
+
+pids=()
+loop_pid=
+cleanup() {
+    [ -n "$loop_pid" ] && kill "$loop_pid" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -f "$DIR"/east-*.img "$DIR"/west-*.img
+}
+trap cleanup EXIT INT TERM
+
+start_site() { # name cpus
+    local name=$1 cpus=$2
+    echo '{"subsystems": []}' >"$OUT/$name-config.json"
+    mkdir -p "$OUT/$name-data"
+    local cmd=("$MP" serve --config "$OUT/$name-config.json" --rpc-socket "$OUT/$name.sock"
+        --data-dir "$OUT/$name-data" --cores "$cpus" --buffers 1024)
+    echo "# $name: ${cmd[*]}"
+    "${cmd[@]}" >"$OUT/$name.log" 2>&1 &
+    pids+=($!)
+    local i=0
+    until [ -S "$OUT/$name.sock" ] && "$MP" rpc -s "$OUT/$name.sock" spdk_get_version >/dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -le 300 ] || { cat "$OUT/$name.log" >&2; die "$name did not start"; }
+        sleep 0.1
+    done
+}
+rpc() { # site method [params]
+    local site=$1; shift
+    echo "+ rpc $site $*" >&2
+    "$MP" rpc -s "$OUT/$site.sock" "$@"
+}
+qrpc() { "$MP" rpc -s "$OUT/$1.sock" "${@:2}"; }
+json_get() { python3 -c 'import json,sys;v=json.load(sys.stdin)
+for k in sys.argv[1:]: v=v[int(k)] if k.isdigit() else v[k]
+print(v)' "$@"; }
+bdev() { # site name size
+    rpc "$1" bdev_uring_create "{\"name\": \"$2\", \"filename\": \"$DIR/$1-$2.img\", \"size\": $3, \"block_size\": 4096}" >/dev/null
+}
+wait_verify() { # [poll seconds]: until the job is finished and idle; prints its JSON
+    # (the rate comes from the job's own start/finish times, not from this
+    # polling, which only has to be light: each poll is two processes)
+    local i=0 v poll=${1:-0.1}
+    while :; do
+        v=$(qrpc east mirror_verify_get '{"name": "m1"}')
+        if [ "$(echo "$v" | json_get active)" = False ]; then
+            [ "$(echo "$v" | json_get state)" = finished ] || die "verify ended $(echo "$v" | json_get state): $v"
+            echo "$v"
+            return
+        fi
+        i=$((i + 1)); [ $i -le 6000 ] || die "verify never finished"; sleep "$poll"
+    done
+}
+
+# 1. The yardstick.
+tcp_rows=()
+for s in 1 2; do
+    f="$OUT/tcp-$s.json"
+    cmd=("$BENCH" tcp --to 127.0.0.3 --streams "$s" --bs 128K --time "$TIME" --ramp "$RAMP" --json)
+    echo "${cmd[*]} > $f"
+    "${cmd[@]}" >"$f"
+    tcp_rows+=("$f")
+done
+
+# 2. Two sites, the mirror, filled with data.
+start_site east "$EAST_CPUS"
+start_site west "$WEST_CPUS"
+east_addr=$(rpc east agent_set_site "{\"name\": \"east\", \"domain\": 1, \"listen\": \"127.0.0.2:0\", \"secret\": \"$SECRET\", \"master\": true}" | json_get listen)
+west_addr=$(rpc west agent_set_site "{\"name\": \"west\", \"domain\": 2, \"listen\": \"127.0.0.3:0\", \"secret\": \"$SECRET\"}" | json_get listen)
+bdev west s1 "$SIZE"
+rpc west agent_add_storage_server '{"name": "ss1", "id": 1, "volumes": ["s1"]}' >/dev/null
+rpc east agent_add_peer "{\"name\": \"west\", \"domain\": 2, \"address\": \"$west_addr\"}" >/dev/null
+rpc west agent_add_peer "{\"name\": \"east\", \"domain\": 1, \"address\": \"$east_addr\", \"master\": true}" >/dev/null
+i=0
+until [ -n "$(qrpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" ] &&
+    [ "$(qrpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" != None ]; do
+    i=$((i + 1)); [ $i -le 100 ] || die "west never reported its capacity"; sleep 0.1
+done
+bdev east l1 "$SIZE"
+rpc east mirror_create '{"name": "m1", "volume": "l1", "resync_rate": 0}' >/dev/null
+i=0
+until [ "$(qrpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 state)" = synced ]; do
+    i=$((i + 1)); [ $i -le 6000 ] || die "m1 never synced"; sleep 0.05
+done
+rpc east bdev_write_pattern "{\"name\": \"m1\", \"offset\": 0, \"len\": $SIZE, \"seed\": 42}" >/dev/null
+echo "# east pid ${pids[0]} (CPUs $EAST_CPUS), west pid ${pids[1]} (CPUs $WEST_CPUS), bench CPUs $BENCH_CPUS; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# 3. Idle host: verify with no cap.
+idle=()
+for p in $(seq 1 "$PASSES"); do
+    rpc east mirror_verify '{"name": "m1", "rate": 0}' >/dev/null
+    wait_verify >"$OUT/idle-$p.json"
+    idle+=("$OUT/idle-$p.json")
+done
+
+# 4. Busy host: 4k randwrite QD32 over NVMe/TCP, without and with verify.
+rpc east nvmf_create_transport '{"trtype": "TCP", "in_capsule_data_size": 4096, "max_queue_depth": 128}' >/dev/null
+rpc east nvmf_create_subsystem "{\"nqn\": \"$nqn\", \"allow_any_host\": true, \"serial_number\": \"MPVERIFY0001\"}" >/dev/null
+rpc east nvmf_subsystem_add_ns "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"m1\", \"nsid\": 1}}" >/dev/null
+rpc east nvmf_subsystem_add_listener "{\"nqn\": \"$nqn\", \"listen_address\": {\"trtype\": \"tcp\", \"adrfam\": \"ipv4\", \"traddr\": \"127.0.0.2\", \"trsvcid\": \"$nvmf_port\"}}" >/dev/null
+host_run() { # out-file
+    local cmd=("$BENCH" nvmf --addr "127.0.0.2:$nvmf_port" --nqn "$nqn" --nsid 1
+        --workload randwrite --bs 4K --qd 32 --connections 2 --cores "$BENCH_CPUS"
+        --time "$TIME" --ramp "$RAMP" --target-pid "${pids[0]}" --json)
+    echo "${cmd[*]} > $1"
+    "${cmd[@]}" >"$1"
+}
+verify_loop() { # rate: verify back to back; appends each pass's JSON lines to $OUT/loop-<rate>.jsonl
+    local rate=$1
+    while :; do
+        qrpc east mirror_verify "{\"name\": \"m1\", \"rate\": $rate}" >/dev/null 2>&1 || true
+        wait_verify 0.25 >/dev/null 2>&1 && echo pass >>"$OUT/loop-$rate.txt"
+    done
+}
+busy() { # label rate(or "none")
+    local label=$1 rate=$2 after passes
+    if [ "$rate" = none ]; then
+        host_run "$OUT/host-$label.json"
+        echo "{}" >"$OUT/verify-$label.json"
+        return
+    fi
+    verify_loop "$rate" &
+    loop_pid=$!
+    local t0
+    t0=$(date +%s.%N)
+    host_run "$OUT/host-$label.json"
+    local t1
+    t1=$(date +%s.%N)
+    after=$(qrpc east mirror_get_status '{"name": "m1"}' | json_get 0 verify checked_bytes)
+    passes=0
+    [ -f "$OUT/loop-$rate.txt" ] && passes=$(wc -l <"$OUT/loop-$rate.txt")
+    rm -f "$OUT/loop-$rate.txt"
+    kill "$loop_pid" 2>/dev/null || true
+    wait "$loop_pid" 2>/dev/null || true
+    loop_pid=
+    qrpc east mirror_verify_cancel '{"name": "m1"}' >/dev/null 2>&1 || true
+    sleep 0.5
+    # Bytes checked over the whole host run (ramp included), per second.
+    python3 -c "import json,sys; print(json.dumps({'rate_limit': $rate, 'checked_after': $after, 'passes_finished': $passes, 'seconds': $t1 - $t0}))" >"$OUT/verify-$label.json"
+}
+for r in $(seq 1 "$REPEAT"); do
+    busy "none-$r" none
+    busy "capped-$r" "$RATE"
+    busy "uncapped-$r" 0
+done
+
+echo
+python3 - "$OUT" "$SIZE" "$REPEAT" "${tcp_rows[@]}" -- "${idle[@]}" <<'PY'
+import json, sys
+args = sys.argv[1:]
+out, size, repeat = args[0], int(args[1]), int(args[2])
+args = args[:2] + args[3:]
+sep = args.index("--")
+tcps = [json.load(open(f)) for f in args[2:sep]]
+idle = [json.load(open(f)) for f in args[sep + 1:]]
+loop = max(t["mib_s"] for t in tcps)
+print("| loopback TCP | MiB/s |")
+print("|---|---:|")
+for t in tcps:
+    print(f"| {t['streams']} stream(s), 128 KiB sends | {t['mib_s']:,.0f} |")
+print()
+print("| idle host: verify pass | bytes | seconds | MiB/s | verify/loopback |")
+print("|---|---:|---:|---:|---:|")
+for i, v in enumerate(idle):
+    s = (v["finished_unix_ms"] - v["started_unix_ms"]) / 1000
+    mib = v["checked_bytes"] / s / 2**20
+    print(f"| {i + 1} | {v['checked_bytes']:,} | {s:.2f} | {mib:,.0f} | {mib / loop:.3f} |")
+print()
+print("| busy host (4k randwrite QD32 x 2 connections) | round | host IOPS | vs no verify (same round) | p99 µs | verify MiB/s during the run | verify cap MiB/s |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for r, label in [(r, l) for r in range(1, repeat + 1) for l in ("none", "capped", "uncapped")]:
+    h = json.load(open(f"{out}/host-{label}-{r}.json"))
+    v = json.load(open(f"{out}/verify-{label}-{r}.json"))
+    if label == "none":
+        base = h["iops"]
+    if v:
+        # checked_bytes restarts at each pass: whole passes + the current one.
+        done = v["passes_finished"] * size + v["checked_after"]
+        vr = f"{done / v['seconds'] / 2**20:,.0f}"
+        cap = "none" if v["rate_limit"] == 0 else f"{v['rate_limit'] / 2**20:,.0f}"
+    else:
+        vr, cap = "-", "-"
+    print(f"| verify {label if v else 'not running'} | {r} | {h['iops']:,.0f} | {h['iops'] / base:.3f} | {h['lat_us']['p99']:.0f} | {vr} | {cap} |")
+PY
+echo "# outputs in $OUT"
