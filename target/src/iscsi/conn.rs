@@ -508,9 +508,10 @@ async fn run(
     };
     let r = conn.clone().full_feature(&mut reader, framing_in).await;
     drop(ticker);
-    if r.is_ok() {
-        // A clean end (logout): its response is queued; let it go out,
-        // bounded in time in case the peer stopped reading.
+    if matches!(r, Ok(()) | Err(ConnError::Closed)) {
+        // An orderly end (logout, reset, closed by the control plane): what
+        // is queued (a Logout or TMF response) goes out first, bounded in
+        // time in case the peer stopped reading.
         let _ = timeout(FLUSH_TIMEOUT, conn.tx.flushed()).await;
     }
     drop(writer);
@@ -1588,6 +1589,9 @@ impl Conn {
         )
         .await?;
         if t.function == TmfFunction::TargetColdReset && response == COMPLETE {
+            // The response must reach the initiator before the reset closes
+            // this connection (it is queued, not yet sent).
+            let _ = timeout(FLUSH_TIMEOUT, self.tx.flushed()).await;
             // A cold reset ends every session of the target, this one too.
             if let Some(n) = &node {
                 for s in self.target.sessions_of(&n.name) {
