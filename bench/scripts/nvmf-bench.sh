@@ -24,6 +24,9 @@
 #   --target-args A   extra `mirrorpoint serve` arguments (e.g. --busy-poll)
 #   --bench-args A    extra `mirrorpoint-bench nvmf` arguments (e.g. --data-digest)
 #   --out DIR         keep JSON outputs and the target log there (default: mktemp)
+#   --qds LIST        queue depths per connection (default "1 32")
+#   --target-bin PATH the `mirrorpoint` binary to serve with (default: this
+#                     worktree's build/release; for A/B runs of two builds)
 #   --quick           one short run per case (smoke test)
 set -euo pipefail
 
@@ -37,6 +40,7 @@ FILE=./build/nvmf-bench.img
 TARGET_ARGS=
 BENCH_ARGS=
 OUT=
+QDS="1 32"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 MP=$root/build/release/mirrorpoint
 BENCH=$root/build/release/mirrorpoint-bench
@@ -54,6 +58,8 @@ while [ $# -gt 0 ]; do
     --target-args) TARGET_ARGS=$2; shift 2 ;;
     --bench-args) BENCH_ARGS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --qds) QDS=$2; shift 2 ;;
+    --target-bin) MP=$2; shift 2 ;;
     --quick) TIME=0.5; RAMP=0.2; REPEAT=1; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1" ;;
@@ -118,7 +124,7 @@ rows=()
 for backend in $BACKENDS; do
     nsid=1; [ "$backend" = uring ] && nsid=2
     for conns in 1 2; do
-        for qd in 1 32; do
+        for qd in $QDS; do
             for w in randread randwrite; do
                 files=()
                 for r in $(seq 1 "$REPEAT"); do

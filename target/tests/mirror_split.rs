@@ -743,3 +743,90 @@ fn split_image_is_exported_over_nvme_tcp() {
         "local vs leg after rejoining the clone",
     );
 }
+
+/// A local second leg: the mirror's leg is allocated in the site's own
+/// domain (`"domain"` naming it) on one of its own storage servers, served
+/// by the daemon's own leg service. It syncs, splits into an image on this
+/// same site (read-only: writes refused), the image holds exactly what was
+/// written before the split, and a rejoin copies only what changed.
+#[test]
+fn local_second_leg_splits_into_an_image_on_the_same_site() {
+    let dir = TempDir::new("split-local-leg");
+    let mut a = Site::start(&dir.0.join("a"), "east", 1, "127.0.0.2", true);
+    let s1 = a.uring("s1", 40 * MIB);
+    a.call(
+        "agent_add_storage_server",
+        json!({"name": "ss1", "id": 1, "volumes": ["s1"]}),
+    );
+    let local = a.uring("m0_l", SIZE);
+    // Without naming the own domain there is no other domain to go to.
+    let e = a
+        .rpc
+        .call(
+            "mirror_create",
+            Some(json!({"name": "m0", "volume": "m0_l", "resync_rate": 0})),
+        )
+        .expect_err("no other domain");
+    assert!(e.to_string().contains("no domain"), "{e}");
+    let created = a.call(
+        "mirror_create",
+        json!({"name": "m0", "volume": "m0_l", "domain": 1, "resync_rate": 0}),
+    );
+    assert_eq!(created["legs"][0]["site"], "east", "{created:#}");
+    let leg = LegMap::from_create(&created, &[s1]);
+    a.wait_leg("m0", "synced", Duration::from_secs(60));
+    let st = a.daemon.as_ref().unwrap().state().clone();
+    let put = |offset: u64, fill: u8| {
+        let vol = st.volumes.get("m0").expect("mirror");
+        st.reactors[1]
+            .block_on(move || async move {
+                let mut b = buffer_pool().alloc(8192).expect("buffer");
+                b.fill(fill);
+                vol.channel().write(ByteOffset(offset), b.freeze()).await.0
+            })
+            .unwrap()
+            .expect("write");
+    };
+    put(0, 1);
+    put(3 * REGION, 2);
+    let split = a.call(
+        "mirror_split",
+        json!({"name": "m0", "leg": 0, "image_name": "m0_snap"}),
+    );
+    assert_eq!(split["images"][0]["site"], "east", "{split:#}");
+    put(0, 3);
+    put(7 * REGION, 4);
+    let img = read_volume(&a, "m0_snap", 8 * REGION);
+    let vol = st
+        .volumes
+        .get("m0_snap")
+        .expect("the image is a volume here");
+    let refused = st.reactors[0]
+        .block_on(move || async move {
+            let w = buffer_pool().alloc(4096).expect("buffer").freeze();
+            vol.channel().write(ByteOffset(0), w).await.0.is_err()
+        })
+        .unwrap();
+    assert!(refused, "a read-only image refused a write");
+    assert!(img[..8192].iter().all(|&x| x == 1), "pre-split write at 0");
+    let r3 = (3 * REGION) as usize;
+    assert!(
+        img[r3..r3 + 8192].iter().all(|&x| x == 2),
+        "pre-split write"
+    );
+    let r7 = (7 * REGION) as usize;
+    assert!(
+        img[r7..r7 + 8192].iter().all(|&x| x == 0),
+        "post-split write absent"
+    );
+    a.call("mirror_rejoin", json!({"name": "m0", "leg": 0}));
+    a.wait_leg("m0", "synced", Duration::from_secs(60));
+    let s = a.status("m0");
+    flush(&a, "m0");
+    assert_same(
+        &read_file(&local, SIZE),
+        &leg.read(SIZE),
+        "local vs local second leg after rejoin",
+    );
+    eprintln!("{s:#}");
+}

@@ -15,10 +15,12 @@
 pub mod acceptor;
 pub mod link;
 pub mod listener;
+pub mod send_list;
 mod sockaddr;
 pub mod stream;
 
 pub use acceptor::{hand_off, Acceptor, HandoffError};
 pub use link::{Link, Received, TcpLink};
 pub use listener::TcpListener;
+pub use send_list::SendList;
 pub use stream::{SendPart, TcpStream};

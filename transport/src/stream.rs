@@ -10,7 +10,9 @@
 //!   the disk and to every mirror leg without copying.
 //! - Vectored sends put a small copied header and any number of shared pool
 //!   chunks in one `IORING_OP_SENDMSG`; partial sends resume at the exact
-//!   iovec and offset where the kernel stopped.
+//!   iovec and offset where the kernel stopped. [`TcpStream::send_list`]
+//!   does the same for a reusable [`crate::SendList`] of many byte parts and
+//!   chunks (a front end's batch of PDUs), allocating nothing once warm.
 //! - The socket stays in blocking mode: io_uring never blocks on it (it
 //!   tries without waiting and then arms an internal poll), while an
 //!   `O_NONBLOCK` socket would make some kernels hand `EAGAIN` back to us.
@@ -40,6 +42,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
+use crate::send_list::SendList;
 use crate::sockaddr::RawAddr;
 
 /// Most iovecs one `sendmsg` takes (`UIO_MAXIOV` on Linux).
@@ -451,6 +454,38 @@ impl TcpStream {
         Ok(total)
     }
 
+    /// Sends every part of `list` in order and in full, with one `sendmsg`
+    /// for the whole list unless the kernel takes it partly (then the next
+    /// op resumes at the iovec and offset where it stopped). The list comes
+    /// back unchanged (parts still queued; call [`SendList::clear`] to reuse
+    /// it); nothing is allocated once its capacities have grown.
+    pub async fn send_list(&self, mut list: SendList) -> (io::Result<()>, SendList) {
+        list.prepare();
+        while !list.gather.is_done() {
+            list.gather.fill(&mut list.iov);
+            list.msg.msg_iov = list.iov.as_mut_ptr();
+            list.msg.msg_iovlen = list.iov.len() as _;
+            let msg: *const libc::msghdr = &*list.msg;
+            let entry = opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build();
+            // SAFETY: the msghdr is boxed and its iovec array is a Vec's heap
+            // buffer; the iovecs point into the list's byte arena (not touched
+            // while the op runs) and its pool chunks. The list moves into the
+            // op and stays there until the completion.
+            let op = unsafe { Op::submit(entry, OpKind::LongLived, (list, self.sock.clone())) };
+            let (c, (back, _sock)) = op.await;
+            list = back;
+            match c.into_io() {
+                Ok(0) => return (Err(write_zero()), list),
+                Ok(n) => list.gather.advance(n as usize),
+                Err(e) if is_retryable(&e) => {}
+                Err(e) => return (Err(e), list),
+            }
+        }
+        (Ok(()), list)
+    }
+
     /// Shuts down one or both directions (`IORING_OP_SHUTDOWN`). Shutting
     /// down writing sends a FIN after queued data; the peer's receives then
     /// see end of stream.
@@ -513,8 +548,8 @@ struct SendMsgResources {
 }
 
 /// The segments of a vectored send and how far the kernel has taken them.
-struct Gather {
-    segments: Vec<libc::iovec>,
+pub(crate) struct Gather {
+    pub(crate) segments: Vec<libc::iovec>,
     /// First segment not fully sent.
     index: usize,
     /// Bytes of that segment already sent.
@@ -522,7 +557,7 @@ struct Gather {
 }
 
 impl Gather {
-    fn new(segments: Vec<libc::iovec>) -> Gather {
+    pub(crate) fn new(segments: Vec<libc::iovec>) -> Gather {
         Gather {
             segments,
             index: 0,
@@ -530,7 +565,14 @@ impl Gather {
         }
     }
 
-    fn is_done(&self) -> bool {
+    /// Empties the segments (keeping their capacity) and rewinds.
+    pub(crate) fn reset(&mut self) {
+        self.segments.clear();
+        self.index = 0;
+        self.offset = 0;
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
         self.index >= self.segments.len()
     }
 
@@ -544,7 +586,7 @@ impl Gather {
 
     /// The iovecs of the next op: the rest of the current segment, then
     /// whole segments, at most `IOV_MAX` in all.
-    fn fill(&self, iov: &mut Vec<libc::iovec>) {
+    pub(crate) fn fill(&self, iov: &mut Vec<libc::iovec>) {
         iov.clear();
         for (i, s) in self.segments[self.index..].iter().take(IOV_MAX).enumerate() {
             let skip = if i == 0 { self.offset } else { 0 };
@@ -556,7 +598,7 @@ impl Gather {
     }
 
     /// Moves past `n` bytes the kernel took.
-    fn advance(&mut self, mut n: usize) {
+    pub(crate) fn advance(&mut self, mut n: usize) {
         while n > 0 && self.index < self.segments.len() {
             let left = self.segments[self.index].iov_len - self.offset;
             if n < left {

@@ -882,7 +882,9 @@ fn master_allocate(
             candidates.push((*d, free(&r.report.servers)));
         }
     }
-    candidates.retain(|(d, f)| *d != asker_domain && (want == 0 || *d == want) && *f >= size);
+    // The asker's own domain only when asked for by name: a local second
+    // leg, on this site's storage servers.
+    candidates.retain(|(d, f)| (*d == want || (want == 0 && *d != asker_domain)) && *f >= size);
     // A further leg of a mirror goes to a domain holding none of its legs
     // if one has room; otherwise to one that does, on other servers (that
     // domain's agent excludes servers holding a leg of the mirror, and
@@ -2050,20 +2052,29 @@ pub(super) fn allocate_leg(
             _ => return Err(err(libc::EPROTO, "master agent gave no allocation")),
         }
     };
-    let peer = lock(&svc.peers)
-        .iter()
-        .find(|x| x.domain == domain)
-        .cloned()
-        .ok_or_else(|| {
-            err(
-                libc::EINVAL,
-                format!("domain {domain} was chosen but no peer of that domain is configured here"),
-            )
-        })?;
+    // A leg in our own domain (asked for by name) is served by this daemon's
+    // own leg service, like any other leg.
+    let (leg_site, leg_address) = if domain == site.domain {
+        (site.name.clone(), site.listen)
+    } else {
+        let peer = lock(&svc.peers)
+            .iter()
+            .find(|x| x.domain == domain)
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!(
+                        "domain {domain} was chosen but no peer of that domain is configured here"
+                    ),
+                )
+            })?;
+        (peer.name, peer.address)
+    };
     Ok(LegRecord {
-        site: peer.name,
+        site: leg_site,
         domain,
-        address: peer.address,
+        address: leg_address,
         extents,
         slot: None,
         leg_id,

@@ -5,20 +5,30 @@
 //! * **One reactor for life.** The transport's `Acceptor` hands each
 //!   accepted socket to a reactor (round-robin); everything below runs there
 //!   as local tasks sharing an `Rc`, so per-connection state needs no lock.
-//! * **Zero-copy receive.** PDUs are read in parts ([`pdu::parts_layout`]):
-//!   the head into a small staging vector, then the data section straight
-//!   into the pool chunk it belongs in (a fresh chunk for in-capsule data,
-//!   the command's chunk at DATAO for H2CData), then the digest. The head
-//!   read is greedy up to one command-capsule head (72 or 76 bytes), so a
-//!   capsule costs one receive; what it brings beyond a shorter head (at
-//!   most 52 bytes of an H2CData section, or the next PDU) is copied from
-//!   the staging vector, the rest of the data is received in place. The
-//!   sans-IO [`QueuePair`] validates the parts exactly as it would a
-//!   contiguous PDU. Data received for a PDU the queue pair then rejects is
-//!   never written: the rejection is fatal and the command's chunk dropped.
-//! * **Zero-copy send.** Read data stays in the chunk the volume filled; a
-//!   send task drains the queue of PDUs and sends each chunk with the bytes
-//!   before it (headers, digests) in one vectored `sendmsg` of the transport.
+//! * **Few receives, data in place.** PDUs are read in parts
+//!   ([`pdu::parts_layout`]): the head from a per-connection staging
+//!   vector, the data section into the pool chunk it belongs in (a fresh
+//!   chunk for in-capsule data, the command's chunk at DATAO for H2CData),
+//!   then the digest. Receives into the staging vector are greedy (several
+//!   KiB), so one receive brings many command capsules at QD 32 and the loop
+//!   parses them all before receiving again. On an I/O queue that has just
+//!   seen in-capsule data, a receive that starts a PDU is *split*
+//!   (`RECVMSG`): a capsule head's worth into the staging vector, then a
+//!   spare pool chunk of the in-capsule size, then the rest of the staging
+//!   vector; when the PDU is a capsule whose data starts right after that
+//!   head, its data has landed in the chunk with the head (one receive per
+//!   4 KiB write, no copy), else the chunk's bytes are copied back into the
+//!   staging vector. Data that a greedy receive staged is copied into its
+//!   chunk, the rest received in place. The sans-IO [`QueuePair`]
+//!   validates the parts exactly as it would a contiguous PDU. Data
+//!   received for a PDU the queue pair then rejects is never written: the
+//!   rejection is fatal and the command's chunk dropped.
+//! * **Zero-copy, batched send.** PDU heads are encoded straight into the
+//!   connection's pending [`SendList`] (no vector per PDU); read data stays
+//!   in the chunk the volume filled and is queued by reference. A send task
+//!   swaps the pending list with its own (two lists ping-pong, keeping their
+//!   capacities) and sends everything queued with one vectored `sendmsg`, so
+//!   a batch of completions costs one ring op and, once warm, no allocation.
 //! * **Concurrency.** The receive loop executes admin commands inline (they
 //!   touch only controller state) and spawns one task per I/O command, so a
 //!   queue keeps many commands in flight.
@@ -40,9 +50,9 @@ use super::subsystem::NsMap;
 use super::target::NvmfTarget;
 use crate::units::Lba;
 use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
-use mirrorpoint_transport::TcpStream;
+use mirrorpoint_transport::{SendList, TcpStream};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
@@ -55,14 +65,15 @@ use std::time::{Duration, Instant};
 
 /// Largest PDU head (everything before the data section): PDO is one byte.
 const HEAD_MAX: usize = 256;
-/// The staging buffer: a head and what a greedy read may bring beyond it.
-const STAGE_LEN: usize = HEAD_MAX + pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
+/// Staging bytes beyond a head (and beyond the split area): how much one
+/// greedy receive may bring (e.g. 56 read capsules).
+const STAGE_TAIL: usize = 4096;
+/// Largest in-capsule size received split (the staging vector mirrors it).
+const SPLIT_MAX: usize = 16 * 1024;
 /// In-capsule data accepted on the admin queue (and before Connect).
 const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a host that overruns its queue size is given to drain it.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
-/// PDUs gathered into one sendmsg.
-const SEND_BATCH: usize = 64;
 
 /// A one-waiter wake-up flag for tasks of one reactor.
 #[derive(Default)]
@@ -131,7 +142,8 @@ struct Conn {
     fd: Arc<OwnedFd>,
     local: SocketAddrV4,
     qp: RefCell<QueuePair>,
-    out: RefCell<VecDeque<OutPdu>>,
+    /// PDUs queued for the writer, in send order.
+    out: RefCell<SendList>,
     out_wake: Notify,
     closing: Cell<bool>,
     writer_done: Notify,
@@ -185,7 +197,7 @@ pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
         local,
         maxh2cdata: qp.codec().max_h2c_data,
         qp: RefCell::new(qp),
-        out: RefCell::new(VecDeque::new()),
+        out: RefCell::new(SendList::new()),
         out_wake: Notify::default(),
         closing: Cell::new(false),
         writer_done: Notify::default(),
@@ -229,21 +241,23 @@ async fn run(conn: Rc<Conn>) {
     conn.ns.borrow_mut().take();
 }
 
+/// Sends whatever is queued, all of it in one `sendmsg` (more only when the
+/// kernel takes it partly), until the connection closes.
 async fn writer(conn: Rc<Conn>) {
+    let mut list = SendList::new();
     loop {
-        let batch: Vec<OutPdu> = {
-            let mut q = conn.out.borrow_mut();
-            let n = q.len().min(SEND_BATCH);
-            q.drain(..n).collect()
-        };
-        if batch.is_empty() {
+        std::mem::swap(&mut list, &mut *conn.out.borrow_mut());
+        if list.is_empty() {
             if conn.closing.get() {
                 break;
             }
             conn.out_wake.wait().await;
             continue;
         }
-        if let Err(e) = send_batch(&conn.stream, batch).await {
+        let (r, back) = conn.stream.send_list(list).await;
+        list = back;
+        list.clear();
+        if let Err(e) = r {
             tracing::debug!("send failed: {e}");
             conn.closing.set(true);
             conn.out.borrow_mut().clear();
@@ -254,45 +268,12 @@ async fn writer(conn: Rc<Conn>) {
     conn.writer_done.notify();
 }
 
-/// Sends PDUs in order: small parts (headers, digests, admin data) are
-/// gathered into one copied header, each pool chunk goes out as is, so a
-/// batch of PDUs costs one `sendmsg` per pool payload plus one.
-async fn send_batch(stream: &TcpStream, batch: Vec<OutPdu>) -> std::io::Result<()> {
-    let mut small: Vec<u8> = Vec::new();
-    for p in batch {
-        small.extend_from_slice(&p.head);
-        match p.data {
-            Payload::None => {}
-            Payload::Heap(v) => small.extend_from_slice(&v),
-            Payload::Pool(b) => {
-                stream.send_vectored_all(&small, &[b]).await?;
-                small.clear();
-            }
-        }
-        if let Some(t) = p.tail {
-            small.extend_from_slice(&t);
-        }
-    }
-    if !small.is_empty() {
-        stream.send_vectored_all(&small, &[]).await?;
-    }
-    Ok(())
-}
-
 /// The data section of an outgoing PDU.
 enum Payload {
-    None,
     /// Built on the heap (admin replies).
     Heap(Vec<u8>),
     /// A pool chunk (read data), sent without copying.
     Pool(IoBuf),
-}
-
-/// One PDU to send: header (with header digest and padding), data, data digest.
-struct OutPdu {
-    head: Vec<u8>,
-    data: Payload,
-    tail: Option<[u8; 4]>,
 }
 
 /// Why the receive loop stopped.
@@ -334,26 +315,37 @@ impl Conn {
         *self.qp.borrow().codec()
     }
 
-    fn enqueue(&self, pdu: OutPdu) {
+    /// Queues `p` for the writer: its head encoded straight into the
+    /// pending list, then its data (the pool chunk `chunk` when given, else
+    /// a copy of `p`'s data), then its data digest. False when it could not
+    /// be encoded (nothing is queued then).
+    fn enqueue_pdu_with(&self, p: &Pdu<'_>, codec: &PduConfig, chunk: Option<IoBuf>) -> bool {
         if self.closing.get() {
-            return;
+            return true;
         }
-        self.out.borrow_mut().push_back(pdu);
-        self.out_wake.notify();
+        let mut out = self.out.borrow_mut();
+        match out.append_with(|v| p.encode_head_into(codec, v)) {
+            Ok(tail) => {
+                match chunk {
+                    Some(c) => out.push_chunk(c),
+                    None => out.push_bytes(p.data()),
+                }
+                if let Some(t) = tail {
+                    out.push_bytes(&t);
+                }
+                drop(out);
+                self.out_wake.notify();
+                true
+            }
+            Err(e) => {
+                tracing::error!("cannot encode {:?}: {e}", p.pdu_type());
+                false
+            }
+        }
     }
 
     fn enqueue_pdu(&self, p: &Pdu<'_>) {
-        match p.encode_parts(&self.codec()) {
-            Ok(parts) => self.enqueue(OutPdu {
-                head: parts.header,
-                data: match p.data() {
-                    [] => Payload::None,
-                    d => Payload::Heap(d.to_vec()),
-                },
-                tail: parts.data_digest,
-            }),
-            Err(e) => tracing::error!("cannot encode {:?}: {e}", p.pdu_type()),
-        }
+        self.enqueue_pdu_with(p, &self.codec(), None);
     }
 
     fn term_req(&self, e: PduError, head: &[u8]) {
@@ -425,7 +417,6 @@ impl Conn {
     /// SUCCESS when allowed and the status is success).
     fn respond_with_data(&self, cqe: Cqe, data: Payload) {
         let bytes_len = match &data {
-            Payload::None => 0,
             Payload::Heap(v) => v.len(),
             Payload::Pool(b) => b.len(),
         };
@@ -436,32 +427,24 @@ impl Conn {
         let success =
             cqe.status.is_success() && cqe.dw0 == 0 && cqe.dw1 == 0 && self.success_flag_allowed();
         let codec = self.codec();
-        let encoded = {
-            let bytes: &[u8] = match &data {
-                Payload::None => &[],
-                Payload::Heap(v) => v,
-                Payload::Pool(b) => b,
+        let queued = {
+            let (bytes, chunk): (&[u8], Option<IoBuf>) = match &data {
+                Payload::Heap(v) => (v, None),
+                Payload::Pool(b) => (b, Some(b.clone())),
             };
-            Pdu::C2HData(C2HData {
+            let p = Pdu::C2HData(C2HData {
                 cid: cqe.cid,
                 offset: 0,
                 last: true,
                 success,
                 data: bytes,
-            })
-            .encode_parts(&codec)
+            });
+            self.enqueue_pdu_with(&p, &codec, chunk)
         };
-        match encoded {
-            Ok(parts) => self.enqueue(OutPdu {
-                head: parts.header,
-                data,
-                tail: parts.data_digest,
-            }),
-            Err(e) => {
-                tracing::error!("cannot encode C2HData: {e}");
-                self.respond(Cqe::new(cqe.cid, Status::INTERNAL_ERROR), true);
-                return;
-            }
+        drop(data);
+        if !queued {
+            self.respond(Cqe::new(cqe.cid, Status::INTERNAL_ERROR), true);
+            return;
         }
         if success {
             self.forget(cqe.cid);
@@ -520,17 +503,63 @@ impl Conn {
 async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
     // Bytes of the stream from the start of the current PDU: its head, and
     // possibly (after a greedy read) the first bytes of what follows.
-    let mut stage = vec![0u8; STAGE_LEN];
+    // The split receive's chunk size (0: never split), and the staging
+    // layout: [capsule head | mirror of the split chunk | greedy tail].
+    let split_len = match conn.io_in_capsule as usize {
+        n if n <= SPLIT_MAX => n,
+        _ => 0,
+    };
+    let head_area = pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
+    let mut stage = vec![0u8; HEAD_MAX.max(head_area + split_len) + STAGE_TAIL];
     let mut have = 0usize;
     let mut dg = vec![0u8; 4];
+    let mut split_msg = sock::SplitMsg::new();
+    // A pool chunk kept for the next split receive.
+    let mut spare: Option<IoBufMut> = None;
+    // The last command capsule carried in-capsule data.
+    let mut recent_icd = false;
     loop {
         let codec = conn.codec();
-        // One receive usually brings a whole command capsule head; it never
-        // asks for more than the smallest capsule head, so at most a few
-        // bytes of another PDU's data are ever staged (and copied) here.
+        // A command capsule head, with its digest when negotiated.
         let greedy = pdu::CAPSULE_CMD_HLEN + if codec.hdgst { pdu::DIGEST_LEN } else { 0 };
+        // A split receive's chunk and how many of its bytes arrived: they
+        // follow stage[..greedy] in the stream, and the stream continues at
+        // stage[greedy + split_len..have].
+        let mut split: Option<(IoBufMut, usize)> = None;
         while have < pdu::CH_LEN {
-            let (r, b) = sock::recv_some(&conn.fd, stage, have, greedy).await;
+            let io_queue = matches!(&*conn.role.borrow(), Role::Io(_));
+            if have == 0 && split_len > 0 && recent_icd && io_queue {
+                if let Some(chunk) = spare.take().or_else(|| buffer_pool().alloc(split_len)) {
+                    let tail = greedy + split_len..stage.len();
+                    let (r, s, c, m) = sock::recv_split(
+                        &conn.fd,
+                        stage,
+                        0..greedy,
+                        chunk,
+                        0..split_len,
+                        tail,
+                        split_msg,
+                    )
+                    .await;
+                    (stage, split_msg) = (s, m);
+                    let n = r?;
+                    if n <= greedy {
+                        have = n;
+                        spare = Some(c);
+                    } else {
+                        let in_chunk = (n - greedy).min(split_len);
+                        have = greedy + split_len + (n - greedy - in_chunk);
+                        if in_chunk < split_len {
+                            // Nothing reached the tail.
+                            have = greedy + in_chunk;
+                        }
+                        split = Some((c, in_chunk));
+                    }
+                    continue;
+                }
+            }
+            let end = stage.len();
+            let (r, b) = sock::recv_some(&conn.fd, stage, have, end).await;
             stage = b;
             have += r?;
         }
@@ -553,6 +582,43 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 return Err(Close::Fatal(e));
             }
         };
+        if ch.pdu_type == pdu::PduType::CapsuleCmd as u8 {
+            recent_icd = parts.data_len > 0;
+        }
+        // Resolve a split receive: the capsule's data in the chunk, or the
+        // chunk's bytes back into the staging vector.
+        let mut in_place: Option<(IoBufMut, usize)> = None;
+        if let Some((mut chunk, in_chunk)) = split.take() {
+            let tail = have.saturating_sub(greedy + split_len);
+            let fits = ch.pdu_type == pdu::PduType::CapsuleCmd as u8
+                && parts.head_len == greedy
+                && parts.data_len > 0
+                && parts.data_len <= split_len;
+            if fits {
+                // Stream bytes after the data: the chunk's rest, then the tail.
+                let extra = in_chunk.saturating_sub(parts.data_len);
+                if let (Some(dst), Some(src)) = (
+                    stage.get_mut(greedy..greedy + extra),
+                    chunk.get(parts.data_len..in_chunk),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+                let from = greedy + split_len;
+                stage.copy_within(from..from + tail, greedy + extra);
+                have = greedy + extra + tail;
+                chunk.set_len(parts.data_len);
+                in_place = Some((chunk, in_chunk.min(parts.data_len)));
+            } else {
+                // Contiguous again: the tail already follows the mirror area.
+                if let (Some(dst), Some(src)) = (
+                    stage.get_mut(greedy..greedy + in_chunk),
+                    chunk.get(..in_chunk),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+                spare = Some(chunk);
+            }
+        }
         if have < parts.head_len {
             let (r, b) = sock::recv_exact(&conn.fd, stage, have, parts.head_len).await;
             stage = b;
@@ -566,7 +632,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         let mut dest: Option<(Dest, usize)> = None;
         if parts.data_len > 0 {
             let h2c = ch.pdu_type == pdu::PduType::H2CData as u8;
-            let (d, at) = if h2c {
+            // Data bytes already in the destination (split receive).
+            let mut pre = 0usize;
+            let (d, at) = if let Some((b, n)) = in_place.take() {
+                pre = n;
+                (Dest::Pool(b), 0)
+            } else if h2c {
                 let cid = super::wire::u16_at(head, 8);
                 let datao = super::wire::u32_at(head, 12) as usize;
                 let taken = conn.pending.borrow_mut().get_mut(&cid).and_then(|p| {
@@ -594,28 +665,58 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     None => (Dest::Scratch(vec![0u8; parts.data_len]), 0),
                 }
             };
-            // Data bytes already staged by the greedy head read.
-            let staged = (have - consumed).min(parts.data_len);
+            // Data bytes already staged by a greedy receive.
+            let staged = (have - consumed).min(parts.data_len - pre);
             let src = stage.get(consumed..consumed + staged).unwrap_or(&[]);
+            let (from, to) = (at + pre, at + pre + staged);
             let d = match d {
                 Dest::Pool(mut b) => {
-                    if let Some(dst) = b.get_mut(at..at + staged) {
+                    if let Some(dst) = b.get_mut(from..to) {
                         dst.copy_from_slice(src);
                     }
                     Dest::Pool(b)
                 }
                 Dest::Scratch(mut v) => {
-                    if let Some(dst) = v.get_mut(at..at + staged) {
+                    if let Some(dst) = v.get_mut(from..to) {
                         dst.copy_from_slice(src);
                     }
                     Dest::Scratch(v)
                 }
             };
             consumed += staged;
-            let (start, end) = (at + staged, at + parts.data_len);
+            let (start, end) = (to, at + parts.data_len);
             let (r, d) = match d {
-                Dest::Pool(b) if start < end => {
-                    let (r, b) = conn.stream.recv_exact(b, start..end).await;
+                Dest::Pool(mut b) if start < end => {
+                    // The rest of the data in place; what follows it (the
+                    // next PDUs) into the staging vector, greedily. Every
+                    // staged byte was consumed above, so `have == consumed`.
+                    let mut start = start;
+                    let mut r = Ok(());
+                    while start < end {
+                        let tail = have..stage.len();
+                        let (got, s, c, m) = sock::recv_split(
+                            &conn.fd,
+                            stage,
+                            have..have,
+                            b,
+                            start..end,
+                            tail,
+                            split_msg,
+                        )
+                        .await;
+                        (stage, b, split_msg) = (s, c, m);
+                        match got {
+                            Ok(n) => {
+                                let into_chunk = n.min(end - start);
+                                start += into_chunk;
+                                have += n - into_chunk;
+                            }
+                            Err(e) => {
+                                r = Err(e);
+                                break;
+                            }
+                        }
+                    }
                     (r, Dest::Pool(b))
                 }
                 Dest::Scratch(v) if start < end => {
@@ -693,15 +794,8 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         have = keep;
         match ev {
             Owned::Connected(icresp) => {
-                let p = Pdu::IcResp(icresp);
-                match p.to_vec(&PduConfig::default()) {
-                    Ok(v) => conn.enqueue(OutPdu {
-                        head: v,
-                        data: Payload::None,
-                        tail: None,
-                    }),
-                    Err(e) => tracing::error!("cannot encode ICResp: {e}"),
-                }
+                // Digests are not in force yet for the ICResp itself.
+                conn.enqueue_pdu_with(&Pdu::IcResp(icresp), &PduConfig::default(), None);
             }
             Owned::CommandError { sqe, status } => {
                 conn.advance_sqhd();
@@ -857,12 +951,13 @@ fn dispatch(
         }
     }
     let nsid = sqe.nsid;
-    let targets: Vec<Rc<NsChannel>> =
+    // One namespace (every command but a broadcast Flush) without a vector.
+    let (one, all): (Option<Rc<NsChannel>>, Vec<Rc<NsChannel>>) =
         if sqe.opcode == NvmOpcode::Flush.as_u8() && nsid == Nsid::BROADCAST {
-            conn.all_namespaces(&ctrl)
+            (None, conn.all_namespaces(&ctrl))
         } else {
             match conn.namespace(&ctrl, nsid.0) {
-                Some(n) => vec![n],
+                Some(n) => (Some(n), Vec::new()),
                 None => {
                     conn.respond(
                         Cqe::new(sqe.cid, Status::INVALID_NAMESPACE.with_dnr()),
@@ -877,7 +972,7 @@ fn dispatch(
         let mut status = Status::SUCCESS;
         let mut read_data = None;
         let mut data = data;
-        for ns in &targets {
+        for ns in one.iter().chain(all.iter()) {
             let out = execute(ns, &sqe, sgl, data.take()).await;
             if !out.status.is_success() {
                 status = out.status;

@@ -1047,19 +1047,51 @@ impl<'a> Pdu<'a> {
 
     /// Encodes everything but the data (see [`EncodedParts`]).
     pub fn encode_parts(&self, cfg: &PduConfig) -> Result<EncodedParts, EncodeError> {
+        let mut header = Vec::new();
+        let data_digest = self.encode_head_into(cfg, &mut header)?;
+        Ok(EncodedParts {
+            header,
+            data_digest,
+        })
+    }
+
+    /// Appends everything before the data (CH, PSH, header digest, padding)
+    /// to `out`, and returns the data digest to send after the data, if any.
+    /// On error `out` is left as it was. Lets a writer encode heads straight
+    /// into its send buffer, without a vector per PDU.
+    pub fn encode_head_into(
+        &self,
+        cfg: &PduConfig,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<[u8; DIGEST_LEN]>, EncodeError> {
+        let start = out.len();
+        let r = self.encode_head_at(cfg, out, start);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
+    fn encode_head_at(
+        &self,
+        cfg: &PduConfig,
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<Option<[u8; DIGEST_LEN]>, EncodeError> {
         let ty = self.pdu_type();
         let hlen = ty.hlen();
-        let mut hdr = vec![0u8; hlen];
+        out.resize(start + hlen, 0);
+        let hdr = &mut out[start..];
         let mut fl = 0u8;
         match self {
             Pdu::IcReq(ic) => {
                 if ic.hpda > MAX_PDA {
                     return Err(EncodeError::InvalidField("HPDA"));
                 }
-                put_u16(&mut hdr, 8, PFV_1_0);
-                put_u8(&mut hdr, 10, ic.hpda);
-                put_u8(&mut hdr, 11, dgst_bits(ic.hdgst, ic.ddgst));
-                put_u32(&mut hdr, 12, ic.maxr2t);
+                put_u16(hdr, 8, PFV_1_0);
+                put_u8(hdr, 10, ic.hpda);
+                put_u8(hdr, 11, dgst_bits(ic.hdgst, ic.ddgst));
+                put_u32(hdr, 12, ic.maxr2t);
             }
             Pdu::IcResp(ic) => {
                 if ic.cpda > MAX_PDA {
@@ -1068,24 +1100,24 @@ impl<'a> Pdu<'a> {
                 if ic.maxh2cdata < MIN_MAXH2CDATA || ic.maxh2cdata % 4 != 0 {
                     return Err(EncodeError::InvalidField("MAXH2CDATA"));
                 }
-                put_u16(&mut hdr, 8, PFV_1_0);
-                put_u8(&mut hdr, 10, ic.cpda);
-                put_u8(&mut hdr, 11, dgst_bits(ic.hdgst, ic.ddgst));
-                put_u32(&mut hdr, 12, ic.maxh2cdata);
+                put_u16(hdr, 8, PFV_1_0);
+                put_u8(hdr, 10, ic.cpda);
+                put_u8(hdr, 11, dgst_bits(ic.hdgst, ic.ddgst));
+                put_u32(hdr, 12, ic.maxh2cdata);
             }
             Pdu::H2CTermReq(t) | Pdu::C2HTermReq(t) => {
                 if t.data.len() > TERM_REQ_MAX_DATA {
                     return Err(EncodeError::DataTooLarge);
                 }
-                put_u16(&mut hdr, 8, t.fes);
-                put_u32(&mut hdr, 10, t.fei);
+                put_u16(hdr, 8, t.fes);
+                put_u32(hdr, 10, t.fei);
             }
-            Pdu::CapsuleCmd(c) => put_bytes(&mut hdr, CH_LEN, &c.sqe.encode()),
-            Pdu::CapsuleResp(r) => put_bytes(&mut hdr, CH_LEN, &r.cqe.encode()),
+            Pdu::CapsuleCmd(c) => put_bytes(hdr, CH_LEN, &c.sqe.encode()),
+            Pdu::CapsuleResp(r) => put_bytes(hdr, CH_LEN, &r.cqe.encode()),
             Pdu::H2CData(d) => {
-                put_u16(&mut hdr, 8, d.cid.0);
-                put_u16(&mut hdr, 10, d.ttag);
-                put_data_fields(&mut hdr, d.offset, d.data.len())?;
+                put_u16(hdr, 8, d.cid.0);
+                put_u16(hdr, 10, d.ttag);
+                put_data_fields(hdr, d.offset, d.data.len())?;
                 if d.last {
                     fl |= flags::LAST_PDU;
                 }
@@ -1094,8 +1126,8 @@ impl<'a> Pdu<'a> {
                 if d.success && !d.last {
                     return Err(EncodeError::InvalidField("SUCCESS without LAST_PDU"));
                 }
-                put_u16(&mut hdr, 8, d.cid.0);
-                put_data_fields(&mut hdr, d.offset, d.data.len())?;
+                put_u16(hdr, 8, d.cid.0);
+                put_data_fields(hdr, d.offset, d.data.len())?;
                 if d.last {
                     fl |= flags::LAST_PDU;
                 }
@@ -1107,10 +1139,10 @@ impl<'a> Pdu<'a> {
                 if r.len == 0 {
                     return Err(EncodeError::InvalidField("R2TL"));
                 }
-                put_u16(&mut hdr, 8, r.cid.0);
-                put_u16(&mut hdr, 10, r.ttag);
-                put_u32(&mut hdr, 12, r.offset);
-                put_u32(&mut hdr, 16, r.len);
+                put_u16(hdr, 8, r.cid.0);
+                put_u16(hdr, 10, r.ttag);
+                put_u32(hdr, 12, r.offset);
+                put_u32(hdr, 16, r.len);
             }
         }
         let data = self.data();
@@ -1146,17 +1178,13 @@ impl<'a> Pdu<'a> {
             pdo,
             plen,
         };
-        put_bytes(&mut hdr, 0, &ch.encode());
+        put_bytes(hdr, 0, &ch.encode());
         if hd {
-            let d = crc32c::crc32c(&hdr);
-            hdr.extend_from_slice(&d.to_le_bytes());
+            let d = crc32c::crc32c(&out[start..start + hlen]);
+            out.extend_from_slice(&d.to_le_bytes());
         }
-        hdr.resize(data_start, 0);
-        let data_digest = dd.then(|| crc32c::crc32c(data).to_le_bytes());
-        Ok(EncodedParts {
-            header: hdr,
-            data_digest,
-        })
+        out.resize(start + data_start, 0);
+        Ok(dd.then(|| crc32c::crc32c(data).to_le_bytes()))
     }
 
     /// Encodes the whole PDU, appending to `out`. Returns its length.

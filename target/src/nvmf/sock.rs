@@ -1,5 +1,7 @@
-//! Exact-length receive into a small heap buffer (a PDU head) on the
-//! current reactor's io_uring.
+//! Receives into a connection's staging buffer (PDU heads, and what a
+//! greedy receive brings beyond them) on the current reactor's io_uring, and
+//! the split receive that puts a capsule's in-capsule data straight into a
+//! pool chunk in the same op.
 //!
 //! Listening, accepting, handing connections to reactors, pool-chunk
 //! receives and vectored sends come from `mirrorpoint-transport`; its
@@ -8,10 +10,14 @@
 //! drain the pool. So heads (and discarded data) are received here, on a
 //! duplicate of the connection's descriptor (same socket, kept in blocking
 //! mode by the transport so io_uring never hands back `EAGAIN`). The op owns
-//! the vector and the descriptor until the kernel completes it.
+//! the vector and the descriptor until the kernel completes it. The split
+//! receive does hold one pool chunk while it waits: the connection loop
+//! uses it only on I/O queues whose last capsule carried in-capsule data,
+//! so at most one chunk per such queue (an I/O queue that goes idle right
+//! after a write keeps its spare chunk until the next PDU or its close).
 
 use io_uring::{opcode, types};
-use mirrorpoint_poller::{Op, OpKind};
+use mirrorpoint_poller::{IoBufMut, Op, OpKind};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -100,4 +106,100 @@ pub async fn recv_exact(
         }
     }
     (Ok(()), buf)
+}
+
+/// The `msghdr` and iovec array of a split receive, boxed once per
+/// connection so their addresses stay put while an op holds them.
+pub struct SplitMsg {
+    msg: libc::msghdr,
+    iov: [libc::iovec; 3],
+}
+
+impl SplitMsg {
+    pub fn new() -> Box<SplitMsg> {
+        Box::new(SplitMsg {
+            // SAFETY: msghdr is plain old data; all zeroes is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 3],
+        })
+    }
+}
+
+/// One receive spread over `stage[head]`, then `chunk[body]`, then
+/// `stage[tail]` (one `IORING_OP_RECVMSG`): lets a command capsule's head
+/// land in the staging buffer and its in-capsule data straight in the pool
+/// chunk it will be written from with one ring op, or the rest of a data
+/// section land in its chunk while the next PDUs' bytes land in the staging
+/// buffer. Returns the bytes that arrived (at least one; the kernel fills
+/// the parts in order), or `UnexpectedEof` when the peer closed.
+pub async fn recv_split(
+    fd: &Arc<OwnedFd>,
+    stage: Vec<u8>,
+    head: std::ops::Range<usize>,
+    chunk: IoBufMut,
+    body: std::ops::Range<usize>,
+    tail: std::ops::Range<usize>,
+    msg: Box<SplitMsg>,
+) -> (io::Result<usize>, Vec<u8>, IoBufMut, Box<SplitMsg>) {
+    let (mut stage, mut chunk, mut msg) = (stage, chunk, msg);
+    let ok = |r: &std::ops::Range<usize>| r.start <= r.end && r.end <= stage.len();
+    let body_ok = body.start <= body.end && body.end <= chunk.len();
+    if !ok(&head) || !ok(&tail) || head.end > tail.start || !body_ok {
+        return (
+            Err(io::Error::other("receive range outside the buffer")),
+            stage,
+            chunk,
+            msg,
+        );
+    }
+    loop {
+        let base = stage.as_mut_ptr();
+        // SAFETY (both adds): the ranges were checked to lie inside `stage`.
+        let (h, t) = unsafe { (base.add(head.start), base.add(tail.start)) };
+        // SAFETY: body was checked to lie inside the chunk.
+        let b = unsafe { chunk.as_mut_ptr().add(body.start) };
+        msg.iov = [
+            libc::iovec {
+                iov_base: h.cast(),
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: b.cast(),
+                iov_len: body.len(),
+            },
+            libc::iovec {
+                iov_base: t.cast(),
+                iov_len: tail.len(),
+            },
+        ];
+        msg.msg.msg_iov = msg.iov.as_mut_ptr();
+        msg.msg.msg_iovlen = msg.iov.len() as _;
+        let m: *mut libc::msghdr = &mut msg.msg;
+        let entry = opcode::RecvMsg::new(types::Fd(fd.as_raw_fd()), m).build();
+        // SAFETY: the msghdr and iovecs are boxed, and the iovecs point into
+        // `stage`'s heap memory (disjoint ranges) and the pool chunk; all of
+        // it, with the descriptor, moves into the op until the completion.
+        let op = unsafe { Op::submit(entry, OpKind::LongLived, (stage, chunk, msg, fd.clone())) };
+        let (c, (s, ch, m, _)) = op.await;
+        (stage, chunk, msg) = (s, ch, m);
+        match c.into_io() {
+            Ok(0) => {
+                return (
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    )),
+                    stage,
+                    chunk,
+                    msg,
+                )
+            }
+            Ok(n) => return (Ok(n as usize), stage, chunk, msg),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
+            Err(e) => return (Err(e), stage, chunk, msg),
+        }
+    }
 }
