@@ -5,6 +5,7 @@
 # time per I/O (utime+stime of the target process over the run, from
 # /proc/PID/stat). Writes bench/results/compare-tgt-iscsi.md.
 #
+# MIRRORPOINT=path runs that binary instead of building one.
 # Placement: the target on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
 # Everything on 127.0.0.1; every run is bounded (RUNTIME seconds each).
 set -euo pipefail
@@ -35,9 +36,13 @@ trap cleanup EXIT
 
 FIO=$(./bench/scripts/build-fio-libiscsi.sh | tail -1)
 command -v tgtd >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tgt >/dev/null; }
-echo "== building mirrorpoint (release)"
-cargo build -q --release -p mirrorpoint-target --bin mirrorpoint
-BIN=$ROOT/build/release/mirrorpoint
+if [ -n "${MIRRORPOINT:-}" ]; then
+    BIN=$MIRRORPOINT   # a release binary built earlier (A/B runs)
+else
+    echo "== building mirrorpoint (release)"
+    cargo build -q --release -p mirrorpoint-target --bin mirrorpoint
+    BIN=$ROOT/build/release/mirrorpoint
+fi
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

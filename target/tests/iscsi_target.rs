@@ -686,6 +686,39 @@ fn garbage_login_keys_fail_cleanly() {
     assert_eq!(a.read10(0, 1).0, 0);
 }
 
+/// A cold reset closes the connection it arrived on; its TMF response is
+/// queued behind the send side's batching and must still go out first.
+#[test]
+fn cold_reset_is_answered_before_the_connection_closes() {
+    use mirrorpoint_target::iscsi::pdu::{TaskMgmtRequest, TmfFunction};
+    let t = start();
+    let mut a = Ini::connect(t.addr);
+    a.login(9, &[]).expect("login");
+    assert!(a.ping());
+    let itt = a.next_itt();
+    let req = Bhs::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: TmfFunction::TargetColdReset,
+        lun: Lun([0; 8]),
+        itt,
+        referenced_task_tag: Itt(u32::MAX),
+        cmd_sn: CmdSn(a.cmd_sn),
+        exp_stat_sn: StatSn(a.exp_stat_sn),
+        ref_cmd_sn: CmdSn(0),
+        exp_data_sn: DataSn(0),
+    });
+    a.send(&req, &[]);
+    let mut answered = None;
+    while let Some((bhs, _)) = a.recv() {
+        match bhs {
+            Bhs::TaskMgmtResponse(r) if r.itt == itt => answered = Some(r.response),
+            Bhs::NopIn(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(answered, Some(0), "function complete, before the close");
+}
+
 #[test]
 fn session_reinstatement_closes_the_old_session() {
     let t = start();

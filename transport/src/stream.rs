@@ -329,6 +329,57 @@ impl TcpStream {
         self.sendmsg(header.to_vec(), payload, true).await.map(drop)
     }
 
+    /// Sends a chain of parts in order and in full with as few `sendmsg`
+    /// ops as the kernel allows: each [`SendPart::Bytes`] takes the next
+    /// bytes of `bytes` (copied by the caller into that one owned vector,
+    /// e.g. the headers of many PDUs), each [`SendPart::Buf`] is a shared
+    /// chunk sent without copying. This is how a caller coalesces several
+    /// messages into one op. `Bytes` lengths beyond the end of `bytes` are
+    /// an `InvalidInput` error (nothing is sent).
+    pub async fn send_parts_all(&self, bytes: Vec<u8>, parts: &[SendPart]) -> io::Result<()> {
+        let want: usize = parts
+            .iter()
+            .map(|p| match p {
+                SendPart::Bytes(n) => *n,
+                SendPart::Buf(_) => 0,
+            })
+            .sum();
+        if want > bytes.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("parts take {want} bytes of a {}-byte vector", bytes.len()),
+            ));
+        }
+        let mut payload = Vec::new();
+        let mut segments = Vec::with_capacity(parts.len());
+        let mut at = 0usize;
+        for p in parts {
+            match p {
+                SendPart::Bytes(0) => {}
+                SendPart::Bytes(n) => {
+                    segments.push(libc::iovec {
+                        // The vector's heap buffer does not move when the
+                        // vector moves into the op below.
+                        iov_base: bytes.as_ptr().wrapping_add(at) as *mut libc::c_void,
+                        iov_len: *n,
+                    });
+                    at += n;
+                }
+                SendPart::Buf(b) if b.is_empty() => {}
+                SendPart::Buf(b) => {
+                    segments.push(libc::iovec {
+                        iov_base: b.as_ptr() as *mut libc::c_void,
+                        iov_len: b.len(),
+                    });
+                    payload.push(b.clone());
+                }
+            }
+        }
+        self.send_segments(bytes, payload, segments, true)
+            .await
+            .map(drop)
+    }
+
     /// `sendmsg` of an owned header (moved into the op) and shared chunks;
     /// with `all`, resumes after partial sends until everything is taken.
     pub(crate) async fn sendmsg(
@@ -351,6 +402,19 @@ impl TcpStream {
                 iov_len: b.len(),
             });
         }
+        self.send_segments(header, payload, segments, all).await
+    }
+
+    /// `sendmsg` of `segments`, which point into `header`'s heap buffer and
+    /// the `payload` chunks (both moved into the op, so they outlive it);
+    /// with `all`, resumes after partial sends until everything is taken.
+    async fn send_segments(
+        &self,
+        header: Vec<u8>,
+        payload: Vec<IoBuf>,
+        segments: Vec<libc::iovec>,
+        all: bool,
+    ) -> io::Result<usize> {
         let mut gather = Gather::new(segments);
         let total = gather.remaining();
         let mut res = SendMsgResources {
@@ -463,6 +527,15 @@ impl Drop for TcpStream {
             let _ = self.sock.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// One part of [`TcpStream::send_parts_all`].
+#[derive(Debug, Clone)]
+pub enum SendPart {
+    /// The next this many bytes of the call's owned byte vector.
+    Bytes(usize),
+    /// A shared pool chunk, sent without copying.
+    Buf(IoBuf),
 }
 
 /// What one `sendmsg` op owns.

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use mirrorpoint_poller::{buffer_pool, current_index, spawn, IoBuf, OneshotReceiver};
-use mirrorpoint_transport::{hand_off, Acceptor, TcpListener, TcpStream};
+use mirrorpoint_transport::{hand_off, Acceptor, SendPart, TcpListener, TcpStream};
 use std::io;
 use std::net::Shutdown;
 use std::rc::Rc;
@@ -276,6 +276,53 @@ fn eof_mid_frame_is_unexpected_eof_and_clean_eof_is_zero() {
     assert_eq!(mid, Err(io::ErrorKind::UnexpectedEof));
     assert_eq!(clean, Ok(0));
     assert!(kept, "the bytes before the EOF landed in the buffer");
+}
+
+#[test]
+fn parts_chain_copied_bytes_and_shared_chunks_in_order() {
+    let rt = runtime(1);
+    let (ok, bad_parts, first, second, rest) = run(&rt.handles()[0], 10, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        // Copied bytes around two shared chunks: "ab" [chunk 300] "cde" [chunk 50] "f".
+        let c1 = pattern_buf(3, 0, 300);
+        let c2 = pattern_buf(4, 0, 50);
+        let parts = [
+            SendPart::Bytes(2),
+            SendPart::Buf(c1.clone()),
+            SendPart::Bytes(3),
+            SendPart::Buf(c2.clone()),
+            SendPart::Bytes(1),
+        ];
+        let ok = server.send_parts_all(b"abcdef".to_vec(), &parts).await;
+        // More Bytes than the vector holds is refused, nothing sent.
+        let bad_parts = server
+            .send_parts_all(b"xy".to_vec(), &[SendPart::Bytes(3)])
+            .await
+            .map_err(|e| e.kind());
+        let mut want = b"ab".to_vec();
+        want.extend_from_slice(&c1);
+        want.extend_from_slice(b"cde");
+        want.extend_from_slice(&c2);
+        want.push(b'f');
+        // Receive 302 bytes into one chunk and the rest into another.
+        let a = buffer_pool().alloc(302).expect("chunk");
+        let b = buffer_pool().alloc(54).expect("chunk");
+        let (ra, a) = client.recv_exact(a, 0..302).await;
+        let (rb, b) = client.recv_exact(b, 0..54).await;
+        let (at, bt) = (
+            if ra.is_ok() { 302 } else { 0 },
+            if rb.is_ok() { 54 } else { 0 },
+        );
+        let rest = (a[..] == want[..302], b[..] == want[302..]);
+        (ok.is_ok(), bad_parts, at, bt, rest)
+    });
+    assert!(ok, "send_parts_all sent everything");
+    assert_eq!(bad_parts, Err(io::ErrorKind::InvalidInput));
+    assert_eq!((first, second), (302, 54));
+    assert_eq!(rest, (true, true), "bytes arrive in part order");
 }
 
 #[test]

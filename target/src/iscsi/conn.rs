@@ -8,10 +8,11 @@
 //!   immediate data and Data-Out land in memory once and are handed to the
 //!   SCSI layer (and on to the volume) without a copy.
 //! - Commands run as their own tasks on the same reactor, so a slow command
-//!   does not stall the socket; every PDU we send goes through one send lock,
-//!   under which the StatSN is assigned, so StatSNs leave in order.
-//!   Data-In goes out with vectored sends: the header (and digest) copied,
-//!   the volume's buffers shared.
+//!   does not stall the socket; every PDU we send is encoded into the
+//!   connection's send queue ([`super::txq`]) in the same synchronous step
+//!   that assigns its StatSN, so StatSNs leave in order, and a writer task
+//!   sends whatever is queued in one vectored send: headers (and digests)
+//!   copied, the volume's Data-In buffers shared.
 //! - The command window is the session's (shared by its connections, under
 //!   a mutex taken once per command); commands ahead of ExpCmdSN wait here
 //!   until the gap fills, commands outside the window are dropped silently
@@ -47,9 +48,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use mirrorpoint_poller::{
-    buffer_pool, current_index, sleep, spawn, IoBuf, IoBufMut, LocalSemaphore,
-};
+use mirrorpoint_poller::{buffer_pool, current_index, sleep, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::TcpStream;
 use thiserror::Error;
 
@@ -66,6 +65,7 @@ use super::pdu::{
 use super::registry::{CmdWindow, ConnInfo, IscsiTarget, NodeRuntime, Session};
 use super::sense::scsi_response_sense_segment;
 use super::text::TextAssembler;
+use super::txq::{TxError, TxQueue};
 use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask, TaskAttribute};
 use crate::scsi::{self as scsi_impl, ResetKind};
 use crate::volume::VolumeChannel;
@@ -76,6 +76,8 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HELD: usize = 256;
 /// Largest write a command may announce (bounds buffered Data-Out).
 const MAX_WRITE_BYTES: u32 = 16 << 20;
+/// How long the end of a connection waits for queued PDUs to go out.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a connection ended.
 #[derive(Debug, Error)]
@@ -151,9 +153,25 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes(a)
 }
 
-/// The receive side: a scratch chunk for headers, digests and padding.
+/// Most bytes one header receive asks for when the last PDU had no data
+/// segment: room for about 16 command headers (with digests).
+const GREEDY_RECV: usize = 1024;
+
+/// The receive side: a scratch chunk staging headers, digests and padding.
+///
+/// Bytes `pos..end` of the scratch are received but not yet consumed. While
+/// PDUs come without data segments (reads, NOP-Outs, task management), a
+/// header receive asks for up to [`GREEDY_RECV`] bytes, so one receive
+/// usually brings the headers of many commands at once. After a PDU that
+/// carried data it asks for exactly one header, so a write's data segment
+/// is received straight into its own pool chunk and never copied; only when
+/// a data segment follows a greedy receive are its first bytes (less than
+/// `GREEDY_RECV`) copied out of the scratch.
 struct Reader {
     scratch: Option<IoBufMut>,
+    pos: usize,
+    end: usize,
+    greedy: bool,
 }
 
 impl Reader {
@@ -161,45 +179,92 @@ impl Reader {
         let pool = buffer_pool();
         let mut b = pool.alloc(pool.chunk_size()).ok_or(ConnError::NoBuffer)?;
         b.set_len(pool.chunk_size());
-        Ok(Reader { scratch: Some(b) })
+        Ok(Reader {
+            scratch: Some(b),
+            pos: 0,
+            end: 0,
+            greedy: false,
+        })
     }
 
-    async fn fill(
-        &mut self,
-        s: &TcpStream,
-        range: std::ops::Range<usize>,
-    ) -> Result<(), ConnError> {
-        let buf = self.scratch.take().ok_or(ConnError::NoBuffer)?;
-        let (r, buf) = s.recv_exact(buf, range).await;
+    fn staged(&self) -> usize {
+        self.end - self.pos
+    }
+
+    /// Makes at least `need` bytes staged, receiving up to `want` (at least
+    /// `need`, at most the scratch size) staged bytes in all.
+    async fn ensure(&mut self, s: &TcpStream, need: usize, want: usize) -> Result<(), ConnError> {
+        let mut buf = self.scratch.take().ok_or(ConnError::NoBuffer)?;
+        let want = want.max(need);
+        if want > buf.len() {
+            self.scratch = Some(buf);
+            return Err(ConnError::Protocol(format!(
+                "header of {need} bytes exceeds the receive buffer"
+            )));
+        }
+        if self.pos + want > buf.len() {
+            buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        while self.staged() < need {
+            let (r, b) = s.recv(buf, self.end..self.pos + want).await;
+            buf = b;
+            match r {
+                Ok(0) => {
+                    self.scratch = Some(buf);
+                    return Err(ConnError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed by peer",
+                    )));
+                }
+                Ok(n) => self.end += n,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) => {
+                    self.scratch = Some(buf);
+                    return Err(ConnError::Io(e));
+                }
+            }
+        }
         self.scratch = Some(buf);
-        r.map_err(ConnError::Io)
+        Ok(())
     }
 
-    fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+    /// Staged bytes `at..at + len` past the consumed ones.
+    fn bytes(&self, at: usize, len: usize) -> &[u8] {
         self.scratch
             .as_ref()
-            .and_then(|b| b.get(range))
+            .and_then(|b| b.get(self.pos + at..self.pos + at + len))
             .unwrap_or(&[])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.end);
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        }
     }
 
     /// Reads one PDU. `Err` ends the connection.
     async fn read(&mut self, s: &TcpStream, f: Framing) -> Result<InPdu, ConnError> {
-        self.fill(s, 0..BHS_LEN).await?;
-        let mut raw = [0u8; BHS_LEN];
-        raw.copy_from_slice(self.bytes(0..BHS_LEN));
-        let lens = Bhs::lengths(&raw);
         let hd = if f.header_digest { DIGEST_LEN } else { 0 };
+        let greedy = self.greedy;
+        let want = |n: usize| if greedy { n.max(GREEDY_RECV) } else { n };
+        self.ensure(s, BHS_LEN, want(BHS_LEN + hd)).await?;
+        let mut raw = [0u8; BHS_LEN];
+        raw.copy_from_slice(self.bytes(0, BHS_LEN));
+        let lens = Bhs::lengths(&raw);
         let hdr_end = BHS_LEN + lens.ahs_len;
-        if hd + lens.ahs_len > 0 {
-            self.fill(s, BHS_LEN..hdr_end + hd).await?;
-        }
+        self.ensure(s, hdr_end + hd, want(hdr_end + hd)).await?;
         if hd > 0 {
-            let got = le32(self.bytes(hdr_end..hdr_end + hd));
-            if got != pdu::crc32c(self.bytes(0..hdr_end)) {
+            let got = le32(self.bytes(hdr_end, hd));
+            if got != pdu::crc32c(self.bytes(0, hdr_end)) {
                 return Err(ConnError::HeaderDigest);
             }
         }
-        let ahs = self.bytes(BHS_LEN..hdr_end).to_vec();
+        let ahs = self.bytes(BHS_LEN, lens.ahs_len).to_vec();
+        self.consume(hdr_end + hd);
         let bhs = Bhs::decode(&raw).and_then(|(b, _)| {
             if b.opcode().is_initiator() {
                 pdu::parse_ahs(&ahs)?;
@@ -209,6 +274,7 @@ impl Reader {
             }
         });
         let n = lens.data_len as usize;
+        self.greedy = n == 0;
         let dd = if f.data_digest && n > 0 {
             DIGEST_LEN
         } else {
@@ -217,11 +283,12 @@ impl Reader {
         let trailer = pdu::pad_len(n) + dd;
         if lens.data_len > f.max_recv {
             // Read and drop it so the stream stays framed.
-            let chunk = self.scratch.as_ref().map_or(4096, |b| b.len());
+            let chunk = self.scratch.as_ref().map_or(4096, |b| b.len() / 2);
             let mut left = n + trailer;
             while left > 0 {
                 let k = left.min(chunk);
-                self.fill(s, 0..k).await?;
+                self.ensure(s, k, k).await?;
+                self.consume(k);
                 left -= k;
             }
             return Ok(InPdu {
@@ -236,18 +303,32 @@ impl Reader {
         let mut data = None;
         let mut bad_data_digest = false;
         if n > 0 {
-            let buf = alloc_wait(n).await?;
-            let (r, buf) = s.recv_exact(buf, 0..n).await;
-            r?;
+            let mut buf = alloc_wait(n).await?;
+            // Data bytes a greedy header receive already staged.
+            let early = self.staged().min(n);
+            if early > 0 {
+                if let Some(dst) = buf.get_mut(..early) {
+                    dst.copy_from_slice(self.bytes(0, early));
+                }
+                self.consume(early);
+            }
+            let buf = if early < n {
+                let (r, buf) = s.recv_exact(buf, early..n).await;
+                r?;
+                buf
+            } else {
+                buf
+            };
             let buf = buf.freeze();
             if trailer > 0 {
-                self.fill(s, 0..trailer).await?;
+                self.ensure(s, trailer, trailer).await?;
             }
             if dd > 0 {
                 let pad = pdu::pad_len(n);
-                let crc = crc32c::crc32c_append(pdu::crc32c(&buf), self.bytes(0..pad));
-                bad_data_digest = crc != le32(self.bytes(pad..pad + DIGEST_LEN));
+                let crc = crc32c::crc32c_append(pdu::crc32c(&buf), self.bytes(0, pad));
+                bad_data_digest = crc != le32(self.bytes(pad, DIGEST_LEN));
             }
+            self.consume(trailer);
             data = Some(buf);
         }
         Ok(InPdu {
@@ -382,7 +463,10 @@ async fn run(
             data_digest: params.data_digest == Digest::Crc32c,
             max_recv: params.initiator_max_recv_data_segment_length,
         },
-        send_lock: LocalSemaphore::new(1),
+        tx: TxQueue::new(
+            params.header_digest == Digest::Crc32c,
+            params.data_digest == Digest::Crc32c,
+        ),
         st: RefCell::new(ConnState {
             stat_sn: res.next_stat_sn,
             tasks: HashMap::new(),
@@ -415,6 +499,7 @@ async fn run(
         nexus: conn.nexus.clone(),
         id,
     };
+    let writer = spawn(writer(conn.clone()));
     let ticker = spawn(ticker(Rc::downgrade(&conn)));
     let framing_in = Framing {
         header_digest: conn.framing_out.header_digest,
@@ -423,6 +508,13 @@ async fn run(
     };
     let r = conn.clone().full_feature(&mut reader, framing_in).await;
     drop(ticker);
+    if matches!(r, Ok(()) | Err(ConnError::Closed)) {
+        // An orderly end (logout, reset, closed by the control plane): what
+        // is queued (a Logout or TMF response) goes out first, bounded in
+        // time in case the peer stopped reading.
+        let _ = timeout(FLUSH_TIMEOUT, conn.tx.flushed()).await;
+    }
+    drop(writer);
     conn.abort_all();
     r
 }
@@ -492,6 +584,22 @@ async fn login(
             LoginOutcome::Continue => {}
             LoginOutcome::FullFeature(r) => return Ok(r),
             LoginOutcome::Failed(st) => return Err(ConnError::Login(format!("{st:?}"))),
+        }
+    }
+}
+
+/// Sends what the connection's tasks queue, batch by batch (see
+/// [`super::txq`]). A send error shuts the socket down, which ends the
+/// reader and so the connection.
+async fn writer(conn: Rc<Conn>) {
+    loop {
+        let batch = conn.tx.next().await;
+        let r = conn.stream.send_parts_all(batch.bytes, &batch.parts).await;
+        conn.tx.done(r.is_ok());
+        if let Err(e) = r {
+            tracing::debug!("send of {} PDUs failed: {e}", batch.pdus);
+            let _ = conn.stream.shutdown(Shutdown::Both).await;
+            return;
         }
     }
 }
@@ -591,7 +699,8 @@ struct Conn {
     node: Option<Arc<NodeRuntime>>,
     params: SessionParams,
     framing_out: Framing,
-    send_lock: LocalSemaphore,
+    /// Outgoing PDUs; the writer task sends them in batches.
+    tx: TxQueue,
     st: RefCell<ConnState>,
     channels: RefCell<HashMap<u64, Rc<VolumeChannel>>>,
     nexus: Nexus,
@@ -711,7 +820,6 @@ impl Conn {
         small: &[u8],
         bufs: &[IoBuf],
     ) -> Result<(), ConnError> {
-        let _permit = self.send_lock.acquire().await;
         let stat_sn = {
             let mut st = self.st.borrow_mut();
             let s = st.stat_sn;
@@ -722,53 +830,10 @@ impl Conn {
         };
         let (exp, max) = self.window();
         let bhs = mk(stat_sn, exp, max);
-        self.write_pdu(&bhs, small, bufs).await
-    }
-
-    async fn write_pdu(&self, bhs: &Bhs, small: &[u8], bufs: &[IoBuf]) -> Result<(), ConnError> {
-        let f = self.framing_out;
-        if bufs.is_empty() {
-            let out = encode_small(bhs, small, f.header_digest, f.data_digest)?;
-            self.stream.send_vectored_all(&out, &[]).await?;
-            return Ok(());
-        }
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        let data_len =
-            u32::try_from(len).map_err(|_| ConnError::Protocol("data too long".into()))?;
-        let raw = bhs
-            .encode(pdu::SegmentLengths {
-                ahs_len: 0,
-                data_len,
-            })
-            .map_err(|e| ConnError::Protocol(e.to_string()))?;
-        let mut header = raw.to_vec();
-        if f.header_digest {
-            let c = pdu::crc32c(&header);
-            header.extend_from_slice(&pdu::digest_bytes(c));
-        }
-        let pad = pdu::pad_len(len);
-        let dd = f.data_digest;
-        if pad == 0 && !dd {
-            self.stream.send_vectored_all(&header, bufs).await?;
-            return Ok(());
-        }
-        let mut trailer = [0u8; 8];
-        let mut tn = pad;
-        if dd {
-            let mut crc = 0;
-            for b in bufs {
-                crc = crc32c::crc32c_append(crc, b);
-            }
-            crc = crc32c::crc32c_append(crc, &trailer[..pad]);
-            trailer[pad..pad + 4].copy_from_slice(&pdu::digest_bytes(crc));
-            tn += 4;
-        }
-        let mut t = alloc_wait(tn).await?;
-        t.copy_from_slice(&trailer[..tn]);
-        let mut all: Vec<IoBuf> = bufs.to_vec();
-        all.push(t.freeze());
-        self.stream.send_vectored_all(&header, &all).await?;
-        Ok(())
+        self.tx.push(&bhs, small, bufs).map_err(|e| match e {
+            TxError::Broken => ConnError::Closed,
+            e => ConnError::Protocol(e.to_string()),
+        })
     }
 
     async fn reject(&self, reason: RejectReason, raw: &[u8; BHS_LEN]) -> Result<(), ConnError> {
@@ -1524,6 +1589,9 @@ impl Conn {
         )
         .await?;
         if t.function == TmfFunction::TargetColdReset && response == COMPLETE {
+            // The response must reach the initiator before the reset closes
+            // this connection (it is queued, not yet sent).
+            let _ = timeout(FLUSH_TIMEOUT, self.tx.flushed()).await;
             // A cold reset ends every session of the target, this one too.
             if let Some(n) = &node {
                 for s in self.target.sessions_of(&n.name) {

@@ -10,6 +10,7 @@
 //! On top of it sit the target itself: [`registry`] (portal groups,
 //! initiator groups, target nodes, sessions), [`portal`] (listeners),
 //! [`conn`] (one connection's login and full feature phase on its reactor),
+//! [`txq`] (its send queue, which batches PDUs into few `sendmsg` ops),
 //! [`rpc`] (the `iscsi_*` admin methods). Commands go to the SCSI layer
 //! in [`crate::scsi`] through its task contract.
 
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod rpc;
 pub mod sense;
 pub mod text;
+pub mod txq;
 
 /// Fuzz entry point: frame and decode arbitrary bytes as a target would.
 /// Never panics; returns nothing useful on purpose.
