@@ -761,3 +761,50 @@ fn local_second_leg_splits_into_an_image_on_the_same_site() {
     );
     eprintln!("{s:#}");
 }
+
+/// A read-only split image exported over iSCSI on the leg's site: libiscsi's
+/// tools (installed with libiscsi-bin, as CI does) log in, see the LUN with
+/// the mirror's capacity and read it.
+#[test]
+fn split_image_is_exported_over_iscsi() {
+    let mut s = sites("split-iscsi");
+    let _ = mirror(&mut s, "m0");
+    write_volume(&s.a, "m0", 0, 8192, 7).unwrap();
+    s.a.call(
+        "mirror_split",
+        json!({"name": "m0", "image_name": "ro_snap"}),
+    );
+    s.b.call(
+        "iscsi_create_portal_group",
+        json!({"tag": 1, "portals": [{"host": "127.0.0.3", "port": "0"}]}),
+    );
+    s.b.call(
+        "iscsi_create_initiator_group",
+        json!({"tag": 1, "initiators": ["ANY"], "netmasks": ["127.0.0.0/8"]}),
+    );
+    let iqn = "iqn.2026-11.io.mirrorpoint:ro-snap";
+    s.b.call(
+        "iscsi_create_target_node",
+        json!({"name": iqn, "alias_name": "snap", "luns": [{"bdev_name": "ro_snap", "lun_id": 0}],
+               "pg_ig_maps": [{"pg_tag": 1, "ig_tag": 1}], "queue_depth": 16, "disable_chap": true}),
+    );
+    let pgs = s.b.call("iscsi_get_portal_groups", json!({}));
+    let port = pgs[0]["portals"][0]["port"]
+        .as_str()
+        .expect("port")
+        .to_string();
+    let url = format!("iscsi://127.0.0.3:{port}/{iqn}/0");
+    let run = |tool: &str, args: &[&str]| {
+        let out = std::process::Command::new(tool)
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e} (install libiscsi-bin)"));
+        assert!(out.status.success(), "{tool}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let size = run("iscsi-readcapacity16", &["-s"]);
+    assert_eq!(size.trim(), SIZE.to_string(), "capacity of the image LUN");
+    let inq = run("iscsi-inq", &[]);
+    assert!(!inq.trim().is_empty(), "INQUIRY answered");
+}
