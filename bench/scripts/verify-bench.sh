@@ -81,47 +81,16 @@ SIZE=$((SIZE_MIB * 1024 * 1024))
 RATE=$((RATE_MIB * 1024 * 1024))
 SECRET=verify-bench-shared-secret-0123456789
 nqn=nqn.2026-11.io.mirrorpoint:verify-bench
-freeport() { python3 -c 'import socket,sys;s=socket.socket();s.bind((sys.argv[1],0));print(s.getsockname()[1])' "$1"; }
+# shellcheck source=lib/two-sites.sh
+. "$root/bench/scripts/lib/two-sites.sh"
 nvmf_port=$(freeport 127.0.0.2)
-
-pids=()
 loop_pid=
 cleanup() {
     [ -n "$loop_pid" ] && kill "$loop_pid" 2>/dev/null || true
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -f "$DIR"/east-*.img "$DIR"/west-*.img
+    stop_sites
 }
 trap cleanup EXIT INT TERM
 
-start_site() { # name cpus
-    local name=$1 cpus=$2
-    echo '{"subsystems": []}' >"$OUT/$name-config.json"
-    mkdir -p "$OUT/$name-data"
-    local cmd=("$MP" serve --config "$OUT/$name-config.json" --rpc-socket "$OUT/$name.sock"
-        --data-dir "$OUT/$name-data" --cores "$cpus" --buffers 1024)
-    echo "# $name: ${cmd[*]}"
-    "${cmd[@]}" >"$OUT/$name.log" 2>&1 &
-    pids+=($!)
-    local i=0
-    until [ -S "$OUT/$name.sock" ] && "$MP" rpc -s "$OUT/$name.sock" spdk_get_version >/dev/null 2>&1; do
-        i=$((i + 1))
-        [ $i -le 300 ] || { cat "$OUT/$name.log" >&2; die "$name did not start"; }
-        sleep 0.1
-    done
-}
-rpc() { # site method [params]
-    local site=$1; shift
-    echo "+ rpc $site $*" >&2
-    "$MP" rpc -s "$OUT/$site.sock" "$@"
-}
-qrpc() { "$MP" rpc -s "$OUT/$1.sock" "${@:2}"; }
-json_get() { python3 -c 'import json,sys;v=json.load(sys.stdin)
-for k in sys.argv[1:]: v=v[int(k)] if k.isdigit() else v[k]
-print(v)' "$@"; }
-bdev() { # site name size
-    rpc "$1" bdev_uring_create "{\"name\": \"$2\", \"filename\": \"$DIR/$1-$2.img\", \"size\": $3, \"block_size\": 4096}" >/dev/null
-}
 wait_verify() { # [poll seconds]: until the job is finished and idle; prints its JSON
     # (the rate comes from the job's own start/finish times, not from this
     # polling, which only has to be light: each poll is two processes)
@@ -138,29 +107,10 @@ wait_verify() { # [poll seconds]: until the job is finished and idle; prints its
 }
 
 # 1. The yardstick.
-tcp_rows=()
-for s in 1 2; do
-    f="$OUT/tcp-$s.json"
-    cmd=("$BENCH" tcp --to 127.0.0.3 --streams "$s" --bs 128K --time "$TIME" --ramp "$RAMP" --json)
-    echo "${cmd[*]} > $f"
-    "${cmd[@]}" >"$f"
-    tcp_rows+=("$f")
-done
+tcp_yardstick
 
 # 2. Two sites, the mirror, filled with data.
-start_site east "$EAST_CPUS"
-start_site west "$WEST_CPUS"
-east_addr=$(rpc east agent_set_site "{\"name\": \"east\", \"domain\": 1, \"listen\": \"127.0.0.2:0\", \"secret\": \"$SECRET\", \"master\": true}" | json_get listen)
-west_addr=$(rpc west agent_set_site "{\"name\": \"west\", \"domain\": 2, \"listen\": \"127.0.0.3:0\", \"secret\": \"$SECRET\"}" | json_get listen)
-bdev west s1 "$SIZE"
-rpc west agent_add_storage_server '{"name": "ss1", "id": 1, "volumes": ["s1"]}' >/dev/null
-rpc east agent_add_peer "{\"name\": \"west\", \"domain\": 2, \"address\": \"$west_addr\"}" >/dev/null
-rpc west agent_add_peer "{\"name\": \"east\", \"domain\": 1, \"address\": \"$east_addr\", \"master\": true}" >/dev/null
-i=0
-until [ -n "$(qrpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" ] &&
-    [ "$(qrpc east agent_get_sites | json_get peers 0 last_report_ms 2>/dev/null)" != None ]; do
-    i=$((i + 1)); [ $i -le 100 ] || die "west never reported its capacity"; sleep 0.1
-done
+two_sites "$SIZE"
 bdev east l1 "$SIZE"
 rpc east mirror_create '{"name": "m1", "volume": "l1", "resync_rate": 0}' >/dev/null
 i=0
