@@ -14,19 +14,14 @@
 
 mod nvmf_host_common;
 
-use mirrorpoint_poller::{buffer_pool, spawn, Runtime};
+use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::nvmf::host::{ConnectOptions, Controller, IoQueue};
-use mirrorpoint_target::nvmf::subsystem::{ListenAddress, NamespaceParams, Subsystem};
-use mirrorpoint_target::nvmf::{NvmfTarget, TransportOptions};
+use mirrorpoint_target::nvmf::TransportOptions;
 use mirrorpoint_target::units::BlockSize;
-use mirrorpoint_target::volume::registry::MallocParams;
-use mirrorpoint_target::volume::{VolumeRegistry, VolumeSpec};
-use nvmf_host_common::{runtime, CHUNK, HOSTNQN};
+use nvmf_host_common::{runtime, start_malloc_target, Target, CHUNK, HOSTNQN};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 
 const NQN: &str = "nqn.2024-01.io.mirrorpoint:alloctest";
 const BLOCKS: u64 = 4096;
@@ -73,67 +68,17 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct Target {
-    rt: Runtime,
-    _volumes: VolumeRegistry,
-    nvmf: Arc<NvmfTarget>,
-    addr: SocketAddr,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.nvmf.shutdown();
-    }
-}
-
 fn start_target() -> Target {
-    let rt = runtime(vec![0]);
-    let volumes = VolumeRegistry::new();
-    let vol = volumes
-        .create(VolumeSpec::Malloc(MallocParams {
-            name: Some("allocvol".into()),
-            num_blocks: BLOCKS,
-            block_size: BlockSize::B4096,
-            uuid: None,
-        }))
-        .expect("volume");
-    let nvmf = NvmfTarget::new(rt.handles().to_vec(), CHUNK).expect("target");
-    nvmf.create_transport(TransportOptions {
-        in_capsule_data_size: 4096,
-        ..TransportOptions::defaults(CHUNK)
-    })
-    .expect("transport");
-    nvmf.add_subsystem(Subsystem::new(NQN, None, None, true, None).expect("subsystem"))
-        .expect("add subsystem");
-    nvmf.nvm_subsystem(NQN)
-        .expect("subsystem")
-        .add_namespace(
-            vol,
-            NamespaceParams {
-                bdev_name: "allocvol".into(),
-                nsid: Some(1),
-                nguid: None,
-                uuid: None,
-            },
-        )
-        .expect("namespace");
-    let bound = nvmf
-        .add_listener(
-            NQN,
-            &ListenAddress {
-                trtype: "tcp".into(),
-                adrfam: None,
-                traddr: "127.0.0.1".into(),
-                trsvcid: "0".into(),
-            },
-        )
-        .expect("listener");
-    Target {
-        rt,
-        _volumes: volumes,
-        nvmf,
-        addr: SocketAddr::V4(bound),
-    }
+    start_malloc_target(
+        NQN,
+        "allocvol",
+        BLOCKS,
+        BlockSize::B4096,
+        TransportOptions {
+            in_capsule_data_size: 4096,
+            ..TransportOptions::defaults(CHUNK)
+        },
+    )
 }
 
 /// The target reactor thread's allocation tally and ring ops submitted.

@@ -8,84 +8,28 @@
 mod nvmf_host_common;
 
 use mirrorpoint_poller::buffer_pool;
-use mirrorpoint_poller::Runtime;
 use mirrorpoint_target::nvmf::host::{ConnectOptions, Controller, IoQueue, StatusKind};
-use mirrorpoint_target::nvmf::subsystem::{ListenAddress, NamespaceParams, Subsystem};
-use mirrorpoint_target::nvmf::{NvmfTarget, TransportOptions};
+use mirrorpoint_target::nvmf::TransportOptions;
 use mirrorpoint_target::units::BlockSize;
-use mirrorpoint_target::volume::registry::MallocParams;
-use mirrorpoint_target::volume::{VolumeRegistry, VolumeSpec};
-use nvmf_host_common::{runtime, session, CHUNK, HOSTNQN};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use nvmf_host_common::{runtime, session, start_malloc_target, Target, CHUNK, HOSTNQN};
 
 const NQN: &str = "nqn.2024-01.io.mirrorpoint:hosttest";
 const BLOCKS: u64 = 8192; // 32 MiB of 4 KiB blocks
 const EXTENTS: u64 = 128;
 
-struct Target {
-    _rt: Runtime,
-    _volumes: VolumeRegistry,
-    nvmf: Arc<NvmfTarget>,
-    addr: SocketAddr,
-}
-
 /// Our target with one 32 MiB malloc namespace; MAXH2CDATA 8 KiB so a
 /// solicited write takes several R2Ts.
 fn start_target() -> Target {
-    let rt = runtime(vec![0]);
-    let volumes = VolumeRegistry::new();
-    let vol = volumes
-        .create(VolumeSpec::Malloc(MallocParams {
-            name: Some("hostvol".into()),
-            num_blocks: BLOCKS,
-            block_size: BlockSize::B4096,
-            uuid: None,
-        }))
-        .expect("volume");
-    let nvmf = NvmfTarget::new(rt.handles().to_vec(), CHUNK).expect("target");
-    nvmf.create_transport(TransportOptions {
-        io_unit_size: 8192,
-        ..TransportOptions::defaults(CHUNK)
-    })
-    .expect("transport");
-    nvmf.add_subsystem(Subsystem::new(NQN, None, None, true, None).expect("subsystem"))
-        .expect("add subsystem");
-    nvmf.nvm_subsystem(NQN)
-        .expect("subsystem")
-        .add_namespace(
-            vol,
-            NamespaceParams {
-                bdev_name: "hostvol".into(),
-                nsid: Some(1),
-                nguid: None,
-                uuid: None,
-            },
-        )
-        .expect("namespace");
-    let bound = nvmf
-        .add_listener(
-            NQN,
-            &ListenAddress {
-                trtype: "tcp".into(),
-                adrfam: None,
-                traddr: "127.0.0.1".into(),
-                trsvcid: "0".into(),
-            },
-        )
-        .expect("listener");
-    Target {
-        _rt: rt,
-        _volumes: volumes,
-        nvmf,
-        addr: SocketAddr::V4(bound),
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.nvmf.shutdown();
-    }
+    start_malloc_target(
+        NQN,
+        "hostvol",
+        BLOCKS,
+        BlockSize::B4096,
+        TransportOptions {
+            io_unit_size: 8192,
+            ..TransportOptions::defaults(CHUNK)
+        },
+    )
 }
 
 #[test]

@@ -11,17 +11,12 @@
 
 mod nvmf_host_common;
 
-use mirrorpoint_poller::{buffer_pool, spawn, Runtime};
+use mirrorpoint_poller::{buffer_pool, spawn};
 use mirrorpoint_target::nvmf::host::{ConnectOptions, Controller, IoQueue};
-use mirrorpoint_target::nvmf::subsystem::{ListenAddress, NamespaceParams, Subsystem};
-use mirrorpoint_target::nvmf::{NvmfTarget, TransportOptions};
+use mirrorpoint_target::nvmf::TransportOptions;
 use mirrorpoint_target::units::BlockSize;
-use mirrorpoint_target::volume::registry::MallocParams;
-use mirrorpoint_target::volume::{VolumeRegistry, VolumeSpec};
-use nvmf_host_common::{pattern, runtime, CHUNK, HOSTNQN};
-use std::net::SocketAddr;
+use nvmf_host_common::{pattern, runtime, start_malloc_target, Target, CHUNK, HOSTNQN};
 use std::rc::Rc;
-use std::sync::Arc;
 
 const NQN: &str = "nqn.2024-01.io.mirrorpoint:splittest";
 const BS: usize = 512;
@@ -30,68 +25,18 @@ const REGION: u64 = 32;
 const QD: u64 = 32;
 const ROUNDS: u64 = 24;
 
-struct Target {
-    _rt: Runtime,
-    _volumes: VolumeRegistry,
-    nvmf: Arc<NvmfTarget>,
-    addr: SocketAddr,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.nvmf.shutdown();
-    }
-}
-
 fn start_target() -> Target {
-    let rt = runtime(vec![0]);
-    let volumes = VolumeRegistry::new();
-    let vol = volumes
-        .create(VolumeSpec::Malloc(MallocParams {
-            name: Some("splitvol".into()),
-            num_blocks: REGION * QD,
-            block_size: BlockSize::B512,
-            uuid: None,
-        }))
-        .expect("volume");
-    let nvmf = NvmfTarget::new(rt.handles().to_vec(), CHUNK).expect("target");
-    nvmf.create_transport(TransportOptions {
-        in_capsule_data_size: 8192,
-        io_unit_size: 8192,
-        ..TransportOptions::defaults(CHUNK)
-    })
-    .expect("transport");
-    nvmf.add_subsystem(Subsystem::new(NQN, None, None, true, None).expect("subsystem"))
-        .expect("add subsystem");
-    nvmf.nvm_subsystem(NQN)
-        .expect("subsystem")
-        .add_namespace(
-            vol,
-            NamespaceParams {
-                bdev_name: "splitvol".into(),
-                nsid: Some(1),
-                nguid: None,
-                uuid: None,
-            },
-        )
-        .expect("namespace");
-    let bound = nvmf
-        .add_listener(
-            NQN,
-            &ListenAddress {
-                trtype: "tcp".into(),
-                adrfam: None,
-                traddr: "127.0.0.1".into(),
-                trsvcid: "0".into(),
-            },
-        )
-        .expect("listener");
-    Target {
-        _rt: rt,
-        _volumes: volumes,
-        nvmf,
-        addr: SocketAddr::V4(bound),
-    }
+    start_malloc_target(
+        NQN,
+        "splitvol",
+        REGION * QD,
+        BlockSize::B512,
+        TransportOptions {
+            in_capsule_data_size: 8192,
+            io_unit_size: 8192,
+            ..TransportOptions::defaults(CHUNK)
+        },
+    )
 }
 
 /// Write sizes in blocks: in-capsule 512 B..8 KiB, and 12 KiB by R2T.

@@ -5,6 +5,10 @@
 
 #![allow(dead_code)]
 
+mod target;
+#[allow(unused_imports)]
+pub use target::{start_malloc_target, Target};
+
 use mirrorpoint_poller::{
     buffer_pool, oneshot, spawn, PoolConfig, ReactorConfig, Runtime, RuntimeConfig,
 };
