@@ -29,7 +29,7 @@ image_port=$(freeport 127.0.0.1)
 nqn=nqn.2026-11.io.mirrorpoint:split-volume
 image_nqn=nqn.2026-11.io.mirrorpoint:split-image
 secret=interop-split-shared-secret-0123456789
-size=50331648
+size=134217728  # 128 MiB: room for what the writer makes on a fast machine
 
 pids=""
 cleanup() {

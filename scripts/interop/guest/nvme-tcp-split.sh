@@ -63,13 +63,18 @@ mkfs.ext4 -q -F "/dev/$vol"
 mkdir -p /mnt/vol
 mount -t ext4 "/dev/$vol" /mnt/vol
 
-step "writer: files of 16-256 KiB, each fsync'ed, then listed in the manifest"
+step "writer: files of 4-128 KiB, each fsync'ed, then listed in the manifest"
 : >/tmp/manifest
 (
     n=0
     while [ ! -e /tmp/stop ]; do
         n=$((n + 1))
-        dd if=/dev/urandom of="/mnt/vol/f$n" bs=16k count=$((1 + n % 16)) conv=fsync 2>/dev/null
+        # A failed write (the file system full, on a fast machine) ends the
+        # writer; only files written and fsync'ed whole are listed.
+        dd if=/dev/urandom of="/mnt/vol/f$n" bs=4k count=$((1 + n % 32)) conv=fsync 2>/dev/null || {
+            echo "writer: f$n could not be written, stopping"
+            break
+        }
         echo "f$n $(sha256sum <"/mnt/vol/f$n" | cut -d' ' -f1)" >>/tmp/manifest
     done
 ) &
