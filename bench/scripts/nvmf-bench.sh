@@ -12,8 +12,10 @@
 #
 # Prints every command, then a markdown table: IOPS, p50/p99/p99.9 latency,
 # target CPU us per I/O (process), reactor busy us per I/O, target IOPS per
-# core-second (process), each as the range over the repeats (min-max; one
-# number when they agree). The target is stopped with SIGTERM and must
+# core-second (process), the target's share of a core and the share of the
+# window its reactor was runnable but waiting for a CPU (preempted, from
+# schedstat), each as the range over the repeats (min-max; one number when
+# they agree). The target is stopped with SIGTERM and must
 # report a clean stop.
 #
 # Usage: bench/scripts/nvmf-bench.sh [options]
@@ -153,13 +155,17 @@ def rng(vals, fmt):
     lo, hi = min(vals), max(vals)
     a, b = fmt.format(lo), fmt.format(hi)
     return a if a == b else f"{a}–{b}"
-print("| backend | workload | QD/conn | conns | IOPS | p50 µs | p99 µs | p99.9 µs | target CPU µs/IO (process) | reactor busy µs/IO | target IOPS/core-s (process) | target core % |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| backend | workload | QD/conn | conns | IOPS | p50 µs | p99 µs | p99.9 µs | target CPU µs/IO (process) | reactor busy µs/IO | target IOPS/core-s (process) | target core % | reactor runnable, not running % |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for row in sys.argv[1:]:
     backend, w, qd, conns, files = row.split("|")
     rs = [json.load(open(f)) for f in files.split()]
     t = [r["target_cpu"] for r in rs]
     b = [r["target_reactors"] for r in rs]
+    # Share of the window the target's reactor thread was preempted.
+    wait = [100 * sum(th.get("runqueue_wait_s") or 0 for th in x["threads"]
+                      if th["name"].startswith("reactor")) / r["time_s"]
+            for x, r in zip(t, rs)]
     print(f"| {backend} | {w} | {qd} | {conns} "
           f"| {rng([r['iops'] for r in rs], '{:,.0f}')} "
           f"| {rng([r['lat_us']['p50'] for r in rs], '{:.1f}')} "
@@ -168,7 +174,8 @@ for row in sys.argv[1:]:
           f"| {rng([x['us_per_io'] for x in t], '{:.2f}')} "
           f"| {rng([x['busy_us_per_io'] for x in b], '{:.2f}')} "
           f"| {rng([x['iops_per_core_s'] for x in t], '{:,.0f}')} "
-          f"| {rng([x['core_pct'] for x in t], '{:.0f}')} |")
+          f"| {rng([x['core_pct'] for x in t], '{:.0f}')} "
+          f"| {rng(wait, '{:.0f}')} |")
 PY
 echo
 stop_target

@@ -151,6 +151,12 @@ pub fn table(report: &Report) -> String {
                 "  thread {} ({}): user {:.2} s, sys {:.2} s, {:.2} us per I/O",
                 th.tid, th.name, th.user_s, th.sys_s, th.us_per_io
             );
+            if let (Some(run), Some(wait)) = (th.on_cpu_s, th.runqueue_wait_s) {
+                let _ = writeln!(
+                    out,
+                    "    scheduler: on a CPU {run:.3} s, runnable but waiting for one {wait:.3} s"
+                );
+            }
         }
     }
     if let Some(t) = &report.target_reactors {

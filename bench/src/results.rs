@@ -240,6 +240,12 @@ pub struct TargetThreadCpu {
     pub sys_s: f64,
     /// (user + sys) per measured I/O, in microseconds.
     pub us_per_io: f64,
+    /// Seconds on a CPU by the scheduler's clock (`schedstat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_cpu_s: Option<f64>,
+    /// Seconds runnable but not running (preempted), from `schedstat`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runqueue_wait_s: Option<f64>,
 }
 
 /// The target's CPU time over the measured window, from `/proc/PID/stat`.
@@ -278,6 +284,8 @@ impl TargetCpuReport {
                 user_s: t.user_s,
                 sys_s: t.sys_s,
                 us_per_io: per_io(t.user_s + t.sys_s),
+                on_cpu_s: t.on_cpu_s,
+                runqueue_wait_s: t.runqueue_wait_s,
             })
             .collect();
         threads.sort_by(|a, b| (b.user_s + b.sys_s).total_cmp(&(a.user_s + a.sys_s)));

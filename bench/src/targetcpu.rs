@@ -31,6 +31,15 @@ struct Ticks {
     name: String,
     user: u64,
     sys: u64,
+    /// From `schedstat` (threads only): nanoseconds on a CPU and waiting on
+    /// a runqueue (runnable but not running).
+    sched: Option<(u64, u64)>,
+}
+
+/// Parses `schedstat`: `run_ns wait_ns timeslices`.
+fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
+    let mut f = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
 }
 
 /// Parses a `stat` line: `pid (comm) state ppid ... utime stime ...`.
@@ -46,6 +55,7 @@ fn parse_stat(line: &str) -> Option<Ticks> {
         name,
         user: rest.get(11)?.parse().ok()?,
         sys: rest.get(12)?.parse().ok()?,
+        sched: None,
     })
 }
 
@@ -83,7 +93,11 @@ impl ProcSample {
                     continue;
                 };
                 // A thread may exit between the listing and the read.
-                if let Ok(t) = read(format!("/proc/{pid}/task/{tid}/stat")) {
+                if let Ok(mut t) = read(format!("/proc/{pid}/task/{tid}/stat")) {
+                    t.sched = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                        .ok()
+                        .as_deref()
+                        .and_then(parse_schedstat);
                     threads.insert(tid, t);
                 }
             }
@@ -103,15 +117,22 @@ impl ProcSample {
             .threads
             .iter()
             .map(|(&tid, t)| {
-                let (u0, s0) = earlier
-                    .threads
-                    .get(&tid)
-                    .map_or((0, 0), |e| (e.user, e.sys));
+                let e = earlier.threads.get(&tid);
+                let (u0, s0) = e.map_or((0, 0), |e| (e.user, e.sys));
+                let sched = match (t.sched, e.map_or(Some((0, 0)), |e| e.sched)) {
+                    (Some((r1, w1)), Some((r0, w0))) => Some((
+                        r1.saturating_sub(r0) as f64 / 1e9,
+                        w1.saturating_sub(w0) as f64 / 1e9,
+                    )),
+                    _ => None,
+                };
                 ThreadCpu {
                     tid,
                     name: t.name.clone(),
                     user_s: secs(t.user.saturating_sub(u0)),
                     sys_s: secs(t.sys.saturating_sub(s0)),
+                    on_cpu_s: sched.map(|s| s.0),
+                    runqueue_wait_s: sched.map(|s| s.1),
                 }
             })
             .collect();
@@ -136,6 +157,12 @@ pub struct ThreadCpu {
     pub user_s: f64,
     /// System seconds.
     pub sys_s: f64,
+    /// Seconds on a CPU by the scheduler's own clock (`schedstat`, ns
+    /// resolution), when the kernel provides it.
+    pub on_cpu_s: Option<f64>,
+    /// Seconds runnable but waiting for a CPU (`schedstat`): preemption by
+    /// other processes on a shared machine.
+    pub runqueue_wait_s: Option<f64>,
 }
 
 /// A process's CPU time over an interval.
@@ -309,10 +336,13 @@ mod tests {
             Some(Ticks {
                 name: "reactor (0) x".into(),
                 user: 1234,
-                sys: 56
+                sys: 56,
+                sched: None,
             })
         );
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
+        assert_eq!(parse_schedstat("123 45 6\n"), Some((123, 45)));
+        assert_eq!(parse_schedstat("123"), None);
     }
 
     #[test]
