@@ -13,6 +13,7 @@
 # through io-wq workers). BACKING=disk: the file on the root file system
 # (ext4 on the VM's virtio disk), mirrorpoint's uring backend with O_DIRECT
 # and tgt's rdwr backing store with bsoflags=direct.
+# MP_ARGS="--idle-timeout-us 0" passes extra options to `mirrorpoint serve`.
 # NUMJOBS=N: N fio jobs, each its own iSCSI session.
 #
 # MIRRORPOINT=path runs that binary instead of building one.
@@ -135,10 +136,11 @@ cat >"$WORK/mp.json" <<EOF
 ]}
 EOF
 timeout $((RUNTIME * 8 + 120)) "$BIN" serve --config "$WORK/mp.json" --cores "$TARGET_CPU" \
-    --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" >"$WORK/mp.log" 2>&1 &
+    --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" ${MP_ARGS:-} >"$WORK/mp.log" 2>&1 &
 MP=$!
 PIDS+=("$MP")
-for _ in $(seq 50); do grep -q ready "$WORK/mp.log" && break; sleep 0.2; done
+for _ in $(seq 150); do grep -qs ready "$WORK/mp.log" && break; sleep 0.2; done
+grep -qs ready "$WORK/mp.log" || { echo "mirrorpoint did not start:" >&2; cat "$WORK/mp.log" >&2; exit 1; }
 MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
 workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
 kill "$MP"; sleep 1
@@ -164,6 +166,7 @@ mkdir -p "$(dirname "$OUT")"
     echo "$(date -u '+%F %T') UTC (start $START), load average at the end $(cut -d' ' -f1-3 /proc/loadavg),"
     echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
     echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')),"
+    echo "mirrorpoint serve options: ${MP_ARGS:-(defaults)}."
     echo "${RUNTIME}s per run. CPU/IO (OS) = target process utime+stime over the run / I/Os completed;"
     echo "busy/IO = mirrorpoint's reactors' busy_ns over the run / I/Os; fio CPU = fio's usr+sys, % of one core."
     echo
