@@ -8,6 +8,10 @@
 //! - Receives land directly in a pool chunk at a caller-chosen offset, so a
 //!   payload is written to memory once and can then be frozen and handed to
 //!   the disk and to every mirror leg without copying.
+//!   [`TcpStream::recv_split`] receives the rest of such a payload and what
+//!   follows it (the next message's header) into a second, staging chunk in
+//!   one `IORING_OP_RECVMSG`, so a stream of messages with payloads costs
+//!   one receive per message.
 //! - Vectored sends put a small copied header and any number of shared pool
 //!   chunks in one `IORING_OP_SENDMSG`; partial sends resume at the exact
 //!   iovec and offset where the kernel stopped. [`TcpStream::send_list`]
