@@ -716,7 +716,12 @@ fn leg_can_serve(m: &Mirror, leg: &Leg, offset: u64, len: u64) -> bool {
 }
 
 /// Reads `len` bytes at `offset` from leg `idx` on this core's link.
-async fn leg_read(m: &Mirror, idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+async fn leg_read(
+    m: &Mirror,
+    idx: usize,
+    offset: u64,
+    len: usize,
+) -> Result<super::ReadData, String> {
     let msg = Message::Read(Read {
         mirror: m.id,
         offset: ByteOffset(offset),
@@ -976,16 +981,6 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The link hands read data over as bytes (`Reply::Read`); the local
-/// volume takes a pool chunk (aligned for direct I/O).
-async fn into_chunk(data: &[u8]) -> Result<mirrorpoint_poller::IoBuf, String> {
-    let mut b = super::alloc_wait(data.len())
-        .await
-        .map_err(|e| format!("rebuild buffer: {e}"))?;
-    b.copy_from_slice(data);
-    Ok(b.freeze())
-}
-
 /// Regions copied at once by a rebuild (each waits for a leg round trip
 /// and a local write: one at a time leaves the link and the disk idle).
 const REBUILD_DEPTH: usize = 32;
@@ -1090,7 +1085,8 @@ async fn rebuild_region(
         let data = leg_read(m, src, off, len)
             .await
             .map_err(|e| format!("reading region {r} from leg {src}: {e}"))?;
-        let data = into_chunk(&data).await?;
+        // The received chunk itself when it is aligned for the device.
+        let data = data.into_iobuf().await?;
         let (res, _) = local.write(ByteOffset(off), data).await;
         if let Err(e) = res {
             let why = format!("local write during rebuild: {e}");

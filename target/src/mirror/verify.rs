@@ -1004,9 +1004,7 @@ async fn read_leg(m: &Mirror, leg: usize, start: u64, end: u64) -> Result<Vec<Io
         });
         match m.leg_request(leg, &msg, &[]).await? {
             Reply::Read(Status::Ok, data) if data.len() as u64 == n => {
-                let mut b = alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
-                b.copy_from_slice(&data);
-                out.push(b.freeze());
+                out.push(data.into_iobuf().await?);
             }
             Reply::Read(s, _) => return Err(format!("leg {leg} refused a read at {off}: {s:?}")),
             _ => return Err(format!("unexpected answer to a read from leg {leg}")),
