@@ -12,8 +12,10 @@
 //! chunk of it. Progress (cleared bits) is committed every
 //! [`RESYNC_COMMIT_EVERY`] by whichever worker sees it due, while the others
 //! go on (a cleared bit only ever follows the leg's acknowledgement, so no
-//! drain is needed). The rate cap is shared: each worker waits until the
-//! pass's total is within the cap.
+//! drain is needed). The rate cap is shared and kept before a copy, not
+//! after: a worker reserves its region's bytes in the pass's budget and
+//! waits until the cap allows them, so a window of regions never goes out as
+//! one burst.
 
 use super::*;
 
@@ -28,6 +30,8 @@ pub(super) const RESYNC_DEPTH: usize = 16;
 struct Pass {
     cursor: Cell<u64>,
     copied: Cell<u64>,
+    /// Bytes taken from the rate cap's budget (copied or being copied).
+    reserved: Cell<u64>,
     committing: Cell<bool>,
     last_commit: Cell<Instant>,
     error: RefCell<Option<String>>,
@@ -56,6 +60,7 @@ pub(super) async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<
     let pass = Pass {
         cursor: Cell::new(0),
         copied: Cell::new(0),
+        reserved: Cell::new(0),
         committing: Cell::new(false),
         last_commit: Cell::new(started),
         error: RefCell::new(None),
@@ -106,6 +111,19 @@ async fn worker(
             return;
         };
         pass.cursor.set(r + 1);
+        let rs = m.meta.region_size();
+        // Every region takes its bytes from the budget (also with no cap,
+        // so a cap set mid-pass counts what was copied before it).
+        let before = pass.reserved.get();
+        pass.reserved.set(before + rs);
+        let rate = m.resync_rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            // Wait until the cap allows the bytes before this region.
+            let due = Duration::from_secs_f64(before as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(pass.started.elapsed()) {
+                sleep(wait).await;
+            }
+        }
         let n = match copy_region(m, leg, gen, local, r).await {
             Ok(n) => n,
             Err(e) => {
@@ -114,6 +132,8 @@ async fn worker(
             }
         };
         if n == 0 {
+            // Nothing copied: give the budget back.
+            pass.reserved.set(pass.reserved.get().saturating_sub(rs));
             continue;
         }
         // Progress reaches the file now and then, so a crash in a long
@@ -139,13 +159,6 @@ async fn worker(
             (copied as f64 / el.as_secs_f64().max(1e-6)) as u64,
             Ordering::Relaxed,
         );
-        let rate = m.resync_rate.load(Ordering::Relaxed);
-        if rate > 0 {
-            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(el) {
-                sleep(wait).await;
-            }
-        }
     }
 }
 
