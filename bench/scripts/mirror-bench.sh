@@ -43,6 +43,11 @@
 #   --out DIR         keep JSON outputs and logs there (default: mktemp)
 #   --recover         also run the local-device recovery measurement (5.)
 #   --recover-rate N  rebuild cap in MiB/s for the busy-host run (default 32)
+#   --link-rate RATE  the sites talk over an emulated inter-site link (west in
+#                     a network namespace behind a veth pair shaped with tc
+#                     tbf, e.g. 10gbit; needs root; see lib/two-sites.sh);
+#                     the yardstick also runs over that link and every figure
+#                     is given against both (loopback and the shaped link)
 #   --quick           short runs (smoke test)
 set -euo pipefail
 
@@ -60,6 +65,7 @@ SVG=
 OUT=
 RECOVER=
 RECOVER_RATE=32
+LINK_RATE=
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$root/build/release
 
@@ -81,6 +87,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --recover) RECOVER=1; shift ;;
     --recover-rate) RECOVER_RATE=$2; shift 2 ;;
+    --link-rate) LINK_RATE=$2; shift 2 ;;
     --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1" ;;
@@ -217,34 +224,47 @@ if [ -n "$RECOVER" ]; then
 fi
 
 echo
-python3 - "$OUT/resync.json" "$split_file" "$recover_file" "$OUT" "${tcp_rows[@]}" -- "${rows[@]}" <<'PY'
+python3 - "$OUT/resync.json" "$split_file" "$recover_file" "$OUT" "${LINK_RATE:-}" "${tcp_rows[@]}" -- "${link_rows[@]}" -- "${rows[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
 resync = json.load(open(args[0]))
 split_file = args[1]
-recover_file, out = args[2], args[3]
+recover_file, out, link_rate = args[2], args[3], args[4]
 sep = args.index("--")
-tcps = [json.load(open(f)) for f in args[4:sep]]
-rows = args[sep + 1:]
+sep2 = args.index("--", sep + 1)
+tcps = [json.load(open(f)) for f in args[5:sep]]
+links = [json.load(open(f)) for f in args[sep + 1:sep2]]
+rows = args[sep2 + 1:]
 loop = max(t["mib_s"] for t in tcps)
-print("| loopback TCP | MiB/s |")
+link = max(t["mib_s"] for t in links) if links else None
+print("| yardstick (mirrorpoint-bench tcp, 128 KiB sends) | MiB/s |")
 print("|---|---:|")
 for t in tcps:
-    print(f"| {t['streams']} stream(s), 128 KiB sends | {t['mib_s']:,.0f} |")
+    print(f"| loopback TCP, {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
+for t in links:
+    print(f"| emulated link (veth, tbf {link_rate}), {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
+def vs(x):
+    """x MiB/s against the best loopback figure, and against the link."""
+    s = f"{x / loop:.3f}x the best loopback figure"
+    if link:
+        s += f", {x / link:.3f}x the best emulated-link figure"
+    return s
 rs = resync["bytes"] / resync["seconds"] / 2**20
 print()
 print(f"Resync (initial full sync, unlimited rate): {resync['bytes'] / 2**20:,.0f} MiB in "
-      f"{resync['seconds']:.2f} s = {rs:,.0f} MiB/s = {rs / loop:.3f}x the best loopback figure")
+      f"{resync['seconds']:.2f} s = {rs:,.0f} MiB/s = {vs(rs)}")
 print()
-print("| workload (2 connections) | local IOPS | mirrored IOPS | mirrored/local | local MiB/s | mirrored MiB/s | mirrored/loopback | local p99 µs | mirrored p99 µs | target CPU µs/IO local | mirrored |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+lcol = " mirrored/link |" if link else ""
+print("| workload (2 connections) | local IOPS | mirrored IOPS | mirrored/local | local MiB/s | mirrored MiB/s | mirrored/loopback |" + lcol + " local p99 µs | mirrored p99 µs | target CPU µs/IO local | mirrored |")
+print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if link else "") + "---:|---:|---:|---:|")
 for row in rows:
     name, a, b = row.split("|")
     l, m = json.load(open(a)), json.load(open(b))
     lt, mt = l.get("target_cpu", {}), m.get("target_cpu", {})
     print(f"| {name} | {l['iops']:,.0f} | {m['iops']:,.0f} | {m['iops'] / l['iops']:.3f} "
           f"| {l['mib_s']:,.1f} | {m['mib_s']:,.1f} | {m['mib_s'] / loop:.4f} "
-          f"| {l['lat_us']['p99']:.0f} | {m['lat_us']['p99']:.0f} "
+          + (f"| {m['mib_s'] / link:.3f} " if link else "")
+          + f"| {l['lat_us']['p99']:.0f} | {m['lat_us']['p99']:.0f} "
           f"| {lt.get('us_per_io', 0):.2f} | {mt.get('us_per_io', 0):.2f} |")
 if split_file:
     s = json.load(open(split_file))
@@ -264,7 +284,7 @@ if recover_file:
     rb = r["idle_bytes"] / r["idle_seconds"] / 2**20
     print()
     print(f"Rebuild of the local device, idle host, unlimited rate: {r['idle_bytes'] / 2**20:,.0f} MiB in "
-          f"{r['idle_seconds']:.2f} s = {rb:,.0f} MiB/s = {rb / loop:.3f}x the best loopback figure (goal >= 0.8)")
+          f"{r['idle_seconds']:.2f} s = {rb:,.0f} MiB/s = {vs(rb)} (goal >= 0.8x loopback)")
     base = json.load(open(f"{out}/recover-base.json"))
     reb = json.load(open(f"{out}/recover-rebuild.json"))
     st = json.load(open(f"{out}/recover-status.json"))[0]["local"]
