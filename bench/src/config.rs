@@ -12,6 +12,7 @@
 use crate::error::BenchError;
 use crate::timeline::TimelineConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mirrorpoint_poller::DiskSubmit;
 use serde::Serialize;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -202,6 +203,11 @@ pub struct LocalArgs {
     /// Pool chunk size in bytes (largest single I/O); K/M suffixes allowed.
     #[arg(long, default_value = "128K", value_parser = parse_size)]
     pub chunk_size: u64,
+    /// When the reactors hand disk requests to the kernel: `immediate` (one
+    /// io_uring_enter per request, the default) or `per-turn` (batched with
+    /// everything else a loop turn queued).
+    #[arg(long, default_value_t = DiskSubmit::Immediate)]
+    pub disk_submit: DiskSubmit,
     /// Latency over time and timed events.
     #[command(flatten)]
     pub timeline: TimelineArgs,
@@ -227,6 +233,7 @@ impl Default for LocalArgs {
             busy_poll: false,
             idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            disk_submit: DiskSubmit::Immediate,
             timeline: TimelineArgs::default(),
             json: false,
         }
@@ -264,6 +271,8 @@ pub struct LocalConfig {
     pub idle_timeout: Option<Duration>,
     /// Pool chunk size.
     pub chunk_size: usize,
+    /// When disk requests reach the kernel.
+    pub disk_submit: DiskSubmit,
     /// Latency over time and timed events, if asked for.
     pub timeline: Option<TimelineConfig>,
 }
@@ -400,6 +409,7 @@ impl LocalArgs {
             busy_poll: load.busy_poll,
             idle_timeout: load.idle_timeout,
             chunk_size: load.chunk_size,
+            disk_submit: self.disk_submit,
             timeline: load.timeline,
         })
     }

@@ -42,7 +42,7 @@ use crate::timeline::{spawn_event, EventRun, Sample};
 use crate::workload::Pattern;
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::{
-    buffer_pool, oneshot, IoBuf, IoBufMut, OneshotReceiver, OneshotSender, PoolConfig,
+    buffer_pool, oneshot, DiskSubmit, IoBuf, IoBufMut, OneshotReceiver, OneshotSender, PoolConfig,
     ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig, StatsSnapshot,
 };
 use mirrorpoint_target::nvmf::host::IoQueue;
@@ -404,6 +404,7 @@ pub(crate) fn runtime_config(
                 .idle_timeout
                 .unwrap_or(ReactorConfig::default().idle_timeout),
             busy_poll: load.busy_poll,
+            disk_submit: DiskSubmit::default(),
             pool: PoolConfig {
                 chunk_size: load.chunk_size,
                 chunk_count: chunks,
@@ -571,7 +572,8 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         BackendKind::Malloc => None,
     };
     let load = config.load();
-    let rt_config = runtime_config(&load, load.qd, 0);
+    let mut rt_config = runtime_config(&load, load.qd, 0);
+    rt_config.reactor.disk_submit = config.disk_submit;
     let idle_timeout = rt_config.reactor.idle_timeout;
     let mut runtime = start_runtime(rt_config)?;
     let handles = runtime.handles().to_vec();
@@ -605,6 +607,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         block_size,
         o_direct,
         idle_timeout,
+        disk_submit: Some(config.disk_submit),
         measured: config.time,
         cpu: measured.cpu,
         windows: measured.windows,

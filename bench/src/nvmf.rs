@@ -136,6 +136,7 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         block_size: block as u32,
         o_direct: None,
         idle_timeout,
+        disk_submit: None,
         measured: load.time,
         cpu: measured.cpu,
         windows: measured.windows,

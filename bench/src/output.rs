@@ -64,6 +64,10 @@ pub fn table(report: &Report) -> String {
     } else {
         format!(", idle timeout {} us", report.idle_timeout_us)
     };
+    let idle = match &report.disk_submit {
+        Some(d) => format!("{idle}, disk submit {d}"),
+        None => idle,
+    };
     if let Some(n) = &report.nvmf {
         let _ = writeln!(
             out,
@@ -181,8 +185,15 @@ pub fn table(report: &Report) -> String {
     for r in &report.reactors {
         let _ = writeln!(
             out,
-            "reactor {} (cpu {}): busy {:.1}%, {} I/Os, {} ring ops submitted, {} completed, {} sleeps",
-            r.reactor, r.cpu, r.busy_pct, r.ops, r.ios_submitted, r.ios_completed, r.sleeps
+            "reactor {} (cpu {}): busy {:.1}%, {} I/Os, {} ring ops submitted in {} submit calls, {} completed, {} sleeps",
+            r.reactor,
+            r.cpu,
+            r.busy_pct,
+            r.ops,
+            r.ios_submitted,
+            r.submit_calls,
+            r.ios_completed,
+            r.sleeps
         );
     }
     out

@@ -120,6 +120,9 @@ pub struct ReactorUsage {
     pub ios_submitted: u64,
     /// Operations its ring completed.
     pub ios_completed: u64,
+    /// `io_uring_enter` calls that submitted (fio's equivalent: its
+    /// submit calls, one per I/O with the default `iodepth_batch`).
+    pub submit_calls: u64,
     /// Times it blocked in the ring.
     pub sleeps: u64,
     /// Measured I/Os its tasks did.
@@ -168,6 +171,10 @@ pub struct Report {
     pub busy_poll: bool,
     /// Microseconds a reactor spun without work before blocking.
     pub idle_timeout_us: u64,
+    /// When the bench's reactors handed disk requests to the kernel
+    /// (`local` only: over NVMe/TCP the disk is the target's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_submit: Option<String>,
     /// Warm-up seconds (not measured).
     pub ramp_s: f64,
     /// Measured seconds.
@@ -301,6 +308,8 @@ pub struct RunFacts {
     pub o_direct: Option<bool>,
     /// The reactors' idle timeout.
     pub idle_timeout: Duration,
+    /// The reactors' disk submission policy, when they did disk I/O.
+    pub disk_submit: Option<mirrorpoint_poller::DiskSubmit>,
     /// The measured window as it really was.
     pub measured: Duration,
     /// CPU time over it.
@@ -373,6 +382,7 @@ pub fn build_report(
                 },
                 ios_submitted: w.end.ios_submitted.saturating_sub(w.start.ios_submitted),
                 ios_completed: w.end.ios_completed.saturating_sub(w.start.ios_completed),
+                submit_calls: w.end.submit_calls.saturating_sub(w.start.submit_calls),
                 sleeps: w.end.sleeps.saturating_sub(w.start.sleeps),
                 ops,
             }
@@ -392,6 +402,7 @@ pub fn build_report(
         cores: config.cores.clone(),
         busy_poll: config.busy_poll,
         idle_timeout_us: facts.idle_timeout.as_micros() as u64,
+        disk_submit: facts.disk_submit.map(|d| d.to_string()),
         ramp_s: config.ramp.as_secs_f64(),
         time_s: secs,
         ops,

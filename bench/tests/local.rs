@@ -195,6 +195,7 @@ fn binary_json_has_every_field() {
         "busy_pct",
         "ios_submitted",
         "ios_completed",
+        "submit_calls",
         "sleeps",
         "ops",
     ] {

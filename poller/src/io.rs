@@ -4,7 +4,7 @@
 //! a free slot.
 
 use crate::buffer::{IoBuf, IoBufMut};
-use crate::op::{Op, OpKind};
+use crate::op::Op;
 use crate::reactor::with_core;
 use io_uring::{opcode, types};
 use std::io;
@@ -102,7 +102,7 @@ impl ReactorFile {
             (Target::Fd(f), false) => opcode::Read::new(f, ptr, len).offset(offset).build(),
         };
         // SAFETY: the entry points into buf's chunk, which the op owns until completion.
-        let op = unsafe { Op::submit(entry, OpKind::Data, (buf, self.keep_alive())) };
+        let op = unsafe { Op::submit_disk(entry, (buf, self.keep_alive())) };
         let (c, (buf, _fd)) = op.await;
         (c.into_io(), buf)
     }
@@ -180,7 +180,7 @@ impl ReactorFile {
                 .build(),
         };
         // SAFETY: the entry points into buf's chunk, which the op owns until completion.
-        let op = unsafe { Op::submit(entry, OpKind::Data, (buf, self.keep_alive())) };
+        let op = unsafe { Op::submit_disk(entry, (buf, self.keep_alive())) };
         let (c, (buf, _fd)) = op.await;
         (c.into_io(), buf)
     }
@@ -197,7 +197,7 @@ impl ReactorFile {
             Target::Fd(f) => opcode::Fsync::new(f).flags(flags).build(),
         };
         // SAFETY: fsync carries no pointers.
-        let op = unsafe { Op::submit(entry, OpKind::Data, self.keep_alive()) };
+        let op = unsafe { Op::submit_disk(entry, self.keep_alive()) };
         op.await.0.into_io().map(|_| ())
     }
 
@@ -214,7 +214,7 @@ impl ReactorFile {
                 .build(),
         };
         // SAFETY: fallocate carries no pointers.
-        let op = unsafe { Op::submit(entry, OpKind::Data, self.keep_alive()) };
+        let op = unsafe { Op::submit_disk(entry, self.keep_alive()) };
         op.await.0.into_io().map(|_| ())
     }
 }

@@ -20,8 +20,8 @@ pub use buffer::{BufferPool, IoBuf, IoBufMut, PoolConfig, PoolError};
 pub use io::ReactorFile;
 pub use op::{Completion, Op, OpKind};
 pub use reactor::{
-    buffer_pool, current_index, on_reactor, sleep, sleep_until, spawn, yield_now, ReactorConfig,
-    ReactorError, Sleep, Task,
+    buffer_pool, current_index, current_stats, on_reactor, sleep, sleep_until, spawn, yield_now,
+    DiskSubmit, ReactorConfig, ReactorError, Sleep, Task,
 };
 pub use runtime::{ReactorHandle, Runtime, RuntimeConfig};
 pub use stats::StatsSnapshot;

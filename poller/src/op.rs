@@ -234,6 +234,29 @@ impl<R: 'static> Op<R> {
         }
     }
 
+    /// [`submit`](Self::submit) for a disk request (file read, write, sync,
+    /// fallocate): queued the same way, then handed to the kernel at once
+    /// or at the end of the turn as the reactor's `DiskSubmit` says.
+    ///
+    /// # Safety
+    /// As for [`submit`](Self::submit).
+    ///
+    /// # Panics
+    /// Outside a reactor thread.
+    pub unsafe fn submit_disk(entry: io_uring::squeue::Entry, resources: R) -> Op<R> {
+        let index = reactor::with_core(|core| {
+            // SAFETY: forwarded from this function's contract.
+            let index = unsafe { core.submit_entry(entry, OpKind::Data) };
+            core.disk_request_queued();
+            index
+        });
+        Op {
+            index,
+            resources: Some(resources),
+            on_orphaned_result: None,
+        }
+    }
+
     /// Runs `f` with the CQE result if this future is dropped before the op
     /// completes: for ops whose result is itself a resource (an accepted
     /// socket, an opened file) that would otherwise leak.

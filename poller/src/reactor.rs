@@ -10,7 +10,10 @@
 //! posts it to the reactor's lock-free inbox and rings the doorbell.
 //!
 //! Each loop turn reaps completions, drains the inbox, fires timers, runs
-//! ready tasks, and submits the new SQEs with one `io_uring_enter`. While
+//! ready tasks, and submits the new SQEs with one `io_uring_enter`. Disk
+//! requests are the exception by default ([`DiskSubmit`]): each enters the
+//! ring as soon as it is queued, so the device starts on it while the turn
+//! goes on running tasks, as fio does with its default `iodepth_batch=1`. While
 //! turns find work, the reactor spins; after `idle_timeout` without work it
 //! blocks in the ring until a completion, a doorbell ring or the next timer
 //! (unless `busy_poll` is set, for lab benchmarks).
@@ -55,6 +58,8 @@ pub struct ReactorConfig {
     pub idle_timeout: Duration,
     /// Never block: spin always (lab benchmarks).
     pub busy_poll: bool,
+    /// When disk requests (file reads, writes, syncs) reach the kernel.
+    pub disk_submit: DiskSubmit,
     /// The buffer pool each reactor registers with its ring.
     pub pool: PoolConfig,
 }
@@ -65,8 +70,50 @@ impl Default for ReactorConfig {
             ring_entries: 1024,
             idle_timeout: Duration::from_micros(50),
             busy_poll: false,
+            disk_submit: DiskSubmit::default(),
             pool: PoolConfig::default(),
         }
+    }
+}
+
+/// When a reactor hands disk requests to the kernel.
+///
+/// Measured on a virtio disk at QD 32 (BENCHMARKS.md, bench v0): batching
+/// disk requests with everything else a turn queued cost 10–35% of the
+/// IOPS against submitting each one at once, because the device sat idle
+/// for part of every turn while later tasks ran. Sockets stay batched: a
+/// network op gains nothing from an early start, and its syscall is the
+/// per-I/O cost the front ends are measured on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskSubmit {
+    /// One `io_uring_enter` per disk request, right when it is queued (it
+    /// also carries whatever else is queued by then).
+    #[default]
+    Immediate,
+    /// Disk requests wait for the end of the loop turn, with the rest.
+    PerTurn,
+}
+
+impl std::str::FromStr for DiskSubmit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "immediate" => Ok(DiskSubmit::Immediate),
+            "per-turn" => Ok(DiskSubmit::PerTurn),
+            other => Err(format!(
+                "unknown disk submission policy '{other}' (expected 'immediate' or 'per-turn')"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskSubmit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskSubmit::Immediate => "immediate",
+            DiskSubmit::PerTurn => "per-turn",
+        })
     }
 }
 
@@ -211,6 +258,17 @@ pub fn current_index() -> Option<usize> {
     try_with_core(|c| c.index)
 }
 
+/// The current reactor's counters, exact as of now (a [`ReactorHandle`]
+/// reads the copy published about once a millisecond).
+///
+/// [`ReactorHandle`]: crate::ReactorHandle
+///
+/// # Panics
+/// Off a reactor thread.
+pub fn current_stats() -> crate::StatsSnapshot {
+    with_core(|c| c.stats.borrow().snapshot())
+}
+
 /// The current reactor's buffer pool.
 ///
 /// # Panics
@@ -284,6 +342,7 @@ impl Core {
             return Ok(());
         }
         let _ = ring.submit();
+        self.stats.borrow_mut().submit_calls += 1;
         self.unsubmitted.set(0);
         // SAFETY: as above.
         let second = unsafe { ring.submission().push(entry) };
@@ -291,6 +350,15 @@ impl Core {
             self.unsubmitted.set(1);
         }
         second.map_err(|_| ())
+    }
+
+    /// Called right after a disk request was queued: enters the ring now
+    /// when the policy says disk requests must not wait for the turn's end.
+    pub(crate) fn disk_request_queued(&self) {
+        if self.config.disk_submit != DiskSubmit::Immediate || self.unsubmitted.get() == 0 {
+            return;
+        }
+        self.flush_submissions();
     }
 
     /// Registers `fd` in a fixed-file slot of this ring.
@@ -398,6 +466,9 @@ impl Core {
         // completions waiting to be posted (COOP_TASKRUN + TASKRUN_FLAG).
         if self.unsubmitted.get() == 0 && !ring.submission().taskrun() {
             return;
+        }
+        if self.unsubmitted.get() > 0 {
+            self.stats.borrow_mut().submit_calls += 1;
         }
         self.unsubmitted.set(0);
         {

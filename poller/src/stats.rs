@@ -1,5 +1,5 @@
 //! Per-reactor counters: busy and idle time, I/Os submitted and completed,
-//! tasks run, times blocked. The reactor keeps them in plain fields and
+//! `io_uring_enter` calls that submitted, tasks run, times blocked. The reactor keeps them in plain fields and
 //! publishes them to atomics about once a millisecond, so reading them over
 //! RPC costs the data path nothing.
 
@@ -13,11 +13,24 @@ pub(crate) struct LocalStats {
     pub idle: Duration,
     pub ios_submitted: u64,
     pub ios_completed: u64,
+    pub submit_calls: u64,
     pub tasks_run: u64,
     pub sleeps: u64,
 }
 
 impl LocalStats {
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            busy_ns: self.busy.as_nanos() as u64,
+            idle_ns: self.idle.as_nanos() as u64,
+            ios_submitted: self.ios_submitted,
+            ios_completed: self.ios_completed,
+            submit_calls: self.submit_calls,
+            tasks_run: self.tasks_run,
+            sleeps: self.sleeps,
+        }
+    }
+
     pub(crate) fn publish(&self, to: &ReactorStats) {
         to.busy_ns
             .store(self.busy.as_nanos() as u64, Ordering::Relaxed);
@@ -27,6 +40,7 @@ impl LocalStats {
             .store(self.ios_submitted, Ordering::Relaxed);
         to.ios_completed
             .store(self.ios_completed, Ordering::Relaxed);
+        to.submit_calls.store(self.submit_calls, Ordering::Relaxed);
         to.tasks_run.store(self.tasks_run, Ordering::Relaxed);
         to.sleeps.store(self.sleeps, Ordering::Relaxed);
     }
@@ -39,6 +53,7 @@ pub(crate) struct ReactorStats {
     idle_ns: AtomicU64,
     ios_submitted: AtomicU64,
     ios_completed: AtomicU64,
+    submit_calls: AtomicU64,
     tasks_run: AtomicU64,
     sleeps: AtomicU64,
 }
@@ -50,6 +65,7 @@ impl ReactorStats {
             idle_ns: self.idle_ns.load(Ordering::Relaxed),
             ios_submitted: self.ios_submitted.load(Ordering::Relaxed),
             ios_completed: self.ios_completed.load(Ordering::Relaxed),
+            submit_calls: self.submit_calls.load(Ordering::Relaxed),
             tasks_run: self.tasks_run.load(Ordering::Relaxed),
             sleeps: self.sleeps.load(Ordering::Relaxed),
         }
@@ -67,6 +83,9 @@ pub struct StatsSnapshot {
     pub ios_submitted: u64,
     /// Operations completed by the ring.
     pub ios_completed: u64,
+    /// `io_uring_enter` calls that submitted new requests (not those that
+    /// only waited or ran deferred completions), against `ios_submitted`.
+    pub submit_calls: u64,
     /// Task polls.
     pub tasks_run: u64,
     /// Times the reactor blocked in the ring.

@@ -2,10 +2,11 @@
 //! timers, cross-core messages, sleeping and waking, shutdown.
 
 use mirrorpoint_poller::{
-    buffer_pool, sleep, spawn, yield_now, Op, OpKind, PoolConfig, ReactorConfig, ReactorFile,
-    Runtime, RuntimeConfig,
+    buffer_pool, sleep, spawn, yield_now, DiskSubmit, Op, OpKind, PoolConfig, ReactorConfig,
+    ReactorFile, Runtime, RuntimeConfig,
 };
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,6 +230,66 @@ fn busy_poll_reactor_never_sleeps_and_counts_io() {
     assert!(stats.busy_ns > 0 && stats.idle_ns > 0);
     rt.shutdown();
     std::fs::remove_file(path).ok();
+}
+
+/// Sixteen writes queued in one loop turn: with `DiskSubmit::Immediate`
+/// each enters the ring on its own (the device starts on the first while
+/// the others are still being queued); with `PerTurn` the turn submits
+/// them together.
+#[test]
+fn disk_requests_enter_the_ring_at_once_unless_batched_per_turn() {
+    const WRITES: u64 = 16;
+    for policy in [DiskSubmit::Immediate, DiskSubmit::PerTurn] {
+        let mut rt = Runtime::start(RuntimeConfig {
+            cores: vec![0],
+            reactor: ReactorConfig {
+                disk_submit: policy,
+                pool: PoolConfig {
+                    chunk_size: 4096,
+                    chunk_count: 32,
+                    huge_pages: false,
+                },
+                ..ReactorConfig::default()
+            },
+            pin: false,
+        })
+        .expect("runtime");
+        let (path, fd) = temp_file(&format!("submit-{policy}"), WRITES * 4096);
+        let (before, after) = rt.handles()[0]
+            .block_on(move || async move {
+                let file = Rc::new(ReactorFile::new(fd));
+                let before = mirrorpoint_poller::current_stats();
+                let tasks: Vec<_> = (0..WRITES)
+                    .map(|i| {
+                        let file = file.clone();
+                        spawn(async move {
+                            let buf = buffer_pool().alloc(4096).expect("chunk").freeze();
+                            file.write_all_at(buf, i * 4096).await.0.expect("write");
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+                (before, mirrorpoint_poller::current_stats())
+            })
+            .expect("done");
+        let submitted = after.ios_submitted - before.ios_submitted;
+        let calls = after.submit_calls - before.submit_calls;
+        assert!(submitted >= WRITES, "{policy}: {submitted} ops submitted");
+        match policy {
+            DiskSubmit::Immediate => assert!(
+                calls >= WRITES,
+                "immediate: {calls} submit calls for {WRITES} writes"
+            ),
+            DiskSubmit::PerTurn => assert!(
+                calls <= WRITES / 4,
+                "per-turn: {calls} submit calls for {WRITES} writes queued in one turn"
+            ),
+        }
+        rt.shutdown();
+        std::fs::remove_file(path).ok();
+    }
 }
 
 /// A task parked on an op that never completes by itself (a read from an

@@ -2,7 +2,7 @@
 //! running one over its admin socket.
 
 use clap::{Parser, Subcommand};
-use mirrorpoint_poller::PoolConfig;
+use mirrorpoint_poller::{DiskSubmit, PoolConfig};
 use mirrorpoint_target::daemon::{Daemon, DaemonOptions, DEFAULT_DATA_DIR};
 use mirrorpoint_target::rpc::{ClientError, RpcClient, DEFAULT_SOCKET_PATH};
 use std::path::PathBuf;
@@ -48,6 +48,11 @@ struct ServeArgs {
     /// Spin this many microseconds without work before blocking.
     #[arg(long, default_value_t = 50)]
     idle_timeout_us: u64,
+    /// When reactors hand disk requests to the kernel: `immediate` (one
+    /// io_uring_enter each, as soon as queued) or `per-turn` (batched with
+    /// the loop turn's other submissions).
+    #[arg(long, default_value_t = DiskSubmit::Immediate)]
+    disk_submit: DiskSubmit,
     /// Bytes per buffer-pool chunk (largest single I/O), multiple of 4096.
     #[arg(long, default_value_t = 128 * 1024)]
     buffer_size: usize,
@@ -181,6 +186,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         busy_poll: args.busy_poll,
         idle_timeout: Duration::from_micros(args.idle_timeout_us),
+        disk_submit: args.disk_submit,
         pool: PoolConfig {
             chunk_size: args.buffer_size,
             chunk_count: args.buffers,

@@ -223,6 +223,7 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
                     "busy_percent": (busy_pct * 100.0).round() / 100.0,
                     "ios_submitted": st.ios_submitted,
                     "ios_completed": st.ios_completed,
+                    "submit_calls": st.submit_calls,
                     "tasks_run": st.tasks_run,
                     "sleeps": st.sleeps,
                 })
@@ -231,6 +232,7 @@ pub fn register(methods: &MethodRegistry, state: &Arc<DaemonState>) -> Result<()
         Ok(json!({
             "busy_poll": s.options.busy_poll,
             "idle_timeout_us": s.options.idle_timeout.as_micros() as u64,
+            "disk_submit": s.options.disk_submit.to_string(),
             "reactors": reactors,
         }))
     })?;

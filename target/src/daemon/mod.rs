@@ -17,7 +17,7 @@ use crate::volume::registry::UringParams;
 use crate::volume::{VolumeRegistry, VolumeSpec};
 use config::{ConfigError, ConfigFile};
 use mirrorpoint_poller::{
-    PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
+    DiskSubmit, PoolConfig, ReactorConfig, ReactorError, ReactorHandle, Runtime, RuntimeConfig,
 };
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -52,6 +52,8 @@ pub struct DaemonOptions {
     pub busy_poll: bool,
     /// Spin this long without work before blocking.
     pub idle_timeout: Duration,
+    /// When disk requests reach the kernel.
+    pub disk_submit: DiskSubmit,
     /// Buffer pool per reactor.
     pub pool: PoolConfig,
     /// Pin reactor threads to their CPUs.
@@ -71,6 +73,7 @@ impl Default for DaemonOptions {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             busy_poll: false,
             idle_timeout: ReactorConfig::default().idle_timeout,
+            disk_submit: DiskSubmit::default(),
             pool: PoolConfig::default(),
             pin: true,
             iscsi_listen: DEFAULT_ISCSI_LISTEN.to_string(),
@@ -134,6 +137,7 @@ impl Daemon {
             reactor: ReactorConfig {
                 busy_poll: options.busy_poll,
                 idle_timeout: options.idle_timeout,
+                disk_submit: options.disk_submit,
                 pool: options.pool,
                 ..ReactorConfig::default()
             },

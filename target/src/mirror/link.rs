@@ -5,8 +5,9 @@
 //! A frame is received in three steps straight into pool memory: the 32-byte
 //! fixed header, the message header, then the payload into a pool chunk of
 //! its own, so a replicated write's data lands in memory once and is written
-//! to the leg's device from there. A frame is sent as one `sendmsg`: the
-//! encoded headers (copied, small) and the payload as shared pool chunks.
+//! to the leg's device from there. Frames are sent through the link's
+//! [`SendQueue`]: the encoded headers (copied, small) and the payload as
+//! shared pool chunks, every frame queued meanwhile in the same `sendmsg`.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -17,8 +18,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mirrorpoint_poller::{buffer_pool, sleep, IoBuf, IoBufMut, LocalSemaphore};
+use mirrorpoint_poller::{buffer_pool, sleep, IoBuf, IoBufMut};
 use mirrorpoint_transport::TcpStream;
+
+use super::sendq::SendQueue;
 
 use super::wire::{
     Acceptor, Decoded, Established, Framer, HandshakeConfig, HandshakeError, Initiator, Message,
@@ -127,9 +130,9 @@ impl RawFrame {
 
 /// One site-to-site connection on the current reactor.
 pub struct Conn {
-    stream: TcpStream,
+    stream: std::rc::Rc<TcpStream>,
     framer: Cell<Framer>,
-    send_lock: LocalSemaphore,
+    tx: SendQueue,
     rx: std::cell::RefCell<RxBuf>,
     batched: Cell<bool>,
     head_buf: Cell<Option<IoBufMut>>,
@@ -138,12 +141,16 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Wraps a connected stream.
+    /// Wraps a connected stream and starts its writer task.
+    ///
+    /// # Panics
+    /// Off a reactor thread.
     pub fn new(stream: TcpStream) -> Conn {
+        let stream = std::rc::Rc::new(stream);
         Conn {
+            tx: SendQueue::new(&stream),
             stream,
             framer: Cell::new(Framer::default()),
-            send_lock: LocalSemaphore::new(1),
             rx: std::cell::RefCell::new(RxBuf::default()),
             batched: Cell::new(false),
             head_buf: Cell::new(None),
@@ -181,7 +188,9 @@ impl Conn {
     }
 
     /// Sends one message; `payload` replaces the message's bulk data on the
-    /// wire (same bytes, sent from the pool chunks without a copy).
+    /// wire (same bytes, sent from the pool chunks without a copy). Returns
+    /// once the frame is in the kernel. Dropping the future does not take
+    /// the frame back: it is queued whole before the first await.
     pub async fn send(
         &self,
         tag: RequestTag,
@@ -189,16 +198,31 @@ impl Conn {
         payload: &[IoBuf],
     ) -> Result<(), LinkError> {
         let framer = self.framer.get();
-        let mut head = vec![0u8; msg.encoded_head_len()];
-        let enc = msg.encode(&framer, tag, &mut head)?;
-        head.truncate(enc.len);
-        let _permit = self.send_lock.acquire().await;
-        if payload.is_empty() && !enc.trailer.is_empty() {
-            head.extend_from_slice(enc.trailer);
-            self.stream.send_vectored_all(&head, &[]).await?;
-        } else {
-            self.stream.send_vectored_all(&head, payload).await?;
-        }
+        let head_len = msg.encoded_head_len();
+        let n = self.tx.queue(|list| -> Result<(), LinkError> {
+            list.append_with(|v| {
+                let start = v.len();
+                v.resize(start + head_len, 0);
+                match msg.encode(&framer, tag, &mut v[start..]) {
+                    Ok(enc) => {
+                        v.truncate(start + enc.len);
+                        if payload.is_empty() {
+                            v.extend_from_slice(enc.trailer);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        v.truncate(start);
+                        Err(LinkError::Wire(e))
+                    }
+                }
+            })?;
+            for p in payload {
+                list.push_chunk(p.clone());
+            }
+            Ok(())
+        })?;
+        self.tx.sent(n).await?;
         Ok(())
     }
 
@@ -468,7 +492,11 @@ impl Conn {
     /// Gives the socket back as a std stream (to serve it off the reactors),
     /// or `None` if an operation still holds it.
     pub fn into_std(self) -> Option<std::net::TcpStream> {
-        self.stream.into_std().ok()
+        let stream = self.stream.clone();
+        // Ends the writer task; it holds the socket only while sending, and
+        // every send this connection made has completed by now.
+        drop(self);
+        std::rc::Rc::try_unwrap(stream).ok()?.into_std().ok()
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`overlap`]: serialises overlapping writes across cores;
 //! - [`meta`]: dirty bitmaps, activity log, generations, on disk;
 //! - [`link`]: frames and handshakes over reactor sockets;
+//! - [`sendq`]: a link's send queue (many frames per `sendmsg`);
 //! - [`engine`]: the mirrored volume, its legs, resync;
 //! - [`legset`]: the versioned leg slots (legs added and removed online);
 //! - [`legops`]: `mirror_add_leg`, `mirror_remove_leg`, auto-replacement;
@@ -25,6 +26,7 @@ pub mod legset;
 pub mod link;
 pub mod meta;
 pub mod overlap;
+pub(crate) mod sendq;
 pub mod sequencer;
 pub mod service;
 pub mod split;

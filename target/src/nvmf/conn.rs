@@ -37,7 +37,7 @@
 //!   connection tears its controller down (and with it the controller's I/O
 //!   queues on other cores, via their sockets).
 
-use super::controller::{shutdown_fd, AdminOutcome, Controller};
+use super::controller::{shutdown_fd, AdminOutcome, AerEnd, Controller};
 use super::io::{alloc_wait, execute, NsChannel};
 use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
 use super::qpair::{Event, QpairConfig, QueuePair};
@@ -1070,18 +1070,19 @@ async fn keep_alive_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
 async fn aen_task(conn: Rc<Conn>, ctrl: Arc<Controller>) {
     struct Next<'a>(&'a Controller);
     impl Future for Next<'_> {
-        type Output = Option<(CommandId, u32)>;
+        type Output = Option<(CommandId, AerEnd)>;
         fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
             self.0.poll_event(cx)
         }
     }
-    while let Some((cid, dw0)) = Next(&ctrl).await {
-        conn.respond(
-            Cqe {
+    while let Some((cid, end)) = Next(&ctrl).await {
+        let cqe = match end {
+            AerEnd::Event(dw0) => Cqe {
                 dw0,
                 ..Cqe::new(cid, Status::SUCCESS)
             },
-            true,
-        );
+            AerEnd::Aborted => Cqe::new(cid, Status::ABORT_REQUESTED),
+        };
+        conn.respond(cqe, true);
     }
 }

@@ -92,6 +92,15 @@ pub struct IoStats {
     pub bytes_written: AtomicU64,
 }
 
+/// How a held Asynchronous Event Request ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AerEnd {
+    /// An event: the completion's DW0.
+    Event(u32),
+    /// Taken back by an Abort command: completes with Command Abort Requested.
+    Aborted,
+}
+
 struct State {
     cc: Cc,
     csts: Csts,
@@ -100,6 +109,8 @@ struct State {
     io_queues: u16,
     io_qids: BTreeSet<u16>,
     aer_cids: VecDeque<super::spec::CommandId>,
+    /// Held AERs an Abort command took back, to complete as aborted.
+    aborted_aers: VecDeque<super::spec::CommandId>,
     events: VecDeque<u32>,
     changed_ns: BTreeSet<u32>,
     ns_notice_masked: bool,
@@ -190,6 +201,7 @@ impl Controller {
                 io_queues: limits.max_io_queues,
                 io_qids: BTreeSet::new(),
                 aer_cids: VecDeque::new(),
+                aborted_aers: VecDeque::new(),
                 events: VecDeque::new(),
                 changed_ns: BTreeSet::new(),
                 ns_notice_masked: false,
@@ -352,16 +364,22 @@ impl Controller {
     }
 
     /// Polls for an Asynchronous Event Request to complete: `Some((cid,
-    /// dw0))` when an event meets a held request, `None` once the controller
-    /// is dead (stop polling).
-    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<(super::spec::CommandId, u32)>> {
+    /// end))` when an event meets a held request or an Abort took one back,
+    /// `None` once the controller is dead (stop polling).
+    pub fn poll_event(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(super::spec::CommandId, AerEnd)>> {
         if self.is_dead() {
             return Poll::Ready(None);
         }
         let mut st = lock(&self.state);
+        if let Some(cid) = st.aborted_aers.pop_front() {
+            return Poll::Ready(Some((cid, AerEnd::Aborted)));
+        }
         if !st.aer_cids.is_empty() && !st.events.is_empty() {
             if let (Some(cid), Some(ev)) = (st.aer_cids.pop_front(), st.events.pop_front()) {
-                return Poll::Ready(Some((cid, ev)));
+                return Poll::Ready(Some((cid, AerEnd::Event(ev))));
             }
         }
         st.waker = Some(cx.waker().clone());
@@ -736,9 +754,32 @@ impl Controller {
                 AdminOutcome::Held
             }
             Some(AdminOpcode::Abort) => {
-                // Commands run to completion quickly here; report "not aborted" (DW0 bit 0).
+                // CDW10: SQID in bits 15:0, CID in bits 31:16. A held AER
+                // (admin queue) is taken back and completes as aborted; an
+                // I/O command is already on its volume and runs to
+                // completion, so it is "not aborted" (DW0 bit 0), which the
+                // specification allows for any command.
+                let sqid = (sqe.cdw10_plus(0) & 0xffff) as u16;
+                let cid = super::spec::CommandId((sqe.cdw10_plus(0) >> 16) as u16);
+                let waker = if sqid == 0 {
+                    let mut st = lock(&self.state);
+                    match st.aer_cids.iter().position(|&c| c == cid) {
+                        Some(i) => {
+                            st.aer_cids.remove(i);
+                            st.aborted_aers.push_back(cid);
+                            Some(st.waker.take())
+                        }
+                        None => None,
+                    }
+                } else {
+                    None
+                };
+                let aborted = waker.is_some();
+                if let Some(Some(w)) = waker {
+                    w.wake();
+                }
                 done(Cqe {
-                    dw0: 1,
+                    dw0: u32::from(!aborted),
                     ..Cqe::new(sqe.cid, Status::SUCCESS)
                 })
             }
@@ -989,7 +1030,7 @@ mod tests {
         assert!(c.poll_event(&mut cx).is_pending());
         sub.remove_namespace(1).expect("remove");
         match c.poll_event(&mut cx) {
-            Poll::Ready(Some((cid, dw0))) => {
+            Poll::Ready(Some((cid, AerEnd::Event(dw0)))) => {
                 assert_eq!(cid, CommandId(9));
                 assert_eq!(dw0, 2 | (4 << 16));
             }
@@ -1029,13 +1070,31 @@ mod tests {
             0,
         ));
         assert_eq!(r.status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.with_dnr());
-        // Abort answers "not aborted"; unknown opcode refused.
+        // Abort of an I/O command answers "not aborted"; of a held AER, it
+        // takes the AER back, which then completes as aborted.
         let (r, _) = cqe(c.execute_admin(
-            &admin(AdminOpcode::Abort, 5, 0, [9 << 16, 0, 0, 0, 0, 0]),
+            &admin(AdminOpcode::Abort, 5, 0, [9 << 16 | 1, 0, 0, 0, 0, 0]),
             &[],
             0,
         ));
         assert_eq!((r.status, r.dw0), (Status::SUCCESS, 1));
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Abort, 5, 0, [21 << 16, 0, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
+        assert_eq!((r.status, r.dw0), (Status::SUCCESS, 0), "AER 21 aborted");
+        assert_eq!(
+            c.poll_event(&mut cx),
+            Poll::Ready(Some((CommandId(21), AerEnd::Aborted)))
+        );
+        let (r, _) = cqe(c.execute_admin(
+            &admin(AdminOpcode::Abort, 5, 0, [21 << 16, 0, 0, 0, 0, 0]),
+            &[],
+            0,
+        ));
+        assert_eq!(r.dw0, 1, "an AER is aborted once");
+        assert!(c.poll_event(&mut cx).is_pending());
         let mut bad = admin(AdminOpcode::Abort, 6, 0, [0; 6]);
         bad.opcode = 0x55;
         let (r, _) = cqe(c.execute_admin(&bad, &[], 0));
@@ -1119,7 +1178,10 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert_eq!(
             c.poll_event(&mut cx),
-            Poll::Ready(Some((CommandId(9), 2 | (0xf0 << 8) | (0x70 << 16))))
+            Poll::Ready(Some((
+                CommandId(9),
+                AerEnd::Event(2 | (0xf0 << 8) | (0x70 << 16))
+            )))
         );
         assert_eq!(
             c.execute_admin(
