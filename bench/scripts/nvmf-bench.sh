@@ -5,13 +5,18 @@
 # pinned to another CPU drives it with our userspace initiator: 4k randread
 # and randwrite at QD1 and QD32 per connection, with one and with two
 # connections (I/O queues), each case --repeat times. The bench is given
-# the target's pid, so every run reports the target's CPU time per I/O
-# (from /proc/PID/stat over the measured window).
+# the target's pid and admin socket, so every run reports the target's CPU
+# per I/O two ways: process accounting (utime+stime from /proc/PID/stat over
+# the measured window, idle spin included) and the reactors' own busy time
+# (busy_ns from `framework_get_reactors`, SPDK's figure).
 #
 # Prints every command, then a markdown table: IOPS, p50/p99/p99.9 latency,
-# target CPU us per I/O and target IOPS per core-second, each as the range
-# over the repeats (min-max; one number when they agree). The target is
-# stopped with SIGTERM and must report a clean stop.
+# target CPU us per I/O (process), reactor busy us per I/O, target IOPS per
+# core-second (process), the target's share of a core and the share of the
+# window its reactor was runnable but waiting for a CPU (preempted, from
+# schedstat), each as the range over the repeats (min-max; one number when
+# they agree). The target is stopped with SIGTERM and must
+# report a clean stop.
 #
 # Usage: bench/scripts/nvmf-bench.sh [options]
 #   --time N          measured seconds per run (default 5)
@@ -132,7 +137,7 @@ for backend in $BACKENDS; do
                     cmd=("$BENCH" nvmf --addr "127.0.0.1:$port" --nqn "$nqn" --nsid "$nsid"
                         --workload "$w" --bs 4K --qd "$qd" --connections "$conns"
                         --cores "$BCPU" --time "$TIME" --ramp "$RAMP"
-                        --target-pid "$tpid" --json $BENCH_ARGS)
+                        --target-pid "$tpid" --target-rpc "$OUT/rpc.sock" --json $BENCH_ARGS)
                     echo "${cmd[*]} > $f"
                     "${cmd[@]}" >"$f"
                     files+=("$f")
@@ -150,20 +155,27 @@ def rng(vals, fmt):
     lo, hi = min(vals), max(vals)
     a, b = fmt.format(lo), fmt.format(hi)
     return a if a == b else f"{a}–{b}"
-print("| backend | workload | QD/conn | conns | IOPS | p50 µs | p99 µs | p99.9 µs | target CPU µs/IO | target IOPS/core-s | target core % |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| backend | workload | QD/conn | conns | IOPS | p50 µs | p99 µs | p99.9 µs | target CPU µs/IO (process) | reactor busy µs/IO | target IOPS/core-s (process) | target core % | reactor runnable, not running % |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for row in sys.argv[1:]:
     backend, w, qd, conns, files = row.split("|")
     rs = [json.load(open(f)) for f in files.split()]
     t = [r["target_cpu"] for r in rs]
+    b = [r["target_reactors"] for r in rs]
+    # Share of the window the target's reactor thread was preempted.
+    wait = [100 * sum(th.get("runqueue_wait_s") or 0 for th in x["threads"]
+                      if th["name"].startswith("reactor")) / r["time_s"]
+            for x, r in zip(t, rs)]
     print(f"| {backend} | {w} | {qd} | {conns} "
           f"| {rng([r['iops'] for r in rs], '{:,.0f}')} "
           f"| {rng([r['lat_us']['p50'] for r in rs], '{:.1f}')} "
           f"| {rng([r['lat_us']['p99'] for r in rs], '{:.1f}')} "
           f"| {rng([r['lat_us']['p99_9'] for r in rs], '{:.1f}')} "
           f"| {rng([x['us_per_io'] for x in t], '{:.2f}')} "
+          f"| {rng([x['busy_us_per_io'] for x in b], '{:.2f}')} "
           f"| {rng([x['iops_per_core_s'] for x in t], '{:,.0f}')} "
-          f"| {rng([x['core_pct'] for x in t], '{:.0f}')} |")
+          f"| {rng([x['core_pct'] for x in t], '{:.0f}')} "
+          f"| {rng(wait, '{:.0f}')} |")
 PY
 echo
 stop_target

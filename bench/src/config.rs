@@ -513,6 +513,11 @@ pub struct NvmfArgs {
     /// read from /proc/PID/stat (and per thread from /proc/PID/task).
     #[arg(long)]
     pub target_pid: Option<u32>,
+    /// The target's admin (JSON-RPC) socket: its reactors' own busy time
+    /// (`framework_get_reactors` busy_ns) over the measured window is
+    /// reported per I/O, beside the process accounting of `--target-pid`.
+    #[arg(long, value_name = "SOCKET")]
+    pub target_rpc: Option<std::path::PathBuf>,
     /// Latency over time and timed events.
     #[command(flatten)]
     pub timeline: TimelineArgs,
@@ -544,6 +549,7 @@ impl NvmfArgs {
             idle_timeout_us: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             target_pid: None,
+            target_rpc: None,
             timeline: TimelineArgs::default(),
             json: false,
         }
@@ -595,6 +601,11 @@ impl NvmfArgs {
                 return invalid(format!("--target-pid {pid}: no such process"));
             }
         }
+        if let Some(sock) = &self.target_rpc {
+            if !sock.exists() {
+                return invalid(format!("--target-rpc {}: no such socket", sock.display()));
+            }
+        }
         Ok(NvmfConfig {
             addr,
             nqn: self.nqn.clone(),
@@ -605,6 +616,7 @@ impl NvmfArgs {
             data_digest: self.data_digest,
             no_sq_flow_control: self.no_sq_flow_control,
             target_pid: self.target_pid,
+            target_rpc: self.target_rpc.clone(),
             load,
         })
     }
@@ -631,6 +643,8 @@ pub struct NvmfConfig {
     pub no_sq_flow_control: bool,
     /// Target process whose CPU time is measured.
     pub target_pid: Option<u32>,
+    /// Target admin socket whose reactor counters are read.
+    pub target_rpc: Option<std::path::PathBuf>,
     /// The load (`qd` is per connection).
     pub load: LoadConfig,
 }

@@ -37,7 +37,7 @@ use crate::error::{BenchError, IoFailure};
 use crate::results::{
     build_report, new_histogram, CoreResult, CpuTimes, ReactorWindow, Report, RunFacts,
 };
-use crate::targetcpu::{ProcSample, TargetCpu};
+use crate::targetcpu::{ProcSample, TargetCpu, TargetReactor, TargetRpc};
 use crate::timeline::{spawn_event, EventRun, Sample};
 use crate::workload::Pattern;
 use hdrhistogram::Histogram;
@@ -442,6 +442,9 @@ pub(crate) struct Measured {
     pub(crate) windows: Vec<ReactorWindow>,
     /// The target's CPU time over the window, if a pid was given.
     pub(crate) target: Option<TargetCpu>,
+    /// The target's reactors over the window, by their own accounting, if
+    /// its admin socket was given.
+    pub(crate) target_reactors: Option<Vec<TargetReactor>>,
     /// The timeline's events, as they ran.
     pub(crate) events: Vec<EventRun>,
 }
@@ -454,6 +457,7 @@ pub(crate) fn drive<F>(
     handles: &[ReactorHandle],
     load: &LoadConfig,
     target_pid: Option<u32>,
+    mut target_rpc: Option<&mut TargetRpc>,
     mut spawn_core: F,
 ) -> Result<Measured, BenchError>
 where
@@ -507,10 +511,12 @@ where
 
     sleep_until(window.measure_from);
     let target0 = target_pid.map(ProcSample::take).transpose();
+    let reactors0 = target_rpc.as_mut().map(|t| t.sample()).transpose();
     let cpu0 = CpuTimes::now();
     let stats0: Vec<StatsSnapshot> = handles.iter().map(|h| h.stats()).collect();
     sleep_until(window.end);
     let target1 = target_pid.map(ProcSample::take).transpose();
+    let reactors1 = target_rpc.as_mut().map(|t| t.sample()).transpose();
     let cpu1 = CpuTimes::now();
     let stats1: Vec<StatsSnapshot> = handles.iter().map(|h| h.stats()).collect();
 
@@ -543,6 +549,10 @@ where
         (Some(a), Some(b)) => Some(b.since(&a)),
         _ => None,
     };
+    let target_reactors = match (reactors0?, reactors1?) {
+        (Some(a), Some(b)) => Some(b.since(&a)),
+        _ => None,
+    };
     Ok(Measured {
         cores,
         cpu: cpu1.since(cpu0),
@@ -557,6 +567,7 @@ where
             })
             .collect(),
         target,
+        target_reactors,
         events: runs,
     })
 }
@@ -583,7 +594,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
         tasks_total: (cores * load.qd) as u64,
         yield_each_io: config.backend == BackendKind::Malloc,
     };
-    let measured = drive(&handles, &load, None, |h, ready, go| {
+    let measured = drive(&handles, &load, None, None, |h, ready, go| {
         let core = h.index();
         let volume = volume.clone();
         let load = load.clone();

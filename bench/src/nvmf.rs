@@ -10,12 +10,17 @@
 //!
 //! With `--target-pid`, the target's CPU time (process and threads) is
 //! sampled from `/proc` at the edges of the measured window
-//! ([`crate::targetcpu`]) and reported per I/O.
+//! ([`crate::targetcpu`]) and reported per I/O. With `--target-rpc`, the
+//! target's reactors' own busy time (`framework_get_reactors`) is sampled
+//! at the same edges and reported per I/O too.
 
 use crate::config::NvmfConfig;
 use crate::driver::{core_main, drive, runtime_config, start_runtime, Channel, Lane, Shape};
 use crate::error::BenchError;
-use crate::results::{build_report, NvmfSession, Report, RunFacts, TargetCpuReport};
+use crate::results::{
+    build_report, NvmfSession, Report, RunFacts, TargetCpuReport, TargetReactorsReport,
+};
+use crate::targetcpu::TargetRpc;
 use mirrorpoint_poller::oneshot;
 use mirrorpoint_target::nvmf::host::{ConnectOptions, Controller, ControllerInfo, IoQueue};
 use std::rc::Rc;
@@ -32,6 +37,12 @@ struct Connected {
 
 /// Runs `mirrorpoint-bench nvmf` and returns what it measured.
 pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
+    // The target's admin socket first: a wrong path fails before any I/O.
+    let mut target_rpc = config
+        .target_rpc
+        .as_deref()
+        .map(TargetRpc::connect)
+        .transpose()?;
     let load = config.load.clone();
     let ncores = load.cores.len();
     let per_core_conns = config.connections.div_ceil(ncores);
@@ -106,29 +117,35 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         yield_each_io: false,
     };
     let (nsid, qd, connections) = (config.nsid, load.qd, config.connections);
-    let measured = drive(&handles, &load, config.target_pid, |h, ready, go| {
-        let core = h.index();
-        let info = info.clone();
-        let load = load.clone();
-        h.spawn(move || {
-            let setup = async move {
-                let mut lanes = Vec::new();
-                for qid in (1..=connections).filter(|q| (q - 1) % ncores == core) {
-                    let q = IoQueue::connect(&info, qid as u16, qd as u16)
-                        .await
-                        .map_err(|e| {
-                            BenchError::Nvmf(format!("cannot open I/O queue {qid}: {e}"))
-                        })?;
-                    lanes.push(Lane {
-                        ch: Rc::new(Channel::Nvmf { q, nsid, block }),
-                        first_task: ((qid - 1) * qd) as u64,
-                    });
-                }
-                Ok(lanes)
-            };
-            core_main(core, setup, load, shape, ready, go)
-        })
-    });
+    let measured = drive(
+        &handles,
+        &load,
+        config.target_pid,
+        target_rpc.as_mut(),
+        |h, ready, go| {
+            let core = h.index();
+            let info = info.clone();
+            let load = load.clone();
+            h.spawn(move || {
+                let setup = async move {
+                    let mut lanes = Vec::new();
+                    for qid in (1..=connections).filter(|q| (q - 1) % ncores == core) {
+                        let q = IoQueue::connect(&info, qid as u16, qd as u16)
+                            .await
+                            .map_err(|e| {
+                                BenchError::Nvmf(format!("cannot open I/O queue {qid}: {e}"))
+                            })?;
+                        lanes.push(Lane {
+                            ch: Rc::new(Channel::Nvmf { q, nsid, block }),
+                            first_task: ((qid - 1) * qd) as u64,
+                        });
+                    }
+                    Ok(lanes)
+                };
+                core_main(core, setup, load, shape, ready, go)
+            })
+        },
+    );
     stop(&mut runtime, stop_tx);
     let measured = measured?;
     let facts = RunFacts {
@@ -159,6 +176,10 @@ pub fn run_nvmf(config: &NvmfConfig) -> Result<Report, BenchError> {
         .target
         .as_ref()
         .map(|t| TargetCpuReport::new(t, report.ops, report.time_s));
+    report.target_reactors = measured
+        .target_reactors
+        .as_deref()
+        .map(|r| TargetReactorsReport::new(r, report.ops, report.time_s));
     Ok(report)
 }
 

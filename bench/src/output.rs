@@ -155,6 +155,27 @@ pub fn table(report: &Report) -> String {
                 "  thread {} ({}): user {:.2} s, sys {:.2} s, {:.2} us per I/O",
                 th.tid, th.name, th.user_s, th.sys_s, th.us_per_io
             );
+            if let (Some(run), Some(wait)) = (th.on_cpu_s, th.runqueue_wait_s) {
+                let _ = writeln!(
+                    out,
+                    "    scheduler: on a CPU {run:.3} s, runnable but waiting for one {wait:.3} s"
+                );
+            }
+        }
+    }
+    if let Some(t) = &report.target_reactors {
+        let _ = writeln!(
+            out,
+            "target reactors (own accounting, busy_ns): busy {:.2} s ({:.0}% of a core); \
+             {:.2} us busy per I/O, {:.0} IOPS per busy core-second, {:.2} ring ops per I/O",
+            t.busy_s, t.busy_core_pct, t.busy_us_per_io, t.iops_per_busy_core_s, t.ring_ops_per_io
+        );
+        for r in &t.reactors {
+            let _ = writeln!(
+                out,
+                "  reactor {} (cpu {}): busy {:.2} s, idle {:.2} s, {:.2} us busy per I/O, {} ring ops",
+                r.index, r.lcore, r.busy_s, r.idle_s, r.busy_us_per_io, r.ring_ops
+            );
         }
     }
     if let Some(t) = &report.timeline {

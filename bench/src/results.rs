@@ -9,7 +9,7 @@
 
 use crate::config::{BackendKind, LoadConfig};
 use crate::error::BenchError;
-use crate::targetcpu::TargetCpu;
+use crate::targetcpu::{TargetCpu, TargetReactor};
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::StatsSnapshot;
 use serde::Serialize;
@@ -201,6 +201,10 @@ pub struct Report {
     /// The target's CPU time over the measured window (`nvmf --target-pid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_cpu: Option<TargetCpuReport>,
+    /// The target's reactors' own busy time over the measured window
+    /// (`nvmf --target-rpc`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_reactors: Option<TargetReactorsReport>,
     /// Latency over time and the events run during the window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeline: Option<crate::timeline::TimelineReport>,
@@ -243,6 +247,12 @@ pub struct TargetThreadCpu {
     pub sys_s: f64,
     /// (user + sys) per measured I/O, in microseconds.
     pub us_per_io: f64,
+    /// Seconds on a CPU by the scheduler's clock (`schedstat`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_cpu_s: Option<f64>,
+    /// Seconds runnable but not running (preempted), from `schedstat`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runqueue_wait_s: Option<f64>,
 }
 
 /// The target's CPU time over the measured window, from `/proc/PID/stat`.
@@ -281,6 +291,8 @@ impl TargetCpuReport {
                 user_s: t.user_s,
                 sys_s: t.sys_s,
                 us_per_io: per_io(t.user_s + t.sys_s),
+                on_cpu_s: t.on_cpu_s,
+                runqueue_wait_s: t.runqueue_wait_s,
             })
             .collect();
         threads.sort_by(|a, b| (b.user_s + b.sys_s).total_cmp(&(a.user_s + a.sys_s)));
@@ -293,6 +305,69 @@ impl TargetCpuReport {
             iops_per_core_s: if total > 0.0 { ops as f64 / total } else { 0.0 },
             core_pct: 100.0 * total / secs.max(f64::MIN_POSITIVE),
             threads,
+        }
+    }
+}
+
+/// One target reactor over the window, by its own accounting.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetReactorUsage {
+    /// Reactor index.
+    pub index: u64,
+    /// CPU it is pinned to.
+    pub lcore: u64,
+    /// Seconds in loop turns that found work (`busy_ns`).
+    pub busy_s: f64,
+    /// Seconds spinning idle or blocked (`idle_ns`).
+    pub idle_s: f64,
+    /// Busy microseconds per measured I/O.
+    pub busy_us_per_io: f64,
+    /// Ring operations it submitted.
+    pub ring_ops: u64,
+}
+
+/// The target's reactors over the measured window, from its own
+/// `framework_get_reactors` counters (SPDK-style busy time: loop turns that
+/// found work; the idle spin is not counted).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetReactorsReport {
+    /// Busy seconds, all reactors.
+    pub busy_s: f64,
+    /// Busy microseconds per measured I/O, all reactors.
+    pub busy_us_per_io: f64,
+    /// Measured I/Os per busy second (IOPS per busy core).
+    pub iops_per_busy_core_s: f64,
+    /// Busy share of one core, in percent.
+    pub busy_core_pct: f64,
+    /// Ring operations submitted per measured I/O, all reactors.
+    pub ring_ops_per_io: f64,
+    /// Each reactor.
+    pub reactors: Vec<TargetReactorUsage>,
+}
+
+impl TargetReactorsReport {
+    /// The report of `reactors` for `ops` I/Os over `secs` seconds.
+    pub fn new(reactors: &[TargetReactor], ops: u64, secs: f64) -> TargetReactorsReport {
+        let per_io = |x: f64| if ops > 0 { x / ops as f64 } else { 0.0 };
+        let busy: f64 = reactors.iter().map(|r| r.busy_s).sum();
+        let ring_ops: u64 = reactors.iter().map(|r| r.ring_ops).sum();
+        TargetReactorsReport {
+            busy_s: busy,
+            busy_us_per_io: per_io(busy * 1e6),
+            iops_per_busy_core_s: if busy > 0.0 { ops as f64 / busy } else { 0.0 },
+            busy_core_pct: 100.0 * busy / secs.max(f64::MIN_POSITIVE),
+            ring_ops_per_io: per_io(ring_ops as f64),
+            reactors: reactors
+                .iter()
+                .map(|r| TargetReactorUsage {
+                    index: r.index,
+                    lcore: r.lcore,
+                    busy_s: r.busy_s,
+                    idle_s: r.idle_s,
+                    busy_us_per_io: per_io(r.busy_s * 1e6),
+                    ring_ops: r.ring_ops,
+                })
+                .collect(),
         }
     }
 }
@@ -423,6 +498,7 @@ pub fn build_report(
         reactors,
         nvmf: None,
         target_cpu: None,
+        target_reactors: None,
         timeline: config.timeline.as_ref().map(|t| {
             let samples: Vec<&[crate::timeline::Sample]> =
                 cores.iter().map(|c| c.samples.as_slice()).collect();

@@ -1304,3 +1304,77 @@ fn random_commands_and_streams_do_not_hurt_the_target() {
     assert_eq!(fresh.read(2_000_000, 4096).data, acked);
     daemon.shutdown();
 }
+
+/// Host Write Commands from the controller's SMART log.
+fn host_writes(admin: &mut Host) -> u64 {
+    // Get Log Page, SMART / Health (LID 2), 512 bytes (NUMDL 127), all namespaces.
+    let r = admin.admin(0x02, 0xffff_ffff, [0x02 | (127 << 16), 0, 0, 0, 0, 0], 512);
+    assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&r.data[80..88]);
+    u64::from_le_bytes(b)
+}
+
+/// I/O commands still in flight when the host closes its side are run to
+/// completion: the connection's command driver outlives its receive loop.
+/// A burst of in-capsule writes to the (io_uring, file-backed) default
+/// volume, then FIN right behind it; every write the target received is
+/// counted by the controller (it counts a write only once the volume has
+/// completed it) and reads back on a new I/O queue.
+#[test]
+fn in_flight_writes_finish_after_the_host_closes() {
+    let dir = TempDir::new("drain");
+    let (daemon, addr) = start(&dir.0);
+    let (mut admin, mut io) = session(addr, false, false);
+    const N: u16 = 96;
+    let data: Vec<Vec<u8>> = (0..N).map(|i| pattern(i as u8 + 7, 4096)).collect();
+    let mut burst = Vec::new();
+    for i in 0..N {
+        let sgl = DataSgl::InCapsule {
+            offset: 0,
+            len: 4096,
+        };
+        let mut sqe = Sqe::new(0x01, CommandId(300 + i), Nsid(1), sgl);
+        RwCommand {
+            slba: Lba(u64::from(i) * 8),
+            nlb: 8,
+            fua: false,
+            deac: false,
+        }
+        .fill_sqe(&mut sqe);
+        sqe.dptr = sgl.encode();
+        sqe.flags = 1 << 6;
+        let capsule = Pdu::CapsuleCmd(CapsuleCmd {
+            sqe,
+            data: &data[usize::from(i)],
+        });
+        burst.extend(capsule.to_vec(&io.cfg).expect("encode"));
+    }
+    io.send_raw(&burst);
+    io.s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    // Whatever the target answers before it closes its side.
+    while io.recv_raw().is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = host_writes(&mut admin);
+        assert!(n <= u64::from(N), "{n} writes counted");
+        if n == u64::from(N) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {n} of {N} received writes completed after the close"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut io2 = Host::connect_tcp(addr, false, false);
+    io2.cntlid = admin.cntlid;
+    let c = io2.connect(DEFAULT_SUBSYSTEM_NQN, 2, 0);
+    assert!(c.status.is_success(), "second I/O queue: {c:?}");
+    for i in 0..N {
+        let r = io2.read(u64::from(i) * 8, 4096);
+        assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+        assert!(r.data == data[usize::from(i)], "write {i} reads back");
+    }
+    daemon.shutdown();
+}

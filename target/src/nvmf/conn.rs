@@ -29,9 +29,16 @@
 //!   swaps the pending list with its own (two lists ping-pong, keeping their
 //!   capacities) and sends everything queued with one vectored `sendmsg`, so
 //!   a batch of completions costs one ring op and, once warm, no allocation.
-//! * **Concurrency.** The receive loop executes admin commands inline (they
-//!   touch only controller state) and spawns one task per I/O command, so a
-//!   queue keeps many commands in flight.
+//! * **Concurrency, no task per command.** The receive loop executes admin
+//!   commands inline (they touch only controller state). An I/O command is
+//!   started in one of the connection's command slots ([`super::slots`], one
+//!   per submission queue entry, sized at Connect) and polled once there and
+//!   then: what completes at once is answered from the receive loop, what
+//!   must wait (a disk request, a mirror leg) stays in its slot, and one
+//!   driver task per connection polls the slots whose wakers fired. So a
+//!   queue keeps many commands in flight with no allocation and no task
+//!   scheduled per command. When the connection ends, the driver runs on
+//!   until every command in a slot has finished (their answers are dropped).
 //! * **Failure containment.** A fatal protocol error sends a C2HTermReq with
 //!   the right FES/FEI and closes this connection only; losing the admin
 //!   connection tears its controller down (and with it the controller's I/O
@@ -41,6 +48,7 @@ use super::controller::{shutdown_fd, AdminOutcome, AerEnd, Controller};
 use super::io::{alloc_wait, execute, NsChannel};
 use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
 use super::qpair::{Event, QpairConfig, QueuePair};
+use super::slots::{CommandSlots, Slots, Started};
 use super::sock;
 use super::spec::{
     CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
@@ -51,7 +59,7 @@ use super::target::NvmfTarget;
 use crate::units::Lba;
 use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
 use mirrorpoint_transport::{SendList, TcpStream};
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -155,6 +163,8 @@ struct Conn {
     sq_flow_off: Cell<bool>,
     pending: RefCell<HashMap<u16, PendingWrite>>,
     ns: RefCell<Option<NsCache>>,
+    /// In-flight I/O commands (I/O queues, set at Connect).
+    cmds: OnceCell<Box<dyn CommandSlots<IoJob, IoDone>>>,
     io_in_capsule: u32,
     maxh2cdata: u32,
     c2h_success: bool,
@@ -209,6 +219,7 @@ pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
         sq_flow_off: Cell::new(false),
         pending: RefCell::new(HashMap::new()),
         ns: RefCell::new(None),
+        cmds: OnceCell::new(),
         io_in_capsule: opts.in_capsule_data_size,
         c2h_success: opts.c2h_success,
     });
@@ -223,6 +234,10 @@ async fn run(conn: Rc<Conn>) {
     // Flush what is queued (a TermReq, a Disconnect answer), bounded in time.
     conn.closing.set(true);
     conn.out_wake.notify();
+    // The command driver ends once the commands in flight have finished.
+    if let Some(cmds) = conn.cmds.get() {
+        cmds.wake_driver();
+    }
     let guard_fd = conn.fd.clone();
     spawn(async move {
         sleep(Duration::from_secs(2)).await;
@@ -407,6 +422,14 @@ impl Conn {
             self.forget(cqe.cid);
         }
         self.enqueue_pdu(&Pdu::CapsuleResp(CapsuleResp { cqe }));
+    }
+
+    /// Answers a finished I/O command.
+    fn finish(&self, d: IoDone) {
+        match d.read {
+            Some(buf) => self.respond_with_data(d.cqe, Payload::Pool(buf)),
+            None => self.respond(d.cqe, true),
+        }
     }
 
     fn success_flag_allowed(&self) -> bool {
@@ -967,48 +990,121 @@ fn dispatch(
                 }
             }
         };
+    let job = IoJob {
+        ctrl,
+        qid: conn.qid.get(),
+        sqe,
+        sgl,
+        data,
+        one,
+        all,
+    };
+    let started = match conn.cmds.get() {
+        Some(c) => c.start(job),
+        None => Started::Full(job),
+    };
+    match started {
+        Started::Done(d) => conn.finish(d),
+        Started::Parked => {}
+        // No free slot (or no table): a task of its own, as a last resort.
+        Started::Full(job) => spawn_command(conn, job),
+    }
+    Ok(false)
+}
+
+/// An I/O command ready to execute: its namespace(s) and data.
+struct IoJob {
+    ctrl: Arc<Controller>,
+    qid: u16,
+    sqe: Sqe,
+    sgl: DataSgl,
+    data: Option<IoBufMut>,
+    /// The namespace (every command but a broadcast Flush)...
+    one: Option<Rc<NsChannel>>,
+    /// ...or all of them.
+    all: Vec<Rc<NsChannel>>,
+}
+
+/// A finished I/O command: its completion and read data.
+struct IoDone {
+    cqe: Cqe,
+    read: Option<IoBuf>,
+}
+
+/// Executes an I/O command on its namespace(s); the future a command slot
+/// holds. It does not touch the connection: the caller answers.
+async fn io_command(job: IoJob) -> IoDone {
+    let IoJob {
+        ctrl,
+        qid,
+        sqe,
+        sgl,
+        mut data,
+        one,
+        all,
+    } = job;
+    let mut status = Status::SUCCESS;
+    let mut read_data = None;
+    for ns in one.iter().chain(all.iter()) {
+        let out = execute(ns, &sqe, sgl, data.take()).await;
+        if !out.status.is_success() {
+            status = out.status;
+            break;
+        }
+        read_data = out.data;
+    }
+    if status.is_success() {
+        let n = sgl.len() as u64;
+        if sqe.opcode == NvmOpcode::Read.as_u8() {
+            ctrl.stats.reads.fetch_add(1, Ordering::Relaxed);
+            ctrl.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+        } else if sqe.opcode == NvmOpcode::Write.as_u8() {
+            ctrl.stats.writes.fetch_add(1, Ordering::Relaxed);
+            ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
+        }
+    } else {
+        let rw = sqe.opcode == NvmOpcode::Read.as_u8()
+            || sqe.opcode == NvmOpcode::Write.as_u8()
+            || sqe.opcode == NvmOpcode::WriteZeroes.as_u8();
+        let lba = if rw {
+            RwCommand::from_sqe(&sqe).slba
+        } else {
+            Lba(0)
+        };
+        ctrl.record_error(qid, sqe.cid, status, sqe.nsid, lba);
+    }
+    IoDone {
+        cqe: Cqe::new(sqe.cid, status),
+        read: read_data.filter(|_| status.is_success()),
+    }
+}
+
+/// Runs a command that found no free slot as a task of its own.
+fn spawn_command(conn: &Rc<Conn>, job: IoJob) {
     let c = conn.clone();
     spawn(async move {
-        let mut status = Status::SUCCESS;
-        let mut read_data = None;
-        let mut data = data;
-        for ns in one.iter().chain(all.iter()) {
-            let out = execute(ns, &sqe, sgl, data.take()).await;
-            if !out.status.is_success() {
-                status = out.status;
-                break;
-            }
-            read_data = out.data;
-        }
-        if status.is_success() {
-            let n = sgl.len() as u64;
-            if sqe.opcode == NvmOpcode::Read.as_u8() {
-                ctrl.stats.reads.fetch_add(1, Ordering::Relaxed);
-                ctrl.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
-            } else if sqe.opcode == NvmOpcode::Write.as_u8() {
-                ctrl.stats.writes.fetch_add(1, Ordering::Relaxed);
-                ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-        if !status.is_success() {
-            let rw = sqe.opcode == NvmOpcode::Read.as_u8()
-                || sqe.opcode == NvmOpcode::Write.as_u8()
-                || sqe.opcode == NvmOpcode::WriteZeroes.as_u8();
-            let lba = if rw {
-                RwCommand::from_sqe(&sqe).slba
-            } else {
-                Lba(0)
-            };
-            ctrl.record_error(c.qid.get(), sqe.cid, status, nsid, lba);
-        }
-        let cqe = Cqe::new(sqe.cid, status);
-        match read_data {
-            Some(buf) if status.is_success() => c.respond_with_data(cqe, Payload::Pool(buf)),
-            _ => c.respond(cqe, true),
-        }
+        let d = io_command(job).await;
+        c.finish(d);
     })
     .detach();
-    Ok(false)
+}
+
+/// The connection's command driver: polls the slots whose wakers fired and
+/// answers what finished; after the connection closes, until none is left.
+async fn drive_commands(conn: Rc<Conn>) {
+    poll_fn(|cx| {
+        let Some(cmds) = conn.cmds.get() else {
+            return Poll::Ready(());
+        };
+        cmds.poll_woken(cx, &mut |d| conn.finish(d));
+        if conn.closing.get() && cmds.busy() == 0 {
+            cmds.unregister();
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) {
@@ -1041,6 +1137,11 @@ fn connect(conn: &Rc<Conn>, sqe: &Sqe, data: &[u8]) {
                 spawn(aen_task(conn.clone(), ctrl)).detach();
             } else {
                 *conn.role.borrow_mut() = Role::Io(ctrl);
+                // One slot per submission queue entry.
+                let slots = Slots::new(usize::from(cmd.sqsize) + 1, io_command);
+                if conn.cmds.set(Box::new(slots)).is_ok() {
+                    spawn(drive_commands(conn.clone())).detach();
+                }
             }
             conn.respond(cqe, true);
         }

@@ -22,6 +22,8 @@
 //! * [`target`]: the shared target state (subsystems, controller table,
 //!   transport options, listeners).
 //! * [`conn`]: one connection's receive loop, send task and dispatch.
+//! * [`slots`]: a connection's in-flight I/O commands in reusable slots
+//!   (no task per command).
 //! * [`sock`]: the io_uring socket operations the connections use.
 //! * [`host`]: a userspace NVMe/TCP initiator over the same codec, for tests
 //!   and the benchmark harness.
@@ -38,6 +40,7 @@ pub mod log_page;
 pub mod pdu;
 pub mod qpair;
 pub mod rpc;
+pub mod slots;
 pub mod sock;
 pub mod spec;
 pub mod subsystem;
