@@ -164,11 +164,27 @@ for line in sys.stdin:
     mj = json.load(open(m))
     m_iops = mj["iops"]
     m_p50 = mj["lat_us"]["p50"]
+    rx = mj["reactors"][0]
+    m_calls = rx.get("submit_calls")
+    m_calls_io = m_calls / max(rx["ops"], 1) if m_calls is not None else float("nan")
     rows.append((rw, int(qd), rep, order, f_iops, m_iops, f_p50, m_p50, f_cpu_io,
-                 mj["cpu"]["us_per_io"], mj["reactors"][0]["busy_pct"]))
-print("| workload | qd | run | order | fio IOPS | mp IOPS | IOPS mp/fio | fio p50 us | mp p50 us | p50 mp/fio | fio CPU us/IO | mp CPU us/IO | mp reactor busy % |")
-print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 mj["cpu"]["us_per_io"], rx["busy_pct"], m_calls_io))
+print("| workload | qd | run | order | fio IOPS | mp IOPS | IOPS mp/fio | fio p50 us | mp p50 us | p50 mp/fio | fio CPU us/IO | mp CPU us/IO | mp reactor busy % | mp submit calls/IO |")
+print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    rw, qd, rep, order, fi, mi, fp, mp, fc, mc, busy = r
-    print(f"| {rw} 4k | {qd} | {rep} | {order} | {fi:.0f} | {mi:.0f} | {mi/fi:.3f} | {fp:.1f} | {mp:.1f} | {mp/fp:.3f} | {fc:.2f} | {mc:.2f} | {busy:.1f} |")
+    rw, qd, rep, order, fi, mi, fp, mp, fc, mc, busy, calls = r
+    print(f"| {rw} 4k | {qd} | {rep} | {order} | {fi:.0f} | {mi:.0f} | {mi/fi:.3f} | {fp:.1f} | {mp:.1f} | {mp/fp:.3f} | {fc:.2f} | {mc:.2f} | {busy:.1f} | {calls:.2f} |")
+# Per case over the repeats: the median of the per-run ratios (each run pair
+# measured back to back), which one noisy pair cannot move much.
+import statistics
+print()
+print("| workload | qd | runs | IOPS mp/fio median (min-max) | p50 mp/fio median (min-max) |")
+print("|---|---:|---:|---:|---:|")
+cases = {}
+for r in rows:
+    cases.setdefault((r[0], r[1]), []).append(r)
+for (rw, qd), rs in cases.items():
+    iops = [r[5] / r[4] for r in rs]
+    p50 = [r[7] / r[6] for r in rs]
+    print(f"| {rw} 4k | {qd} | {len(rs)} | {statistics.median(iops):.3f} ({min(iops):.3f}-{max(iops):.3f}) | {statistics.median(p50):.3f} ({min(p50):.3f}-{max(p50):.3f}) |")
 '

@@ -3,7 +3,18 @@
 # on the same backing file, with fio's libiscsi engine (built by
 # build-fio-libiscsi.sh). Reports IOPS, mean latency and each target's CPU
 # time per I/O (utime+stime of the target process over the run, from
-# /proc/PID/stat). Writes bench/results/compare-tgt-iscsi.md.
+# /proc/PID/stat: the figure compared between the targets, the only one
+# tgt has), for mirrorpoint also its reactors' busy time per I/O (busy_ns
+# of framework_get_reactors, SPDK's way, idle spin excluded), and fio's own
+# CPU (% of one core). Writes bench/results/compare-tgt-iscsi[-disk].md.
+#
+# BACKING=tmpfs (default): the backing file on /dev/shm (page cache; tmpfs
+# has no O_DIRECT, both targets run buffered, mirrorpoint's writes go
+# through io-wq workers). BACKING=disk: the file on the root file system
+# (ext4 on the VM's virtio disk), mirrorpoint's uring backend with O_DIRECT
+# and tgt's rdwr backing store with bsoflags=direct.
+# MP_ARGS="--idle-timeout-us 0" passes extra options to `mirrorpoint serve`.
+# NUMJOBS=N: N fio jobs, each its own iSCSI session.
 #
 # MIRRORPOINT=path runs that binary instead of building one.
 # Placement: the target on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
@@ -15,11 +26,17 @@ RUNTIME=${RUNTIME:-15}
 SIZE=${SIZE:-1G}
 TARGET_CPU=${TARGET_CPU:-1}
 FIO_CPU=${FIO_CPU:-0}
-OUT=bench/results/compare-tgt-iscsi.md
-# tmpfs: both targets then run on the page cache (tmpfs has no O_DIRECT,
-# mirrorpoint falls back to buffered I/O), so the comparison is of the
-# iSCSI stacks, not of a disk.
-WORK=$(mktemp -d "${BENCH_DIR:-/dev/shm}/mp-bench.XXXXXX")
+BACKING=${BACKING:-tmpfs}
+NUMJOBS=${NUMJOBS:-1}
+case $BACKING in
+    # tmpfs: both targets run on the page cache, so the comparison is of
+    # the iSCSI stacks, not of a disk.
+    tmpfs) BENCH_DIR=${BENCH_DIR:-/dev/shm}; OUT=bench/results/compare-tgt-iscsi.md; TGT_FLAGS=() ;;
+    disk) BENCH_DIR=${BENCH_DIR:-/var/tmp}; OUT=bench/results/compare-tgt-iscsi-disk.md
+        TGT_FLAGS=(--bstype rdwr --bsoflags direct) ;;
+    *) echo "BACKING is tmpfs or disk" >&2; exit 2 ;;
+esac
+WORK=$(mktemp -d "$BENCH_DIR/mp-bench.XXXXXX")
 IQN=iqn.2026-11.io.mirrorpoint:bench
 PIDS=()
 TGT_CTL=
@@ -51,8 +68,14 @@ ticks() { # PID -> utime+stime in clock ticks (threads included)
     awk '{print $14 + $15}' "/proc/$1/stat"
 }
 HZ=$(getconf CLK_TCK)
+busy_ns() { # mirrorpoint's reactors' busy_ns, summed (0 for tgt)
+    [ "$1" = mirrorpoint ] || { echo 0; return; }
+    "$BIN" rpc -s "$WORK/rpc.sock" framework_get_reactors |
+        python3 -c 'import json,sys; print(sum(r["busy_ns"] for r in json.load(sys.stdin)["reactors"]))'
+}
 
-echo "== backing file $SIZE"
+START="$(date -u '+%F %T') load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== backing file $SIZE on $BACKING"
 truncate -s "$SIZE" "$WORK/backing.img"
 # Fill it once so neither target reads holes.
 dd if=/dev/urandom of="$WORK/backing.img" bs=1M count=$(( $(stat -c %s "$WORK/backing.img") >> 20 )) conv=notrunc status=none
@@ -65,21 +88,26 @@ run_fio() { # NAME PID URL RW QD
     local esc=${url//:/\\:}
     local before after
     before=$(ticks "$pid")
+    bbefore=$(busy_ns "$name")
     taskset -c "$FIO_CPU" "$FIO" --name=job --ioengine=libiscsi --filename="$esc" \
         --rw="$rw" --bs=4k --iodepth="$qd" --runtime="$RUNTIME" --time_based \
+        --numjobs="$NUMJOBS" --group_reporting \
         --size="$SIZE" --randrepeat=0 --norandommap --output-format=json \
         --output="$WORK/fio.json" >/dev/null 2>"$WORK/fio.err" || { cat "$WORK/fio.err"; return 1; }
     after=$(ticks "$pid")
-    python3 - "$WORK/fio.json" "$name" "$rw" "$qd" "$((after - before))" "$HZ" >>"$RESULTS" <<'PY'
+    bafter=$(busy_ns "$name")
+    python3 - "$WORK/fio.json" "$name" "$rw" "$qd" "$((after - before))" "$HZ" "$((bafter - bbefore))" >>"$RESULTS" <<'PY'
 import json, sys
-path, name, rw, qd, dticks, hz = sys.argv[1:]
+path, name, rw, qd, dticks, hz, dbusy = sys.argv[1:]
 j = json.load(open(path))["jobs"][0]
 d = j["read"] if "read" in rw else j["write"]
-ios = d["total_ios"]
+ios = max(d["total_ios"], 1)
 iops = d["iops"]
 lat = d["clat_ns"]["mean"] / 1000.0
-cpu_us = int(dticks) / int(hz) * 1e6 / max(ios, 1)
-print(f"{name}\t{rw}\t{qd}\t{iops:.0f}\t{lat:.1f}\t{cpu_us:.2f}")
+cpu_us = int(dticks) / int(hz) * 1e6 / ios
+busy = f"{int(dbusy) / 1e3 / ios:.2f}" if name == "mirrorpoint" else "-"
+fio_cpu = j["usr_cpu"] + j["sys_cpu"]
+print(f"{name}\t{rw}\t{qd}\t{iops:.0f}\t{lat:.1f}\t{cpu_us:.2f}\t{busy}\t{fio_cpu:.0f}")
 PY
     tail -1 "$RESULTS"
 }
@@ -108,10 +136,11 @@ cat >"$WORK/mp.json" <<EOF
 ]}
 EOF
 timeout $((RUNTIME * 8 + 120)) "$BIN" serve --config "$WORK/mp.json" --cores "$TARGET_CPU" \
-    --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" >"$WORK/mp.log" 2>&1 &
+    --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" ${MP_ARGS:-} >"$WORK/mp.log" 2>&1 &
 MP=$!
 PIDS+=("$MP")
-for _ in $(seq 50); do grep -q ready "$WORK/mp.log" && break; sleep 0.2; done
+for _ in $(seq 150); do grep -qs ready "$WORK/mp.log" && break; sleep 0.2; done
+grep -qs ready "$WORK/mp.log" || { echo "mirrorpoint did not start:" >&2; cat "$WORK/mp.log" >&2; exit 1; }
 MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
 workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
 kill "$MP"; sleep 1
@@ -126,7 +155,7 @@ PIDS+=("$TG")
 sleep 1
 TGTPID=$(pgrep -n -x tgtd)
 tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
-tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/backing.img"
+tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/backing.img" "${TGT_FLAGS[@]}"
 tgtadm -C "$TGT_CTL" --lld iscsi --op bind --mode target --tid 1 -I ALL
 workloads tgt "$TGTPID" "iscsi://127.0.0.1:$TPORT/$IQN/1"
 
@@ -134,14 +163,17 @@ mkdir -p "$(dirname "$OUT")"
 {
     echo "# iSCSI: mirrorpoint vs tgt, 4k random I/O (fio libiscsi engine)"
     echo
-    echo "$(date -u +%F), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU, same ${SIZE} backing file on tmpfs,"
-    echo "${RUNTIME}s per run. CPU/IO = target process utime+stime over the run / I/Os completed."
+    echo "$(date -u '+%F %T') UTC (start $START), load average at the end $(cut -d' ' -f1-3 /proc/loadavg),"
+    echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')),"
+    echo "mirrorpoint serve options: ${MP_ARGS:-(defaults)}."
+    echo "${RUNTIME}s per run. CPU/IO (OS) = target process utime+stime over the run / I/Os completed;"
+    echo "busy/IO = mirrorpoint's reactors' busy_ns over the run / I/Os; fio CPU = fio's usr+sys, % of one core."
     echo
-    echo "| target | workload | QD | IOPS | mean lat (us) | target CPU per I/O (us) |"
-    echo "|---|---|---|---|---|---|"
-    while IFS=$'\t' read -r name rw qd iops lat cpu; do
-        echo "| $name | $rw | $qd | $iops | $lat | $cpu |"
+    echo "| target | workload | QD | IOPS | mean lat (us) | target CPU per I/O, OS (us) | reactor busy per I/O (us) | fio CPU % |"
+    echo "|---|---|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r name rw qd iops lat cpu busy fcpu; do
+        echo "| $name | $rw | $qd | $iops | $lat | $cpu | $busy | $fcpu |"
     done <"$RESULTS"
 } >"$OUT"
 cat "$OUT"

@@ -43,6 +43,11 @@
 #   --out DIR         keep JSON outputs and logs there (default: mktemp)
 #   --recover         also run the local-device recovery measurement (5.)
 #   --recover-rate N  rebuild cap in MiB/s for the busy-host run (default 32)
+#   --link-rate RATE  the sites talk over an emulated inter-site link (west in
+#                     a network namespace behind a veth pair shaped with tc
+#                     tbf, e.g. 10gbit; needs root; see lib/two-sites.sh);
+#                     the yardstick also runs over that link and every figure
+#                     is given against both (loopback and the shaped link)
 #   --quick           short runs (smoke test)
 set -euo pipefail
 
@@ -60,6 +65,7 @@ SVG=
 OUT=
 RECOVER=
 RECOVER_RATE=32
+LINK_RATE=
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$root/build/release
 
@@ -81,6 +87,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --recover) RECOVER=1; shift ;;
     --recover-rate) RECOVER_RATE=$2; shift 2 ;;
+    --link-rate) LINK_RATE=$2; shift 2 ;;
     --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1" ;;
@@ -123,7 +130,9 @@ until [ "$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 state
 done
 t1=$(date +%s.%N)
 copied=$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 resync_copied_bytes 2>/dev/null || echo "$SIZE")
-echo "{\"bytes\": $copied, \"seconds\": $(python3 -c "print($t1 - $t0)")}" >"$OUT/resync.json"
+# The engine's own rate of the pass (bytes over the pass's time, no polling).
+engine_bps=$(qrpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 resync_rate_bps 2>/dev/null || echo 0)
+echo "{\"bytes\": $copied, \"seconds\": $(python3 -c "print($t1 - $t0)"), \"engine_bps\": $engine_bps}" >"$OUT/resync.json"
 
 # 3. The front end.
 rpc east nvmf_create_transport '{"trtype": "TCP", "in_capsule_data_size": 4096, "max_queue_depth": 128}' >/dev/null
@@ -190,6 +199,7 @@ if [ -n "$RECOVER" ]; then
     wait_healthy
     t1=$(date +%s.%N)
     idle_bytes=$(rpc east mirror_get_status '{"name": "m2"}' | json_get 0 local rebuild_copied_bytes)
+    idle_bps=$(qrpc east mirror_get_status '{"name": "m2"}' | json_get 0 local rebuild_rate_bps)
     # (b) Busy host: the same load without and with a capped rebuild (onto
     # another replacement: moving a healthy mirror rebuilds it whole).
     rpc east mirror_set_resync_rate "{\"name\": \"m2\", \"bytes_per_second\": $((RECOVER_RATE * 1024 * 1024))}" >/dev/null
@@ -213,38 +223,54 @@ if [ -n "$RECOVER" ]; then
     done
     wait_healthy
     recover_file="$OUT/recover.json"
-    echo "{\"idle_bytes\": $idle_bytes, \"idle_seconds\": $(python3 -c "print($t1 - $t0)"), \"rate_mib_s\": $RECOVER_RATE}" >"$recover_file"
+    echo "{\"idle_bytes\": $idle_bytes, \"idle_seconds\": $(python3 -c "print($t1 - $t0)"), \"rate_mib_s\": $RECOVER_RATE, \"engine_bps\": $idle_bps}" >"$recover_file"
 fi
 
 echo
-python3 - "$OUT/resync.json" "$split_file" "$recover_file" "$OUT" "${tcp_rows[@]}" -- "${rows[@]}" <<'PY'
+python3 - "$OUT/resync.json" "$split_file" "$recover_file" "$OUT" "${LINK_RATE:-}" "${tcp_rows[@]}" -- "${link_rows[@]}" -- "${rows[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
 resync = json.load(open(args[0]))
 split_file = args[1]
-recover_file, out = args[2], args[3]
+recover_file, out, link_rate = args[2], args[3], args[4]
 sep = args.index("--")
-tcps = [json.load(open(f)) for f in args[4:sep]]
-rows = args[sep + 1:]
+sep2 = args.index("--", sep + 1)
+tcps = [json.load(open(f)) for f in args[5:sep]]
+links = [json.load(open(f)) for f in args[sep + 1:sep2]]
+rows = args[sep2 + 1:]
 loop = max(t["mib_s"] for t in tcps)
-print("| loopback TCP | MiB/s |")
+link = max(t["mib_s"] for t in links) if links else None
+print("| yardstick (mirrorpoint-bench tcp, 128 KiB sends) | MiB/s |")
 print("|---|---:|")
 for t in tcps:
-    print(f"| {t['streams']} stream(s), 128 KiB sends | {t['mib_s']:,.0f} |")
+    print(f"| loopback TCP, {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
+for t in links:
+    print(f"| emulated link (veth, tbf {link_rate}), {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
+def vs(x):
+    """x MiB/s against the best loopback figure, and against the link."""
+    s = f"{x / loop:.3f}x the best loopback figure"
+    if link:
+        s += f", {x / link:.3f}x the best emulated-link figure"
+    return s
 rs = resync["bytes"] / resync["seconds"] / 2**20
 print()
 print(f"Resync (initial full sync, unlimited rate): {resync['bytes'] / 2**20:,.0f} MiB in "
-      f"{resync['seconds']:.2f} s = {rs:,.0f} MiB/s = {rs / loop:.3f}x the best loopback figure")
+      f"{resync['seconds']:.2f} s = {rs:,.0f} MiB/s = {vs(rs)}")
+ers = resync.get("engine_bps", 0) / 2**20
+if ers:
+    print(f"  (the engine's own rate of the pass, mirror_get_status resync_rate_bps: {ers:,.0f} MiB/s = {vs(ers)})")
 print()
-print("| workload (2 connections) | local IOPS | mirrored IOPS | mirrored/local | local MiB/s | mirrored MiB/s | mirrored/loopback | local p99 µs | mirrored p99 µs | target CPU µs/IO local | mirrored |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+lcol = " mirrored/link |" if link else ""
+print("| workload (2 connections) | local IOPS | mirrored IOPS | mirrored/local | local MiB/s | mirrored MiB/s | mirrored/loopback |" + lcol + " local p99 µs | mirrored p99 µs | target CPU µs/IO local | mirrored |")
+print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if link else "") + "---:|---:|---:|---:|")
 for row in rows:
     name, a, b = row.split("|")
     l, m = json.load(open(a)), json.load(open(b))
     lt, mt = l.get("target_cpu", {}), m.get("target_cpu", {})
     print(f"| {name} | {l['iops']:,.0f} | {m['iops']:,.0f} | {m['iops'] / l['iops']:.3f} "
           f"| {l['mib_s']:,.1f} | {m['mib_s']:,.1f} | {m['mib_s'] / loop:.4f} "
-          f"| {l['lat_us']['p99']:.0f} | {m['lat_us']['p99']:.0f} "
+          + (f"| {m['mib_s'] / link:.3f} " if link else "")
+          + f"| {l['lat_us']['p99']:.0f} | {m['lat_us']['p99']:.0f} "
           f"| {lt.get('us_per_io', 0):.2f} | {mt.get('us_per_io', 0):.2f} |")
 if split_file:
     s = json.load(open(split_file))
@@ -264,7 +290,10 @@ if recover_file:
     rb = r["idle_bytes"] / r["idle_seconds"] / 2**20
     print()
     print(f"Rebuild of the local device, idle host, unlimited rate: {r['idle_bytes'] / 2**20:,.0f} MiB in "
-          f"{r['idle_seconds']:.2f} s = {rb:,.0f} MiB/s = {rb / loop:.3f}x the best loopback figure (goal >= 0.8)")
+          f"{r['idle_seconds']:.2f} s = {rb:,.0f} MiB/s = {vs(rb)} (goal >= 0.8x loopback)")
+    erb = r.get("engine_bps", 0) / 2**20
+    if erb:
+        print(f"  (the engine's own rate of the pass, rebuild_rate_bps: {erb:,.0f} MiB/s = {vs(erb)})")
     base = json.load(open(f"{out}/recover-base.json"))
     reb = json.load(open(f"{out}/recover-rebuild.json"))
     st = json.load(open(f"{out}/recover-status.json"))[0]["local"]

@@ -31,6 +31,12 @@
 #   --bench-cpus L    CPUs of the bench's reactors (default 1)
 #   --bin DIR         where mirrorpoint and mirrorpoint-bench are (default build/release)
 #   --out DIR         keep JSON outputs and logs there (default: mktemp)
+#   --backend B       uring (files under --dir, the default) or malloc
+#   --link-rate RATE  the sites talk over an emulated inter-site link (west in
+#                     a network namespace behind a veth pair shaped with tc
+#                     tbf, e.g. 10gbit; needs root; see lib/two-sites.sh);
+#                     the yardstick also runs over that link and the idle
+#                     verify rate is given against both
 #   --quick           short runs (smoke test)
 set -euo pipefail
 
@@ -45,6 +51,8 @@ EAST_CPUS=0
 WEST_CPUS=1
 BENCH_CPUS=1
 OUT=
+BACKEND=uring
+LINK_RATE=
 root=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$root/build/release
 
@@ -63,11 +71,14 @@ while [ $# -gt 0 ]; do
     --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
     --bin) BIN=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
+    --link-rate) LINK_RATE=$2; shift 2 ;;
     --quick) TIME=0.5; RAMP=0.2; SIZE_MIB=32; PASSES=1; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1" ;;
     esac
 done
+case $BACKEND in uring|malloc) ;; *) die "--backend: uring or malloc" ;; esac
 MP=$BIN/mirrorpoint
 BENCH=$BIN/mirrorpoint-bench
 [ -x "$MP" ] && [ -x "$BENCH" ] ||
@@ -180,26 +191,30 @@ for r in $(seq 1 "$REPEAT"); do
 done
 
 echo
-python3 - "$OUT" "$SIZE" "$REPEAT" "${tcp_rows[@]}" -- "${idle[@]}" <<'PY'
+python3 - "$OUT" "$SIZE" "$REPEAT" "${LINK_RATE:-}" "${tcp_rows[@]}" -- "${link_rows[@]}" -- "${idle[@]}" <<'PY'
 import json, sys
 args = sys.argv[1:]
-out, size, repeat = args[0], int(args[1]), int(args[2])
-args = args[:2] + args[3:]
+out, size, repeat, link_rate = args[0], int(args[1]), int(args[2]), args[3]
 sep = args.index("--")
-tcps = [json.load(open(f)) for f in args[2:sep]]
-idle = [json.load(open(f)) for f in args[sep + 1:]]
+sep2 = args.index("--", sep + 1)
+tcps = [json.load(open(f)) for f in args[4:sep]]
+links = [json.load(open(f)) for f in args[sep + 1:sep2]]
+idle = [json.load(open(f)) for f in args[sep2 + 1:]]
 loop = max(t["mib_s"] for t in tcps)
-print("| loopback TCP | MiB/s |")
+link = max(t["mib_s"] for t in links) if links else None
+print("| yardstick (mirrorpoint-bench tcp, 128 KiB sends) | MiB/s |")
 print("|---|---:|")
 for t in tcps:
-    print(f"| {t['streams']} stream(s), 128 KiB sends | {t['mib_s']:,.0f} |")
+    print(f"| loopback TCP, {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
+for t in links:
+    print(f"| emulated link (veth, tbf {link_rate}), {t['streams']} stream(s) | {t['mib_s']:,.0f} |")
 print()
-print("| idle host: verify pass | bytes | seconds | MiB/s | verify/loopback |")
-print("|---|---:|---:|---:|---:|")
+print("| idle host: verify pass | bytes | seconds | MiB/s | verify/loopback (best) |" + (" verify/link (best) |" if link else ""))
+print("|---|---:|---:|---:|---:|" + ("---:|" if link else ""))
 for i, v in enumerate(idle):
     s = (v["finished_unix_ms"] - v["started_unix_ms"]) / 1000
     mib = v["checked_bytes"] / s / 2**20
-    print(f"| {i + 1} | {v['checked_bytes']:,} | {s:.2f} | {mib:,.0f} | {mib / loop:.3f} |")
+    print(f"| {i + 1} | {v['checked_bytes']:,} | {s:.2f} | {mib:,.0f} | {mib / loop:.3f} |" + (f" {mib / link:.3f} |" if link else ""))
 print()
 print("| busy host (4k randwrite QD32 x 2 connections) | round | host IOPS | vs no verify (same round) | p99 µs | verify MiB/s during the run | verify cap MiB/s |")
 print("|---|---:|---:|---:|---:|---:|---:|")

@@ -44,6 +44,11 @@ pub struct TcpArgs {
     /// Pin the receiving threads to these CPUs (round-robin).
     #[arg(long)]
     pub receiver_cores: Option<String>,
+    /// Listen in this network namespace (`ip netns` name): the receivers
+    /// sit on the far side of a link the bench scripts emulate (a veth pair
+    /// shaped with `tc`), the senders in the caller's namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
     /// Print one JSON object instead of a line.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +92,33 @@ fn io_err(what: &str, e: std::io::Error) -> BenchError {
     BenchError::Tcp(format!("{what}: {e}"))
 }
 
+/// Binds a listener inside the network namespace `ns` (`/var/run/netns/NS`,
+/// as `ip netns add` makes it). `setns` moves only the calling thread, so a
+/// short-lived thread enters the namespace and binds; the socket keeps
+/// belonging to that namespace wherever it is used from afterwards.
+fn bind_in_netns(ns: &str, addr: SocketAddr) -> Result<TcpListener, BenchError> {
+    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
+        return Err(BenchError::InvalidArgument(format!(
+            "--netns {ns:?}: an `ip netns` name, not a path"
+        )));
+    }
+    let path = std::path::Path::new("/var/run/netns").join(ns);
+    let file = std::fs::File::open(&path).map_err(|e| {
+        BenchError::InvalidArgument(format!("--netns {ns}: {}: {e}", path.display()))
+    })?;
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on a namespace descriptor we hold open; it only
+        // changes this thread's network namespace, which ends with it.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io_err("setns", std::io::Error::last_os_error()));
+        }
+        TcpListener::bind(addr).map_err(|e| io_err("listen", e))
+    })
+    .join()
+    .map_err(|_| BenchError::Tcp("the namespace thread panicked".into()))?
+}
+
 /// Runs `mirrorpoint-bench tcp`.
 pub fn run_tcp(a: &TcpArgs) -> Result<TcpReport, BenchError> {
     let invalid = |m: String| Err(BenchError::InvalidArgument(m));
@@ -112,7 +144,11 @@ pub fn run_tcp(a: &TcpArgs) -> Result<TcpReport, BenchError> {
             .map_err(BenchError::InvalidArgument)
     };
     let (send_cores, recv_cores) = (cores(&a.sender_cores)?, cores(&a.receiver_cores)?);
-    let listener = TcpListener::bind(SocketAddr::new(a.to, 0)).map_err(|e| io_err("listen", e))?;
+    let addr = SocketAddr::new(a.to, 0);
+    let listener = match &a.netns {
+        None => TcpListener::bind(addr).map_err(|e| io_err("listen", e))?,
+        Some(ns) => bind_in_netns(ns, addr)?,
+    };
     let target = listener.local_addr().map_err(|e| io_err("listen", e))?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));

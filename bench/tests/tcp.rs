@@ -16,6 +16,7 @@ fn loopback_run_reports_what_it_received() {
         ramp: 0.05,
         sender_cores: None,
         receiver_cores: None,
+        netns: None,
         json: true,
     };
     let r = run_tcp(&args).expect("run");
@@ -27,7 +28,13 @@ fn loopback_run_reports_what_it_received() {
 
 #[test]
 fn binary_refuses_bad_arguments() {
-    for bad in [&["--streams", "0"][..], &["--time", "0"], &["--bs", "0"]] {
+    for bad in [
+        &["--streams", "0"][..],
+        &["--time", "0"],
+        &["--bs", "0"],
+        &["--netns", "../etc"],
+        &["--netns", "mirrorpoint-no-such-namespace"],
+    ] {
         let out = Command::new(BIN)
             .arg("tcp")
             .args(bad)

@@ -119,6 +119,31 @@ impl SendList {
             .sum()
     }
 
+    /// Bytes copied into the arena (the list's length minus its chunks').
+    pub fn arena_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The arena's capacity (kept across [`SendList::clear`]).
+    pub fn arena_capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
+    /// The bytes the list would send, in order, as one vector (a copy: for
+    /// tests and debugging, not the data path).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for p in &self.parts {
+            match p {
+                Part::Bytes { start, end } => {
+                    out.extend_from_slice(self.bytes.get(*start..*end).unwrap_or(&[]))
+                }
+                Part::Chunk(c) => out.extend_from_slice(c),
+            }
+        }
+        out
+    }
+
     /// Forgets every part (releasing the chunks), keeping the capacities.
     pub fn clear(&mut self) {
         self.bytes.clear();

@@ -8,6 +8,10 @@
 //! - Receives land directly in a pool chunk at a caller-chosen offset, so a
 //!   payload is written to memory once and can then be frozen and handed to
 //!   the disk and to every mirror leg without copying.
+//!   [`TcpStream::recv_split`] receives the rest of such a payload and what
+//!   follows it (the next message's header) into a second, staging chunk in
+//!   one `IORING_OP_RECVMSG`, so a stream of messages with payloads costs
+//!   one receive per message.
 //! - Vectored sends put a small copied header and any number of shared pool
 //!   chunks in one `IORING_OP_SENDMSG`; partial sends resume at the exact
 //!   iovec and offset where the kernel stopped. [`TcpStream::send_list`]
@@ -222,6 +226,74 @@ impl TcpStream {
         self.recv_exact_raw(buf, range).await
     }
 
+    /// One receive (`IORING_OP_RECVMSG`) spread over `body[body_range]`
+    /// and then `tail[tail_range]`: the kernel fills the body first. Lets a
+    /// caller receive the rest of a message's payload straight into the
+    /// chunk it will be used from and, in the same op, whatever follows it
+    /// (the next message's header) into a staging chunk. Returns the bytes
+    /// that arrived in all (those past `body_range.len()` are in the tail),
+    /// 0 when the peer closed its side (or both ranges are empty). `split`
+    /// holds the `msghdr` and iovecs; keep one per stream and pass it each
+    /// time, so the op allocates nothing.
+    pub async fn recv_split(
+        &self,
+        body: IoBufMut,
+        body_range: Range<usize>,
+        tail: IoBufMut,
+        tail_range: Range<usize>,
+        split: Box<SplitRecv>,
+    ) -> (io::Result<usize>, IoBufMut, IoBufMut, Box<SplitRecv>) {
+        let (mut body, mut tail, mut split) = (body, tail, split);
+        if let Err(e) =
+            check_range(&body_range, body.len()).and_then(|()| check_range(&tail_range, tail.len()))
+        {
+            return (Err(e), body, tail, split);
+        }
+        if body_range.is_empty() && tail_range.is_empty() {
+            return (Ok(0), body, tail, split);
+        }
+        let want = body_range.len() + tail_range.len();
+        // SAFETY (both adds): each range was checked to lie inside its buffer.
+        let (b, t) = unsafe {
+            (
+                body.as_mut_ptr().add(body_range.start),
+                tail.as_mut_ptr().add(tail_range.start),
+            )
+        };
+        split.iov = [
+            libc::iovec {
+                iov_base: b.cast(),
+                iov_len: body_range.len(),
+            },
+            libc::iovec {
+                iov_base: t.cast(),
+                iov_len: tail_range.len(),
+            },
+        ];
+        split.msg.msg_iov = split.iov.as_mut_ptr();
+        split.msg.msg_iovlen = split.iov.len() as _;
+        let m: *mut libc::msghdr = &mut split.msg;
+        let entry = opcode::RecvMsg::new(types::Fd(self.sock.as_raw_fd()), m).build();
+        // SAFETY: the msghdr and its iovec array are boxed (they do not move
+        // with the box); the iovecs point into the two pool chunks, which
+        // never move and are distinct (each IoBufMut is unique). All of it,
+        // with the socket, moves into the op until the completion.
+        let op = unsafe {
+            Op::submit(
+                entry,
+                OpKind::LongLived,
+                (body, tail, split, self.sock.clone()),
+            )
+        };
+        let (c, (body, tail, split, _sock)) = op.await;
+        (
+            c.into_io().map(|n| (n as usize).min(want)),
+            body,
+            tail,
+            split,
+        )
+    }
+
     pub(crate) async fn recv_raw<B: RecvTarget>(
         &self,
         mut buf: B,
@@ -327,57 +399,6 @@ impl TcpStream {
     /// the next op starts at the iovec and offset where the last one stopped.
     pub async fn send_vectored_all(&self, header: &[u8], payload: &[IoBuf]) -> io::Result<()> {
         self.sendmsg(header.to_vec(), payload, true).await.map(drop)
-    }
-
-    /// Sends a chain of parts in order and in full with as few `sendmsg`
-    /// ops as the kernel allows: each [`SendPart::Bytes`] takes the next
-    /// bytes of `bytes` (copied by the caller into that one owned vector,
-    /// e.g. the headers of many PDUs), each [`SendPart::Buf`] is a shared
-    /// chunk sent without copying. This is how a caller coalesces several
-    /// messages into one op. `Bytes` lengths beyond the end of `bytes` are
-    /// an `InvalidInput` error (nothing is sent).
-    pub async fn send_parts_all(&self, bytes: Vec<u8>, parts: &[SendPart]) -> io::Result<()> {
-        let want: usize = parts
-            .iter()
-            .map(|p| match p {
-                SendPart::Bytes(n) => *n,
-                SendPart::Buf(_) => 0,
-            })
-            .sum();
-        if want > bytes.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("parts take {want} bytes of a {}-byte vector", bytes.len()),
-            ));
-        }
-        let mut payload = Vec::new();
-        let mut segments = Vec::with_capacity(parts.len());
-        let mut at = 0usize;
-        for p in parts {
-            match p {
-                SendPart::Bytes(0) => {}
-                SendPart::Bytes(n) => {
-                    segments.push(libc::iovec {
-                        // The vector's heap buffer does not move when the
-                        // vector moves into the op below.
-                        iov_base: bytes.as_ptr().wrapping_add(at) as *mut libc::c_void,
-                        iov_len: *n,
-                    });
-                    at += n;
-                }
-                SendPart::Buf(b) if b.is_empty() => {}
-                SendPart::Buf(b) => {
-                    segments.push(libc::iovec {
-                        iov_base: b.as_ptr() as *mut libc::c_void,
-                        iov_len: b.len(),
-                    });
-                    payload.push(b.clone());
-                }
-            }
-        }
-        self.send_segments(bytes, payload, segments, true)
-            .await
-            .map(drop)
     }
 
     /// `sendmsg` of an owned header (moved into the op) and shared chunks;
@@ -529,13 +550,31 @@ impl Drop for TcpStream {
     }
 }
 
-/// One part of [`TcpStream::send_parts_all`].
-#[derive(Debug, Clone)]
-pub enum SendPart {
-    /// The next this many bytes of the call's owned byte vector.
-    Bytes(usize),
-    /// A shared pool chunk, sent without copying.
-    Buf(IoBuf),
+/// The `msghdr` and two iovecs of [`TcpStream::recv_split`], boxed once
+/// per stream so their addresses stay put while an op holds them.
+pub struct SplitRecv {
+    msg: libc::msghdr,
+    iov: [libc::iovec; 2],
+}
+
+impl SplitRecv {
+    /// An empty one, ready for [`TcpStream::recv_split`].
+    pub fn new() -> Box<SplitRecv> {
+        Box::new(SplitRecv {
+            // SAFETY: msghdr is plain old data; all zeroes is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+        })
+    }
+}
+
+impl fmt::Debug for SplitRecv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SplitRecv").finish_non_exhaustive()
+    }
 }
 
 /// What one `sendmsg` op owns.

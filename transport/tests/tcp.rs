@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use mirrorpoint_poller::{buffer_pool, current_index, spawn, IoBuf, OneshotReceiver};
-use mirrorpoint_transport::{hand_off, Acceptor, SendPart, TcpListener, TcpStream};
+use mirrorpoint_transport::{hand_off, Acceptor, SendList, SplitRecv, TcpListener, TcpStream};
 use std::io;
 use std::net::Shutdown;
 use std::rc::Rc;
@@ -279,9 +279,9 @@ fn eof_mid_frame_is_unexpected_eof_and_clean_eof_is_zero() {
 }
 
 #[test]
-fn parts_chain_copied_bytes_and_shared_chunks_in_order() {
+fn send_list_and_split_receive_keep_part_order() {
     let rt = runtime(1);
-    let (ok, bad_parts, first, second, rest) = run(&rt.handles()[0], 10, || async {
+    let (ok, got, rest) = run(&rt.handles()[0], 10, || async {
         let listener = TcpListener::bind(localhost()).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let client = TcpStream::connect(addr).await.expect("connect");
@@ -289,40 +289,49 @@ fn parts_chain_copied_bytes_and_shared_chunks_in_order() {
         // Copied bytes around two shared chunks: "ab" [chunk 300] "cde" [chunk 50] "f".
         let c1 = pattern_buf(3, 0, 300);
         let c2 = pattern_buf(4, 0, 50);
-        let parts = [
-            SendPart::Bytes(2),
-            SendPart::Buf(c1.clone()),
-            SendPart::Bytes(3),
-            SendPart::Buf(c2.clone()),
-            SendPart::Bytes(1),
-        ];
-        let ok = server.send_parts_all(b"abcdef".to_vec(), &parts).await;
-        // More Bytes than the vector holds is refused, nothing sent.
-        let bad_parts = server
-            .send_parts_all(b"xy".to_vec(), &[SendPart::Bytes(3)])
-            .await
-            .map_err(|e| e.kind());
+        let mut list = SendList::new();
+        list.push_bytes(b"ab");
+        list.push_chunk(c1.clone());
+        list.push_bytes(b"cde");
+        list.push_chunk(c2.clone());
+        list.push_bytes(b"f");
+        let (ok, _list) = server.send_list(list).await;
         let mut want = b"ab".to_vec();
         want.extend_from_slice(&c1);
         want.extend_from_slice(b"cde");
         want.extend_from_slice(&c2);
         want.push(b'f');
-        // Receive 302 bytes into one chunk and the rest into another.
-        let a = buffer_pool().alloc(302).expect("chunk");
-        let b = buffer_pool().alloc(54).expect("chunk");
-        let (ra, a) = client.recv_exact(a, 0..302).await;
-        let (rb, b) = client.recv_exact(b, 0..54).await;
-        let (at, bt) = (
-            if ra.is_ok() { 302 } else { 0 },
-            if rb.is_ok() { 54 } else { 0 },
+        // Split receives: the first 302 bytes into `body` at offset 10, what
+        // follows into `tail` at offset 5, until everything is in.
+        let mut body = buffer_pool().alloc(312).expect("chunk");
+        assert!(body.set_len(312));
+        let mut tail = buffer_pool().alloc(100).expect("chunk");
+        assert!(tail.set_len(100));
+        let mut split = SplitRecv::new();
+        let (mut in_body, mut in_tail) = (0usize, 0usize);
+        while in_body + in_tail < want.len() {
+            let (r, b, t, s) = client
+                .recv_split(body, 10 + in_body..312, tail, 5 + in_tail..100, split)
+                .await;
+            (body, tail, split) = (b, t, s);
+            let n = r.expect("split receive");
+            assert!(n > 0, "no end of stream before all bytes");
+            let to_body = n.min(302 - in_body);
+            in_body += to_body;
+            in_tail += n - to_body;
+        }
+        // A range outside its buffer is refused, nothing received.
+        let (bad, body, tail, _) = client.recv_split(body, 0..1, tail, 0..101, split).await;
+        assert_eq!(bad.map_err(|e| e.kind()), Err(io::ErrorKind::InvalidInput));
+        let rest = (
+            body[10..312] == want[..302],
+            tail[5..5 + in_tail] == want[302..],
         );
-        let rest = (a[..] == want[..302], b[..] == want[302..]);
-        (ok.is_ok(), bad_parts, at, bt, rest)
+        (ok.is_ok(), (in_body, in_tail), rest)
     });
-    assert!(ok, "send_parts_all sent everything");
-    assert_eq!(bad_parts, Err(io::ErrorKind::InvalidInput));
-    assert_eq!((first, second), (302, 54));
-    assert_eq!(rest, (true, true), "bytes arrive in part order");
+    assert!(ok, "send_list sent everything");
+    assert_eq!(got, (302, 54));
+    assert_eq!(rest, (true, true), "bytes arrive in part order, body first");
 }
 
 #[test]

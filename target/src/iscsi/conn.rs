@@ -49,7 +49,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use mirrorpoint_poller::{buffer_pool, current_index, sleep, spawn, IoBuf, IoBufMut};
-use mirrorpoint_transport::TcpStream;
+use mirrorpoint_transport::{SplitRecv, TcpStream};
 use thiserror::Error;
 
 use super::login::{
@@ -166,12 +166,17 @@ const GREEDY_RECV: usize = 1024;
 /// carried data it asks for exactly one header, so a write's data segment
 /// is received straight into its own pool chunk and never copied; only when
 /// a data segment follows a greedy receive are its first bytes (less than
-/// `GREEDY_RECV`) copied out of the scratch.
+/// `GREEDY_RECV`) copied out of the scratch. A data segment is received
+/// with one split `recvmsg` whose second iovec takes its padding, digest and
+/// the next header into the scratch, so a stream of writes costs one
+/// receive per write.
 struct Reader {
     scratch: Option<IoBufMut>,
     pos: usize,
     end: usize,
     greedy: bool,
+    /// The `msghdr` of split receives (data segment + what follows).
+    split: Option<Box<SplitRecv>>,
 }
 
 impl Reader {
@@ -184,6 +189,7 @@ impl Reader {
             pos: 0,
             end: 0,
             greedy: false,
+            split: Some(SplitRecv::new()),
         })
     }
 
@@ -244,6 +250,61 @@ impl Reader {
             self.pos = 0;
             self.end = 0;
         }
+    }
+
+    /// Receives `buf[got..n]` (the rest of a data segment; nothing is
+    /// staged) with split receives that also bring up to `after` bytes of
+    /// what follows (the segment's padding and digest, the next header)
+    /// into the scratch: under a stream of writes one ring op per write
+    /// instead of one for the data and one for the next header, and the
+    /// data still lands straight in its own chunk.
+    async fn recv_data(
+        &mut self,
+        s: &TcpStream,
+        buf: IoBufMut,
+        mut got: usize,
+        n: usize,
+        after: usize,
+    ) -> Result<IoBufMut, ConnError> {
+        let mut buf = buf;
+        let mut scratch = self.scratch.take().ok_or(ConnError::NoBuffer)?;
+        let mut split = self.split.take().unwrap_or_else(SplitRecv::new);
+        // Nothing is staged (a data segment is only received once what a
+        // greedy header receive brought is used up), so the scratch is
+        // empty and rewound.
+        debug_assert_eq!(self.staged(), 0);
+        let tail_end = (self.end + after).min(scratch.len());
+        let mut res = Ok(());
+        while got < n {
+            let (r, b, sc, sp) = s
+                .recv_split(buf, got..n, scratch, self.end..tail_end, split)
+                .await;
+            (buf, scratch, split) = (b, sc, sp);
+            match r {
+                Ok(0) => {
+                    res = Err(ConnError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("connection closed by peer after {got} of {n} data bytes"),
+                    )));
+                    break;
+                }
+                Ok(k) => {
+                    let body = k.min(n - got);
+                    got += body;
+                    // The kernel fills the body first: only bytes past it
+                    // are in the tail.
+                    self.end += k - body;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) => {
+                    res = Err(ConnError::Io(e));
+                    break;
+                }
+            }
+        }
+        self.scratch = Some(scratch);
+        self.split = Some(split);
+        res.map(|()| buf)
     }
 
     /// Reads one PDU. `Err` ends the connection.
@@ -313,9 +374,8 @@ impl Reader {
                 self.consume(early);
             }
             let buf = if early < n {
-                let (r, buf) = s.recv_exact(buf, early..n).await;
-                r?;
-                buf
+                self.recv_data(s, buf, early, n, trailer + BHS_LEN + hd)
+                    .await?
             } else {
                 buf
             };
@@ -594,8 +654,8 @@ async fn login(
 async fn writer(conn: Rc<Conn>) {
     loop {
         let batch = conn.tx.next().await;
-        let r = conn.stream.send_parts_all(batch.bytes, &batch.parts).await;
-        conn.tx.done(r.is_ok());
+        let (r, list) = conn.stream.send_list(batch.list).await;
+        conn.tx.done(r.is_ok(), list);
         if let Err(e) = r {
             tracing::debug!("send of {} PDUs failed: {e}", batch.pdus);
             let _ = conn.stream.shutdown(Shutdown::Both).await;

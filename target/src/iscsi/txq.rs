@@ -6,9 +6,12 @@
 //! that most of its CPU per I/O was `sendmsg` (on loopback each one also
 //! runs the peer's TCP receive path and wakes it), one op per PDU. Commands
 //! completing in the same reactor turn now share one op: their headers
-//! (with digests, padding and small data segments) are copied into one byte
-//! vector, and Data-In payload chunks go out as they are, shared, between
-//! them, so read data is still never copied. Under load the writer is busy
+//! (with digests, padding and small data segments) are copied into the
+//! arena of a [`SendList`] (the transport's reusable batched `sendmsg`
+//! list, shared with the NVMe/TCP side), and Data-In payload chunks go out
+//! as they are, shared, between them, so read data is still never copied.
+//! Two lists alternate (one filling while the other is in flight), so a
+//! warm connection allocates nothing to send. Under load the writer is busy
 //! while more responses queue up, so batches grow exactly when it matters;
 //! at queue depth 1 a batch is the one PDU, sent in the same turn.
 //!
@@ -25,7 +28,7 @@ use std::future::{poll_fn, Future};
 use std::task::{Context, Poll, Waker};
 
 use mirrorpoint_poller::IoBuf;
-use mirrorpoint_transport::SendPart;
+use mirrorpoint_transport::SendList;
 use thiserror::Error;
 
 use super::pdu::{self, Bhs, PduError, SegmentLengths};
@@ -68,49 +71,23 @@ impl Notify {
     }
 }
 
-/// What is queued: copied bytes and the parts that lay them out between
-/// shared chunks.
-#[derive(Default)]
-struct Pending {
-    bytes: Vec<u8>,
-    parts: Vec<SendPart>,
-    /// Bytes at the end of `bytes` not yet covered by a `Bytes` part.
-    open: usize,
-    pdus: usize,
-}
-
-impl Pending {
-    fn copy(&mut self, b: &[u8]) {
-        self.bytes.extend_from_slice(b);
-        self.open += b.len();
-    }
-
-    fn share(&mut self, b: &IoBuf) {
-        if b.is_empty() {
-            return;
-        }
-        self.close_bytes();
-        self.parts.push(SendPart::Buf(b.clone()));
-    }
-
-    fn close_bytes(&mut self) {
-        if self.open > 0 {
-            self.parts.push(SendPart::Bytes(self.open));
-            self.open = 0;
-        }
-    }
-}
-
-/// One batch for the writer: the byte vector, the parts, the PDU count.
+/// One batch for the writer: the list to send (give it back with
+/// [`TxQueue::done`] so its capacities are reused) and its PDU count.
 pub(crate) struct Batch {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) parts: Vec<SendPart>,
+    pub(crate) list: SendList,
     pub(crate) pdus: usize,
 }
 
 /// A connection's outgoing PDUs.
 pub(crate) struct TxQueue {
-    pending: RefCell<Pending>,
+    /// What is queued: headers, digests, padding and small segments copied
+    /// into the list's arena, payload chunks shared.
+    pending: RefCell<SendList>,
+    /// PDUs in `pending`.
+    pdus: Cell<usize>,
+    /// The list of the last batch sent, cleared, waiting to be the next
+    /// `pending` (two lists alternate, so a warm queue allocates nothing).
+    spare: RefCell<Option<SendList>>,
     header_digest: bool,
     data_digest: bool,
     /// The writer waits here for PDUs.
@@ -125,7 +102,9 @@ pub(crate) struct TxQueue {
 impl TxQueue {
     pub(crate) fn new(header_digest: bool, data_digest: bool) -> TxQueue {
         TxQueue {
-            pending: RefCell::new(Pending::default()),
+            pending: RefCell::new(SendList::new()),
+            pdus: Cell::new(0),
+            spare: RefCell::new(None),
             header_digest,
             data_digest,
             work: Notify::default(),
@@ -149,73 +128,57 @@ impl TxQueue {
             data_len,
         })?;
         let mut p = self.pending.borrow_mut();
-        p.copy(&raw);
+        p.push_bytes(&raw);
         if self.header_digest {
-            p.copy(&pdu::digest_bytes(pdu::crc32c(&raw)));
+            p.push_bytes(&pdu::digest_bytes(pdu::crc32c(&raw)));
         }
         if len > 0 {
             let mut crc = 0u32;
-            p.copy(small);
+            p.push_bytes(small);
             if self.data_digest {
                 crc = crc32c::crc32c_append(crc, small);
             }
             for b in bufs {
-                p.share(b);
+                p.push_chunk(b.clone());
                 if self.data_digest {
                     crc = crc32c::crc32c_append(crc, b);
                 }
             }
             let pad = [0u8; 3];
             let pad = pad.get(..pdu::pad_len(len)).unwrap_or(&[]);
-            p.copy(pad);
+            p.push_bytes(pad);
             if self.data_digest {
                 crc = crc32c::crc32c_append(crc, pad);
-                p.copy(&pdu::digest_bytes(crc));
+                p.push_bytes(&pdu::digest_bytes(crc));
             }
         }
-        p.pdus += 1;
         drop(p);
+        self.pdus.set(self.pdus.get() + 1);
         self.work.notify();
         Ok(())
     }
 
     /// Whether nothing is queued.
     fn is_empty(&self) -> bool {
-        self.pending.borrow().pdus == 0
+        self.pdus.get() == 0
     }
 
     /// Everything queued so far, or `None` when nothing is. Marks the
-    /// writer busy until [`TxQueue::sent`].
+    /// writer busy until [`TxQueue::done`].
     fn take(&self) -> Option<Batch> {
-        let mut p = self.pending.borrow_mut();
-        if p.pdus == 0 {
+        if self.pdus.get() == 0 {
             return None;
         }
-        p.close_bytes();
-        let cap = p.bytes.len();
-        let parts_cap = p.parts.len();
-        let batch = Batch {
-            bytes: std::mem::replace(&mut p.bytes, Vec::with_capacity(cap)),
-            parts: std::mem::replace(&mut p.parts, Vec::with_capacity(parts_cap)),
-            pdus: std::mem::take(&mut p.pdus),
-        };
+        let next = self.spare.borrow_mut().take().unwrap_or_default();
+        let list = std::mem::replace(&mut *self.pending.borrow_mut(), next);
         self.sending.set(true);
-        Some(batch)
+        Some(Batch {
+            list,
+            pdus: self.pdus.replace(0),
+        })
     }
 
-    /// The writer finished a batch (`ok`: all of it was sent).
-    fn sent(&self, ok: bool) {
-        self.sending.set(false);
-        if !ok {
-            self.broken.set(true);
-            *self.pending.borrow_mut() = Pending::default();
-        }
-        if self.is_empty() {
-            self.idle.notify();
-        }
-    }
-
-    /// The next batch, waiting for one. Call [`TxQueue::sent`] after it.
+    /// The next batch, waiting for one. Call [`TxQueue::done`] after it.
     pub(crate) async fn next(&self) -> Batch {
         loop {
             if let Some(b) = self.take() {
@@ -225,9 +188,20 @@ impl TxQueue {
         }
     }
 
-    /// Reports the outcome of the batch [`TxQueue::next`] gave.
-    pub(crate) fn done(&self, ok: bool) {
-        self.sent(ok);
+    /// Reports the outcome of the batch [`TxQueue::next`] gave (`ok`: all
+    /// of it was sent) and hands its list back for reuse.
+    pub(crate) fn done(&self, ok: bool, mut list: SendList) {
+        self.sending.set(false);
+        list.clear();
+        *self.spare.borrow_mut() = Some(list);
+        if !ok {
+            self.broken.set(true);
+            self.pending.borrow_mut().clear();
+            self.pdus.set(0);
+        }
+        if self.is_empty() {
+            self.idle.notify();
+        }
     }
 
     /// Resolves when everything queued has been handed to the socket (or
@@ -261,23 +235,6 @@ mod tests {
         })
     }
 
-    /// The wire bytes of a batch, with the shared chunks inlined.
-    fn wire(b: &Batch) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        for p in &b.parts {
-            match p {
-                SendPart::Bytes(n) => {
-                    out.extend_from_slice(&b.bytes[at..at + n]);
-                    at += n;
-                }
-                SendPart::Buf(c) => out.extend_from_slice(c),
-            }
-        }
-        assert_eq!(at, b.bytes.len(), "every copied byte is sent");
-        out
-    }
-
     #[test]
     fn batches_match_the_reference_encoder_with_and_without_digests() {
         for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -305,17 +262,37 @@ mod tests {
             two.extend_from_slice(&chunk);
             pdu::encode_pdu(&nop(2), &[], &two, hd, dd, &mut want).expect("enc");
             pdu::encode_pdu(&nop(3), &[], &[], hd, dd, &mut want).expect("enc");
-            assert_eq!(wire(&b), want, "hd={hd} dd={dd}");
+            assert_eq!(b.list.to_vec(), want, "hd={hd} dd={dd}");
             // The chunks were shared, not copied: the byte vector holds only
             // headers, digests, padding and the small segment.
             let hdl = if hd { DIGEST_LEN } else { 0 };
             let ddl = if dd { DIGEST_LEN } else { 0 };
             assert_eq!(
-                b.bytes.len(),
+                b.list.arena_len(),
                 3 * (BHS_LEN + hdl) + 4 + ddl + pdu::pad_len(2002) + ddl
             );
             assert!(q.take().is_none(), "the batch took everything");
-            q.sent(true);
+            let arena = b.list.arena_len();
+            q.done(true, b.list);
+            // Two lists alternate: the third batch is sent from the first
+            // one's list, cleared but with its arena kept.
+            q.push(&nop(4), &[], &[]).expect("push");
+            let b = q.take().expect("a batch");
+            q.done(true, b.list);
+            q.push(&nop(5), &[], &[]).expect("push");
+            let b = q.take().expect("a batch");
+            assert!(
+                b.list.arena_capacity() >= arena,
+                "the first list was reused"
+            );
+            let mut want = Vec::new();
+            pdu::encode_pdu(&nop(5), &[], &[], hd, dd, &mut want).expect("enc");
+            assert_eq!(
+                b.list.to_vec(),
+                want,
+                "a reused list holds only the new PDU"
+            );
+            q.done(true, b.list);
         }
     }
 
@@ -323,9 +300,9 @@ mod tests {
     fn a_failed_send_breaks_the_queue() {
         let q = TxQueue::new(false, false);
         q.push(&nop(1), &[], &[]).expect("push");
-        let _b = q.take().expect("batch");
+        let b = q.take().expect("batch");
         q.push(&nop(2), &[], &[]).expect("queued behind the batch");
-        q.sent(false);
+        q.done(false, b.list);
         assert!(q.is_broken());
         assert!(q.take().is_none(), "queued PDUs are dropped");
         assert!(matches!(q.push(&nop(3), &[], &[]), Err(TxError::Broken)));

@@ -60,6 +60,10 @@ use super::wire::{
 use crate::units::ByteOffset;
 use crate::volume::{Volume, VolumeError};
 
+#[path = "resync.rs"]
+mod resync;
+use resync::resync;
+
 /// When the host's write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -254,7 +258,48 @@ pub(super) enum Reply {
     /// Per-region digests (packed), for the consistency check.
     Digest(Status, Vec<u8>),
     /// Data of a Read.
-    Read(Status, Vec<u8>),
+    Read(Status, ReadData),
+}
+
+/// The data of a `ReadResp` as it arrived: the frame's own pool chunk when
+/// the payload was received into one (a large read: no copy, and aligned for
+/// direct I/O), otherwise a copy of the bytes (a small payload cut from a
+/// shared receive chunk).
+pub(super) enum ReadData {
+    /// The frame's payload chunk, exactly the data.
+    Chunk(IoBuf),
+    /// A copy.
+    Bytes(Vec<u8>),
+}
+
+impl ReadData {
+    /// Alignment a buffer needs to go to a volume as is (direct I/O).
+    const DIRECT_ALIGN: usize = 4096;
+
+    /// The data as a pool buffer a volume can write from: the received
+    /// chunk itself when it is aligned, else a copy into a fresh chunk.
+    pub(super) async fn into_iobuf(self) -> Result<IoBuf, String> {
+        if let ReadData::Chunk(b) = &self {
+            if (b.as_ptr() as usize) & (Self::DIRECT_ALIGN - 1) == 0 {
+                return Ok(b.clone());
+            }
+        }
+        let mut b = alloc_wait(self.len())
+            .await
+            .map_err(|e| format!("read buffer: {e}"))?;
+        b.copy_from_slice(&self);
+        Ok(b.freeze())
+    }
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Chunk(b) => b,
+            ReadData::Bytes(v) => v,
+        }
+    }
 }
 
 /// One core's connection to one remote leg.
@@ -1322,7 +1367,13 @@ async fn receive_loop(m: Arc<Mirror>, leg: Arc<Leg>, link: Rc<CoreLink>) {
             Message::FlushAck(a) => Reply::Flush(a.status),
             Message::GenerationExchange(g) => Reply::Gen(g),
             Message::RangeDigestResp(r) => Reply::Digest(r.status, r.digests.as_bytes().to_vec()),
-            Message::ReadResp(r) => Reply::Read(r.status, r.data.to_vec()),
+            Message::ReadResp(r) => match f.payload() {
+                // The payload is the data: hand the chunk over, no copy.
+                Some(p) if std::ptr::eq(p.as_ptr(), r.data.as_ptr()) && p.len() == r.data.len() => {
+                    Reply::Read(r.status, ReadData::Chunk(p.clone()))
+                }
+                _ => Reply::Read(r.status, ReadData::Bytes(r.data.to_vec())),
+            },
             Message::HeartbeatAck(_) => continue,
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
@@ -1596,140 +1647,6 @@ async fn bring_up(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), Bring
     {
         *leg.last_error.lock().unwrap_or_else(|p| p.into_inner()) = String::new();
         tracing::info!(mirror = m.name, leg = idx, "mirror leg synced");
-    }
-    Ok(())
-}
-
-/// How often a resync makes its progress (cleared bits) durable.
-const RESYNC_COMMIT_EVERY: Duration = Duration::from_millis(250);
-
-async fn resync(m: &Arc<Mirror>, leg: &Arc<Leg>, gen: u64) -> Result<(), String> {
-    let idx = leg.idx;
-    let local = m.local().channel();
-    let rs = m.meta.region_size();
-    let size = m.local().size().0;
-    let chunk = mirrorpoint_poller::buffer_pool().chunk_size() as u64;
-    leg.resync_total
-        .store(m.meta.dirty_regions(idx), Ordering::Relaxed);
-    leg.resync_pass_copied.store(0, Ordering::Relaxed);
-    let started = Instant::now();
-    *leg.resync_started.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
-    let mut copied = 0u64;
-    let mut cursor = 0u64;
-    let mut last_commit = Instant::now();
-    loop {
-        if m.stopping.load(Ordering::SeqCst)
-            || leg.removed.load(Ordering::SeqCst)
-            || leg.state() != LegState::Syncing
-            || leg.link_gen.load(Ordering::SeqCst) != gen
-        {
-            return Err("resync interrupted".into());
-        }
-        let Some(r) = m.meta.next_dirty(idx, cursor) else {
-            break;
-        };
-        cursor = r + 1;
-        let start = r * rs;
-        let end = (start + rs).min(size);
-        let guard = m.overlap.lock(start, end);
-        guard.ready().await;
-        if !m.meta.is_dirty(idx, r) {
-            continue;
-        }
-        if m.recovery.is_dirty(r) {
-            // The local device misses this region (failed or being
-            // rebuilt): the leg holds the newest data there.
-            m.meta.clear_dirty(idx, r);
-            continue;
-        }
-        if !m.recovery.local_readable(start, end - start) {
-            return Err("the local device failed: the leg waits for its recovery".into());
-        }
-        if leg.removed.load(Ordering::SeqCst) {
-            return Err("leg removed".into());
-        }
-        let link = m.core_link(leg).ok_or("link lost during resync")?;
-        let mut off = start;
-        while off < end {
-            let len = chunk.min(end - off);
-            let b = alloc_wait(len as usize).await.map_err(|e| e.to_string())?;
-            let (res, b) = local.read(ByteOffset(off), b).await;
-            if let Err(e) = res {
-                let why = format!("local read for resync: {e}");
-                if recovery::is_device_error(&e) {
-                    recovery::fail_local(m, off, len, &why).await;
-                }
-                return Err(why);
-            }
-            let data = b.freeze();
-            let stamp = m.gate().peek();
-            let msg = Message::Write(Write {
-                mirror: m.id,
-                seq: SeqNo(stamp.seq),
-                epoch: Epoch(stamp.epoch),
-                flags: WriteFlags::RESYNC,
-                offset: ByteOffset(off),
-                data: &data,
-            });
-            match link
-                .request(&msg, std::slice::from_ref(&data), m.cfg.link_timeout)
-                .await
-            {
-                Ok(Reply::Write(Status::Ok)) => {}
-                Ok(_) => {
-                    m.leg_failed(leg, gen, "resync write refused");
-                    return Err("resync write refused".into());
-                }
-                Err(e) => {
-                    if link.kill() {
-                        LINKS.with(|l| l.borrow_mut().remove(&(m.uid, idx)));
-                    }
-                    m.leg_failed(leg, gen, &format!("resync: {e}"));
-                    return Err(e);
-                }
-            }
-            off += len;
-        }
-        if leg.removed.load(Ordering::SeqCst) {
-            // The slot may be handed to a new leg only after this task
-            // ended; still, never clear a bit of a leg that is gone.
-            return Err("leg removed".into());
-        }
-        m.meta.clear_dirty(idx, r);
-        drop(guard);
-        // Progress reaches the file now and then, so a crash in a long
-        // (full) sync resumes near where it was rather than from zero.
-        if last_commit.elapsed() >= RESYNC_COMMIT_EVERY {
-            last_commit = Instant::now();
-            if let Err(e) = m.meta.commit().await {
-                tracing::warn!(
-                    mirror = m.name,
-                    leg = idx,
-                    "metadata commit during resync: {e}"
-                );
-            }
-        }
-        copied += end - start;
-        leg.resync_copied.fetch_add(end - start, Ordering::Relaxed);
-        leg.resync_pass_copied.fetch_add(1, Ordering::Relaxed);
-        let el = started.elapsed().as_secs_f64().max(1e-6);
-        leg.resync_rate_seen
-            .store((copied as f64 / el) as u64, Ordering::Relaxed);
-        let rate = m.resync_rate.load(Ordering::Relaxed);
-        if rate > 0 {
-            let due = Duration::from_secs_f64(copied as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                sleep(wait).await;
-            }
-        }
-    }
-    if copied > 0 {
-        tracing::info!(
-            mirror = m.name,
-            leg = idx,
-            bytes = copied,
-            "resync pass done"
-        );
     }
     Ok(())
 }

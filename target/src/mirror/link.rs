@@ -117,6 +117,11 @@ impl RawFrame {
         Ok((frame.header.tag, frame.message(framer.limits())?))
     }
 
+    /// The payload, if the frame has one (bulk data is exactly it).
+    pub fn payload(&self) -> Option<&IoBuf> {
+        self.payload.as_ref()
+    }
+
     /// The payload (for writes: it goes to the disk as is).
     pub fn take_payload(&mut self) -> Option<IoBuf> {
         self.payload.take()

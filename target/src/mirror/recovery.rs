@@ -141,6 +141,11 @@ pub struct LocalRecovery {
     size: u64,
     state: AtomicU8,
     bits: Box<[AtomicU64]>,
+    /// Regions a rebuild copied (their bit in `bits` is clear) whose data
+    /// the local device may not have made durable yet: the file keeps them
+    /// dirty until a flush that began after they were copied has completed
+    /// (see [`persist_progress`]), so the rebuild never pauses for it.
+    unflushed: Box<[AtomicU64]>,
     dirty: AtomicU64,
     /// Writes between reading the state and setting their bits (Dekker
     /// with the rebuild's switch to `Rebuilding`).
@@ -311,6 +316,7 @@ impl LocalRecovery {
             size,
             state: AtomicU8::new(state as u8),
             bits: bits.into_iter().map(AtomicU64::new).collect(),
+            unflushed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             dirty: AtomicU64::new(dirty),
             failed_inflight: AtomicU64::new(0),
             source_leg: AtomicUsize::new(source_leg),
@@ -382,7 +388,13 @@ impl LocalRecovery {
             source_leg: self.source_leg.load(Ordering::SeqCst),
             cursor: self.cursor.load(Ordering::SeqCst),
             device: self.device().name().to_string(),
-            bits: self.bits.iter().map(|w| w.load(Ordering::SeqCst)).collect(),
+            // A region is clear in the file only once rebuilt *and* flushed.
+            bits: self
+                .bits
+                .iter()
+                .zip(self.unflushed.iter())
+                .map(|(w, u)| w.load(Ordering::SeqCst) | u.load(Ordering::SeqCst))
+                .collect(),
         };
         write_file(&self.path, &encode(&saved, self.region_shift, self.regions))
     }
@@ -487,6 +499,35 @@ impl LocalRecovery {
         let (w, b) = ((r / 64) as usize, r % 64);
         if self.bits[w].fetch_or(1 << b, Ordering::SeqCst) & (1 << b) == 0 {
             self.dirty.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Marks region `r` rebuilt: readable locally from now on, clean in the
+    /// file after the next flush (`unflushed` first, so that a concurrent
+    /// commit always sees one of the two bits).
+    fn clear_rebuilt(&self, r: u64) {
+        let (w, b) = ((r / 64) as usize, r % 64);
+        if let Some(u) = self.unflushed.get(w) {
+            u.fetch_or(1 << b, Ordering::SeqCst);
+        }
+        self.clear_bit(r);
+    }
+
+    /// The `unflushed` words now (rebuilt regions whose writes completed).
+    fn unflushed_snapshot(&self) -> Vec<u64> {
+        self.unflushed
+            .iter()
+            .map(|u| u.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// After a flush that began after `snap` was taken: those regions are
+    /// durable; regions rebuilt since stay in `unflushed`.
+    fn flushed(&self, snap: &[u64]) {
+        for (u, s) in self.unflushed.iter().zip(snap) {
+            if *s != 0 {
+                u.fetch_and(!s, Ordering::SeqCst);
+            }
         }
     }
 
@@ -716,7 +757,12 @@ fn leg_can_serve(m: &Mirror, leg: &Leg, offset: u64, len: u64) -> bool {
 }
 
 /// Reads `len` bytes at `offset` from leg `idx` on this core's link.
-async fn leg_read(m: &Mirror, idx: usize, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+async fn leg_read(
+    m: &Mirror,
+    idx: usize,
+    offset: u64,
+    len: usize,
+) -> Result<super::ReadData, String> {
     let msg = Message::Read(Read {
         mirror: m.id,
         offset: ByteOffset(offset),
@@ -920,8 +966,6 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     let pass = PassState {
         cursor: Cell::new(rec.cursor.load(Ordering::SeqCst)),
         copied: Cell::new(0),
-        active: Cell::new(0),
-        pause: Cell::new(false),
         workers_left: Cell::new(REBUILD_DEPTH),
         error: RefCell::new(None),
         started: Instant::now(),
@@ -948,11 +992,13 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
         return Ok(false);
     }
     // Nothing left: durable locally, then healthy.
+    let snap = rec.unflushed_snapshot();
     if let Err(e) = local.flush().await {
         let why = format!("local flush after the rebuild: {e}");
         fail_local(m, 0, 0, &why).await;
         return Err(why);
     }
+    rec.flushed(&snap);
     if rec
         .state
         .compare_exchange(
@@ -976,16 +1022,6 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
     Ok(true)
 }
 
-/// The link hands read data over as bytes (`Reply::Read`); the local
-/// volume takes a pool chunk (aligned for direct I/O).
-async fn into_chunk(data: &[u8]) -> Result<mirrorpoint_poller::IoBuf, String> {
-    let mut b = super::alloc_wait(data.len())
-        .await
-        .map_err(|e| format!("rebuild buffer: {e}"))?;
-    b.copy_from_slice(data);
-    Ok(b.freeze())
-}
-
 /// Regions copied at once by a rebuild (each waits for a leg round trip
 /// and a local write: one at a time leaves the link and the disk idle).
 const REBUILD_DEPTH: usize = 32;
@@ -994,8 +1030,6 @@ const REBUILD_DEPTH: usize = 32;
 struct PassState {
     cursor: Cell<u64>,
     copied: Cell<u64>,
-    active: Cell<usize>,
-    pause: Cell<bool>,
     workers_left: Cell<usize>,
     error: RefCell<Option<String>>,
     started: Instant,
@@ -1030,18 +1064,12 @@ async fn rebuild_worker(m: &Arc<Mirror>, src: usize, local: &VolumeChannel, pass
             pass.fail(format!("source leg {src} left the synced state"));
             break;
         }
-        if pass.pause.get() {
-            sleep(Duration::from_millis(1)).await;
-            continue;
-        }
         let Some(r) = rec.next_dirty(pass.cursor.get()) else {
             break;
         };
         pass.cursor.set(r + 1);
         rec.cursor.store(r + 1, Ordering::SeqCst);
-        pass.active.set(pass.active.get() + 1);
         let res = rebuild_region(m, src, local, r, rs, chunk).await;
-        pass.active.set(pass.active.get() - 1);
         match res {
             Ok(n) => pass.copied.set(pass.copied.get() + n),
             Err(e) => {
@@ -1090,7 +1118,8 @@ async fn rebuild_region(
         let data = leg_read(m, src, off, len)
             .await
             .map_err(|e| format!("reading region {r} from leg {src}: {e}"))?;
-        let data = into_chunk(&data).await?;
+        // The received chunk itself when it is aligned for the device.
+        let data = data.into_iobuf().await?;
         let (res, _) = local.write(ByteOffset(off), data).await;
         if let Err(e) = res {
             let why = format!("local write during rebuild: {e}");
@@ -1099,16 +1128,17 @@ async fn rebuild_region(
         }
         off += len as u64;
     }
-    rec.clear_bit(r);
+    rec.clear_rebuilt(r);
     rec.copied.fetch_add(end - start, Ordering::Relaxed);
     rec.done.fetch_add(1, Ordering::Relaxed);
     drop(guard);
     Ok(end - start)
 }
 
-/// Every [`COMMIT_EVERY`]: pauses the workers, waits for the regions in
-/// flight, flushes the local device and commits the bitmap (so a cleared
-/// bit on disk is never ahead of the data), then lets them go on.
+/// Every [`COMMIT_EVERY`]: flushes the local device and commits the bitmap
+/// without pausing the workers; a bit is clear on disk only for regions
+/// rebuilt before the flush began (`unflushed`), so a cleared bit on disk is
+/// never ahead of the data.
 async fn rebuild_committer(m: &Arc<Mirror>, local: &VolumeChannel, pass: &PassState) {
     let mut last = Instant::now();
     while pass.workers_left.get() > 0 {
@@ -1116,14 +1146,11 @@ async fn rebuild_committer(m: &Arc<Mirror>, local: &VolumeChannel, pass: &PassSt
         if last.elapsed() < COMMIT_EVERY || pass.error.borrow().is_some() {
             continue;
         }
-        pass.pause.set(true);
-        while pass.active.get() > 0 {
-            sleep(Duration::from_millis(1)).await;
-        }
+        // The workers go on meanwhile: regions they finish during the flush
+        // stay dirty in the file until the next one.
         if let Err(e) = persist_progress(m, local).await {
             pass.fail(e);
         }
-        pass.pause.set(false);
         last = Instant::now();
     }
 }
@@ -1131,11 +1158,15 @@ async fn rebuild_committer(m: &Arc<Mirror>, local: &VolumeChannel, pass: &PassSt
 /// Flushes the local device, then commits the bitmap and cursor: a bit
 /// cleared on disk always means the data is durable locally.
 async fn persist_progress(m: &Arc<Mirror>, local: &VolumeChannel) -> Result<(), String> {
+    // Regions rebuilt so far had their writes complete: the flush makes
+    // them durable, and only them (later ones stay dirty in the file).
+    let snap = m.recovery.unflushed_snapshot();
     if let Err(e) = local.flush().await {
         let why = format!("local flush during the rebuild: {e}");
         fail_local(m, 0, 0, &why).await;
         return Err(why);
     }
+    m.recovery.flushed(&snap);
     m.recovery
         .commit()
         .await
@@ -1187,6 +1218,59 @@ mod tests {
         let crc = crc32c::crc32c(&c);
         c.extend_from_slice(&crc.to_le_bytes());
         assert!(decode(&c, 16, 130).is_err());
+    }
+
+    /// A region the rebuild copied is clean in the file only after a flush
+    /// that began after the copy: a crash before it rebuilds it again.
+    #[test]
+    fn rebuilt_regions_stay_dirty_on_disk_until_flushed() {
+        let dir = std::env::temp_dir().join(format!("mp-recovery-unfl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let reg = crate::volume::VolumeRegistry::new();
+        let v = reg
+            .create(crate::volume::VolumeSpec::Malloc(
+                crate::volume::registry::MallocParams {
+                    name: Some("l".into()),
+                    num_blocks: 2048,
+                    block_size: crate::units::BlockSize::B512,
+                    uuid: None,
+                },
+            ))
+            .expect("malloc");
+        let path = dir.join("mirror-u.local");
+        let (rec, _) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("new");
+        rec.state
+            .store(LocalState::Rebuilding as u8, Ordering::SeqCst);
+        for r in [2, 5, 9] {
+            rec.set_bit(r);
+        }
+        // Region 2 rebuilt before the flush began, 5 during it.
+        rec.clear_rebuilt(2);
+        let snap = rec.unflushed_snapshot();
+        rec.clear_rebuilt(5);
+        assert!(
+            !rec.is_dirty(2) && !rec.is_dirty(5),
+            "readable locally at once"
+        );
+        assert_eq!(rec.dirty_regions(), 1);
+        rec.commit_blocking().expect("commit");
+        let (before, _) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("reopen");
+        assert!(before.is_dirty(2) && before.is_dirty(5) && before.is_dirty(9));
+        before.close();
+        rec.flushed(&snap);
+        rec.commit_blocking().expect("commit");
+        rec.close();
+        let (after, _) = LocalRecovery::open(&path, v, 64 << 10).expect("reopen");
+        assert!(!after.is_dirty(2), "flushed: clean on disk");
+        assert!(
+            after.is_dirty(5),
+            "copied during the flush: still dirty on disk"
+        );
+        assert!(after.is_dirty(9));
+        assert_eq!(after.dirty_regions(), 2);
+        after.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -44,6 +44,7 @@
 //! found again), and an interrupted repair redoes its remaining regions
 //! (copying is idempotent).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -700,29 +701,39 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
     for span in scope {
         let end = span.offset.saturating_add(span.length);
         let mut at = span.offset.max(cursor);
+        // A sliding window of up to `depth` steps (each under its own lock):
+        // a step starts as soon as the oldest one is done, so one step's
+        // digesting on either side overlaps the next ones' reads and the
+        // legs' answers, with no barrier between batches. Results are taken
+        // in order (the cursor only moves over checked steps). Steps are
+        // aligned to `step`, so they coincide with overlap stripes.
+        let mut window: VecDeque<Step<'_>> = VecDeque::new();
+        let mut next_at = at;
         while at < end {
-            check_stop(m)?;
-            // Up to `depth` steps at once (each under its own lock), so one
-            // step's digesting overlaps the next one's reads and the legs'
-            // answers; results are taken in order. Steps are aligned to
-            // `step`, so they coincide with overlap stripes.
-            let mut steps = Vec::new();
-            let mut s_at = at;
-            while s_at < end && steps.len() < depth(m) {
-                let next = ((s_at / step) + 1).saturating_mul(step).min(end);
-                steps.push((s_at, next));
-                s_at = next;
+            if let Err(e) = check_stop(m) {
+                drain(&mut window).await;
+                return Err(e);
             }
-            type Fut<'a> =
-                std::pin::Pin<Box<dyn std::future::Future<Output = Result<Found, Stop>> + 'a>>;
-            let futs: Vec<Fut<'_>> = steps
-                .iter()
-                .map(|&(a, b)| Box::pin(check_range(m, a, b, rs)) as Fut<'_>)
-                .collect();
-            let results = join_all(futs).await;
-            let mut bytes = 0;
-            for ((a, b), found) in steps.into_iter().zip(results) {
-                let found = found?;
+            while next_at < end && window.len() < depth(m) {
+                let next = ((next_at / step) + 1).saturating_mul(step).min(end);
+                window.push_back(Step {
+                    a: next_at,
+                    b: next,
+                    slot: Slot::Running(Box::pin(check_range(m, next_at, next, rs))),
+                });
+                next_at = next;
+            }
+            let Some((a, b, found)) = first_done(&mut window).await else {
+                break;
+            };
+            let found = match found {
+                Ok(f) => f,
+                Err(e) => {
+                    drain(&mut window).await;
+                    return Err(e);
+                }
+            };
+            {
                 let mut job = vs.job();
                 for (off, len, legs) in found.differ {
                     tracing::warn!(
@@ -742,19 +753,94 @@ async fn run_check(m: &Arc<Mirror>) -> Result<(), Stop> {
                 job.checked_bytes += b - a;
                 job.cursor = b;
                 done += b - a;
-                bytes += b - a;
                 job.rate_bps = (done as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64;
-                cursor = b;
-                at = b;
             }
+            cursor = b;
+            at = b;
             if last_persist.elapsed() >= PERSIST_EVERY {
-                persist(m).await;
+                while_polling(&mut window, persist(m)).await;
                 last_persist = Instant::now();
             }
-            pacer.pace(m, bytes).await?;
+            // The steps in flight go on while the cap makes this one wait
+            // (they hold overlap locks: host writes must not wait for it).
+            if let Err(e) = while_polling(&mut window, pacer.pace(m, b - a)).await {
+                drain(&mut window).await;
+                return Err(e);
+            }
         }
     }
     Ok(())
+}
+
+/// One step of a check in the window.
+struct Step<'a> {
+    a: u64,
+    b: u64,
+    slot: Slot<'a>,
+}
+
+enum Slot<'a> {
+    Running(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Found, Stop>> + 'a>>),
+    Done(Result<Found, Stop>),
+}
+
+/// Polls every running step once (a finished one keeps its result).
+fn poll_steps(window: &mut VecDeque<Step<'_>>, cx: &mut std::task::Context<'_>) {
+    for s in window.iter_mut() {
+        if let Slot::Running(f) = &mut s.slot {
+            if let std::task::Poll::Ready(r) = f.as_mut().poll(cx) {
+                s.slot = Slot::Done(r);
+            }
+        }
+    }
+}
+
+/// Runs the window until its oldest step is done, and takes it out.
+async fn first_done(window: &mut VecDeque<Step<'_>>) -> Option<(u64, u64, Result<Found, Stop>)> {
+    std::future::poll_fn(|cx| {
+        poll_steps(window, cx);
+        match window.front() {
+            Some(Step {
+                slot: Slot::Running(_),
+                ..
+            }) => std::task::Poll::Pending,
+            _ => std::task::Poll::Ready(()),
+        }
+    })
+    .await;
+    let s = window.pop_front()?;
+    Some(match s.slot {
+        Slot::Done(r) => (s.a, s.b, r),
+        Slot::Running(f) => (s.a, s.b, f.await),
+    })
+}
+
+/// Awaits `fut` while the window's steps go on.
+async fn while_polling<T>(
+    window: &mut VecDeque<Step<'_>>,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        poll_steps(window, cx);
+        fut.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// Lets the steps still in flight finish (their reads own pool buffers and
+/// hold overlap locks) before an early return.
+async fn drain(window: &mut VecDeque<Step<'_>>) {
+    std::future::poll_fn(|cx| {
+        poll_steps(window, cx);
+        if window.iter().all(|s| matches!(s.slot, Slot::Done(_))) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    window.clear();
 }
 
 /// Steps checked at once: [`DEPTH`], fewer under a low rate cap (so the
@@ -1004,9 +1090,7 @@ async fn read_leg(m: &Mirror, leg: usize, start: u64, end: u64) -> Result<Vec<Io
         });
         match m.leg_request(leg, &msg, &[]).await? {
             Reply::Read(Status::Ok, data) if data.len() as u64 == n => {
-                let mut b = alloc_wait(n as usize).await.map_err(|e| e.to_string())?;
-                b.copy_from_slice(&data);
-                out.push(b.freeze());
+                out.push(data.into_iobuf().await?);
             }
             Reply::Read(s, _) => return Err(format!("leg {leg} refused a read at {off}: {s:?}")),
             _ => return Err(format!("unexpected answer to a read from leg {leg}")),
