@@ -79,8 +79,8 @@ impl Default for ReactorConfig {
 /// When a reactor hands disk requests to the kernel.
 ///
 /// Measured on a virtio disk at QD 32 (BENCHMARKS.md, bench v0): batching
-/// disk requests with everything else a turn queued cost 10–35% of the
-/// IOPS against submitting each one at once, because the device sat idle
+/// disk requests with everything else a turn queued cost 10–30% of the
+/// randwrite IOPS against submitting each one at once, because the device sat idle
 /// for part of every turn while later tasks ran. Sockets stay batched: a
 /// network op gains nothing from an early start, and its syscall is the
 /// per-I/O cost the front ends are measured on.

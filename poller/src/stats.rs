@@ -1,7 +1,7 @@
 //! Per-reactor counters: busy and idle time, I/Os submitted and completed,
-//! `io_uring_enter` calls that submitted, tasks run, times blocked. The reactor keeps them in plain fields and
-//! publishes them to atomics about once a millisecond, so reading them over
-//! RPC costs the data path nothing.
+//! `io_uring_enter` calls that submitted, tasks run, times blocked. The
+//! reactor keeps them in plain fields and publishes them to atomics about
+//! once a millisecond, so reading them over RPC costs the data path nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
