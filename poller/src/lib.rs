@@ -25,4 +25,6 @@ pub use reactor::{
 };
 pub use runtime::{ReactorHandle, Runtime, RuntimeConfig};
 pub use stats::StatsSnapshot;
-pub use sync::{oneshot, Canceled, LocalPermit, LocalSemaphore, OneshotReceiver, OneshotSender};
+pub use sync::{
+    oneshot, Canceled, LocalNotify, LocalPermit, LocalSemaphore, OneshotReceiver, OneshotSender,
+};

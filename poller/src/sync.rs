@@ -1,7 +1,9 @@
 //! Small synchronisation tools for tasks.
 //!
 //! [`LocalSemaphore`] bounds a queue depth between tasks of one reactor
-//! (no atomics: tasks never leave their reactor). [`oneshot`] carries one
+//! (no atomics: tasks never leave their reactor). [`LocalNotify`] is a
+//! one-waiter wake-up flag between tasks of one reactor (a writer task
+//! waiting for work, a closer waiting for the writer to go idle). [`oneshot`] carries one
 //! value from any thread to a task or a thread waiting on it, which is how a
 //! reactor answers a request posted by another core or by the admin thread.
 
@@ -12,6 +14,42 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
+
+/// A one-waiter wake-up flag for tasks of one reactor: [`notify`] sets it
+/// and wakes the waiter; [`wait`] returns once it is set, clearing it. A
+/// notification with nobody waiting is kept for the next wait; several
+/// notifications before a wait count as one.
+///
+/// [`notify`]: LocalNotify::notify
+/// [`wait`]: LocalNotify::wait
+#[derive(Default)]
+pub struct LocalNotify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LocalNotify {
+    /// Sets the flag and wakes the waiter, if any.
+    pub fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Waits until the flag is set, then clears it. Only the latest waiter
+    /// is woken.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
 
 /// A counting semaphore for tasks on one reactor.
 #[derive(Clone)]
@@ -273,6 +311,22 @@ mod tests {
 
     fn poll<F: Future + Unpin>(f: &mut F, w: &Waker) -> Poll<F::Output> {
         Pin::new(f).poll(&mut Context::from_waker(w))
+    }
+
+    /// A notification before the wait is kept; several count as one; a
+    /// waiting task is woken by the next one.
+    #[test]
+    fn notify_is_kept_until_waited_for_and_wakes_the_waiter() {
+        let n = LocalNotify::default();
+        let (count, w) = counter();
+        n.notify();
+        n.notify();
+        assert!(poll(&mut Box::pin(n.wait()), &w).is_ready());
+        let mut again = Box::pin(n.wait());
+        assert!(poll(&mut again, &w).is_pending(), "two notifies are one");
+        n.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter is woken");
+        assert!(poll(&mut again, &w).is_ready());
     }
 
     /// A waiter polled again while it waits (as `join_all` does with every

@@ -24,10 +24,8 @@
 //! anyway (the session's queue depth bounds them).
 
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
-use std::task::{Context, Poll, Waker};
 
-use mirrorpoint_poller::IoBuf;
+use mirrorpoint_poller::{IoBuf, LocalNotify};
 use mirrorpoint_transport::SendList;
 use thiserror::Error;
 
@@ -42,33 +40,6 @@ pub enum TxError {
     /// The header cannot be encoded (a field or length out of range).
     #[error("cannot encode PDU: {0}")]
     Encode(#[from] PduError),
-}
-
-/// A one-waiter wake-up flag for tasks of one reactor.
-#[derive(Default)]
-struct Notify {
-    set: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        self.set.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx: &mut Context<'_>| {
-            if self.set.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-    }
 }
 
 /// One batch for the writer: the list to send (give it back with
@@ -91,9 +62,9 @@ pub(crate) struct TxQueue {
     header_digest: bool,
     data_digest: bool,
     /// The writer waits here for PDUs.
-    work: Notify,
+    work: LocalNotify,
     /// [`TxQueue::flushed`] waits here for the writer to go idle.
-    idle: Notify,
+    idle: LocalNotify,
     /// The writer has a batch in flight.
     sending: Cell<bool>,
     broken: Cell<bool>,
@@ -107,8 +78,8 @@ impl TxQueue {
             spare: RefCell::new(None),
             header_digest,
             data_digest,
-            work: Notify::default(),
-            idle: Notify::default(),
+            work: LocalNotify::default(),
+            idle: LocalNotify::default(),
             sending: Cell::new(false),
             broken: Cell::new(false),
         }

@@ -27,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
 
-use mirrorpoint_poller::spawn;
+use mirrorpoint_poller::{spawn, LocalNotify};
 use mirrorpoint_transport::{SendList, TcpStream};
 
 /// Frames queued on one link, and the writer task that sends them.
@@ -50,8 +50,8 @@ struct Shared {
     error: RefCell<Option<(io::ErrorKind, String)>>,
     /// Callers waiting for their frame's batch.
     waiters: RefCell<Vec<Waker>>,
-    /// The writer, when it waits for frames.
-    writer: RefCell<Option<Waker>>,
+    /// Wakes the writer: frames queued, or the connection gone.
+    work: LocalNotify,
     /// The connection is gone: the writer ends once nothing is pending.
     closed: Cell<bool>,
     /// Batches sent (each one `sendmsg` unless the kernel took it partly).
@@ -72,7 +72,7 @@ impl SendQueue {
             failed_from: Cell::new(None),
             error: RefCell::new(None),
             waiters: RefCell::new(Vec::new()),
-            writer: RefCell::new(None),
+            work: LocalNotify::default(),
             closed: Cell::new(false),
             batches: Cell::new(0),
         });
@@ -94,9 +94,7 @@ impl SendQueue {
         fill(&mut s.pending.borrow_mut())?;
         let n = s.queued.get() + 1;
         s.queued.set(n);
-        if let Some(w) = s.writer.borrow_mut().take() {
-            w.wake();
-        }
+        s.work.notify();
         Ok(n)
     }
 
@@ -132,9 +130,7 @@ impl SendQueue {
 impl Drop for SendQueue {
     fn drop(&mut self) {
         self.shared.closed.set(true);
-        if let Some(w) = self.shared.writer.borrow_mut().take() {
-            w.wake();
-        }
+        self.shared.work.notify();
     }
 }
 
@@ -165,19 +161,12 @@ impl Shared {
 /// connection is dropped.
 async fn writer(s: Rc<Shared>, stream: Weak<TcpStream>) {
     loop {
-        let more = std::future::poll_fn(|cx| {
-            if !s.pending.borrow().is_empty() {
-                Poll::Ready(true)
-            } else if s.closed.get() {
-                Poll::Ready(false)
-            } else {
-                *s.writer.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
+        if s.pending.borrow().is_empty() {
+            if s.closed.get() {
+                break;
             }
-        })
-        .await;
-        if !more {
-            break;
+            s.work.wait().await;
+            continue;
         }
         let first = s.done.get() + 1;
         let upto = s.queued.get();

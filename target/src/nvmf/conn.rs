@@ -57,7 +57,7 @@ use super::spec::{
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
 use crate::units::Lba;
-use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut, LocalNotify};
 use mirrorpoint_transport::{SendList, TcpStream};
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
@@ -68,7 +68,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Largest PDU head (everything before the data section): PDO is one byte.
@@ -82,33 +82,6 @@ const SPLIT_MAX: usize = 16 * 1024;
 const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a host that overruns its queue size is given to drain it.
 const SLOT_WAIT: Duration = Duration::from_secs(5);
-
-/// A one-waiter wake-up flag for tasks of one reactor.
-#[derive(Default)]
-struct Notify {
-    set: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        self.set.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx: &mut Context<'_>| {
-            if self.set.replace(false) {
-                Poll::Ready(())
-            } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-    }
-}
 
 enum Role {
     Unbound,
@@ -152,10 +125,10 @@ struct Conn {
     qp: RefCell<QueuePair>,
     /// PDUs queued for the writer, in send order.
     out: RefCell<SendList>,
-    out_wake: Notify,
+    out_wake: LocalNotify,
     closing: Cell<bool>,
-    writer_done: Notify,
-    slot_free: Notify,
+    writer_done: LocalNotify,
+    slot_free: LocalNotify,
     role: RefCell<Role>,
     qid: Cell<u16>,
     sqhd: Cell<u16>,
@@ -208,10 +181,10 @@ pub(crate) async fn serve(target: Arc<NvmfTarget>, stream: TcpStream) {
         maxh2cdata: qp.codec().max_h2c_data,
         qp: RefCell::new(qp),
         out: RefCell::new(SendList::new()),
-        out_wake: Notify::default(),
+        out_wake: LocalNotify::default(),
         closing: Cell::new(false),
-        writer_done: Notify::default(),
-        slot_free: Notify::default(),
+        writer_done: LocalNotify::default(),
+        slot_free: LocalNotify::default(),
         role: RefCell::new(Role::Unbound),
         qid: Cell::new(0),
         sqhd: Cell::new(0),
