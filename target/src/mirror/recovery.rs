@@ -1220,15 +1220,12 @@ mod tests {
         assert!(decode(&c, 16, 130).is_err());
     }
 
-    /// A region the rebuild copied is clean in the file only after a flush
-    /// that began after the copy: a crash before it rebuilds it again.
-    #[test]
-    fn rebuilt_regions_stay_dirty_on_disk_until_flushed() {
-        let dir = std::env::temp_dir().join(format!("mp-recovery-unfl-{}", std::process::id()));
+    /// A fresh scratch directory and a 1 MiB malloc volume for one test.
+    fn scratch(tag: &str) -> (std::path::PathBuf, std::sync::Arc<crate::volume::Volume>) {
+        let dir = std::env::temp_dir().join(format!("mp-recovery-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        let reg = crate::volume::VolumeRegistry::new();
-        let v = reg
+        let v = crate::volume::VolumeRegistry::new()
             .create(crate::volume::VolumeSpec::Malloc(
                 crate::volume::registry::MallocParams {
                     name: Some("l".into()),
@@ -1238,6 +1235,14 @@ mod tests {
                 },
             ))
             .expect("malloc");
+        (dir, v)
+    }
+
+    /// A region the rebuild copied is clean in the file only after a flush
+    /// that began after the copy: a crash before it rebuilds it again.
+    #[test]
+    fn rebuilt_regions_stay_dirty_on_disk_until_flushed() {
+        let (dir, v) = scratch("unfl");
         let path = dir.join("mirror-u.local");
         let (rec, _) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("new");
         rec.state
@@ -1275,20 +1280,7 @@ mod tests {
 
     #[test]
     fn open_persists_and_reloads_the_bitmap() {
-        let dir = std::env::temp_dir().join(format!("mp-recovery-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let reg = crate::volume::VolumeRegistry::new();
-        let v = reg
-            .create(crate::volume::VolumeSpec::Malloc(
-                crate::volume::registry::MallocParams {
-                    name: Some("l".into()),
-                    num_blocks: 2048,
-                    block_size: crate::units::BlockSize::B512,
-                    uuid: None,
-                },
-            ))
-            .expect("malloc");
+        let (dir, v) = scratch("unit");
         let path = dir.join("mirror-x.local");
         let (rec, dev) = LocalRecovery::open(&path, v.clone(), 64 << 10).expect("new");
         assert!(dev.is_none());
@@ -1309,12 +1301,12 @@ mod tests {
         assert_eq!(again.dirty_regions(), 2);
         assert!(again.is_dirty(3) && again.is_dirty(15) && !again.is_dirty(4));
         again.close();
+        let v2 = v.clone();
         assert!(matches!(
             LocalRecovery::open(&path, v, 128 << 10),
             Err(RecoverError::Invalid(_))
         ));
         std::fs::write(&path, b"garbage").expect("write");
-        let v2 = reg.get("l").expect("l");
         assert!(matches!(
             LocalRecovery::open(&path, v2, 64 << 10),
             Err(RecoverError::Invalid(_))

@@ -1290,7 +1290,14 @@ fn leg_target(state: &DaemonState, mirror: u64, leg: u32) -> Result<Arc<LegTarge
     Ok(t)
 }
 
-fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> Result<(), String> {
+/// Changes one hosted leg's allocation with `f` and persists the
+/// allocation file (under the allocations lock, so changes never interleave).
+fn update_allocation(
+    state: &DaemonState,
+    mirror: u64,
+    leg: u32,
+    f: impl FnOnce(&mut Allocation),
+) -> Result<(), String> {
     let svc = &state.mirror;
     let site = svc.site().ok_or("site not configured")?;
     let mut allocs = lock(&svc.allocations);
@@ -1298,9 +1305,13 @@ fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> R
         .iter_mut()
         .find(|a| a.mirror_id == mirror && a.leg == leg)
         .ok_or("allocation gone")?;
-    a.generation = gen;
+    f(a);
     write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
         .map_err(|e| e.to_string())
+}
+
+fn persist_generation(state: &DaemonState, mirror: u64, leg: u32, gen: u64) -> Result<(), String> {
+    update_allocation(state, mirror, leg, |a| a.generation = gen)
 }
 
 /// A hosted leg's split, if any.
@@ -1337,17 +1348,7 @@ pub(super) fn set_hosted_split(
             }
         }
     }
-    let site = svc.site().ok_or("site not configured")?;
-    {
-        let mut allocs = lock(&svc.allocations);
-        let a = allocs
-            .iter_mut()
-            .find(|a| a.mirror_id == mirror && a.leg == leg)
-            .ok_or("allocation gone")?;
-        a.split = split;
-        write_json_atomically(&MirrorService::alloc_path(state, &site.name), &*allocs)
-            .map_err(|e| e.to_string())?;
-    }
+    update_allocation(state, mirror, leg, |a| a.split = split)?;
     if let (Some(t), false) = (target, frozen) {
         t.frozen.store(false, Ordering::SeqCst);
     }
