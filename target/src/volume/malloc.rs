@@ -70,12 +70,6 @@ impl MallocBackend {
         let len = usize::try_from(bytes)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "too large"))?;
         let mut map = MmapMut::map_anon(len.max(1))?;
-        // Transparent huge pages where the system allows them (madvise
-        // mode): a first touch then faults in 2 MiB at once instead of 4 KiB,
-        // so writing fresh RAM (a benchmark's first pass, a resync into a
-        // new RAM leg) does not spend its time in the page-fault path. Only
-        // a hint: without it the volume works the same.
-        let _ = map.advise(memmap2::Advice::HugePage);
         let stripes = (0..bytes.div_ceil(STRIPE).max(1))
             .map(|_| RwLock::new(()))
             .collect();
