@@ -1024,7 +1024,7 @@ async fn rebuild_pass(m: &Arc<Mirror>) -> Result<bool, String> {
 
 /// Regions copied at once by a rebuild (each waits for a leg round trip
 /// and a local write: one at a time leaves the link and the disk idle).
-const REBUILD_DEPTH: usize = 64;
+const REBUILD_DEPTH: usize = 32;
 
 /// One rebuild pass's shared state (all its tasks run on one reactor).
 struct PassState {

@@ -24,7 +24,7 @@ const RESYNC_COMMIT_EVERY: Duration = Duration::from_millis(250);
 
 /// Regions copied at once by a resync pass (each waits for a local read
 /// and a leg round trip).
-pub(super) const RESYNC_DEPTH: usize = 32;
+pub(super) const RESYNC_DEPTH: usize = 16;
 
 /// One resync pass's shared state (its workers run in one task).
 struct Pass {

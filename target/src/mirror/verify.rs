@@ -70,9 +70,7 @@ pub const STEP: u64 = 1 << 20;
 /// With 4, the legs' storage-volume channels see more operations than their
 /// queue depth, which is what exposed the lost wake-up fixed in
 /// `LocalSemaphore` (host writes to the leg hung until the link timed out).
-/// 8 (it was 4) keeps both sides digesting while a step's answer crosses
-/// the link; under a rate cap [`depth`] still allows fewer.
-pub const DEPTH: usize = 8;
+pub const DEPTH: usize = 4;
 
 /// Longest interval between two writes of the job file while running.
 pub const PERSIST_EVERY: Duration = Duration::from_millis(500);
