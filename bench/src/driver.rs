@@ -17,8 +17,9 @@
 //! does per command is part of what the bench's CPU figure measures) and
 //! reads the clock once per I/O: the
 //! completion time of one I/O is the issue time of the next, since a task
-//! issues again straight away. The exception is the malloc backend, which
-//! completes inline without ever suspending the task: there each task
+//! issues again straight away. The exception is a volume that completes
+//! inline without ever suspending the task (malloc, or a file on tmpfs,
+//! see `Volume::completes_inline`): there each task
 //! yields after every I/O (else one task would run the whole test inside a
 //! single poll, starving its siblings and the reactor loop) and reads the
 //! clock a second time when it resumes, so the yield is not counted as
@@ -633,7 +634,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
     let shape = Shape {
         volume_bytes,
         tasks_total: (cores * load.qd) as u64,
-        yield_each_io: config.backend == BackendKind::Malloc,
+        yield_each_io: volume.completes_inline(),
     };
     let measured = drive(&handles, &load, None, None, |h, ready, go| {
         let core = h.index();
