@@ -6,17 +6,20 @@
 //! its own channel(s) ([`Channel`]: a [`VolumeChannel`] for `local`, one
 //! NVMe/TCP I/O queue per connection for `nvmf`, see `crate::nvmf`) and
 //! spawns `qd` local tasks per channel; each task owns its
-//! pool buffer(s) for the whole run (a write buffer is filled once, before
-//! the clock starts), its own [`Pattern`], and loops "next I/O, submit,
-//! await, record" until the deadline.
+//! pool buffer(s) for the whole run (a write buffer is filled with random
+//! bytes once, before the clock starts, and stamped with the offset and a
+//! counter before each write, so no two writes carry the same data), its
+//! own [`Pattern`], and loops "next I/O, submit, await, record" until the
+//! deadline.
 //!
 //! The hot loop allocates nothing, makes no syscalls of its own (the ring's
 //! submissions are the reactor's; over NVMe/TCP whatever the initiator
 //! does per command is part of what the bench's CPU figure measures) and
 //! reads the clock once per I/O: the
 //! completion time of one I/O is the issue time of the next, since a task
-//! issues again straight away. The exception is the malloc backend, which
-//! completes inline without ever suspending the task: there each task
+//! issues again straight away. The exception is a volume that completes
+//! inline without ever suspending the task (malloc, or a file on tmpfs,
+//! see `Volume::completes_inline`): there each task
 //! yields after every I/O (else one task would run the whole test inside a
 //! single poll, starving its siblings and the reactor loop) and reads the
 //! clock a second time when it resumes, so the yield is not counted as
@@ -39,7 +42,7 @@ use crate::results::{
 };
 use crate::targetcpu::{ProcSample, TargetCpu, TargetReactor, TargetRpc};
 use crate::timeline::{spawn_event, EventRun, Sample};
-use crate::workload::Pattern;
+use crate::workload::{Pattern, WyRand};
 use hdrhistogram::Histogram;
 use mirrorpoint_poller::{
     buffer_pool, oneshot, DiskSubmit, IoBuf, IoBufMut, OneshotReceiver, OneshotSender, PoolConfig,
@@ -61,8 +64,8 @@ const VOLUME_NAME: &str = "bench0";
 const SEED: u64 = 0x6d69_7272_6f72_7074;
 /// Pool chunks beyond what the tasks hold.
 const SPARE_CHUNKS: usize = 16;
-/// Byte the write buffers are filled with.
-const FILL: u8 = 0xa5;
+/// Bytes between two stamps of [`stamp_write_buffer`] (one per 512-byte sector).
+const STAMP_STRIDE: usize = 512;
 /// Timeline samples reserved per core and measured second.
 const SAMPLES_PER_CORE_SECOND: f64 = 100_000.0;
 /// Most timeline samples reserved up front per core (64 MiB).
@@ -159,6 +162,40 @@ impl CoreState {
 struct TaskBuffers {
     read: Option<IoBufMut>,
     write: Option<IoBuf>,
+    /// Writes this task has stamped (see [`stamp_write_buffer`]).
+    stamps: u64,
+}
+
+/// Makes every write's content unique, as fio's default `scramble_buffers`
+/// does: the buffer holds random bytes from the start, and before each
+/// write the first 16 bytes of every 512-byte sector get the write's offset
+/// and a per-task counter. A device or host that compresses or
+/// deduplicates (a VM's image on a copy-on-write or compressing store)
+/// would otherwise see the same block written over and over and answer
+/// differently than it does for real data. Costs 16 stores per 4 KiB. A
+/// buffer still shared (a volume that kept a reference) is written as is.
+fn stamp_write_buffer(buf: IoBuf, offset: u64, stamps: &mut u64) -> IoBuf {
+    let mut owned = match buf.try_into_mut() {
+        Ok(b) => b,
+        Err(shared) => return shared,
+    };
+    *stamps = stamps.wrapping_add(1);
+    for sector in owned.chunks_mut(STAMP_STRIDE) {
+        if let Some(head) = sector.get_mut(..16) {
+            head[..8].copy_from_slice(&offset.to_le_bytes());
+            head[8..].copy_from_slice(&stamps.to_le_bytes());
+        }
+    }
+    owned.freeze()
+}
+
+/// Fills a write buffer with pseudo-random bytes (a distinct stream per task).
+fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut rng = WyRand::new(seed);
+    for word in buf.chunks_mut(8) {
+        let bytes = rng.next_u64().to_le_bytes();
+        word.copy_from_slice(&bytes[..word.len()]);
+    }
 }
 
 /// One task's loop.
@@ -180,6 +217,7 @@ async fn worker(
             r
         } else {
             let Some(buf) = bufs.write.take() else { break };
+            let buf = stamp_write_buffer(buf, io.offset, &mut bufs.stamps);
             let (r, buf) = ch.write(io.offset, buf).await;
             bufs.write = Some(buf);
             r
@@ -239,11 +277,15 @@ fn task_buffers(load: &LoadConfig, core: usize, task: usize) -> Result<TaskBuffe
         100 => None,
         _ => {
             let mut b = pool.alloc(bs).ok_or_else(none)?;
-            b.fill(FILL);
+            fill_random(&mut b, SEED ^ ((core as u64) << 32) ^ task as u64);
             Some(b.freeze())
         }
     };
-    Ok(TaskBuffers { read, write })
+    Ok(TaskBuffers {
+        read,
+        write,
+        stamps: 0,
+    })
 }
 
 /// What a reactor does: set up its lanes (`setup`), take `load.qd` task
@@ -592,7 +634,7 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
     let shape = Shape {
         volume_bytes,
         tasks_total: (cores * load.qd) as u64,
-        yield_each_io: config.backend == BackendKind::Malloc,
+        yield_each_io: volume.completes_inline(),
     };
     let measured = drive(&handles, &load, None, None, |h, ready, go| {
         let core = h.index();
@@ -628,4 +670,41 @@ pub fn run_local(config: &LocalConfig) -> Result<Report, BenchError> {
     report.backend = Some(config.backend);
     report.file = config.file.as_ref().map(|p| p.display().to_string());
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_write_carries_distinct_data_with_its_offset() {
+        let pool = mirrorpoint_poller::BufferPool::new(PoolConfig {
+            chunk_size: 4096,
+            chunk_count: 2,
+            ..PoolConfig::default()
+        })
+        .expect("pool");
+        let mut b = pool.alloc(4096).expect("chunk");
+        fill_random(&mut b, 7);
+        let mut buf = b.freeze();
+        let mut stamps = 0;
+        let mut seen = Vec::new();
+        for offset in [0u64, 4096, 0] {
+            buf = stamp_write_buffer(buf, offset, &mut stamps);
+            // Every sector starts with the offset, then the counter.
+            for sector in buf.chunks(STAMP_STRIDE) {
+                assert_eq!(sector[..8], offset.to_le_bytes());
+                assert_eq!(sector[8..16], stamps.to_le_bytes());
+            }
+            seen.push(buf.to_vec());
+        }
+        assert_ne!(seen[0], seen[2], "the same offset twice is still new data");
+        // The rest of each sector is the random fill, not a constant.
+        assert!(seen[0][16..512].iter().any(|&x| x != seen[0][16]));
+        // A buffer someone else still holds is left alone.
+        let held = buf.clone();
+        let again = stamp_write_buffer(buf, 8192, &mut stamps);
+        assert_eq!(again.to_vec(), held.to_vec());
+        assert_eq!(stamps, 3);
+    }
 }

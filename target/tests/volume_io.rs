@@ -165,6 +165,69 @@ fn uring_volume_round_trips_and_persists() {
     std::fs::remove_file(path).ok();
 }
 
+/// A file on tmpfs is read and written with pread/pwritev2 on the reactor
+/// (`inline_copy`); a file on a disk file system through the ring. Both
+/// round-trip the same patterns, FUA writes included, and keep their data.
+#[test]
+fn uring_volume_on_tmpfs_copies_inline_and_round_trips() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let rt = runtime();
+    let path = shm.join(format!("mp-vol-inline-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let reg = VolumeRegistry::new();
+    let v = reg
+        .create(VolumeSpec::Uring(UringParams {
+            name: "shm0".into(),
+            filename: path.clone(),
+            block_size: Some(BlockSize::B512),
+            size: Some(4 << 20),
+            queue_depth: Some(4),
+            uuid: None,
+        }))
+        .expect("uring on tmpfs");
+    assert_eq!(v.info().driver_specific["uring"]["inline_copy"], true);
+    assert!(v.completes_inline());
+    exercise(&rt, v.clone());
+    bad_requests(&rt, v.clone());
+    drop(v);
+    reg.delete("shm0").expect("delete");
+    let data = std::fs::read(&path).expect("image");
+    let len = 4096 * 6;
+    assert_eq!(
+        &data[5 * 64 * 1024..5 * 64 * 1024 + len],
+        &pattern(5, len)[..]
+    );
+    std::fs::remove_file(&path).ok();
+
+    // The same volume type on the disk file system goes through the ring.
+    let disk = std::env::temp_dir().join(format!("mp-vol-ring-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&disk);
+    let v = reg
+        .create(VolumeSpec::Uring(UringParams {
+            name: "disk0".into(),
+            filename: disk.clone(),
+            block_size: None,
+            size: Some(1 << 20),
+            queue_depth: Some(4),
+            uuid: None,
+        }))
+        .expect("uring on disk");
+    let on_tmpfs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&disk)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
+        .unwrap_or(false);
+    assert_eq!(v.completes_inline(), on_tmpfs);
+    drop(v);
+    reg.delete("disk0").expect("delete");
+    std::fs::remove_file(disk).ok();
+}
+
 /// Many tasks on two cores at a queue depth above the channel's limit.
 #[test]
 fn deep_queues_on_two_cores() {

@@ -193,6 +193,17 @@ impl Volume {
         ByteLen(self.num_blocks * u64::from(self.block_size.bytes()))
     }
 
+    /// Whether reads and writes finish without waiting for a device, inside
+    /// the call (RAM, or a file on a memory file system): a caller looping
+    /// over I/Os must then yield to its reactor now and then by itself.
+    pub fn completes_inline(&self) -> bool {
+        match &self.backend {
+            Backend::Malloc(_) => true,
+            Backend::Uring(u) => u.is_inline_copy(),
+            _ => false,
+        }
+    }
+
     /// What `bdev_get_bdevs` shows.
     pub fn info(&self) -> VolumeInfo {
         let (product, driver) = match &self.backend {
