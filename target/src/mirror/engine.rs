@@ -41,15 +41,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirrorpoint_poller::{
-    oneshot, sleep, spawn, IoBuf, IoBufMut, LocalSemaphore, OneshotSender, ReactorHandle,
-};
+use mirrorpoint_poller::{sleep, spawn, IoBuf, IoBufMut, LocalSemaphore, ReactorHandle};
 use serde::Serialize;
 
 use super::legset::{LegCache, LegSet, LegSetError};
 use super::link::{alloc_wait, join_all, now_ns, timeout, Conn};
 use super::meta::MirrorMeta;
 use super::overlap::OverlapDetector;
+use super::replies::{AbandonOnDrop, ReplyError, ReplySlots};
 use super::sequencer::Stamp;
 use super::split::{LegSplit, SplitGate, SplitInfo};
 use super::wire::{
@@ -306,8 +305,10 @@ impl std::ops::Deref for ReadData {
 struct CoreLink {
     conn: Rc<Conn>,
     gen: u64,
-    pending: RefCell<HashMap<u64, OneshotSender<Reply>>>,
-    next_tag: Cell<u64>,
+    /// Where requests wait for their answers; a request's tag is
+    /// `tag_base` with the slot's id in the low half.
+    replies: ReplySlots<Reply>,
+    tag_base: u64,
     dead: Cell<bool>,
     last_rx: Cell<Instant>,
 }
@@ -322,15 +323,18 @@ impl CoreLink {
         if self.dead.get() {
             return Err("link closed".into());
         }
-        let tag = self.next_tag.get();
-        self.next_tag.set(tag + 1);
-        let (tx, rx) = oneshot();
-        self.pending.borrow_mut().insert(tag, tx);
-        // The answer (or the link's death, which drops the sender) ends the
+        let id = self.replies.reserve().map_err(|e| e.to_string())?;
+        let tag = self.tag_base | u64::from(id);
+        // However the wait ends without the answer (timeout, or this future
+        // dropped), the slot is given up, not reused before its answer.
+        let _abandon = AbandonOnDrop {
+            slots: &self.replies,
+            id,
+        };
+        // The answer (or the link's death, which closes the slots) ends the
         // request even while the send is still stuck in a dead socket.
         let fut = async {
             let mut send = std::pin::pin!(self.conn.send(RequestTag(tag), msg, payload));
-            let mut rx = std::pin::pin!(rx);
             let mut sent = false;
             std::future::poll_fn(|cx| {
                 if !sent {
@@ -342,11 +346,12 @@ impl CoreLink {
                         std::task::Poll::Pending => {}
                     }
                 }
-                match rx.as_mut().poll(cx) {
+                match self.replies.poll_reply(id, cx) {
                     std::task::Poll::Ready(Ok(r)) => std::task::Poll::Ready(Ok(r)),
-                    std::task::Poll::Ready(Err(_)) => {
+                    std::task::Poll::Ready(Err(ReplyError::Closed)) => {
                         std::task::Poll::Ready(Err("link closed".to_string()))
                     }
+                    std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e.to_string())),
                     std::task::Poll::Pending => std::task::Poll::Pending,
                 }
             })
@@ -354,10 +359,7 @@ impl CoreLink {
         };
         match timeout(limit, fut).await {
             Some(r) => r,
-            None => {
-                self.pending.borrow_mut().remove(&tag);
-                Err(format!("no answer within {limit:?}"))
-            }
+            None => Err(format!("no answer within {limit:?}")),
         }
     }
 
@@ -366,7 +368,7 @@ impl CoreLink {
             return false;
         }
         self.conn.abort();
-        self.pending.borrow_mut().clear();
+        self.replies.close();
         true
     }
 }
@@ -1311,11 +1313,11 @@ async fn connect_link(
     let link = Rc::new(CoreLink {
         conn: Rc::new(conn),
         gen,
-        pending: RefCell::new(HashMap::new()),
+        replies: ReplySlots::default(),
         // The high half of the tags names the link session (the leg's link
         // generation): the leg fences writes of links of another session
         // once a new session opened (see service::serve_leg).
-        next_tag: Cell::new((gen << 32) | 1),
+        tag_base: gen << 32,
         dead: Cell::new(false),
         last_rx: Cell::new(Instant::now()),
     });
@@ -1378,9 +1380,20 @@ async fn receive_loop(m: Arc<Mirror>, leg: Arc<Leg>, link: Rc<CoreLink>) {
             Message::Error(e) => break format!("leg refused: {:?}: {}", e.code, e.text),
             other => break format!("unexpected {:?} from the leg", other.msg_type()),
         };
-        let tx = link.pending.borrow_mut().remove(&tag.0);
-        if let Some(tx) = tx {
-            tx.send(reply);
+        // An answer of another session, or for no waiting request (its id
+        // stale, duplicate or unknown), is dropped: nobody waits for it.
+        let id = tag.0 as u32;
+        let res = if tag.0 & !0xffff_ffff == link.tag_base {
+            link.replies.complete(id, reply)
+        } else {
+            Err(ReplyError::Unknown(id))
+        };
+        if let Err(e) = res {
+            tracing::debug!(
+                mirror = m.name,
+                leg = idx,
+                "answer from the leg dropped: {e}"
+            );
         }
     };
     if link.kill() {

@@ -2,10 +2,13 @@
 //! [`TcpStream`], the authenticated handshake, and small future helpers
 //! (timeout, join) the mirror engine uses.
 //!
-//! A frame is received in three steps straight into pool memory: the 32-byte
-//! fixed header, the message header, then the payload into a pool chunk of
-//! its own, so a replicated write's data lands in memory once and is written
-//! to the leg's device from there. Frames are sent through the link's
+//! On the leg's side a frame's payload is received straight into a pool
+//! chunk of its own, so a replicated write's data lands in memory once and
+//! is written to the leg's device from there; the receive of a write's
+//! payload also brings the next frame's head into a small staging buffer
+//! (one split `recvmsg`, [`TcpStream::recv_split`], as the NVMe/TCP and
+//! iSCSI front ends do), so a stream of writes costs one receive per write.
+//! The primary's side receives acknowledgements in bulk (see [`Conn::recv`]). Frames are sent through the link's
 //! [`SendQueue`]: the encoded headers (copied, small) and the payload as
 //! shared pool chunks, every frame queued meanwhile in the same `sendmsg`.
 
@@ -19,13 +22,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mirrorpoint_poller::{buffer_pool, sleep, IoBuf, IoBufMut};
-use mirrorpoint_transport::TcpStream;
+use mirrorpoint_transport::{SplitRecv, TcpStream};
 
 use super::sendq::SendQueue;
 
 use super::wire::{
     Acceptor, Decoded, Established, Framer, HandshakeConfig, HandshakeError, Initiator, Message,
-    MsgType, RequestTag, WireError, FRAME_HEADER_LEN,
+    MsgType, RequestTag, WireError,
 };
 
 /// Why a link failed.
@@ -135,7 +138,8 @@ pub struct Conn {
     tx: SendQueue,
     rx: std::cell::RefCell<RxBuf>,
     batched: Cell<bool>,
-    head_buf: Cell<Option<IoBufMut>>,
+    /// The disk side's staging buffer (see [`Conn::recv`]).
+    stage: Cell<Option<Stage>>,
     /// Peer's site name once authenticated.
     pub peer: std::cell::RefCell<String>,
 }
@@ -153,7 +157,7 @@ impl Conn {
             framer: Cell::new(Framer::default()),
             rx: std::cell::RefCell::new(RxBuf::default()),
             batched: Cell::new(false),
-            head_buf: Cell::new(None),
+            stage: Cell::new(None),
             peer: std::cell::RefCell::new(String::new()),
         }
     }
@@ -289,67 +293,117 @@ impl Conn {
         }
     }
 
-    /// Receives one frame, reading exactly its bytes: header, then the
-    /// payload into a chunk of its own (aligned for the disk).
+    /// Receives one frame for the disk side of a link (the leg): its head
+    /// from the staging buffer (received exactly, never into a payload), its
+    /// payload into a chunk of its own (aligned for the disk). A `Write`'s
+    /// payload is received with split receives that also bring up to one
+    /// `Write` head of what follows into the staging buffer, so a stream of
+    /// writes costs one receive per write instead of three (fixed header,
+    /// message header, payload).
     async fn recv_exact_frame(&self) -> Result<RawFrame, LinkError> {
+        let st = match self.stage.take() {
+            Some(st) => st,
+            None => Stage {
+                buf: alloc_wait(STAGE_LEN).await?,
+                pos: 0,
+                end: 0,
+                split: SplitRecv::new(),
+            },
+        };
+        let (r, st) = self.recv_staged(st).await;
+        self.stage.set(Some(st));
+        r
+    }
+
+    /// [`Conn::recv_exact_frame`] on the staging buffer `st` (moved in and
+    /// out: the ring owns its memory while a receive is in flight).
+    async fn recv_staged(&self, mut st: Stage) -> (Result<RawFrame, LinkError>, Stage) {
         let framer = self.framer.get();
-        let mut hb = match self.head_buf.take() {
-            Some(b) => b,
-            None => alloc_wait(256).await?,
-        };
-        let (r, b) = self.stream.recv_exact(hb, 0..FRAME_HEADER_LEN).await;
-        hb = b;
-        if let Err(e) = r {
-            self.head_buf.set(Some(hb));
-            return Err(e.into());
-        }
-        let hl = match framer.decode_head(&hb[..FRAME_HEADER_LEN]) {
-            Ok(Decoded::NeedMore(n)) => FRAME_HEADER_LEN + n,
-            Ok(Decoded::Complete { consumed, .. }) => consumed,
-            Err(e) => {
-                self.head_buf.set(Some(hb));
-                return Err(e.into());
+        // 1. The head: what is staged, then exactly the missing bytes.
+        let (h, hl) = loop {
+            match framer.decode_head(&st.buf[st.pos..st.end]) {
+                Ok(Decoded::Complete { value, consumed }) => break (value, consumed),
+                Ok(Decoded::NeedMore(n)) => {
+                    let need = st.end - st.pos + n;
+                    if need > st.buf.len() {
+                        let e = WireError::BufferTooSmall {
+                            needed: need,
+                            available: st.buf.len(),
+                        };
+                        return (Err(e.into()), st);
+                    }
+                    if st.pos + need > st.buf.len() {
+                        st.buf.copy_within(st.pos..st.end, 0);
+                        st.end -= st.pos;
+                        st.pos = 0;
+                    }
+                    let range = st.end..st.pos + need;
+                    let (r, b) = self.stream.recv(st.buf, range).await;
+                    st.buf = b;
+                    match r {
+                        Ok(0) => return (Err(eof()), st),
+                        Ok(k) => st.end += k,
+                        Err(e) if retry(&e) => {}
+                        Err(e) => return (Err(e.into()), st),
+                    }
+                }
+                Err(e) => return (Err(e.into()), st),
             }
         };
-        if hl > hb.len() {
-            self.head_buf.set(Some(hb));
-            return Err(LinkError::Wire(WireError::BufferTooSmall {
-                needed: hl,
-                available: 256,
-            }));
+        let head = st.buf[st.pos..st.pos + hl].to_vec();
+        st.consume(hl);
+        let len = h.payload_len as usize;
+        if len == 0 {
+            let f = RawFrame {
+                head,
+                payload: None,
+            };
+            return (Ok(f), st);
         }
-        let (r, b) = self.stream.recv_exact(hb, FRAME_HEADER_LEN..hl).await;
-        hb = b;
-        if let Err(e) = r {
-            self.head_buf.set(Some(hb));
-            return Err(e.into());
-        }
-        let h = match framer.decode_head(&hb[..hl]) {
-            Ok(Decoded::Complete { value, .. }) => value,
-            Ok(Decoded::NeedMore(_)) => {
-                self.head_buf.set(Some(hb));
-                return Err(LinkError::Wire(WireError::BufferTooSmall {
-                    needed: hl,
-                    available: hl,
-                }));
-            }
-            Err(e) => {
-                self.head_buf.set(Some(hb));
-                return Err(e.into());
-            }
+        // 2. The payload: what the last split receive brought of it (at
+        // most a few bytes: staged bytes are heads), then the rest.
+        let mut pb = match alloc_wait(len).await {
+            Ok(b) => b,
+            Err(e) => return (Err(e), st),
         };
-        let head = hb[..hl].to_vec();
-        self.head_buf.set(Some(hb));
-        let payload = if h.payload_len > 0 {
-            let len = h.payload_len as usize;
-            let pb = alloc_wait(len).await?;
-            let (r, pb) = self.stream.recv_exact(pb, 0..len).await;
-            r?;
-            Some(pb.freeze())
+        let have = st.staged().min(len);
+        pb[..have].copy_from_slice(&st.buf[st.pos..st.pos + have]);
+        st.consume(have);
+        let tail = if h.msg_type == MsgType::Write {
+            MsgType::Write.header_len()
         } else {
-            None
+            // Other frames with payloads (handshake, agent requests) are
+            // followed by nothing the peer sends before our answer; a
+            // connection handed off after one keeps no staged bytes.
+            0
         };
-        Ok(RawFrame { head, payload })
+        let mut got = have;
+        while got < len {
+            // Nothing is staged here: the staging buffer is rewound.
+            let tail_end = (st.end + tail).min(st.buf.len());
+            let range = st.end..tail_end;
+            let (r, p, b, sp) = self
+                .stream
+                .recv_split(pb, got..len, st.buf, range, st.split)
+                .await;
+            (pb, st.buf, st.split) = (p, b, sp);
+            match r {
+                Ok(0) => return (Err(eof()), st),
+                Ok(k) => {
+                    // The kernel fills the payload first.
+                    let body = k.min(len - got);
+                    got += body;
+                    st.end += k - body;
+                }
+                Err(e) if retry(&e) => {}
+                Err(e) => return (Err(e.into()), st),
+            }
+        }
+        let f = RawFrame {
+            head,
+            payload: Some(pb.freeze()),
+        };
+        (Ok(f), st)
     }
 
     /// Receives more bytes into a fresh chunk, after moving the unparsed tail.
@@ -491,13 +545,61 @@ impl Conn {
 
     /// Gives the socket back as a std stream (to serve it off the reactors),
     /// or `None` if an operation still holds it.
+    /// `None` too if bytes of a next frame were already received.
     pub fn into_std(self) -> Option<std::net::TcpStream> {
+        let staged = self.stage.take().map_or(0, |st| st.staged());
+        let batched = {
+            let rx = self.rx.borrow();
+            rx.end - rx.start
+        };
+        if staged + batched > 0 {
+            return None;
+        }
         let stream = self.stream.clone();
         // Ends the writer task; it holds the socket only while sending, and
         // every send this connection made has completed by now.
         drop(self);
         std::rc::Rc::try_unwrap(stream).ok()?.into_std().ok()
     }
+}
+
+/// Staging buffer of the disk side: frame heads (the largest is a few
+/// hundred bytes) and what a split receive brings after a payload.
+const STAGE_LEN: usize = 4096;
+
+/// Bytes received ahead on the disk side: `buf[pos..end]` are staged (the
+/// start of the next frame's head, received by a split receive with the
+/// previous payload).
+struct Stage {
+    buf: IoBufMut,
+    pos: usize,
+    end: usize,
+    split: Box<SplitRecv>,
+}
+
+impl Stage {
+    fn staged(&self) -> usize {
+        self.end - self.pos
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.end);
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        }
+    }
+}
+
+fn eof() -> LinkError {
+    LinkError::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "connection closed by peer",
+    ))
+}
+
+fn retry(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN))
 }
 
 /// Payloads larger than this are received into a chunk of their own.

@@ -11,6 +11,7 @@
 //! - [`meta`]: dirty bitmaps, activity log, generations, on disk;
 //! - [`link`]: frames and handshakes over reactor sockets;
 //! - [`sendq`]: a link's send queue (many frames per `sendmsg`);
+//! - [`replies`]: a link's reply slots (where requests wait for the leg);
 //! - [`engine`]: the mirrored volume, its legs, resync;
 //! - [`legset`]: the versioned leg slots (legs added and removed online);
 //! - [`legops`]: `mirror_add_leg`, `mirror_remove_leg`, auto-replacement;
@@ -26,6 +27,7 @@ pub mod legset;
 pub mod link;
 pub mod meta;
 pub mod overlap;
+pub(crate) mod replies;
 pub(crate) mod sendq;
 pub mod sequencer;
 pub mod service;
