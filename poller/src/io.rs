@@ -219,10 +219,9 @@ impl ReactorFile {
     }
 
     /// Reads `buf.len()` bytes at `offset` with `pread(2)` on the calling
-    /// thread, without the ring. Only for files whose I/O never waits for a
-    /// device (a memory file system such as tmpfs), where the ring would
-    /// hand every request to an io-wq worker thread anyway (shmem does not
-    /// take non-blocking requests) and the hand-off costs more than the copy.
+    /// thread, without the ring. Only for files whose reads never wait for a
+    /// device (a memory file system such as tmpfs), where the ring's path
+    /// costs more than the copy.
     pub fn read_exact_at_now(&self, buf: &mut IoBufMut, offset: u64) -> io::Result<()> {
         let total = buf.len();
         let mut done = 0usize;
@@ -242,48 +241,6 @@ impl ReactorFile {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "read past end of file",
-                    ))
-                }
-                n if n > 0 => done += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes all of `buf` at `offset` with `pwritev2(2)` (and its flags, e.g.
-    /// `RWF_DSYNC`) on the calling thread, without the ring; see
-    /// [`read_exact_at_now`](Self::read_exact_at_now) for when.
-    pub fn write_all_at_now(&self, buf: &IoBuf, offset: u64, rw_flags: i32) -> io::Result<()> {
-        let total = buf.len();
-        let mut done = 0usize;
-        while done < total {
-            let iov = libc::iovec {
-                // SAFETY: done < total = buf.len(): the pointer stays in the chunk.
-                iov_base: unsafe { buf.as_ptr().add(done) } as *mut libc::c_void,
-                iov_len: total - done,
-            };
-            // SAFETY: one iovec over memory `buf` keeps alive for the call; the
-            // kernel only reads it.
-            let n = unsafe {
-                libc::pwritev2(
-                    self.fd.as_raw_fd(),
-                    &iov,
-                    1,
-                    (offset + done as u64) as libc::off_t,
-                    rw_flags,
-                )
-            };
-            match n {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "device took no bytes",
                     ))
                 }
                 n if n > 0 => done += n as usize,

@@ -165,11 +165,11 @@ fn uring_volume_round_trips_and_persists() {
     std::fs::remove_file(path).ok();
 }
 
-/// A file on tmpfs is read and written with pread/pwritev2 on the reactor
-/// (`inline_copy`); a file on a disk file system through the ring. Both
-/// round-trip the same patterns, FUA writes included, and keep their data.
+/// A file on tmpfs is read with pread on the reactor (`inline_reads`); a
+/// file on a disk file system through the ring. Both round-trip the same
+/// patterns, FUA writes included, and keep their data.
 #[test]
-fn uring_volume_on_tmpfs_copies_inline_and_round_trips() {
+fn uring_volume_on_tmpfs_reads_inline_and_round_trips() {
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("skipped: no /dev/shm");
@@ -189,7 +189,7 @@ fn uring_volume_on_tmpfs_copies_inline_and_round_trips() {
             uuid: None,
         }))
         .expect("uring on tmpfs");
-    assert_eq!(v.info().driver_specific["uring"]["inline_copy"], true);
+    assert_eq!(v.info().driver_specific["uring"]["inline_reads"], true);
     assert!(v.completes_inline());
     exercise(&rt, v.clone());
     bad_requests(&rt, v.clone());

@@ -193,13 +193,13 @@ impl Volume {
         ByteLen(self.num_blocks * u64::from(self.block_size.bytes()))
     }
 
-    /// Whether reads and writes finish without waiting for a device, inside
-    /// the call (RAM, or a file on a memory file system): a caller looping
-    /// over I/Os must then yield to its reactor now and then by itself.
+    /// Whether I/O can finish inside the call, without ever suspending (RAM;
+    /// the reads of a file on a memory file system): a caller looping over
+    /// I/Os must then yield to its reactor now and then by itself.
     pub fn completes_inline(&self) -> bool {
         match &self.backend {
             Backend::Malloc(_) => true,
-            Backend::Uring(u) => u.is_inline_copy(),
+            Backend::Uring(u) => u.has_inline_reads(),
             _ => false,
         }
     }
