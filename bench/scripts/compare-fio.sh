@@ -7,7 +7,10 @@
 # same CPU. Tool order alternates per case (and per repeat) so that slow
 # drift of the machine (other load, page cache, SSD/host state) does not
 # always favour the same tool. Prints every command it runs, then a markdown
-# table with both tools' IOPS and p50 latency and the ratios mirrorpoint/fio.
+# table with both tools' IOPS and p50 latency and the ratios mirrorpoint/fio,
+# the median ratio per case, and, where the disk answered in two latency
+# modes (a gap of more than 20% between runs' p50s), the median over the
+# pairs whose two runs got the same mode.
 #
 # Usage: bench/scripts/compare-fio.sh [options]
 #   --file PATH     test file (default: ./build/compare-fio.img; use local disk, not tmpfs)
