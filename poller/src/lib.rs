@@ -13,6 +13,7 @@ pub mod reactor;
 pub mod runtime;
 pub mod stats;
 pub mod sync;
+pub mod testing;
 pub mod timer;
 pub mod wake;
 

@@ -324,16 +324,8 @@ impl<R: 'static> Drop for Op<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::counting_waker;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     static ORPHAN: AtomicUsize = AtomicUsize::new(0);
 
@@ -343,15 +335,14 @@ mod tests {
 
     #[test]
     fn slot_lifecycle_and_counts() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut t = OpTable::default();
         let a = t.reserve(OpKind::Data);
         let b = t.reserve(OpKind::LongLived);
         assert_eq!((t.in_flight_data(), t.in_flight()), (1, 2));
         assert_eq!(t.poll(a, &waker), None);
         t.complete(a, 4096, 0);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.get(), 1);
         assert_eq!(t.poll(a, &waker), Some((4096, 0)));
         t.abandon(b, Box::new(vec![0u8; 8]), Some(record_orphan));
         assert_eq!(t.pending_indices(), vec![b]);

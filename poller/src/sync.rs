@@ -292,22 +292,7 @@ impl<T> Future for OneshotReceiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn counter() -> (Arc<Count>, Waker) {
-        let c = Arc::new(Count(AtomicUsize::new(0)));
-        (c.clone(), Waker::from(c))
-    }
+    use crate::testing::counting_waker as counter;
 
     fn poll<F: Future + Unpin>(f: &mut F, w: &Waker) -> Poll<F::Output> {
         Pin::new(f).poll(&mut Context::from_waker(w))
@@ -325,7 +310,7 @@ mod tests {
         let mut again = Box::pin(n.wait());
         assert!(poll(&mut again, &w).is_pending(), "two notifies are one");
         n.notify();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the waiter is woken");
+        assert_eq!(count.get(), 1, "the waiter is woken");
         assert!(poll(&mut again, &w).is_ready());
     }
 
@@ -347,12 +332,12 @@ mod tests {
         let mut c = sem.acquire();
         assert!(poll(&mut c, &wc).is_pending());
         drop(pa);
-        assert_eq!(cb.0.load(Ordering::SeqCst), 1, "b woken");
+        assert_eq!(cb.get(), 1, "b woken");
         let Poll::Ready(pb) = poll(&mut b, &wb) else {
             panic!("b not ready after the release");
         };
         drop(pb);
-        assert_eq!(cc.0.load(Ordering::SeqCst), 1, "c never woken");
+        assert_eq!(cc.get(), 1, "c never woken");
         assert!(poll(&mut c, &wc).is_ready());
     }
 
@@ -376,10 +361,10 @@ mod tests {
         assert!(poll(&mut d, &wd).is_pending());
         drop(c); // queued, goes away
         drop(pa); // wakes b
-        assert_eq!(cb.0.load(Ordering::SeqCst), 1);
+        assert_eq!(cb.get(), 1);
         drop(b); // woken, goes away without the permit: d is next
-        assert_eq!(cd.0.load(Ordering::SeqCst), 1, "d never woken");
-        assert_eq!(cc.0.load(Ordering::SeqCst), 0);
+        assert_eq!(cd.get(), 1, "d never woken");
+        assert_eq!(cc.get(), 0);
         assert!(poll(&mut d, &wd).is_ready());
     }
 
@@ -389,7 +374,11 @@ mod tests {
     fn stress_every_waiter_finishes_and_the_bound_holds() {
         let sem = LocalSemaphore::new(2);
         let holders = Rc::new(Cell::new(0usize));
-        type Task = (Arc<Count>, Waker, Pin<Box<dyn Future<Output = ()>>>);
+        type Task = (
+            Arc<crate::testing::WakeCount>,
+            Waker,
+            Pin<Box<dyn Future<Output = ()>>>,
+        );
         let mut tasks: Vec<Task> = (0..64)
             .map(|i| {
                 let (c, w) = counter();
@@ -414,7 +403,7 @@ mod tests {
                     }
                     holders.set(holders.get() - 1);
                 });
-                c.0.store(1, Ordering::SeqCst);
+                w.wake_by_ref(); // polled in the first round
                 (c, w, fut)
             })
             .collect();
@@ -426,7 +415,7 @@ mod tests {
             let mut i = 0;
             tasks.retain_mut(|(c, w, f)| {
                 i += 1;
-                let woken = c.0.swap(0, Ordering::SeqCst) > 0;
+                let woken = c.take() > 0;
                 if !(woken || (i + rounds) % 3 == 0) {
                     return true;
                 }

@@ -90,22 +90,12 @@ impl TimerQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
+    use crate::testing::counting_waker;
     use std::time::Duration;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[test]
     fn fires_in_deadline_order_and_skips_cancelled() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut q = TimerQueue::default();
         let t0 = Instant::now();
         let a = q.insert(t0 + Duration::from_millis(5), waker.clone());
@@ -116,7 +106,7 @@ mod tests {
         assert_eq!(q.fire(t0 + Duration::from_millis(6)), 1);
         assert_eq!(q.next_deadline(), Some(t0 + Duration::from_millis(9)));
         assert_eq!(q.fire(t0 + Duration::from_millis(10)), 1);
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.get(), 2);
         assert!(q.is_empty());
         assert_eq!(q.next_deadline(), None);
     }

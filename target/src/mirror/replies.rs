@@ -283,21 +283,8 @@ impl<T> Drop for AbandonOnDrop<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn waker() -> (Arc<Count>, Waker) {
-        let c = Arc::new(Count(AtomicUsize::new(0)));
-        (c.clone(), Waker::from(c))
-    }
+    use mirrorpoint_poller::testing::counting_waker as waker;
+    use std::task::Waker;
 
     fn poll(s: &ReplySlots<u32>, id: u32, w: &Waker) -> Poll<Result<u32, ReplyError>> {
         s.poll_reply(id, &mut Context::from_waker(w))
@@ -311,7 +298,7 @@ mod tests {
         assert_ne!(id, 0);
         assert_eq!(poll(&s, id, &w), Poll::Pending);
         s.complete(id, 7).unwrap();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.get(), 1);
         assert_eq!(poll(&s, id, &w), Poll::Ready(Ok(7)));
         assert_eq!(s.in_use(), 0);
         // The slot is reused with a new sequence number.
@@ -386,7 +373,7 @@ mod tests {
         assert_eq!(poll(&s, b, &w), Poll::Pending);
         s.abandon(c);
         s.close();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.get(), 2);
         assert_eq!(poll(&s, a, &w), Poll::Ready(Err(ReplyError::Closed)));
         assert_eq!(poll(&s, b, &w), Poll::Ready(Err(ReplyError::Closed)));
         assert_eq!(s.complete(c, 1), Err(ReplyError::Stale(c)));
