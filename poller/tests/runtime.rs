@@ -90,7 +90,7 @@ fn file_round_trip_through_the_ring() {
 /// `read_exact_at_now` sees what the ring wrote, and reading past the end
 /// fails.
 #[test]
-fn inline_reads_and_writes_match_the_ring() {
+fn inline_reads_see_what_the_ring_wrote() {
     let rt = runtime(1);
     let (path, fd) = temp_file("now", 1 << 20);
     let ok = rt.handles()[0]
