@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mirrorpoint_poller::{oneshot, sleep, spawn, IoBuf, IoBufMut};
+use mirrorpoint_poller::{oneshot, sleep, spawn, yield_now, IoBuf, IoBufMut};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -488,7 +488,8 @@ pub fn is_running(m: &Mirror) -> bool {
 /// One SHA-256 digest per `region` bytes of `offset..offset+len` (the last
 /// region may be short), packed. `read(offset, len)` returns `len` bytes of
 /// the volume in a pool chunk; `chunk` bounds `len`. The reads of a call are
-/// issued concurrently (at most [`STEP`] bytes' worth), then hashed in order.
+/// issued concurrently (at most [`STEP`] bytes' worth), then hashed in order,
+/// yielding to the reactor after each chunk.
 pub async fn digest_regions<F>(
     read: F,
     offset: u64,
@@ -539,6 +540,11 @@ where
             if last {
                 out.extend_from_slice(&hasher.finalize_reset());
             }
+            // One chunk's hash (tens of µs) at a time: the host's I/O on
+            // this reactor runs between them instead of waiting behind a
+            // whole step's (about 0.5 ms per MiB, several steps in a row
+            // when the pacer releases a window).
+            yield_now().await;
         }
     }
     Ok(out)
@@ -1288,5 +1294,73 @@ mod tests {
             ..r
         };
         assert_eq!(check_request(&r, 1 << 20), Status::OutOfRange);
+    }
+
+    /// Digesting a step hands the reactor back after every chunk it hashes,
+    /// so host I/O on the same reactor is not held up for a whole step; and
+    /// the digests are each region's SHA-256.
+    #[test]
+    fn digesting_a_step_lets_other_tasks_run_between_chunks() {
+        use mirrorpoint_poller::{PoolConfig, ReactorConfig, Runtime, RuntimeConfig};
+        use std::cell::Cell;
+        use std::rc::Rc;
+        const CHUNK: u64 = 64 << 10;
+        const REGION: u64 = 512 << 10;
+        let rt = Runtime::start(RuntimeConfig {
+            cores: vec![0],
+            reactor: ReactorConfig {
+                pool: PoolConfig {
+                    chunk_size: CHUNK as usize,
+                    chunk_count: 32,
+                    huge_pages: false,
+                },
+                ..ReactorConfig::default()
+            },
+            pin: false,
+        })
+        .expect("runtime");
+        let byte_at = |off: u64| (off / 4096 % 251) as u8;
+        let (digests, ticks_while_hashing) = rt.handles()[0]
+            .block_on(move || async move {
+                let pieces = (STEP / CHUNK) as usize;
+                let reads_done = Rc::new(Cell::new(0usize));
+                let finished = Rc::new(Cell::new(false));
+                let ticks = Rc::new(Cell::new(0usize));
+                let (r, f, t) = (reads_done.clone(), finished.clone(), ticks.clone());
+                let ticker = spawn(async move {
+                    while !f.get() {
+                        if r.get() == pieces {
+                            t.set(t.get() + 1);
+                        }
+                        yield_now().await;
+                    }
+                });
+                let read = async |off: u64, n: usize| {
+                    let mut b = alloc_wait(n).await.map_err(|e| e.to_string())?;
+                    for (i, x) in b.iter_mut().enumerate() {
+                        *x = byte_at(off + i as u64);
+                    }
+                    reads_done.set(reads_done.get() + 1);
+                    Ok(b)
+                };
+                let d = digest_regions(read, 0, STEP, REGION, CHUNK).await;
+                finished.set(true);
+                ticker.await;
+                (d, ticks.get())
+            })
+            .expect("reactor");
+        let digests = digests.expect("digests");
+        let want: Vec<u8> = (0..STEP / REGION)
+            .flat_map(|k| {
+                let data: Vec<u8> = (k * REGION..(k + 1) * REGION).map(byte_at).collect();
+                Sha256::digest(&data).to_vec()
+            })
+            .collect();
+        assert_eq!(digests, want);
+        let pieces = (STEP / CHUNK) as usize;
+        assert!(
+            ticks_while_hashing >= pieces - 1,
+            "the other task ran {ticks_while_hashing} times while {pieces} chunks were hashed"
+        );
     }
 }
