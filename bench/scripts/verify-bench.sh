@@ -151,12 +151,8 @@ host_run() { # out-file
     echo "${cmd[*]} > $1"
     "${cmd[@]}" >"$1"
 }
-verify_loop() { # rate: verify back to back; appends each pass's JSON lines to $OUT/loop-<rate>.jsonl
-    local rate=$1
-    while :; do
-        qrpc east mirror_verify "{\"name\": \"m1\", \"rate\": $rate}" >/dev/null 2>&1 || true
-        wait_verify 0.25 >/dev/null 2>&1 && echo pass >>"$OUT/loop-$rate.txt"
-    done
+verify_loop() { # rate: verify back to back (one process, one admin connection); a line per finished pass in $OUT/loop-<rate>.txt
+    exec python3 "$root/bench/scripts/lib/verify-loop.py" "$OUT/east.sock" m1 "$1" "$OUT/loop-$1.txt"
 }
 busy() { # label rate(or "none")
     local label=$1 rate=$2 after passes
