@@ -124,10 +124,7 @@ bdev east l0 "$SIZE"
 bdev east l1 "$SIZE"
 t0=$(date +%s.%N)
 rpc east mirror_create '{"name": "m1", "volume": "l1", "resync_rate": 0}' >/dev/null
-i=0
-until [ "$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 state)" = synced ]; do
-    i=$((i + 1)); [ $i -le 6000 ] || die "m1 never synced"; sleep 0.05
-done
+rpc_wait east mirror_get_status '{"name": "m1"}' 0.legs.0.state=synced >/dev/null || die "m1 never synced"
 t1=$(date +%s.%N)
 copied=$(rpc east mirror_get_status '{"name": "m1"}' | json_get 0 legs 0 resync_copied_bytes 2>/dev/null || echo "$SIZE")
 # The engine's own rate of the pass (bytes over the pass's time, no polling).
@@ -175,19 +172,14 @@ fi
 recover_file=
 local_state() { rpc east mirror_get_status '{"name": "m2"}' | json_get 0 local state; }
 wait_healthy() {
-    local i=0
-    until [ "$(local_state)" = healthy ]; do
-        i=$((i + 1)); [ $i -le 12000 ] || die "m2's local device was never rebuilt"; sleep 0.05
-    done
+    rpc_wait east mirror_get_status '{"name": "m2"}' 0.local.state=healthy 600 >/dev/null ||
+        die "m2's local device was never rebuilt"
 }
 if [ -n "$RECOVER" ]; then
     bdev east l2 "$SIZE"
     rpc east bdev_error_create '{"base_name": "l2"}' >/dev/null
     rpc east mirror_create '{"name": "m2", "volume": "EE_l2", "resync_rate": 0}' >/dev/null
-    i=0
-    until [ "$(rpc east mirror_get_status '{"name": "m2"}' | json_get 0 legs 0 state)" = synced ]; do
-        i=$((i + 1)); [ $i -le 6000 ] || die "m2 never synced"; sleep 0.05
-    done
+    rpc_wait east mirror_get_status '{"name": "m2"}' 0.legs.0.state=synced >/dev/null || die "m2 never synced"
     # (a) Idle host: fail the device (one write hits the error), rebuild
     # onto a blank replacement, unlimited rate.
     rpc east bdev_error_inject_error '{"name": "EE_l2", "io_type": "all", "permanent": true}' >/dev/null

@@ -21,6 +21,13 @@ json_get() { python3 -c 'import json,sys;v=json.load(sys.stdin)
 for k in sys.argv[1:]: v=v[int(k)] if k.isdigit() else v[k]
 print(v)' "$@"; }
 
+# site method params path=value [timeout s]: polls over one admin connection
+# (lib/rpc-wait.py) until the answer's value at the dotted path matches;
+# prints the last answer. Cheap enough to run while a data mover is timed.
+rpc_wait() {
+    python3 "$(dirname "${BASH_SOURCE[0]}")/rpc-wait.py" "$OUT/$1.sock" "$2" "$3" "$4" "${5:-300}"
+}
+
 pids=()
 EAST_IP=127.0.0.2
 WEST_IP=127.0.0.3
