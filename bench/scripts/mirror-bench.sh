@@ -21,9 +21,10 @@
 #      local device fails (bdev_error_inject_error), mirror_recover_local
 #      rebuilds it onto a blank replacement at an unlimited rate, timed from
 #      the call until the local leg is healthy; (b) busy host: 4k randrw
-#      (70 % reads) QD32 on `m2` without a rebuild, then the same with a
-#      rebuild onto another replacement started at second 0 and capped at
-#      --recover-rate MiB/s.
+#      (70 % reads) QD32 on `m2` healthy, then with its local device failed
+#      and no rebuild (reads served by the leg), then with a rebuild onto
+#      another replacement started at second 0 and capped at --recover-rate
+#      MiB/s.
 # Prints every command, then markdown tables: mirrored/local IOPS, MiB/s
 # against the loopback throughput, and the resync rate against it.
 #
@@ -185,23 +186,32 @@ if [ -n "$RECOVER" ]; then
     rpc east bdev_error_inject_error '{"name": "EE_l2", "io_type": "all", "permanent": true}' >/dev/null
     rpc east bdev_write_pattern '{"name": "m2", "offset": 0, "len": 4096, "seed": 1}' >/dev/null
     [ "$(local_state)" = failed ] || die "m2's local device did not fail"
+    # The replacement sits on an error bdev too, so (b) can fail it again.
     bdev east r2 "$SIZE"
+    rpc east bdev_error_create '{"base_name": "r2"}' >/dev/null
     t0=$(date +%s.%N)
-    rpc east mirror_recover_local '{"name": "m2", "replacement_bdev": "r2"}' >/dev/null
+    rpc east mirror_recover_local '{"name": "m2", "replacement_bdev": "EE_r2"}' >/dev/null
     wait_healthy
     t1=$(date +%s.%N)
     idle_bytes=$(rpc east mirror_get_status '{"name": "m2"}' | json_get 0 local rebuild_copied_bytes)
     idle_bps=$(qrpc east mirror_get_status '{"name": "m2"}' | json_get 0 local rebuild_rate_bps)
-    # (b) Busy host: the same load without and with a capped rebuild (onto
-    # another replacement: moving a healthy mirror rebuilds it whole).
+    # (b) Busy host: the same load on the healthy mirror; with the local
+    # device failed and no rebuild (every read served by the leg: what the
+    # host gets until someone rebuilds); and with a rebuild onto another
+    # replacement, capped, started at second 0 from that failed state.
     rpc east mirror_set_resync_rate "{\"name\": \"m2\", \"bytes_per_second\": $((RECOVER_RATE * 1024 * 1024))}" >/dev/null
     rpc east nvmf_subsystem_add_ns "{\"nqn\": \"$nqn\", \"namespace\": {\"bdev_name\": \"m2\", \"nsid\": 3}}" >/dev/null
     bdev east r3 "$SIZE"
-    for phase in base rebuild; do
+    for phase in base degraded rebuild; do
         f="$OUT/recover-$phase.json"
         cmd=("$BENCH" nvmf --addr "127.0.0.2:$nvmf_port" --nqn "$nqn" --nsid 3
             --workload randrw --rwmixread 70 --bs 4K --qd 32 --connections 2 --cores "$BENCH_CPUS"
             --time "$TIME" --ramp "$RAMP" --target-pid "$east_pid" --json)
+        if [ $phase = degraded ]; then
+            rpc east bdev_error_inject_error '{"name": "EE_r2", "io_type": "all", "permanent": true}' >/dev/null
+            rpc east bdev_write_pattern '{"name": "m2", "offset": 0, "len": 4096, "seed": 2}' >/dev/null
+            [ "$(local_state)" = failed ] || die "m2's replacement device did not fail"
+        fi
         if [ $phase = rebuild ]; then
             rpc east mirror_recover_local '{"name": "m2", "replacement_bdev": "r3"}' >/dev/null
         fi
@@ -287,14 +297,17 @@ if recover_file:
     if erb:
         print(f"  (the engine's own rate of the pass, rebuild_rate_bps: {erb:,.0f} MiB/s = {vs(erb)})")
     base = json.load(open(f"{out}/recover-base.json"))
+    deg = json.load(open(f"{out}/recover-degraded.json"))
     reb = json.load(open(f"{out}/recover-rebuild.json"))
     st = json.load(open(f"{out}/recover-status.json"))[0]["local"]
     print()
     print(f"| 4k randrw 70 % read, QD32 x 2 connections, on m2 | IOPS | MiB/s | p99 µs |")
     print("|---|---:|---:|---:|")
-    print(f"| no rebuild | {base['iops']:,.0f} | {base['mib_s']:,.1f} | {base['lat_us']['p99']:.0f} |")
-    print(f"| rebuild capped at {r['rate_mib_s']} MiB/s | {reb['iops']:,.0f} | {reb['mib_s']:,.1f} | {reb['lat_us']['p99']:.0f} |")
-    print(f"Host IOPS during the rebuild: {reb['iops'] / base['iops']:.3f}x; rebuild measured at "
+    print(f"| healthy | {base['iops']:,.0f} | {base['mib_s']:,.1f} | {base['lat_us']['p99']:.0f} |")
+    print(f"| local device failed, no rebuild | {deg['iops']:,.0f} | {deg['mib_s']:,.1f} | {deg['lat_us']['p99']:.0f} |")
+    print(f"| failed, rebuild capped at {r['rate_mib_s']} MiB/s | {reb['iops']:,.0f} | {reb['mib_s']:,.1f} | {reb['lat_us']['p99']:.0f} |")
+    print(f"Host IOPS during the rebuild: {reb['iops'] / deg['iops']:.3f}x the failed device's without a rebuild, "
+          f"{reb['iops'] / base['iops']:.3f}x the healthy mirror's; rebuild measured at "
           f"{st['rebuild_rate_bps'] / 2**20:,.1f} MiB/s (cap {r['rate_mib_s']}), "
           f"{st['remote_reads']:,} host reads served by the leg")
 PY
