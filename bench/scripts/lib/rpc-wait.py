@@ -15,14 +15,17 @@ for booleans). Exits 1 on timeout (printing the last answer) or on an
 error answer.
 """
 import json
-import socket
 import sys
 import time
+
+from admin_rpc import AdminSocket
 
 
 def dig(value, path):
     for key in path.split("."):
         if isinstance(value, list):
+            if not key.lstrip("-").isdigit():
+                return None
             idx = int(key)
             value = value[idx] if -len(value) <= idx < len(value) else None
         elif isinstance(value, dict):
@@ -39,19 +42,10 @@ def main():
     key, want = sys.argv[4].split("=", 1)
     timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 300.0
     interval = float(sys.argv[6]) if len(sys.argv) > 6 else 0.05
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    reader = sock.makefile("rb")
+    admin = AdminSocket(path)
     deadline = time.monotonic() + timeout
-    call_id = 0
     while True:
-        call_id += 1
-        req = {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params}
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        line = reader.readline()
-        if not line:
-            sys.exit("rpc-wait: the daemon closed the admin socket")
-        answer = json.loads(line)
+        answer = admin.call(method, params)
         if "error" in answer:
             print(json.dumps(answer["error"]))
             sys.exit(1)

@@ -9,36 +9,22 @@ vCPU on this 2-vCPU machine and showed up as the verify's cost to the host.
 Usage: verify-loop.py SOCKET MIRROR RATE_BPS PASSES_FILE
 (runs until killed; appends a line "pass" to PASSES_FILE per finished pass)
 """
-import json
-import socket
 import sys
 import time
+
+from admin_rpc import AdminSocket
 
 POLL_S = 0.1
 
 
 def main():
     path, mirror, rate, passes_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    reader = sock.makefile("rb")
-    next_id = 0
-
-    def call(method, params):
-        nonlocal next_id
-        next_id += 1
-        req = {"jsonrpc": "2.0", "id": next_id, "method": method, "params": params}
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        line = reader.readline()
-        if not line:
-            sys.exit("verify-loop: the daemon closed the admin socket")
-        return json.loads(line)
-
+    admin = AdminSocket(path)
     while True:
-        call("mirror_verify", {"name": mirror, "rate": rate})  # refused while one runs: fine
+        admin.call("mirror_verify", {"name": mirror, "rate": rate})  # refused while one runs: fine
         while True:
             time.sleep(POLL_S)
-            job = call("mirror_verify_get", {"name": mirror}).get("result") or {}
+            job = admin.call("mirror_verify_get", {"name": mirror}).get("result") or {}
             if not job.get("active", False):
                 break
         if job.get("state") == "finished":
