@@ -8,8 +8,11 @@ import sys
 
 
 class AdminSocket:
-    def __init__(self, path):
+    def __init__(self, path, timeout_s=30.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A daemon that stops answering fails the wait instead of hanging
+        # the benchmark (socket.timeout out of call()).
+        self.sock.settimeout(timeout_s)
         self.sock.connect(path)
         self.reader = self.sock.makefile("rb")
         self.next_id = 0
