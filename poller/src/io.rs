@@ -217,43 +217,6 @@ impl ReactorFile {
         let op = unsafe { Op::submit_disk(entry, self.keep_alive()) };
         op.await.0.into_io().map(|_| ())
     }
-
-    /// Reads `buf.len()` bytes at `offset` with `pread(2)` on the calling
-    /// thread, without the ring. Only for files whose reads never wait for a
-    /// device (a memory file system such as tmpfs), where the ring's path
-    /// costs more than the copy.
-    pub fn read_exact_at_now(&self, buf: &mut IoBufMut, offset: u64) -> io::Result<()> {
-        let total = buf.len();
-        let mut done = 0usize;
-        while done < total {
-            // SAFETY: done < total = buf.len(), so the range lies in the chunk,
-            // which `buf` borrows mutably for the whole call.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().add(done).cast(),
-                    total - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "read past end of file",
-                    ))
-                }
-                n if n > 0 => done += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Drop for ReactorFile {

@@ -87,36 +87,6 @@ fn file_round_trip_through_the_ring() {
     std::fs::remove_file(path).ok();
 }
 
-/// `read_exact_at_now` sees what the ring wrote, and reading past the end
-/// fails.
-#[test]
-fn inline_reads_see_what_the_ring_wrote() {
-    let rt = runtime(1);
-    let (path, fd) = temp_file("now", 1 << 20);
-    let ok = rt.handles()[0]
-        .block_on(move || async move {
-            let file = ReactorFile::new(fd);
-            let pool = buffer_pool();
-            let mut out = pool.alloc(12 * 1024).expect("chunk");
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = (i * 13 % 251) as u8;
-            }
-            let out = out.freeze();
-            let (r, out2) = file.write_all_at(out.clone(), 65536).await;
-            r.expect("ring write");
-            let mut again = pool.alloc(12 * 1024).expect("chunk");
-            file.read_exact_at_now(&mut again, 65536).expect("pread");
-            let mut tail = pool.alloc(8192).expect("chunk");
-            let past_end = file.read_exact_at_now(&mut tail, (1 << 20) - 4096);
-            *again == *out2
-                && *out2 == *out
-                && matches!(past_end, Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof)
-        })
-        .expect("answer");
-    assert!(ok);
-    std::fs::remove_file(path).ok();
-}
-
 #[test]
 fn buffers_from_a_foreign_pool_use_plain_reads() {
     let rt = runtime(1);

@@ -91,6 +91,42 @@ fn exercise(rt: &Runtime, volume: Arc<Volume>) {
         .expect("reader");
 }
 
+/// A task looping over a volume whose I/O completes inline still lets the
+/// other tasks of its reactor run: a second task counts its turns while the
+/// first does 64 writes with no other await between them.
+fn lets_other_tasks_run(rt: &Runtime, volume: Arc<Volume>) {
+    let turns = rt.handles()[0]
+        .block_on(move || async move {
+            let ch = volume.channel();
+            let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
+            let stop = std::rc::Rc::new(std::cell::Cell::new(false));
+            let (t, st) = (ticks.clone(), stop.clone());
+            let ticker = mirrorpoint_poller::spawn(async move {
+                while !st.get() {
+                    t.set(t.get() + 1);
+                    mirrorpoint_poller::yield_now().await;
+                }
+            });
+            // Let the ticker start, then count only what runs during the loop.
+            mirrorpoint_poller::yield_now().await;
+            let before = ticks.get();
+            for i in 0..64u64 {
+                let buf = buffer_pool().alloc(4096).expect("chunk");
+                let (r, _) = ch.write(ByteOffset(i * 4096), buf.freeze()).await;
+                r.expect("write");
+            }
+            let during = ticks.get() - before;
+            stop.set(true);
+            ticker.await;
+            during
+        })
+        .expect("looper");
+    assert!(
+        turns >= 3,
+        "the other task ran {turns} times during 64 writes"
+    );
+}
+
 fn bad_requests(rt: &Runtime, volume: Arc<Volume>) {
     rt.handles()[0]
         .block_on(move || async move {
@@ -165,19 +201,29 @@ fn uring_volume_round_trips_and_persists() {
     std::fs::remove_file(path).ok();
 }
 
-/// A file on tmpfs is read with pread on the reactor (`inline_reads`); a
-/// file on a disk file system through the ring. Both round-trip the same
-/// patterns, FUA writes included, and keep their data.
+/// A file on tmpfs is mapped and copied on the reactor (`memory_mapped`);
+/// a file on a disk file system goes through the ring. Both round-trip the
+/// same patterns, FUA writes included, and keep their data. The mapped file
+/// keeps what it held before it was opened, is allocated in full when
+/// opened (no hole left for a write to fault on), and shows every write to
+/// a plain read of the file at once.
 #[test]
-fn uring_volume_on_tmpfs_reads_inline_and_round_trips() {
+fn uring_volume_on_tmpfs_is_mapped_and_round_trips() {
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("skipped: no /dev/shm");
         return;
     }
     let rt = runtime();
-    let path = shm.join(format!("mp-vol-inline-{}.img", std::process::id()));
+    let path = shm.join(format!("mp-vol-mapped-{}.img", std::process::id()));
     let _ = std::fs::remove_file(&path);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(4 << 20).expect("size");
+        f.write_all_at(&pattern(77, 8192), 3 << 20)
+            .expect("old data");
+    }
     let reg = VolumeRegistry::new();
     let v = reg
         .create(VolumeSpec::Uring(UringParams {
@@ -189,14 +235,37 @@ fn uring_volume_on_tmpfs_reads_inline_and_round_trips() {
             uuid: None,
         }))
         .expect("uring on tmpfs");
-    assert_eq!(v.info().driver_specific["uring"]["inline_reads"], true);
+    assert_eq!(v.info().driver_specific["uring"]["memory_mapped"], true);
     assert!(v.completes_inline());
+    {
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(allocated >= 4 << 20, "only {allocated} bytes allocated");
+    }
+    let v2 = v.clone();
+    let old = rt.handles()[0]
+        .block_on(move || async move {
+            let ch = v2.channel();
+            let buf = buffer_pool().alloc(8192).expect("chunk");
+            let (r, buf) = ch.read(ByteOffset(3 << 20), buf).await;
+            r.expect("read");
+            buf.to_vec()
+        })
+        .expect("reader");
+    assert_eq!(old, pattern(77, 8192), "data from before the open is lost");
     exercise(&rt, v.clone());
     bad_requests(&rt, v.clone());
+    // Visible to a plain read of the file while the volume is still open.
+    let data = std::fs::read(&path).expect("image");
+    let len = 4096 * 6;
+    assert_eq!(
+        &data[5 * 64 * 1024..5 * 64 * 1024 + len],
+        &pattern(5, len)[..]
+    );
+    lets_other_tasks_run(&rt, v.clone());
     drop(v);
     reg.delete("shm0").expect("delete");
     let data = std::fs::read(&path).expect("image");
-    let len = 4096 * 6;
     assert_eq!(
         &data[5 * 64 * 1024..5 * 64 * 1024 + len],
         &pattern(5, len)[..]

@@ -13,7 +13,7 @@
 //! does), so the largest single I/O is one chunk.
 
 pub mod error;
-pub mod malloc;
+pub mod memory;
 pub mod registry;
 pub mod uring;
 
@@ -111,7 +111,7 @@ pub enum Backend {
     /// A file or block device driven through io_uring.
     Uring(uring::UringBackend),
     /// RAM.
-    Malloc(malloc::MallocBackend),
+    Malloc(memory::MemoryImage),
     /// A fault-injecting wrapper of another volume (`bdev_error_create`).
     Error(error::ErrorBackend),
     /// A mirrored volume: a local volume plus remote legs.
@@ -193,13 +193,14 @@ impl Volume {
         ByteLen(self.num_blocks * u64::from(self.block_size.bytes()))
     }
 
-    /// Whether I/O can finish inside the call, without ever suspending (RAM;
-    /// the reads of a file on a memory file system): a caller looping over
-    /// I/Os must then yield to its reactor now and then by itself.
+    /// Whether reads and writes can finish inside the call, without ever
+    /// suspending (RAM; a file on a memory file system, mapped): a caller
+    /// looping over I/Os must then yield to its reactor now and then by
+    /// itself.
     pub fn completes_inline(&self) -> bool {
         match &self.backend {
             Backend::Malloc(_) => true,
-            Backend::Uring(u) => u.has_inline_reads(),
+            Backend::Uring(u) => u.is_memory_mapped(),
             _ => false,
         }
     }
@@ -318,7 +319,7 @@ impl Volume {
 
 enum ChannelInner {
     Uring(uring::UringChannel),
-    Malloc(malloc::MallocBackend),
+    Malloc(memory::MemoryImage),
     Error(Box<error::ErrorChannel>),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
     SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
@@ -502,7 +503,7 @@ mod tests {
             random_uuid(),
             BlockSize::B512,
             8,
-            Backend::Malloc(malloc::MallocBackend::new(4096).expect("ram")),
+            Backend::Malloc(memory::MemoryImage::new(4096).expect("ram")),
         )
     }
 

@@ -2,7 +2,7 @@
 //! created from, so that `save_config` can write them back out as the RPC
 //! calls that recreate them. Control plane only: a mutex is fine here.
 
-use super::malloc::MallocBackend;
+use super::memory::MemoryImage;
 use super::uring::{UringBackend, DEFAULT_QUEUE_DEPTH};
 use super::{random_uuid, Backend, CreateError, Volume, VolumeInfo};
 use crate::units::BlockSize;
@@ -218,7 +218,7 @@ impl VolumeRegistry {
                     p.num_blocks, p.block_size
                 ))
             })?;
-        let backend = MallocBackend::new(bytes).map_err(|source| CreateError::Io {
+        let backend = MemoryImage::new(bytes).map_err(|source| CreateError::Io {
             what: format!("cannot map {bytes} bytes for {name}"),
             source,
         })?;

@@ -1,21 +1,30 @@
-//! The RAM backend, for tests and benchmarks.
+//! Volume data held in memory: RAM (the malloc backend), or a file on a
+//! memory file system mapped shared (the uring backend's tmpfs/ramfs files).
 //!
-//! One anonymous mapping holds the data. Concurrent access from several
-//! reactors goes through striped reader-writer locks (one per 64 KiB), so
-//! overlapping writes from two cores never race in memory; a request locks
-//! its stripes in ascending order, which rules out deadlock. The locks are
-//! uncontended in practice and cost far less than the copy they guard; the
-//! guards of a request live on the stack (a request of up to
-//! `INLINE_STRIPES` stripes allocates nothing).
+//! One mapping holds the data: anonymous for RAM, `MAP_SHARED` of the file
+//! for tmpfs, whose page cache is the storage itself, so a copy into the
+//! mapping is the whole write (a `pwrite` to tmpfs would hand each write to
+//! an io-wq worker, since shmem takes no non-blocking writes). Concurrent
+//! access from several reactors goes through striped reader-writer locks
+//! (one per 64 KiB), so overlapping writes from two cores never race in
+//! memory; a request locks its stripes in ascending order, which rules out
+//! deadlock. The locks are uncontended in practice and cost far less than
+//! the copy they guard; the guards of a request live on the stack (a request
+//! of up to `INLINE_STRIPES` stripes allocates nothing).
 //!
-//! The copy itself is synchronous, so the channel yields once per request
-//! (see `VolumeChannel`): like SPDK's malloc bdev, which completes through a
-//! message, a task looping on malloc I/O lets the rest of its reactor run.
+//! The copy itself is synchronous. For RAM the channel yields once per
+//! request (see `VolumeChannel`): like SPDK's malloc bdev, which completes
+//! through a message, a task looping on malloc I/O lets the rest of its
+//! reactor run. A mapped file's channel yields once per 16 copies instead
+//! (`volume::uring`): the front ends run each command as its own task,
+//! which ends right after its copy, so a yield per copy would only add a
+//! trip through the run queue to every command.
 
 use super::VolumeError;
 use crate::units::{ByteLen, ByteOffset};
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 use mirrorpoint_poller::{IoBuf, IoBufMut};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const STRIPE: u64 = 64 * 1024;
@@ -45,7 +54,7 @@ impl<G> Guards<G> {
     }
 }
 
-struct MallocInner {
+struct ImageInner {
     base: *mut u8,
     len: u64,
     stripes: Box<[RwLock<()>]>,
@@ -54,33 +63,73 @@ struct MallocInner {
 
 // SAFETY: `base` points into `_map`, owned by this struct; every access to the
 // bytes happens under the stripe locks covering them.
-unsafe impl Send for MallocInner {}
+unsafe impl Send for ImageInner {}
 // SAFETY: as above.
-unsafe impl Sync for MallocInner {}
+unsafe impl Sync for ImageInner {}
 
-/// RAM-backed storage, shared by every channel of its volume.
+/// Memory-held volume data, shared by every channel of its volume.
 #[derive(Clone)]
-pub struct MallocBackend {
-    inner: Arc<MallocInner>,
+pub struct MemoryImage {
+    inner: Arc<ImageInner>,
 }
 
-impl MallocBackend {
+impl MemoryImage {
     /// Maps `bytes` of zeroed memory.
     pub fn new(bytes: u64) -> std::io::Result<Self> {
         let len = usize::try_from(bytes)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "too large"))?;
-        let mut map = MmapMut::map_anon(len.max(1))?;
+        let map = MmapMut::map_anon(len.max(1))?;
+        Ok(Self::from_map(map, bytes))
+    }
+
+    /// Maps the first `bytes` of `file` shared, after allocating them in the
+    /// file system (`fallocate`), so that a full tmpfs fails here with
+    /// ENOSPC instead of a later write to a hole failing as SIGBUS. `file`
+    /// must be on a memory file system (the caller checked) and opened
+    /// read-write.
+    pub fn map_file(file: &std::fs::File, bytes: u64) -> std::io::Result<Self> {
+        let len = usize::try_from(bytes)
+            .ok()
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "size not mappable")
+            })?;
+        let flen = i64::try_from(bytes)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "too large"))?;
+        // SAFETY: fallocate on a descriptor the caller owns; mode 0 only
+        // allocates the holes in [0, bytes) and keeps the data.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, flen) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // ramfs allocates nothing ahead, and has no size limit to meet.
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(e);
+            }
+        }
+        // SAFETY: the mapping is of our volume's own backing file, opened
+        // read-write and now allocated to `bytes`; its contents change only
+        // through this mapping (under the stripe locks) and through ring
+        // operations that the kernel keeps coherent with it (fsync,
+        // fallocate). Another process truncating the file under a running
+        // target would fault the next access (SIGBUS), as with any
+        // memory-mapped store; the file is the target's, not shared.
+        let map = unsafe { MmapOptions::new().len(len).populate().map_mut(file)? };
+        Ok(Self::from_map(map, bytes))
+    }
+
+    /// Takes ownership of `map`, which covers `bytes`. The mapping does not
+    /// move when the `MmapMut` handle does, so its base pointer stays valid.
+    fn from_map(mut map: MmapMut, bytes: u64) -> Self {
         let stripes = (0..bytes.div_ceil(STRIPE).max(1))
             .map(|_| RwLock::new(()))
             .collect();
-        Ok(MallocBackend {
-            inner: Arc::new(MallocInner {
+        MemoryImage {
+            inner: Arc::new(ImageInner {
                 base: map.as_mut_ptr(),
                 len: bytes,
                 stripes,
                 _map: map,
             }),
-        })
+        }
     }
 
     fn stripes(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
