@@ -15,6 +15,8 @@
 # and tgt's rdwr backing store with bsoflags=direct.
 # MP_ARGS="--idle-timeout-us 0" passes extra options to `mirrorpoint serve`.
 # NUMJOBS=N: N fio jobs, each its own iSCSI session.
+# TARGETS="tgt mirrorpoint": which targets run, in that order (default
+# "mirrorpoint tgt"; both on the same file, the second after the first).
 #
 # MIRRORPOINT=path runs that binary instead of building one.
 # Placement: the target on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
@@ -28,6 +30,7 @@ TARGET_CPU=${TARGET_CPU:-1}
 FIO_CPU=${FIO_CPU:-0}
 BACKING=${BACKING:-tmpfs}
 NUMJOBS=${NUMJOBS:-1}
+TARGETS=${TARGETS:-mirrorpoint tgt}
 case $BACKING in
     # tmpfs: both targets run on the page cache, so the comparison is of
     # the iSCSI stacks, not of a disk.
@@ -120,6 +123,7 @@ workloads() { # NAME PID URL
     done
 }
 
+run_mirrorpoint() {
 echo "== mirrorpoint on cpu $TARGET_CPU"
 PORT=$(free_port)
 cat >"$WORK/mp.json" <<EOF
@@ -144,7 +148,9 @@ grep -qs ready "$WORK/mp.log" || { echo "mirrorpoint did not start:" >&2; cat "$
 MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
 workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
 kill "$MP"; sleep 1
+}
 
+run_tgt() {
 echo "== tgt on cpu $TARGET_CPU"
 TPORT=$(free_port)
 TGT_CTL=$((TPORT % 1000 + 100))
@@ -158,6 +164,16 @@ tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
 tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/backing.img" "${TGT_FLAGS[@]}"
 tgtadm -C "$TGT_CTL" --lld iscsi --op bind --mode target --tid 1 -I ALL
 workloads tgt "$TGTPID" "iscsi://127.0.0.1:$TPORT/$IQN/1"
+kill "$TG"; sleep 1
+}
+
+for t in $TARGETS; do
+    case $t in
+        mirrorpoint) run_mirrorpoint ;;
+        tgt) run_tgt ;;
+        *) echo "TARGETS lists mirrorpoint and/or tgt, not $t" >&2; exit 2 ;;
+    esac
+done
 
 mkdir -p "$(dirname "$OUT")"
 {
@@ -165,7 +181,7 @@ mkdir -p "$(dirname "$OUT")"
     echo
     echo "$(date -u '+%F %T') UTC (start $START), load average at the end $(cut -d' ' -f1-3 /proc/loadavg),"
     echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')),"
+    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')), targets in the order $TARGETS,"
     echo "mirrorpoint serve options: ${MP_ARGS:-(defaults)}."
     echo "${RUNTIME}s per run. CPU/IO (OS) = target process utime+stime over the run / I/Os completed;"
     echo "busy/IO = mirrorpoint's reactors' busy_ns over the run / I/Os; fio CPU = fio's usr+sys, % of one core."
