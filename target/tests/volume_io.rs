@@ -165,6 +165,7 @@ fn malloc_volume_round_trips_across_cores() {
         }))
         .expect("malloc");
     exercise(&rt, v.clone());
+    lets_other_tasks_run(&rt, v.clone());
     bad_requests(&rt, v);
 }
 

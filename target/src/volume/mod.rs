@@ -18,7 +18,7 @@ pub mod registry;
 pub mod uring;
 
 use crate::units::{BlockSize, ByteLen, ByteOffset};
-use mirrorpoint_poller::{yield_now, IoBuf, IoBufMut};
+use mirrorpoint_poller::{IoBuf, IoBufMut};
 use serde::Serialize;
 use std::io;
 use std::sync::Arc;
@@ -236,7 +236,7 @@ impl Volume {
     pub fn channel(self: &Arc<Self>) -> VolumeChannel {
         let inner = match &self.backend {
             Backend::Uring(u) => ChannelInner::Uring(u.channel()),
-            Backend::Malloc(m) => ChannelInner::Malloc(m.clone()),
+            Backend::Malloc(m) => ChannelInner::Malloc(m.clone(), memory::YieldEvery::default()),
             Backend::Error(e) => ChannelInner::Error(Box::new(e.channel())),
             Backend::Mirror(m) => {
                 ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
@@ -319,7 +319,7 @@ impl Volume {
 
 enum ChannelInner {
     Uring(uring::UringChannel),
-    Malloc(memory::MemoryImage),
+    Malloc(memory::MemoryImage, memory::YieldEvery),
     Error(Box<error::ErrorChannel>),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
     SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
@@ -348,9 +348,9 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.read(offset, buf).await,
-            ChannelInner::Malloc(m) => {
+            ChannelInner::Malloc(m, pace) => {
                 let out = m.read(offset, buf);
-                yield_now().await;
+                pace.copied().await;
                 out
             }
             ChannelInner::Error(e) => e.read(offset, buf).await,
@@ -366,9 +366,9 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.write(offset, buf).await,
-            ChannelInner::Malloc(m) => {
+            ChannelInner::Malloc(m, pace) => {
                 let out = m.write(offset, buf);
-                yield_now().await;
+                pace.copied().await;
                 out
             }
             ChannelInner::Error(e) => e.write(offset, buf).await,
@@ -391,7 +391,7 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
             // RAM has no volatile cache to bypass.
-            ChannelInner::Malloc(_) => self.write(offset, buf).await,
+            ChannelInner::Malloc(..) => self.write(offset, buf).await,
             ChannelInner::Error(e) => e.write_fua(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
             ChannelInner::SplitImage(i) => {
@@ -408,7 +408,7 @@ impl VolumeChannel {
     pub async fn flush(&self) -> Result<(), VolumeError> {
         match &self.inner {
             ChannelInner::Uring(c) => c.flush().await,
-            ChannelInner::Malloc(_) => Ok(()),
+            ChannelInner::Malloc(..) => Ok(()),
             ChannelInner::Error(e) => e.flush().await,
             ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
             ChannelInner::SplitImage(i) => Box::pin(i.flush()).await,
@@ -438,7 +438,7 @@ impl VolumeChannel {
         self.volume.check_range(offset, len.0)?;
         match &self.inner {
             ChannelInner::Uring(c) => c.write_zeroes(offset, len).await,
-            ChannelInner::Malloc(m) => {
+            ChannelInner::Malloc(m, _) => {
                 m.zero(offset, len);
                 Ok(())
             }
@@ -454,7 +454,7 @@ impl VolumeChannel {
         self.volume.check_range(offset, len.0)?;
         match &self.inner {
             ChannelInner::Uring(c) => c.unmap(offset, len).await,
-            ChannelInner::Malloc(m) => {
+            ChannelInner::Malloc(m, _) => {
                 m.zero(offset, len);
                 Ok(())
             }

@@ -21,11 +21,10 @@
 //! write-zeroes and discard); where the file system refuses, they fall back
 //! to writing zero blocks so that unmapped ranges always read back as zeroes.
 
-use super::memory::MemoryImage;
+use super::memory::{MemoryImage, YieldEvery};
 use super::{CreateError, VolumeError};
 use crate::units::{ByteLen, ByteOffset};
 use mirrorpoint_poller::{buffer_pool, yield_now, IoBuf, IoBufMut, LocalSemaphore, ReactorFile};
-use std::cell::Cell;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -213,7 +212,7 @@ impl UringBackend {
             file: ReactorFile::new(self.fd.clone()),
             depth: LocalSemaphore::new(self.queue_depth),
             mapped: self.mapped.clone(),
-            inline_ops: Cell::new(0),
+            pace: YieldEvery::default(),
         }
     }
 
@@ -227,18 +226,14 @@ impl UringBackend {
     }
 }
 
-/// Copies of a mapped file a channel does before it yields once (at most
-/// 16 chunks of 128 KiB, a few hundred µs, between two yields).
-const INLINE_OPS_PER_YIELD: u32 = 16;
-
 /// One reactor's view of a uring volume.
 pub(crate) struct UringChannel {
     file: ReactorFile,
     depth: LocalSemaphore,
     /// Copies here instead of the ring (memory file system).
     mapped: Option<MemoryImage>,
-    /// Copies since this channel last yielded (see [`INLINE_OPS_PER_YIELD`]).
-    inline_ops: Cell<u32>,
+    /// Yields now and then between copies.
+    pace: YieldEvery,
 }
 
 impl UringChannel {
@@ -249,7 +244,7 @@ impl UringChannel {
     ) -> (Result<(), VolumeError>, IoBufMut) {
         if let Some(m) = &self.mapped {
             let out = m.read(offset, buf);
-            self.after_inline_op().await;
+            self.pace.copied().await;
             return out;
         }
         let _permit = self.depth.acquire().await;
@@ -264,7 +259,7 @@ impl UringChannel {
     ) -> (Result<(), VolumeError>, IoBuf) {
         if let Some(m) = &self.mapped {
             let out = m.write(offset, buf);
-            self.after_inline_op().await;
+            self.pace.copied().await;
             return out;
         }
         let _permit = self.depth.acquire().await;
@@ -285,7 +280,7 @@ impl UringChannel {
             // The page cache of a memory file system is the storage: there
             // is no volatile cache between it and the data.
             let out = m.write(offset, buf);
-            self.after_inline_op().await;
+            self.pace.copied().await;
             return out;
         }
         let _permit = self.depth.acquire().await;
@@ -294,20 +289,6 @@ impl UringChannel {
             .write_all_at_flags(buf, offset.0, libc::RWF_DSYNC)
             .await;
         (r.map_err(VolumeError::Io), buf)
-    }
-
-    /// Yields to the reactor after every [`INLINE_OPS_PER_YIELD`] copies, so
-    /// that a task looping over a mapped volume cannot hold its reactor for
-    /// long, while a command's task (one copy, then its response) pays
-    /// nothing for it.
-    async fn after_inline_op(&self) {
-        let n = self.inline_ops.get() + 1;
-        if n >= INLINE_OPS_PER_YIELD {
-            self.inline_ops.set(0);
-            yield_now().await;
-        } else {
-            self.inline_ops.set(n);
-        }
     }
 
     pub(crate) async fn flush(&self) -> Result<(), VolumeError> {
