@@ -24,6 +24,8 @@ echo "== fuzz smoke (every cargo-fuzz target, briefly)"
 echo "== Linux kernel NVMe/TCP host against the target (QEMU guest)"
 cargo build -p mirrorpoint-target --bin mirrorpoint
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh
+echo "== the same host, digests case, with the volume's file on tmpfs (mapped, copied on two reactors)"
+VOLUME_DIR=/dev/shm MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-target.sh digests
 
 echo "== split mirror under the Linux kernel NVMe/TCP host: ext4 written, split, the image fsck'ed (QEMU guest)"
 MIRRORPOINT="$PWD/build/debug/mirrorpoint" ./scripts/interop/nvmf-split.sh

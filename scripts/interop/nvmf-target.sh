@@ -19,6 +19,10 @@
 #
 # Usage: scripts/interop/nvmf-target.sh [CASE...]     (default: all)
 # Env:   MIRRORPOINT  binary (default build/debug/mirrorpoint, built if missing)
+#        VOLUME_DIR   where the volume's file lives (default: the work dir
+#                     under /tmp). On tmpfs (VOLUME_DIR=/dev/shm) the uring
+#                     backend maps the file and copies on the reactors; the
+#                     script then also checks that bdev_get_bdevs says so.
 # Exit:  0 when every case passed; the target log is kept on failure.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,13 +33,14 @@ if [ ! -x "$bin" ]; then
 fi
 cases=${*:-plain digests events}
 work=$(mktemp -d /tmp/mp-nvmf-interop.XXXXXX)
+vol=${VOLUME_DIR:-$work}/mp-nvmf-interop-d0.$$.img
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 nqn=nqn.2026-11.io.mirrorpoint:interop
 cat >"$work/config.json" <<EOF
 {"subsystems": [
  {"subsystem": "bdev", "config": [
    {"method": "bdev_uring_create",
-    "params": {"name": "d0", "filename": "$work/d0.img", "size": 50331648}},
+    "params": {"name": "d0", "filename": "$vol", "size": 50331648}},
    {"method": "bdev_malloc_create",
     "params": {"name": "m1", "num_blocks": 16384, "block_size": 4096}}]},
  {"subsystem": "nvmf", "config": [
@@ -56,6 +61,7 @@ tpid=$!
 cleanup() {
     kill "$tpid" 2>/dev/null || true
     wait "$tpid" 2>/dev/null || true
+    if [ -n "${VOLUME_DIR:-}" ]; then rm -f "$vol"; fi
 }
 trap cleanup EXIT INT TERM
 i=0
@@ -66,6 +72,13 @@ until grep -q "ready" "$work/target.log" 2>/dev/null; do
     fi
     sleep 0.1
 done
+if [ "$(stat -f -c %T "$(dirname "$vol")")" = tmpfs ]; then
+    if ! "$bin" rpc -s "$work/rpc.sock" bdev_get_bdevs | grep -q '"memory_mapped": *true'; then
+        echo "d0 is on tmpfs but bdev_get_bdevs does not report it memory-mapped"
+        exit 1
+    fi
+    echo "d0 is on tmpfs: memory-mapped"
+fi
 pass=0
 fail=0
 events() {
