@@ -91,6 +91,41 @@ fn exercise(rt: &Runtime, volume: Arc<Volume>) {
         .expect("reader");
 }
 
+/// An unmap of several MiB (done in steps on memory volumes) zeroes exactly
+/// its range: the blocks just before and after it keep their data.
+fn large_unmap(rt: &Runtime, volume: Arc<Volume>) {
+    rt.handles()[0]
+        .block_on(move || async move {
+            let ch = volume.channel();
+            let (start, end) = (1024 * 1024 - 4096, 3 * 1024 * 1024 + 4096);
+            for (seed, off) in [(90u64, start - 4096), (91, start), (92, 2 << 20), (93, end)] {
+                let mut b = buffer_pool().alloc(4096).expect("chunk");
+                b.copy_from_slice(&pattern(seed, 4096));
+                let (r, _) = ch.write(ByteOffset(off), b.freeze()).await;
+                r.expect("write");
+            }
+            ch.unmap(ByteOffset(start), ByteLen(end - start))
+                .await
+                .expect("unmap");
+            for (seed, off, zero) in [
+                (90u64, start - 4096, false),
+                (91, start, true),
+                (92, 2 << 20, true),
+                (93, end, false),
+            ] {
+                let b = buffer_pool().alloc(4096).expect("chunk");
+                let (r, b) = ch.read(ByteOffset(off), b).await;
+                r.expect("read");
+                if zero {
+                    assert!(b.iter().all(|&x| x == 0), "block at {off} not zeroed");
+                } else {
+                    assert!(*b == pattern(seed, 4096)[..], "block at {off} lost");
+                }
+            }
+        })
+        .expect("unmapper");
+}
+
 /// A task looping over a volume whose I/O completes inline still lets the
 /// other tasks of its reactor run: a second task counts its turns while the
 /// first does 64 writes with no other await between them.
@@ -166,6 +201,7 @@ fn malloc_volume_round_trips_across_cores() {
         .expect("malloc");
     exercise(&rt, v.clone());
     lets_other_tasks_run(&rt, v.clone());
+    large_unmap(&rt, v.clone());
     bad_requests(&rt, v);
 }
 
@@ -264,6 +300,7 @@ fn uring_volume_on_tmpfs_is_mapped_and_round_trips() {
         &pattern(5, len)[..]
     );
     lets_other_tasks_run(&rt, v.clone());
+    large_unmap(&rt, v.clone());
     drop(v);
     reg.delete("shm0").expect("delete");
     let data = std::fs::read(&path).expect("image");

@@ -12,20 +12,17 @@
 //! the copy they guard; the guards of a request live on the stack (a request
 //! of up to `INLINE_STRIPES` stripes allocates nothing).
 //!
-//! The copy itself is synchronous. For RAM the channel yields once per
-//! request (see `VolumeChannel`): like SPDK's malloc bdev, which completes
-//! through a message, a task looping on malloc I/O lets the rest of its
-//! reactor run. A channel yields once per [`COPIES_PER_YIELD`] copies
-//! ([`YieldEvery`]) rather than after each: a task looping over such a
-//! volume still lets the rest of its reactor run, while a front end's
-//! command (one copy, then its response) does not pay a trip through the
-//! run queue for it.
+//! The copy itself is synchronous, so a channel yields to its reactor once
+//! per [`COPIES_PER_YIELD`] copies ([`YieldEvery`]): a task looping over
+//! such a volume still lets the rest of its reactor run, while a front
+//! end's command (one copy, then its response) does not pay a trip through
+//! the run queue for it, as it did when the malloc channel yielded after
+//! every request.
 
 use super::VolumeError;
 use crate::units::{ByteLen, ByteOffset};
 use memmap2::{MmapMut, MmapOptions};
-use mirrorpoint_poller::yield_now;
-use mirrorpoint_poller::{IoBuf, IoBufMut};
+use mirrorpoint_poller::{yield_now, IoBuf, IoBufMut};
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -187,7 +184,7 @@ impl MemoryImage {
                 .is_some_and(|end| end <= self.inner.len)
     }
 
-    /// Copies out of RAM. The caller has range-checked against the volume.
+    /// Copies out of the image. The caller has range-checked against the volume.
     pub fn read(
         &self,
         offset: ByteOffset,
@@ -211,7 +208,7 @@ impl MemoryImage {
         (Ok(()), buf)
     }
 
-    /// Copies into RAM. The caller has range-checked against the volume.
+    /// Copies into the image. The caller has range-checked against the volume.
     pub fn write(&self, offset: ByteOffset, buf: IoBuf) -> (Result<(), VolumeError>, IoBuf) {
         let len = buf.len() as u64;
         if !self.in_bounds(offset.0, len) {
@@ -231,8 +228,25 @@ impl MemoryImage {
         (Ok(()), buf)
     }
 
+    /// Zeroes a range one MiB at a time with a yield between, so that a
+    /// large unmap (mkfs discards the whole device) does not hold the
+    /// reactor for the whole memset.
+    pub async fn zero_in_steps(&self, offset: ByteOffset, len: ByteLen) {
+        const STEP: u64 = 1 << 20;
+        let end = offset.0.saturating_add(len.0);
+        let mut at = offset.0;
+        while at < end {
+            let n = STEP.min(end - at);
+            self.zero(ByteOffset(at), ByteLen(n));
+            at += n;
+            if at < end {
+                yield_now().await;
+            }
+        }
+    }
+
     /// Zeroes a range (write zeroes and unmap).
-    pub fn zero(&self, offset: ByteOffset, len: ByteLen) {
+    fn zero(&self, offset: ByteOffset, len: ByteLen) {
         if !self.in_bounds(offset.0, len.0) {
             return;
         }

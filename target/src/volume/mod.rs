@@ -193,10 +193,9 @@ impl Volume {
         ByteLen(self.num_blocks * u64::from(self.block_size.bytes()))
     }
 
-    /// Whether reads and writes can finish inside the call, without ever
-    /// suspending (RAM; a file on a memory file system, mapped): a caller
-    /// looping over I/Os must then yield to its reactor now and then by
-    /// itself.
+    /// Whether reads and writes are copies done inside the call (RAM; a
+    /// file on a memory file system, mapped): they suspend only once per 16
+    /// copies, when the channel yields to its reactor.
     pub fn completes_inline(&self) -> bool {
         match &self.backend {
             Backend::Malloc(_) => true,
@@ -439,7 +438,7 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.write_zeroes(offset, len).await,
             ChannelInner::Malloc(m, _) => {
-                m.zero(offset, len);
+                m.zero_in_steps(offset, len).await;
                 Ok(())
             }
             ChannelInner::Error(e) => e.write_zeroes(offset, len).await,
@@ -455,7 +454,7 @@ impl VolumeChannel {
         match &self.inner {
             ChannelInner::Uring(c) => c.unmap(offset, len).await,
             ChannelInner::Malloc(m, _) => {
-                m.zero(offset, len);
+                m.zero_in_steps(offset, len).await;
                 Ok(())
             }
             ChannelInner::Error(e) => e.unmap(offset, len).await,

@@ -24,7 +24,7 @@
 use super::memory::{MemoryImage, YieldEvery};
 use super::{CreateError, VolumeError};
 use crate::units::{ByteLen, ByteOffset};
-use mirrorpoint_poller::{buffer_pool, yield_now, IoBuf, IoBufMut, LocalSemaphore, ReactorFile};
+use mirrorpoint_poller::{buffer_pool, IoBuf, IoBufMut, LocalSemaphore, ReactorFile};
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -307,7 +307,7 @@ impl UringChannel {
         len: ByteLen,
     ) -> Result<(), VolumeError> {
         if let Some(m) = &self.mapped {
-            zero_mapped(m, offset, len).await;
+            m.zero_in_steps(offset, len).await;
             return Ok(());
         }
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -316,7 +316,7 @@ impl UringChannel {
 
     pub(crate) async fn unmap(&self, offset: ByteOffset, len: ByteLen) -> Result<(), VolumeError> {
         if let Some(m) = &self.mapped {
-            zero_mapped(m, offset, len).await;
+            m.zero_in_steps(offset, len).await;
             return Ok(());
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -362,22 +362,5 @@ impl UringChannel {
             done += n;
         }
         Ok(())
-    }
-}
-
-/// Zeroes a range of a mapped file in place, one MiB at a time with a
-/// yield between, so that a large unmap (mkfs discards the whole device)
-/// does not hold the reactor for the whole memset.
-async fn zero_mapped(image: &MemoryImage, offset: ByteOffset, len: ByteLen) {
-    const STEP: u64 = 1 << 20;
-    let end = offset.0 + len.0;
-    let mut at = offset.0;
-    while at < end {
-        let n = STEP.min(end - at);
-        image.zero(ByteOffset(at), ByteLen(n));
-        at += n;
-        if at < end {
-            yield_now().await;
-        }
     }
 }
