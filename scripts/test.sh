@@ -16,7 +16,7 @@ echo "== loom models (lock-free code, every interleaving)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
     cargo test -p mirrorpoint-poller --lib wake::loom_tests
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=build/loom \
-    cargo test -p mirrorpoint-target --lib -- mirror::sequencer::loom_tests mirror::split::loom_tests nvmf::slots::loom_tests
+    cargo test -p mirrorpoint-target --lib -- mirror::sequencer::loom_tests mirror::split::loom_tests slots::loom_tests
 
 echo "== fuzz smoke (every cargo-fuzz target, briefly)"
 ./scripts/fuzz-smoke.sh "${MP_FUZZ_SECONDS:-15}"

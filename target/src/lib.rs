@@ -9,5 +9,6 @@ pub mod mirror;
 pub mod nvmf;
 pub mod rpc;
 pub mod scsi;
+pub mod slots;
 pub mod units;
 pub mod volume;

@@ -7,8 +7,12 @@
 //!   data segment straight into a fresh pool chunk of exactly its length, so
 //!   immediate data and Data-Out land in memory once and are handed to the
 //!   SCSI layer (and on to the volume) without a copy.
-//! - Commands run as their own tasks on the same reactor, so a slow command
-//!   does not stall the socket; every PDU we send is encoded into the
+//! - Commands run in the connection's command slots ([`crate::slots`]), not
+//!   as tasks of their own: the reader starts a command and polls it once
+//!   on the spot (a copy to a memory volume and the response happen right
+//!   there, with no allocation, schedule or wake-up); one that must wait
+//!   stays in its slot and the connection's driver task finishes it, so a
+//!   slow command does not stall the socket. Every PDU we send is encoded into the
 //!   connection's send queue ([`super::txq`]) in the same synchronous step
 //!   that assigns its StatSN, so StatSNs leave in order, and a writer task
 //!   sends whatever is queued in one vectored send: headers (and digests)
@@ -37,7 +41,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -68,6 +72,7 @@ use super::text::TextAssembler;
 use super::txq::{TxError, TxQueue};
 use crate::scsi::task::{Nexus, ScsiResponse, ScsiStatus, ScsiTask, TaskAttribute};
 use crate::scsi::{self as scsi_impl, ResetKind};
+use crate::slots::{CommandSlots, Slots, Started};
 use crate::volume::VolumeChannel;
 
 /// How long a login may sit waiting for the next PDU.
@@ -501,6 +506,8 @@ async fn run(
         s.kill_cid(res.cid.0);
         s
     };
+    // Commands in flight on this connection: at most the session's window.
+    let depth = node.as_ref().map_or(16, |n| n.spec.queue_depth);
     let kill = Arc::new(AtomicBool::new(false));
     let id = target.next_id();
     session.add_conn(ConnInfo {
@@ -540,6 +547,8 @@ async fn run(
             done: false,
         }),
         channels: RefCell::new(HashMap::new()),
+        cmds: Box::new(Slots::new(usize::try_from(depth).unwrap_or(1024), scsi_job)),
+        closing: Cell::new(false),
         nexus: nexus_for(
             &initiator,
             res.isid,
@@ -559,6 +568,10 @@ async fn run(
         nexus: conn.nexus.clone(),
         id,
     };
+    spawn(drive_commands(conn.clone())).detach();
+    // However `run` ends (even dropped), the driver is told to finish the
+    // commands in flight and stop, which frees the connection.
+    let _closing = CloseOnDrop(&conn);
     let writer = spawn(writer(conn.clone()));
     let ticker = spawn(ticker(Rc::downgrade(&conn)));
     let framing_in = Framing {
@@ -577,6 +590,75 @@ async fn run(
     drop(writer);
     conn.abort_all();
     r
+}
+
+/// Marks the connection closing and wakes its command driver when dropped.
+struct CloseOnDrop<'a>(&'a Conn);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.closing.set(true);
+        self.0.cmds.wake_driver();
+    }
+}
+
+/// The connection's command driver: polls the slots whose wakers fired;
+/// after the connection ends, until none is left (their tasks are aborted
+/// by then, so they finish their volume I/O and answer nothing).
+async fn drive_commands(conn: Rc<Conn>) {
+    poll_fn(|cx| {
+        conn.cmds.poll_woken(cx, &mut |()| {});
+        if conn.closing.get() && conn.cmds.busy() == 0 {
+            conn.cmds.unregister();
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// A SCSI command ready to execute, with what it needs to answer.
+struct ScsiJob {
+    conn: Rc<Conn>,
+    ctl: Rc<TaskCtl>,
+    cmd: ScsiCommand,
+    cdb: Vec<u8>,
+    spdtl: Option<u64>,
+    data: Vec<IoBuf>,
+}
+
+/// Executes a command and sends its response (unless it was aborted or
+/// replaced meanwhile); run in a command slot, or as a task of its own when
+/// every slot is busy.
+async fn scsi_job(job: ScsiJob) {
+    let ScsiJob {
+        conn,
+        ctl,
+        cmd,
+        cdb,
+        spdtl,
+        data,
+    } = job;
+    let itt = cmd.itt.0;
+    let resp = conn.execute(&ctl, &cmd, &cdb, data).await;
+    let mine = conn
+        .st
+        .borrow()
+        .tasks
+        .get(&itt)
+        .is_some_and(|t| Rc::ptr_eq(t, &ctl));
+    if mine {
+        conn.st.borrow_mut().tasks.remove(&itt);
+    }
+    ctl.release();
+    if ctl.aborted.get() || !mine {
+        return;
+    }
+    if let Err(e) = conn.respond(&cmd, spdtl, resp).await {
+        tracing::debug!("send failed: {e}");
+        let _ = conn.stream.shutdown(Shutdown::Both).await;
+    }
 }
 
 struct ConnGuard {
@@ -763,6 +845,11 @@ struct Conn {
     tx: TxQueue,
     st: RefCell<ConnState>,
     channels: RefCell<HashMap<u64, Rc<VolumeChannel>>>,
+    /// SCSI commands being executed, each in a slot rather than a task of
+    /// its own (see [`crate::slots`]); [`drive_commands`] finishes them.
+    cmds: Box<dyn CommandSlots<ScsiJob, ()>>,
+    /// The connection has ended: the driver stops once the slots are empty.
+    closing: Cell<bool>,
     nexus: Nexus,
     cid: u16,
     kill: Arc<AtomicBool>,
@@ -1357,37 +1444,29 @@ impl Conn {
         )
     }
 
-    /// Runs a command as its own task.
+    /// Starts a command in a free slot, where it runs at once as far as
+    /// it can without waiting (a copy to a memory volume and the response
+    /// both happen right here); a task of its own when every slot is busy.
     fn start(
         self: Rc<Self>,
         ctl: Rc<TaskCtl>,
-        c: ScsiCommand,
+        cmd: ScsiCommand,
         cdb: Vec<u8>,
         spdtl: Option<u64>,
         data: Vec<IoBuf>,
     ) {
-        spawn(async move {
-            let itt = c.itt.0;
-            let resp = self.execute(&ctl, &c, &cdb, data).await;
-            let mine = self
-                .st
-                .borrow()
-                .tasks
-                .get(&itt)
-                .is_some_and(|t| Rc::ptr_eq(t, &ctl));
-            if mine {
-                self.st.borrow_mut().tasks.remove(&itt);
-            }
-            ctl.release();
-            if ctl.aborted.get() || !mine {
-                return;
-            }
-            if let Err(e) = self.respond(&c, spdtl, resp).await {
-                tracing::debug!("send failed: {e}");
-                let _ = self.stream.shutdown(Shutdown::Both).await;
-            }
-        })
-        .detach();
+        let job = ScsiJob {
+            conn: self.clone(),
+            ctl,
+            cmd,
+            cdb,
+            spdtl,
+            data,
+        };
+        match self.cmds.start(job) {
+            Started::Done(()) | Started::Parked => {}
+            Started::Full(job) => spawn(scsi_job(job)).detach(),
+        }
     }
 
     async fn execute(

@@ -48,7 +48,6 @@ use super::controller::{shutdown_fd, AdminOutcome, AerEnd, Controller};
 use super::io::{alloc_wait, execute, NsChannel};
 use super::pdu::{self, C2HData, CapsuleResp, CommonHeader, Pdu, PduConfig, PduError, TermReq};
 use super::qpair::{Event, QpairConfig, QueuePair};
-use super::slots::{CommandSlots, Slots, Started};
 use super::sock;
 use super::spec::{
     CommandId, ConnectCommand, ConnectData, Cqe, DataDirection, DataSgl, FabricsCommandType, Nsid,
@@ -56,6 +55,7 @@ use super::spec::{
 };
 use super::subsystem::NsMap;
 use super::target::NvmfTarget;
+use crate::slots::{CommandSlots, Slots, Started};
 use crate::units::Lba;
 use mirrorpoint_poller::{buffer_pool, sleep, spawn, IoBuf, IoBufMut, LocalNotify};
 use mirrorpoint_transport::{SendList, TcpStream};

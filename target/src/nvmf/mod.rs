@@ -40,7 +40,6 @@ pub mod log_page;
 pub mod pdu;
 pub mod qpair;
 pub mod rpc;
-pub mod slots;
 pub mod sock;
 pub mod spec;
 pub mod subsystem;

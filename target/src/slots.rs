@@ -1,5 +1,8 @@
 //! Command slots: a connection's in-flight I/O commands, run without a
 //! spawned task (and so without an allocation or a task wake-up) per command.
+//! Used by both front ends: NVMe/TCP I/O queues (one slot per submission
+//! queue entry) and iSCSI connections (one per command the session's CmdSN
+//! window admits).
 //!
 //! Shape, and why:
 //! * **One slot per submission queue entry.** A queue pair never has more
