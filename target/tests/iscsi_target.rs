@@ -24,7 +24,7 @@ use mirrorpoint_target::iscsi::registry::{
 };
 use mirrorpoint_target::iscsi::text::{parse, TextBuilder};
 use mirrorpoint_target::units::BlockSize;
-use mirrorpoint_target::volume::registry::MallocParams;
+use mirrorpoint_target::volume::registry::{MallocParams, UringParams};
 use mirrorpoint_target::volume::{VolumeRegistry, VolumeSpec};
 
 const IQN: &str = "iqn.2026-11.io.mirrorpoint:test";
@@ -37,6 +37,16 @@ struct Target {
 }
 
 fn start() -> Target {
+    start_on(VolumeSpec::Malloc(MallocParams {
+        name: Some("m0".into()),
+        num_blocks: 8192,
+        block_size: BlockSize::B512,
+        uuid: None,
+    }))
+}
+
+/// A target exporting the volume `spec` (named "m0") as LUN 0.
+fn start_on(spec: VolumeSpec) -> Target {
     let rt = Runtime::start(RuntimeConfig {
         cores: vec![0, 1],
         reactor: ReactorConfig {
@@ -51,14 +61,7 @@ fn start() -> Target {
     })
     .expect("runtime");
     let volumes = Arc::new(VolumeRegistry::new());
-    volumes
-        .create(VolumeSpec::Malloc(MallocParams {
-            name: Some("m0".into()),
-            num_blocks: 8192,
-            block_size: BlockSize::B512,
-            uuid: None,
-        }))
-        .expect("malloc");
+    volumes.create(spec).expect("volume m0");
     let v = volumes.clone();
     let target = IscsiTarget::new(rt.handles().to_vec(), Arc::new(move |n| v.get(n)));
     let addrs = create_portal_group(
@@ -1056,4 +1059,69 @@ fn pipelined_writes_split_receives_in_bursts_and_dribbles() {
         }
     }
     assert!(a.ping());
+}
+
+/// Writes still in flight when the host closes its side are finished (their
+/// data is on the volume) and the target then closes the connection: the
+/// command driver runs on after the reader ends, until its slots are empty.
+/// The volume is a file through the ring (O_DIRECT on a disk file system),
+/// so the writes are still in the kernel when the FIN is read.
+#[test]
+fn in_flight_writes_finish_and_the_connection_closes_after_the_host_leaves() {
+    let path = std::env::temp_dir().join(format!("mp-iscsi-drain-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let t = start_on(VolumeSpec::Uring(UringParams {
+        name: "m0".into(),
+        filename: path.clone(),
+        block_size: Some(BlockSize::B512),
+        size: Some(4 << 20),
+        queue_depth: Some(32),
+        uuid: None,
+    }));
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    const N: u8 = 12;
+    let mut wire = Vec::new();
+    for i in 0..N {
+        let lba = u32::from(i) * 8;
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&8u16.to_be_bytes());
+        let c = a.cmd(&cdb, false, true, 4096);
+        encode_pdu(
+            &Bhs::ScsiCommand(c),
+            &[],
+            &pattern(i + 40, 4096),
+            a.hd,
+            false,
+            &mut wire,
+        )
+        .expect("encode");
+    }
+    send_raw(&mut a.s, &wire);
+    a.s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    // Whatever the target answers, then its own close (EOF, not a timeout).
+    a.s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut tmp = [0u8; 65536];
+    let closed = loop {
+        match a.s.read(&mut tmp) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the target did not close the connection after the host left"
+    );
+    let mut b = Ini::connect(t.addr);
+    b.login(2, &[]).expect("login");
+    for i in 0..N {
+        let (st, back) = b.read10(u32::from(i) * 8, 8);
+        assert_eq!(st, 0);
+        assert!(back == pattern(i + 40, 4096), "write {i} reads back");
+    }
+    drop(t);
+    std::fs::remove_file(path).ok();
 }
