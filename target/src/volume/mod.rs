@@ -199,7 +199,7 @@ impl Volume {
     pub fn completes_inline(&self) -> bool {
         match &self.backend {
             Backend::Malloc(_) => true,
-            Backend::Uring(u) => u.is_memory_mapped(),
+            Backend::Uring(u) => u.memory_image().is_some(),
             _ => false,
         }
     }
@@ -234,8 +234,11 @@ impl Volume {
     /// Off a reactor thread (channels are per-core by design).
     pub fn channel(self: &Arc<Self>) -> VolumeChannel {
         let inner = match &self.backend {
-            Backend::Uring(u) => ChannelInner::Uring(u.channel()),
-            Backend::Malloc(m) => ChannelInner::Malloc(m.clone(), memory::YieldEvery::default()),
+            Backend::Uring(u) => match u.memory_image() {
+                Some(m) => ChannelInner::Memory(m.clone(), memory::YieldEvery::default()),
+                None => ChannelInner::Uring(u.channel()),
+            },
+            Backend::Malloc(m) => ChannelInner::Memory(m.clone(), memory::YieldEvery::default()),
             Backend::Error(e) => ChannelInner::Error(Box::new(e.channel())),
             Backend::Mirror(m) => {
                 ChannelInner::Mirror(Box::new(crate::mirror::engine::MirrorChannel::new(m)))
@@ -318,7 +321,9 @@ impl Volume {
 
 enum ChannelInner {
     Uring(uring::UringChannel),
-    Malloc(memory::MemoryImage, memory::YieldEvery),
+    /// RAM, or a file on a memory file system mapped shared: copies here,
+    /// with a yield now and then.
+    Memory(memory::MemoryImage, memory::YieldEvery),
     Error(Box<error::ErrorChannel>),
     Mirror(Box<crate::mirror::engine::MirrorChannel>),
     SplitImage(Box<crate::mirror::split::ops::SplitImageChannel>),
@@ -347,7 +352,7 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.read(offset, buf).await,
-            ChannelInner::Malloc(m, pace) => {
+            ChannelInner::Memory(m, pace) => {
                 let out = m.read(offset, buf);
                 pace.copied().await;
                 out
@@ -365,7 +370,7 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.write(offset, buf).await,
-            ChannelInner::Malloc(m, pace) => {
+            ChannelInner::Memory(m, pace) => {
                 let out = m.write(offset, buf);
                 pace.copied().await;
                 out
@@ -389,8 +394,9 @@ impl VolumeChannel {
         }
         match &self.inner {
             ChannelInner::Uring(c) => c.write_fua(offset, buf).await,
-            // RAM has no volatile cache to bypass.
-            ChannelInner::Malloc(..) => self.write(offset, buf).await,
+            // Memory has no volatile cache to bypass (a memory file
+            // system's page cache is its storage).
+            ChannelInner::Memory(..) => self.write(offset, buf).await,
             ChannelInner::Error(e) => e.write_fua(offset, buf).await,
             ChannelInner::Mirror(m) => Box::pin(m.write_fua(offset, buf)).await,
             ChannelInner::SplitImage(i) => {
@@ -407,7 +413,7 @@ impl VolumeChannel {
     pub async fn flush(&self) -> Result<(), VolumeError> {
         match &self.inner {
             ChannelInner::Uring(c) => c.flush().await,
-            ChannelInner::Malloc(..) => Ok(()),
+            ChannelInner::Memory(..) => Ok(()),
             ChannelInner::Error(e) => e.flush().await,
             ChannelInner::Mirror(m) => Box::pin(m.flush()).await,
             ChannelInner::SplitImage(i) => Box::pin(i.flush()).await,
@@ -437,7 +443,7 @@ impl VolumeChannel {
         self.volume.check_range(offset, len.0)?;
         match &self.inner {
             ChannelInner::Uring(c) => c.write_zeroes(offset, len).await,
-            ChannelInner::Malloc(m, _) => {
+            ChannelInner::Memory(m, _) => {
                 m.zero_in_steps(offset, len).await;
                 Ok(())
             }
@@ -453,7 +459,7 @@ impl VolumeChannel {
         self.volume.check_range(offset, len.0)?;
         match &self.inner {
             ChannelInner::Uring(c) => c.unmap(offset, len).await,
-            ChannelInner::Malloc(m, _) => {
+            ChannelInner::Memory(m, _) => {
                 m.zero_in_steps(offset, len).await;
                 Ok(())
             }

@@ -8,7 +8,8 @@
 //!
 //! A file on a memory file system (tmpfs, ramfs) is the exception: its page
 //! cache is the storage, so it is mapped shared and read and written by
-//! copying on the reactor (`memory_mapped` in `bdev_get_bdevs`, see
+//! copying on the reactor (`memory_mapped` in `bdev_get_bdevs`): its
+//! channels are memory channels, like the malloc backend's (see
 //! `volume::memory`). Through the ring, a buffered read of a shmem file
 //! cost more than the copy, and every write was handed to an io-wq worker
 //! because shmem takes no non-blocking writes: a thread wake-up and a
@@ -21,7 +22,7 @@
 //! write-zeroes and discard); where the file system refuses, they fall back
 //! to writing zero blocks so that unmapped ranges always read back as zeroes.
 
-use super::memory::{MemoryImage, YieldEvery};
+use super::memory::MemoryImage;
 use super::{CreateError, VolumeError};
 use crate::units::{ByteLen, ByteOffset};
 use mirrorpoint_poller::{buffer_pool, IoBuf, IoBufMut, LocalSemaphore, ReactorFile};
@@ -189,10 +190,10 @@ impl UringBackend {
         self.direct
     }
 
-    /// Whether the file is mapped and copied on the reactor (memory file
-    /// system).
-    pub fn is_memory_mapped(&self) -> bool {
-        self.mapped.is_some()
+    /// The file mapped shared, when it is on a memory file system: its
+    /// channels then copy in and out of it instead of using the ring.
+    pub fn memory_image(&self) -> Option<&MemoryImage> {
+        self.mapped.as_ref()
     }
 
     pub(crate) fn describe(&self) -> serde_json::Value {
@@ -211,8 +212,6 @@ impl UringBackend {
         UringChannel {
             file: ReactorFile::new(self.fd.clone()),
             depth: LocalSemaphore::new(self.queue_depth),
-            mapped: self.mapped.clone(),
-            pace: YieldEvery::default(),
         }
     }
 
@@ -230,10 +229,6 @@ impl UringBackend {
 pub(crate) struct UringChannel {
     file: ReactorFile,
     depth: LocalSemaphore,
-    /// Copies here instead of the ring (memory file system).
-    mapped: Option<MemoryImage>,
-    /// Yields now and then between copies.
-    pace: YieldEvery,
 }
 
 impl UringChannel {
@@ -242,11 +237,6 @@ impl UringChannel {
         offset: ByteOffset,
         buf: IoBufMut,
     ) -> (Result<(), VolumeError>, IoBufMut) {
-        if let Some(m) = &self.mapped {
-            let out = m.read(offset, buf);
-            self.pace.copied().await;
-            return out;
-        }
         let _permit = self.depth.acquire().await;
         let (r, buf) = self.file.read_exact_at(buf, offset.0).await;
         (r.map_err(VolumeError::Io), buf)
@@ -257,11 +247,6 @@ impl UringChannel {
         offset: ByteOffset,
         buf: IoBuf,
     ) -> (Result<(), VolumeError>, IoBuf) {
-        if let Some(m) = &self.mapped {
-            let out = m.write(offset, buf);
-            self.pace.copied().await;
-            return out;
-        }
         let _permit = self.depth.acquire().await;
         let (r, buf) = self.file.write_all_at(buf, offset.0).await;
         (r.map_err(VolumeError::Io), buf)
@@ -276,13 +261,6 @@ impl UringChannel {
         offset: ByteOffset,
         buf: IoBuf,
     ) -> (Result<(), VolumeError>, IoBuf) {
-        if let Some(m) = &self.mapped {
-            // The page cache of a memory file system is the storage: there
-            // is no volatile cache between it and the data.
-            let out = m.write(offset, buf);
-            self.pace.copied().await;
-            return out;
-        }
         let _permit = self.depth.acquire().await;
         let (r, buf) = self
             .file
@@ -292,11 +270,6 @@ impl UringChannel {
     }
 
     pub(crate) async fn flush(&self) -> Result<(), VolumeError> {
-        if self.mapped.is_some() {
-            // Nothing volatile sits between a memory file system's page
-            // cache and its data (fsync there does nothing either).
-            return Ok(());
-        }
         let _permit = self.depth.acquire().await;
         self.file.sync(true).await.map_err(VolumeError::Io)
     }
@@ -306,19 +279,11 @@ impl UringChannel {
         offset: ByteOffset,
         len: ByteLen,
     ) -> Result<(), VolumeError> {
-        if let Some(m) = &self.mapped {
-            m.zero_in_steps(offset, len).await;
-            return Ok(());
-        }
         let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         self.fallocate_or_zero(mode, offset, len).await
     }
 
     pub(crate) async fn unmap(&self, offset: ByteOffset, len: ByteLen) -> Result<(), VolumeError> {
-        if let Some(m) = &self.mapped {
-            m.zero_in_steps(offset, len).await;
-            return Ok(());
-        }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.fallocate_or_zero(mode, offset, len).await
     }
