@@ -56,7 +56,7 @@ impl<G> Guards<G> {
 
 /// Copies a channel does before it yields once: at most 16 chunks of
 /// 128 KiB, a few hundred µs, between two yields.
-pub(crate) const COPIES_PER_YIELD: u32 = 16;
+const COPIES_PER_YIELD: u32 = 16;
 
 /// One channel's count of copies since it last yielded.
 #[derive(Default)]
@@ -129,12 +129,13 @@ impl MemoryImage {
             }
         }
         // SAFETY: the mapping is of our volume's own backing file, opened
-        // read-write and now allocated to `bytes`; its contents change only
-        // through this mapping (under the stripe locks) and through ring
-        // operations that the kernel keeps coherent with it (fsync,
-        // fallocate). Another process truncating the file under a running
-        // target would fault the next access (SIGBUS), as with any
-        // memory-mapped store; the file is the target's, not shared.
+        // read-write and now allocated to `bytes`; the target changes its
+        // contents only through this mapping, under the stripe locks (zero
+        // and unmap included; the only other use of the descriptor is
+        // fsync, and GET LBA STATUS seeks on a read-only one). Another
+        // process truncating the file under a running target would fault
+        // the next access (SIGBUS), as with any memory-mapped store; the
+        // file is the target's, not shared.
         let map = unsafe { MmapOptions::new().len(len).populate().map_mut(file)? };
         Ok(Self::from_map(map, bytes))
     }
