@@ -4,12 +4,12 @@
 //! mismatch (fails one command, the queue lives on), a C2HTermReq, a
 //! command timeout, C2HData outside the transfer and a corrupted header
 //! digest (both answered with an H2CTermReq carrying the right FES), a
-//! completion for a command not in flight, and several R2Ts per write with
-//! H2CData split at MAXH2CDATA.
+//! completion for a command not in flight, several R2Ts per write with
+//! H2CData split at MAXH2CDATA, and answers cut at arbitrary points.
 
 mod nvmf_host_common;
 
-use mirrorpoint_poller::buffer_pool;
+use mirrorpoint_poller::{buffer_pool, PoolConfig, ReactorConfig, Runtime, RuntimeConfig};
 use mirrorpoint_target::nvmf::host::{ConnectOptions, Controller, HostError, IoQueue};
 use mirrorpoint_target::nvmf::identify::{active_ns_list, IdentifyController, IdentifyNamespace};
 use mirrorpoint_target::nvmf::pdu::{
@@ -17,7 +17,7 @@ use mirrorpoint_target::nvmf::pdu::{
 };
 use mirrorpoint_target::nvmf::spec::{Cap, CntlId, CommandId, Cqe, Nqn, Nsid, Sqe, Status};
 use mirrorpoint_target::units::{BlockSize, ByteLen};
-use nvmf_host_common::{pattern, runtime, HOSTNQN};
+use nvmf_host_common::{pattern, runtime, CHUNK, HOSTNQN};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
@@ -192,7 +192,16 @@ where
     F: FnOnce(IoQueue) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    let rt = runtime(vec![0]);
+    with_queue_on(runtime(vec![0]), addr, opts, body);
+}
+
+/// [`with_queue`] on a given runtime (its pool's chunk size bounds the
+/// host's receive staging).
+fn with_queue_on<F, Fut>(rt: Runtime, addr: SocketAddr, opts: ConnectOptions, body: F)
+where
+    F: FnOnce(IoQueue) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     rt.handles()[0]
         .block_on(move || async move {
             let c = Controller::connect(addr, NQN, HOSTNQN, opts)
@@ -254,6 +263,107 @@ fn data_digest_mismatch_fails_one_command() {
         assert_eq!(q.stats().data_digest_errors, 1);
     });
     t.join().expect("fake");
+}
+
+/// Answers that arrive coalesced and cut anywhere (a greedy receive may end
+/// mid-head, mid-data or mid-digest, and the staging area fills up) are
+/// parsed in order: eight reads in flight, each answered with two C2HData
+/// pieces and a CapsuleResp. With the pool's usual 128 KiB chunks (one read
+/// larger than the 32 KiB staging area) the stream goes out in pieces of 1
+/// byte to 9 KiB; with 8 KiB chunks (8 KiB of staging) the C2HData pieces
+/// are 512 bytes and every write ends a few bytes into a PDU head, so the
+/// staging area fills with unparsed heads and must wrap.
+#[test]
+fn answers_cut_anywhere_are_parsed_in_order() {
+    for (digests, chunk) in [(false, CHUNK), (true, CHUNK), (false, 8192), (true, 8192)] {
+        let (addr, t) = fake(8192, move |mut s, cfg| {
+            s.set_nodelay(true).expect("nodelay");
+            let small_staging = chunk < CHUNK;
+            let mut out = Vec::new();
+            let mut pdu_ends = Vec::new();
+            for _ in 0..8 {
+                let sqe = capsule(&mut s, &cfg).expect("read");
+                let slba = u64::from(sqe.cdw10_plus(0));
+                let len = ((sqe.cdw10_plus(2) & 0xffff) as usize + 1) * 512;
+                let data = pattern(slba, len);
+                let piece_len = if small_staging { 512 } else { len / 2 };
+                for (i, piece) in data.chunks(piece_len).enumerate() {
+                    let d = C2HData {
+                        cid: sqe.cid,
+                        offset: (i * piece_len) as u32,
+                        last: (i + 1) * piece_len >= len,
+                        success: false,
+                        data: piece,
+                    };
+                    out.extend(Pdu::C2HData(d).to_vec(&cfg).expect("encode"));
+                    pdu_ends.push(out.len());
+                }
+                let cqe = Cqe::new(sqe.cid, Status::SUCCESS);
+                let r = Pdu::CapsuleResp(CapsuleResp { cqe });
+                out.extend(r.to_vec(&cfg).expect("encode"));
+                pdu_ends.push(out.len());
+            }
+            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ chunk as u64;
+            let mut at = 0;
+            let mut next_pdu = 0;
+            while at < out.len() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let end = if small_staging {
+                    // A few PDUs, then a few bytes into the next head.
+                    next_pdu = (next_pdu + 1 + (x % 3) as usize).min(pdu_ends.len() - 1);
+                    (pdu_ends[next_pdu] + 1 + (x % 20) as usize).min(out.len())
+                } else {
+                    let n = if x % 3 == 0 { 1 + x % 24 } else { 1 + x % 9216 } as usize;
+                    (at + n).min(out.len())
+                };
+                s.write_all(&out[at..end]).expect("send");
+                at = end;
+                if small_staging || x % 4 == 0 {
+                    // Let the host take this piece alone.
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            }
+            while capsule(&mut s, &cfg).is_some() {}
+        });
+        let rt = Runtime::start(RuntimeConfig {
+            cores: vec![0],
+            reactor: ReactorConfig {
+                pool: PoolConfig {
+                    chunk_size: chunk,
+                    chunk_count: 64,
+                    huge_pages: false,
+                },
+                ..ReactorConfig::default()
+            },
+            pin: false,
+        })
+        .expect("runtime");
+        with_queue_on(rt, addr, options(digests), move |q| async move {
+            let q = std::rc::Rc::new(q);
+            let reads: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let q = q.clone();
+                    mirrorpoint_poller::spawn(async move {
+                        let blocks: u32 = if i == 3 && chunk == CHUNK { 128 } else { 8 };
+                        let len = blocks as usize * 512;
+                        let b = buffer_pool().alloc(len).expect("chunk");
+                        let (r, b) = q.read(1, i * 200, blocks, b).await;
+                        r.unwrap_or_else(|e| panic!("read {i}: {e}"));
+                        assert!(*b == pattern(i * 200, len)[..], "read {i} got other data");
+                    })
+                })
+                .collect();
+            for r in reads {
+                r.await;
+            }
+            assert!(q.error().is_none());
+            let pieces = if chunk < CHUNK { 8 * 8 } else { 8 * 2 };
+            assert_eq!(q.stats().c2h_data_pdus, pieces);
+        });
+        t.join().expect("fake");
+    }
 }
 
 #[test]

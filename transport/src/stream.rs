@@ -226,6 +226,20 @@ impl TcpStream {
         self.recv_exact_raw(buf, range).await
     }
 
+    /// Receives into `buf[range]` until at least `min` bytes have arrived
+    /// (`min` is clamped to the range's length), taking in the same receives
+    /// whatever else the socket has, up to the range's end; returns how many
+    /// arrived. End of stream before `min` is `UnexpectedEof`. Lets a reader
+    /// of small framed messages take many with one receive.
+    pub async fn recv_at_least(
+        &self,
+        buf: IoBufMut,
+        range: Range<usize>,
+        min: usize,
+    ) -> (io::Result<usize>, IoBufMut) {
+        self.recv_at_least_raw(buf, range, min).await
+    }
+
     /// One receive (`IORING_OP_RECVMSG`) spread over `body[body_range]`
     /// and then `tail[tail_range]`: the kernel fills the body first. Lets a
     /// caller receive the rest of a message's payload straight into the
@@ -318,14 +332,26 @@ impl TcpStream {
 
     pub(crate) async fn recv_exact_raw<B: RecvTarget>(
         &self,
-        mut buf: B,
+        buf: B,
         range: Range<usize>,
     ) -> (io::Result<()>, B) {
+        let min = range.len();
+        let (r, buf) = self.recv_at_least_raw(buf, range, min).await;
+        (r.map(|_| ()), buf)
+    }
+
+    pub(crate) async fn recv_at_least_raw<B: RecvTarget>(
+        &self,
+        mut buf: B,
+        range: Range<usize>,
+        min: usize,
+    ) -> (io::Result<usize>, B) {
         if let Err(e) = check_range(&range, buf.target_len()) {
             return (Err(e), buf);
         }
+        let want = min.min(range.len());
         let mut pos = range.start;
-        while pos < range.end {
+        while pos - range.start < want {
             let (res, b) = self.recv_raw(buf, pos..range.end).await;
             buf = b;
             match res {
@@ -336,7 +362,7 @@ impl TcpStream {
                         format!(
                             "connection closed by peer after {} of {} bytes",
                             pos - range.start,
-                            range.len()
+                            want
                         )
                     };
                     return (Err(io::Error::new(io::ErrorKind::UnexpectedEof, msg)), buf);
@@ -346,7 +372,7 @@ impl TcpStream {
                 Err(e) => return (Err(e), buf),
             }
         }
-        (Ok(()), buf)
+        (Ok(pos - range.start), buf)
     }
 
     /// One send of `buf` (may be partial): the number of bytes taken.

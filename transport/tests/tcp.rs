@@ -1,6 +1,6 @@
 //! TCP over the reactor ring with real sockets on 127.0.0.1: echo on one and
-//! across two reactors, vectored sends with partial I/O, error cases, and
-//! runtime shutdown with pending socket ops.
+//! across two reactors, vectored sends with partial I/O, greedy receives,
+//! error cases, and runtime shutdown with pending socket ops.
 
 mod common;
 
@@ -276,6 +276,48 @@ fn eof_mid_frame_is_unexpected_eof_and_clean_eof_is_zero() {
     assert_eq!(mid, Err(io::ErrorKind::UnexpectedEof));
     assert_eq!(clean, Ok(0));
     assert!(kept, "the bytes before the EOF landed in the buffer");
+}
+
+/// `recv_at_least` waits for its minimum, takes whatever else has already
+/// arrived (up to the range's end), and calls an end of stream before the
+/// minimum `UnexpectedEof`.
+#[test]
+fn recv_at_least_takes_what_has_arrived() {
+    let rt = runtime(1);
+    let (first, second, third, kept) = run(&rt.handles()[0], 10, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        server
+            .send_all(pattern_buf(5, 0, 300))
+            .await
+            .0
+            .expect("send");
+        // Let all 300 bytes arrive, then ask for at least 10 of at most 200.
+        mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+        let buf = buffer_pool().alloc(400).expect("chunk");
+        let (first, buf) = client.recv_at_least(buf, 0..200, 10).await;
+        // The other 100 arrived already; a minimum above them waits for more.
+        let sender = spawn(async move {
+            mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+            server
+                .send_all(pattern_buf(5, 300, 50))
+                .await
+                .0
+                .expect("send");
+            server.shutdown(Shutdown::Write).await.expect("fin");
+        });
+        let (second, buf) = client.recv_at_least(buf, 200..400, 150).await;
+        sender.await;
+        let kept = (0..350).all(|i| buf[i] == pattern_byte(5, i));
+        let (third, _) = client.recv_at_least(buf, 0..10, 1).await;
+        (first, second, third.map_err(|e| e.kind()), kept)
+    });
+    assert_eq!(first.expect("first"), 200);
+    assert_eq!(second.expect("second"), 150);
+    assert_eq!(third, Err(io::ErrorKind::UnexpectedEof));
+    assert!(kept, "the bytes landed in stream order");
 }
 
 #[test]

@@ -9,11 +9,17 @@
 //!   capsule and waits on its slot. One receive-loop task reads every PDU and
 //!   demultiplexes by CID: CapsuleResp completes a slot, C2HData lands in
 //!   the slot's buffer, R2T queues the requested H2CData.
-//! * **Zero copy.** Read data is received straight into the caller's pool
-//!   buffer at DATAO (the head is read first into a small buffer and its
-//!   header digest checked before any field is trusted); write data goes out
-//!   from the caller's frozen buffer as a gathered `sendmsg` (in-capsule, or
-//!   sliced per H2CData PDU within MAXH2CDATA).
+//! * **Few receives, little copying.** The receive loop receives greedily
+//!   into a staging chunk (up to 32 KiB), so one receive brings every
+//!   CapsuleResp (or several small C2HData PDUs) that has arrived, and
+//!   parses them all before receiving again: at QD 32 a receive per PDU
+//!   would cost more than the target's whole answer. A PDU's head is
+//!   checked (header digest first) before any field is trusted. Read data
+//!   that a greedy receive staged is copied into the caller's pool buffer at
+//!   DATAO (at most the staging size per receive); the rest of a large
+//!   transfer is received straight into it. Write data goes out from the
+//!   caller's frozen buffer as a gathered `sendmsg` (in-capsule, or sliced
+//!   per H2CData PDU within MAXH2CDATA), never copied.
 //! * **Failure is per queue.** A fatal protocol error (answered with an
 //!   H2CTermReq when the codec gives a FES), a C2HTermReq, a socket error, a
 //!   command timeout or the host dropping the queue marks it dead: the socket
@@ -51,12 +57,17 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Bytes the receive loop reads first: the smallest controller PDU
-/// (CapsuleResp, R2T, C2HData and C2HTermReq headers are all 24 bytes), so a
-/// CapsuleResp without header digest takes a single receive.
+/// Bytes the receive loop needs to read a PDU's length: the smallest
+/// controller PDU (CapsuleResp, R2T, C2HData and C2HTermReq headers are all
+/// 24 bytes).
 const FIRST_RECV: usize = 24;
-/// The receive loop's head buffer: PDO is at most 255, plus a data digest.
+/// Largest PDU head the receive loop accepts: PDO is at most 255, plus a data
+/// digest.
 const HEAD_BUF: usize = 512;
+/// The receive loop's staging area (at most: the pool's chunk size caps it).
+/// Receives into it are greedy, so at QD 32 one receive brings many
+/// CapsuleResps, or several 4 KiB C2HData PDUs, instead of one each.
+const STAGE_MAX: usize = 32 * 1024;
 /// How long a best-effort H2CTermReq may take before the socket is closed.
 const TERM_REQ_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// In-capsule data the admin queue accepts (NVMe/TCP: 8 KiB for admin and
@@ -770,37 +781,42 @@ enum Next {
     Stop(HostError),
 }
 
-async fn receive_loop(inner: Rc<Inner>, mut head: IoBufMut) {
+async fn receive_loop(inner: Rc<Inner>, mut stage: IoBufMut) {
+    let staging = stage.capacity().clamp(HEAD_BUF, STAGE_MAX);
+    if !stage.set_len(staging) {
+        inner.die(HostError::NoBuffer);
+        return;
+    }
+    // stage[pos..have]: received and not yet parsed.
+    let (mut pos, mut have) = (0, 0);
     let cause = loop {
         if inner.dead.borrow().is_some() {
             return;
         }
-        let (r, h) = inner.stream.recv_exact(head, 0..FIRST_RECV).await;
-        head = h;
+        let (r, s) = fill(&inner.stream, stage, &mut pos, &mut have, FIRST_RECV).await;
+        stage = s;
         if let Err(e) = r {
             break HostError::from(e);
         }
-        let Some(ch) = CommonHeader::parse(&head) else {
+        let Some(ch) = CommonHeader::parse(&stage[pos..have]) else {
             break HostError::Unexpected("short common header".into());
         };
         let parts = match pdu::parts_layout(&ch, &inner.cfg) {
             Ok(p) if p.head_len >= FIRST_RECV && p.head_len + DIGEST_LEN <= HEAD_BUF => p,
             Ok(_) => break HostError::Unexpected("PDU head of impossible length".into()),
-            Err(e) => break inner.fatal(e, head[..FIRST_RECV].to_vec()).await,
+            Err(e) => break inner.fatal(e, stage[pos..pos + FIRST_RECV].to_vec()).await,
         };
-        if parts.head_len > FIRST_RECV {
-            let (r, h) = inner
-                .stream
-                .recv_exact(head, FIRST_RECV..parts.head_len)
-                .await;
-            head = h;
-            if let Err(e) = r {
-                break HostError::from(e);
-            }
+        let (r, s) = fill(&inner.stream, stage, &mut pos, &mut have, parts.head_len).await;
+        stage = s;
+        if let Err(e) = r {
+            break HostError::from(e);
         }
+        let mut head = [0u8; HEAD_BUF];
+        head[..parts.head_len].copy_from_slice(&stage[pos..pos + parts.head_len]);
+        pos += parts.head_len;
         let next = if ch.pdu_type == PduType::C2HData as u8 && parts.data_len > 0 {
-            let (n, h) = receive_c2h_data(&inner, head, &parts).await;
-            head = h;
+            let (n, s) = receive_c2h_data(&inner, &head, stage, &mut pos, &mut have, &parts).await;
+            stage = s;
             n
         } else {
             handle_pdu(&inner, &head[..parts.head_len]).await
@@ -810,6 +826,39 @@ async fn receive_loop(inner: Rc<Inner>, mut head: IoBufMut) {
         }
     };
     inner.die(cause);
+}
+
+/// Makes at least `need` unparsed bytes (at most the staging length less a
+/// PDU head's worth) available at `stage[*pos..*have]`: moves what is left
+/// to the front when it would not fit, then receives greedily, taking
+/// whatever the socket already has up to the end of the staging area.
+async fn fill(
+    stream: &TcpStream,
+    mut stage: IoBufMut,
+    pos: &mut usize,
+    have: &mut usize,
+    need: usize,
+) -> (std::io::Result<()>, IoBufMut) {
+    if *pos == *have {
+        (*pos, *have) = (0, 0);
+    }
+    let ready = *have - *pos;
+    if ready >= need {
+        return (Ok(()), stage);
+    }
+    if *pos + need > stage.len() {
+        stage.copy_within(*pos..*have, 0);
+        (*pos, *have) = (0, ready);
+    }
+    let end = stage.len();
+    let (r, stage) = stream.recv_at_least(stage, *have..end, need - ready).await;
+    match r {
+        Ok(n) => {
+            *have += n;
+            (Ok(()), stage)
+        }
+        Err(e) => (Err(e), stage),
+    }
 }
 
 /// A PDU without a separately received data section.
@@ -876,33 +925,38 @@ async fn handle_pdu(inner: &Rc<Inner>, bytes: &[u8]) -> Next {
     }
 }
 
-/// A C2HData PDU: header checked, data received straight into the
-/// command's buffer at DATAO, then the digest; then full validation.
+/// A C2HData PDU whose head is in `head`: header checked; the data that
+/// greedy receives already staged is copied into the command's buffer at
+/// DATAO and the rest received straight into it; then the digest; then
+/// full validation.
 async fn receive_c2h_data(
     inner: &Rc<Inner>,
-    mut head: IoBufMut,
+    head: &[u8; HEAD_BUF],
+    mut stage: IoBufMut,
+    pos: &mut usize,
+    have: &mut usize,
     parts: &PartsLayout,
 ) -> (Next, IoBufMut) {
     let hl = parts.head_len;
     if inner.cfg.hdgst {
-        let received = u32_at(&head, DATA_HLEN);
+        let received = u32_at(head, DATA_HLEN);
         let computed = crc32c::crc32c(&head[..DATA_HLEN]);
         if received != computed {
             let e = PduError::HeaderDigest { received, computed };
             let n = Next::Stop(inner.fatal(e, head[..hl].to_vec()).await);
-            return (n, head);
+            return (n, stage);
         }
     }
-    let cid = u16_at(&head, 8);
-    let datao = u32_at(&head, 12);
-    let datal = u32_at(&head, 16);
+    let cid = u16_at(head, 8);
+    let datao = u32_at(head, 12);
+    let datal = u32_at(head, 16);
     if usize::try_from(datal).ok() != Some(parts.data_len) {
         let e = PduError::InvalidHeaderField {
             offset: 16,
             what: "DATAL does not match PDU data length",
         };
         let n = Next::Stop(inner.fatal(e, head[..hl].to_vec()).await);
-        return (n, head);
+        return (n, stage);
     }
     let end = u64::from(datao) + u64::from(datal);
     // Take the command's buffer if the range lies within its transfer.
@@ -934,18 +988,26 @@ async fn receive_c2h_data(
         Ok(b) => b,
         Err(e) => {
             let n = Next::Stop(inner.fatal(e, head[..hl].to_vec()).await);
-            return (n, head);
+            return (n, stage);
         }
     };
     let range = datao as usize..end as usize;
-    let (r, buf) = inner.stream.recv_exact(buf, range.clone()).await;
+    let mut buf = buf;
+    let staged = (*have - *pos).min(range.len());
+    let received_from = range.start + staged;
+    buf[range.start..received_from].copy_from_slice(&stage[*pos..*pos + staged]);
+    *pos += staged;
+    let (r, buf) = inner.stream.recv_exact(buf, received_from..range.end).await;
     let mut ddgst = None;
     let mut res = r.map_err(HostError::from);
     if res.is_ok() && parts.ddgst {
-        let (r, h) = inner.stream.recv_exact(head, hl..hl + DIGEST_LEN).await;
-        head = h;
-        ddgst = Some(u32_at(&head, hl));
+        let (r, s) = fill(&inner.stream, stage, pos, have, DIGEST_LEN).await;
+        stage = s;
         res = r.map_err(HostError::from);
+        if res.is_ok() {
+            ddgst = Some(u32_at(&stage, *pos));
+            *pos += DIGEST_LEN;
+        }
     }
     let outcome = match res {
         Err(e) => Err(e),
@@ -990,14 +1052,14 @@ async fn receive_c2h_data(
                 // SUCCESS: no CapsuleResp follows; complete as if one did.
                 let cqe = Cqe::new(CommandId(cid), Status::SUCCESS);
                 if let Err(e) = inner.complete(cqe) {
-                    return (Next::Stop(e), head);
+                    return (Next::Stop(e), stage);
                 }
             }
-            return (Next::Continue, head);
+            return (Next::Continue, stage);
         }
     };
     inner.return_buffer(cid, buf);
-    (next, head)
+    (next, stage)
 }
 
 /// Answers one R2T: queues H2CData PDUs of at most MAXH2CDATA bytes
