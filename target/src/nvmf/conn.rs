@@ -18,8 +18,17 @@
 //!   vector; when the PDU is a capsule whose data starts right after that
 //!   head, its data has landed in the chunk with the head (one receive per
 //!   4 KiB write, no copy), else the chunk's bytes are copied back into the
-//!   staging vector. Data that a greedy receive staged is copied into its
-//!   chunk, the rest received in place. The sans-IO [`QueuePair`]
+//!   staging vector. When such a receive finds more capsules waiting, the
+//!   next ones are *batch* receives (`sock::recv_batch`): one `RECVMSG`
+//!   laid out as up to 16 (head, chunk) pairs, so a backlog of same-size
+//!   in-capsule writes lands whole and in place, 16 per ring op. It takes
+//!   only what has arrived (`MSG_DONTWAIT`; a connection that waits holds
+//!   one chunk, not 16), leaves an eighth of the pool to others, and grows
+//!   or shrinks its size with what it found; a PDU of another shape in the
+//!   middle ends the batch, its bytes copied back to make the staging
+//!   vector contiguous. Data that a greedy receive staged is copied into its
+//!   chunk, the rest received in place (greedy tails are kept to 4 KiB, and
+//!   left off while capsules come in batches). The sans-IO [`QueuePair`]
 //!   validates the parts exactly as it would a contiguous PDU. Data
 //!   received for a PDU the queue pair then rejects is never written: the
 //!   rejection is fatal and the command's chunk dropped.
@@ -78,6 +87,13 @@ const HEAD_MAX: usize = 256;
 const STAGE_TAIL: usize = 4096;
 /// Largest in-capsule size received split (the staging vector mirrors it).
 const SPLIT_MAX: usize = 16 * 1024;
+/// Most command capsules one batch receive lays out...
+const BATCH_MAX: usize = 16;
+/// ...and at most this many bytes of them (so 8 of 4 KiB or 8 KiB, 4 of 16 KiB).
+const BATCH_BYTES: usize = 128 * 1024;
+/// A batch receive takes chunks only while more than this share (1/8) of
+/// the pool stays free for everyone else.
+const BATCH_POOL_RESERVE_SHARE: usize = 8;
 /// In-capsule data accepted on the admin queue (and before Connect).
 const ADMIN_IN_CAPSULE: u32 = 8192;
 /// How long a host that overruns its queue size is given to drain it.
@@ -367,6 +383,9 @@ impl Conn {
     /// Waits (bounded) until the host is within its queue size again: a host
     /// that overruns it gets backpressure, not unbounded memory.
     async fn wait_for_slot(&self) -> Result<(), Close> {
+        if self.qp.borrow().outstanding() < self.command_limit() {
+            return Ok(());
+        }
         let deadline = Instant::now() + SLOT_WAIT;
         while self.qp.borrow().outstanding() >= self.command_limit() {
             let now = Instant::now();
@@ -506,7 +525,20 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         _ => 0,
     };
     let head_area = pdu::CAPSULE_CMD_HLEN + pdu::DIGEST_LEN;
-    let mut stage = vec![0u8; HEAD_MAX.max(head_area + split_len) + STAGE_TAIL];
+    // Capsules one batch receive may take (adapted between 1 and the most),
+    // the chunks it lends them, and its iovecs.
+    let batch_max = match split_len {
+        0 => 1,
+        n => (BATCH_BYTES / n).clamp(1, BATCH_MAX),
+    };
+    let mut batch = 1;
+    let mut batch_chunks: Vec<IoBufMut> = Vec::with_capacity(batch_max);
+    let mut batch_msg = sock::BatchMsg::new(batch_max);
+    // Receives other than a batch one stop at `greedy_end`: what a greedy
+    // receive stages is copied later, so it is kept to STAGE_TAIL bytes
+    // past a head and a split chunk's mirror.
+    let greedy_end = HEAD_MAX.max(head_area + split_len) + STAGE_TAIL;
+    let mut stage = vec![0u8; greedy_end.max(batch_max * (head_area + split_len) + STAGE_TAIL)];
     let mut have = 0usize;
     let mut dg = vec![0u8; 4];
     let mut split_msg = sock::SplitMsg::new();
@@ -522,11 +554,94 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         // follow stage[..greedy] in the stream, and the stream continues at
         // stage[greedy + split_len..have].
         let mut split: Option<(IoBufMut, usize)> = None;
+        let io_queue = matches!(&*conn.role.borrow(), Role::Io(_));
+        if have == 0 && batch > 1 && recent_icd && io_queue && !codec.ddgst {
+            batch_chunks.extend(spare.take());
+            let reserve = buffer_pool().chunk_count() / BATCH_POOL_RESERVE_SHARE;
+            while batch_chunks.len() < batch && buffer_pool().free_chunks() > reserve {
+                match buffer_pool().alloc(split_len) {
+                    Some(c) => batch_chunks.push(c),
+                    None => break,
+                }
+            }
+            if batch_chunks.len() < 2 {
+                spare = batch_chunks.pop();
+                batch = 1;
+            } else {
+                let chunks = std::mem::take(&mut batch_chunks);
+                let (r, s, chunks, m) =
+                    sock::recv_batch(&conn.fd, stage, greedy, split_len, chunks, batch_msg).await;
+                (stage, batch_chunks, batch_msg) = (s, chunks, m);
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if n == 0 {
+                    // Nothing waiting: the split receive below waits, with
+                    // one chunk rather than a batch's worth.
+                    spare = batch_chunks.pop();
+                    batch_chunks.clear();
+                } else {
+                    let stride = greedy + split_len;
+                    let k = batch_chunks.len();
+                    // The leading capsules that arrived whole, each in its place.
+                    let mut whole = 0;
+                    while whole < k
+                        && n >= (whole + 1) * stride
+                        && capsule_of_shape(&stage[whole * stride..], &codec, greedy, split_len)
+                    {
+                        whole += 1;
+                    }
+                    batch = if whole == k {
+                        (2 * k).min(batch_max)
+                    } else {
+                        whole + 1
+                    };
+                    let mut rest = batch_chunks.split_off(whole);
+                    for (i, mut chunk) in batch_chunks.drain(..).enumerate() {
+                        conn.wait_for_slot().await?;
+                        chunk.set_len(split_len);
+                        let head = &stage[i * stride..i * stride + greedy];
+                        let ev = take_event(conn, head, &chunk, None)?;
+                        act(conn, ev, Some(Dest::Pool(chunk)))?;
+                    }
+                    // What follows: a capsule of the same shape still arriving
+                    // keeps its chunk (the split receive's state); anything else
+                    // is made contiguous in the staging vector, chunk bytes
+                    // copied back into their mirror areas.
+                    let at = whole * stride;
+                    let after = n - at;
+                    let arriving = whole < k
+                        && after > greedy
+                        && after < stride
+                        && capsule_of_shape(&stage[at..], &codec, greedy, split_len);
+                    if arriving {
+                        stage.copy_within(at..at + greedy, 0);
+                        let chunk = rest.remove(0);
+                        split = Some((chunk, after - greedy));
+                        have = greedy + (after - greedy);
+                    } else {
+                        for (j, chunk) in rest.iter().enumerate() {
+                            let from = (whole + j) * stride + greedy;
+                            let got = n.saturating_sub(from).min(split_len);
+                            stage[from..from + got].copy_from_slice(&chunk[..got]);
+                        }
+                        stage.copy_within(at..n, 0);
+                        have = after;
+                    }
+                    spare = rest.pop();
+                    drop(rest);
+                    if have == 0 {
+                        continue;
+                    }
+                }
+            }
+        }
         while have < pdu::CH_LEN {
-            let io_queue = matches!(&*conn.role.borrow(), Role::Io(_));
             if have == 0 && split_len > 0 && recent_icd && io_queue {
                 if let Some(chunk) = spare.take().or_else(|| buffer_pool().alloc(split_len)) {
-                    let tail = greedy + split_len..stage.len();
+                    let tail = greedy + split_len..greedy_end;
                     let (r, s, c, m) = sock::recv_split(
                         &conn.fd,
                         stage,
@@ -539,6 +654,10 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     .await;
                     (stage, split_msg) = (s, m);
                     let n = r?;
+                    if n > greedy + split_len && !codec.ddgst {
+                        // More than one capsule was waiting: batch next time.
+                        batch = 2.min(batch_max);
+                    }
                     if n <= greedy {
                         have = n;
                         spare = Some(c);
@@ -554,7 +673,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     continue;
                 }
             }
-            let end = stage.len();
+            let end = greedy_end;
             let (r, b) = sock::recv_some(&conn.fd, stage, have, end).await;
             stage = b;
             have += r?;
@@ -683,13 +802,22 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             let (start, end) = (to, at + parts.data_len);
             let (r, d) = match d {
                 Dest::Pool(mut b) if start < end => {
+                    let batching = batch > 1 && recent_icd && io_queue && !codec.ddgst;
                     // The rest of the data in place; what follows it (the
                     // next PDUs) into the staging vector, greedily. Every
                     // staged byte was consumed above, so `have == consumed`.
                     let mut start = start;
                     let mut r = Ok(());
                     while start < end {
-                        let tail = have..stage.len();
+                        // No tail while capsules come in batches: the next
+                        // receive is then a batch one, which needs the
+                        // stream to start a PDU. (Empty too when a batch
+                        // receive left more staged.)
+                        let tail = if batching {
+                            have..have
+                        } else {
+                            have..greedy_end.max(have)
+                        };
                         let (got, s, c, m) = sock::recv_split(
                             &conn.fd,
                             stage,
@@ -741,38 +869,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
         } else {
             None
         };
-        let head = &stage;
-        let head_bytes = head.get(..parts.head_len).unwrap_or(&[]);
+        let head_bytes = stage.get(..parts.head_len).unwrap_or(&[]);
         let data: &[u8] = match &dest {
             Some((d, at)) => d.bytes().get(*at..*at + parts.data_len).unwrap_or(&[]),
             None => &[],
         };
-        let received = conn.qp.borrow_mut().receive_parts(head_bytes, data, ddgst);
-        let ev = match received {
-            Ok(r) => match r.event {
-                Event::Connected { icresp, .. } => Owned::Connected(icresp),
-                Event::Command { sqe, sgl, .. } => Owned::Command { sqe, sgl },
-                Event::CommandError { sqe, status } => Owned::CommandError { sqe, status },
-                Event::Data {
-                    cid,
-                    digest_ok,
-                    complete,
-                    ..
-                } => Owned::Data {
-                    cid,
-                    digest_ok,
-                    complete,
-                },
-                Event::Terminated { fes, .. } => Owned::Terminated(fes),
-            },
-            Err(e) => {
-                let echo = head_bytes
-                    .get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA))
-                    .unwrap_or(&[]);
-                conn.term_req(e, echo);
-                return Err(Close::Fatal(e));
-            }
-        };
+        let ev = take_event(conn, head_bytes, data, ddgst)?;
         // Give a borrowed H2C chunk back to its command.
         let mut dest = dest.map(|(d, _)| d);
         if let (Some(cid), Some(Dest::Pool(_))) = (h2c_cid, &dest) {
@@ -788,82 +890,136 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
             stage.copy_within(consumed..have, 0);
         }
         have = keep;
-        match ev {
-            Owned::Connected(icresp) => {
-                // Digests are not in force yet for the ICResp itself.
-                conn.enqueue_pdu_with(&Pdu::IcResp(icresp), &PduConfig::default(), None);
-            }
-            Owned::CommandError { sqe, status } => {
-                conn.advance_sqhd();
-                conn.respond(Cqe::new(sqe.cid, status), false);
-            }
-            Owned::Terminated(fes) => return Err(Close::HostTerm(fes)),
-            Owned::Command { sqe, sgl } => {
-                conn.advance_sqhd();
-                let in_capsule = match dest {
-                    Some(Dest::Pool(b)) => Some(b),
-                    Some(Dest::Scratch(_)) => {
-                        // No chunk was free for in-capsule data.
-                        conn.respond(Cqe::new(sqe.cid, Status::COMMAND_INTERRUPTED), true);
-                        continue;
-                    }
-                    None => None,
-                };
-                let r2t = matches!(sgl, DataSgl::Transport { len } if len > 0)
-                    && sqe.data_direction() == DataDirection::HostToController;
-                if r2t {
-                    // The data chunk: now if the pool has one; otherwise a
-                    // task waits for one and sends the R2Ts then, so this
-                    // loop keeps receiving the data of writes that have one.
-                    let len = sgl.len() as usize;
-                    let buf = buffer_pool().alloc(len);
-                    let ready = buf.is_some();
-                    conn.pending.borrow_mut().insert(
-                        sqe.cid.0,
-                        PendingWrite {
-                            sqe,
-                            sgl,
-                            buf,
-                            digest_ok: true,
-                        },
-                    );
-                    if ready {
-                        conn.issue_r2ts(sqe.cid);
-                    } else {
-                        spawn(wait_for_write_buffer(conn.clone(), sqe.cid, len)).detach();
-                    }
-                } else if dispatch(conn, sqe, sgl, in_capsule)? {
-                    return Err(Close::Disconnect);
-                }
-            }
-            Owned::Data {
+        act(conn, ev, dest)?;
+    }
+}
+
+/// Whether `head` starts a command capsule of the shape a batch receive lays
+/// out: a head of `head_len` bytes, then exactly `data_len` bytes of
+/// in-capsule data, no data digest.
+fn capsule_of_shape(head: &[u8], codec: &PduConfig, head_len: usize, data_len: usize) -> bool {
+    let Some(ch) = CommonHeader::parse(head) else {
+        return false;
+    };
+    ch.pdu_type == pdu::PduType::CapsuleCmd as u8
+        && matches!(pdu::parts_layout(&ch, codec),
+            Ok(p) if p.head_len == head_len && p.data_len == data_len && !p.ddgst)
+}
+
+/// Hands a received PDU (head and data section) to the queue pair's state
+/// machine; a protocol error is answered with a C2HTermReq and ends the
+/// connection.
+fn take_event(
+    conn: &Conn,
+    head_bytes: &[u8],
+    data: &[u8],
+    ddgst: Option<u32>,
+) -> Result<Owned, Close> {
+    let received = conn.qp.borrow_mut().receive_parts(head_bytes, data, ddgst);
+    match received {
+        Ok(r) => Ok(match r.event {
+            Event::Connected { icresp, .. } => Owned::Connected(icresp),
+            Event::Command { sqe, sgl, .. } => Owned::Command { sqe, sgl },
+            Event::CommandError { sqe, status } => Owned::CommandError { sqe, status },
+            Event::Data {
                 cid,
                 digest_ok,
                 complete,
-            } => {
-                if let Some(p) = conn.pending.borrow_mut().get_mut(&cid.0) {
-                    p.digest_ok &= digest_ok;
+                ..
+            } => Owned::Data {
+                cid,
+                digest_ok,
+                complete,
+            },
+            Event::Terminated { fes, .. } => Owned::Terminated(fes),
+        }),
+        Err(e) => {
+            let echo = head_bytes
+                .get(..head_bytes.len().min(pdu::TERM_REQ_MAX_DATA))
+                .unwrap_or(&[]);
+            conn.term_req(e, echo);
+            Err(Close::Fatal(e))
+        }
+    }
+}
+
+/// Acts on what a PDU asked for: answers, starts the command, sends R2Ts.
+/// `dest` is the PDU's data section (an H2CData chunk already given back).
+fn act(conn: &Rc<Conn>, ev: Owned, dest: Option<Dest>) -> Result<(), Close> {
+    match ev {
+        Owned::Connected(icresp) => {
+            // Digests are not in force yet for the ICResp itself.
+            conn.enqueue_pdu_with(&Pdu::IcResp(icresp), &PduConfig::default(), None);
+        }
+        Owned::CommandError { sqe, status } => {
+            conn.advance_sqhd();
+            conn.respond(Cqe::new(sqe.cid, status), false);
+        }
+        Owned::Terminated(fes) => return Err(Close::HostTerm(fes)),
+        Owned::Command { sqe, sgl } => {
+            conn.advance_sqhd();
+            let in_capsule = match dest {
+                Some(Dest::Pool(b)) => Some(b),
+                Some(Dest::Scratch(_)) => {
+                    // No chunk was free for in-capsule data.
+                    conn.respond(Cqe::new(sqe.cid, Status::COMMAND_INTERRUPTED), true);
+                    return Ok(());
                 }
-                if complete {
-                    let p = conn.pending.borrow_mut().remove(&cid.0);
-                    if let Some(p) = p {
-                        match (p.digest_ok, p.buf) {
-                            (true, Some(buf)) => {
-                                if dispatch(conn, p.sqe, p.sgl, Some(buf))? {
-                                    return Err(Close::Disconnect);
-                                }
-                            }
-                            _ => {
-                                conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true)
+                None => None,
+            };
+            let r2t = matches!(sgl, DataSgl::Transport { len } if len > 0)
+                && sqe.data_direction() == DataDirection::HostToController;
+            if r2t {
+                // The data chunk: now if the pool has one; otherwise a
+                // task waits for one and sends the R2Ts then, so this
+                // loop keeps receiving the data of writes that have one.
+                let len = sgl.len() as usize;
+                let buf = buffer_pool().alloc(len);
+                let ready = buf.is_some();
+                conn.pending.borrow_mut().insert(
+                    sqe.cid.0,
+                    PendingWrite {
+                        sqe,
+                        sgl,
+                        buf,
+                        digest_ok: true,
+                    },
+                );
+                if ready {
+                    conn.issue_r2ts(sqe.cid);
+                } else {
+                    spawn(wait_for_write_buffer(conn.clone(), sqe.cid, len)).detach();
+                }
+            } else if dispatch(conn, sqe, sgl, in_capsule)? {
+                return Err(Close::Disconnect);
+            }
+        }
+        Owned::Data {
+            cid,
+            digest_ok,
+            complete,
+        } => {
+            if let Some(p) = conn.pending.borrow_mut().get_mut(&cid.0) {
+                p.digest_ok &= digest_ok;
+            }
+            if complete {
+                let p = conn.pending.borrow_mut().remove(&cid.0);
+                if let Some(p) = p {
+                    match (p.digest_ok, p.buf) {
+                        (true, Some(buf)) => {
+                            if dispatch(conn, p.sqe, p.sgl, Some(buf))? {
+                                return Err(Close::Disconnect);
                             }
                         }
+                        _ => conn.respond(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR), true),
                     }
-                } else {
-                    conn.issue_r2ts(cid);
                 }
+            } else {
+                conn.issue_r2ts(cid);
             }
         }
     }
+    Ok(())
 }
 
 /// Gives a write that found the pool empty its chunk once one frees up,
