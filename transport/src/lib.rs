@@ -23,4 +23,4 @@ pub use acceptor::{hand_off, Acceptor, HandoffError};
 pub use link::{Link, Received, TcpLink};
 pub use listener::TcpListener;
 pub use send_list::SendList;
-pub use stream::{SplitRecv, TcpStream};
+pub use stream::{BatchRecv, SplitRecv, TcpStream};

@@ -308,6 +308,80 @@ impl TcpStream {
         )
     }
 
+    /// One receive (`IORING_OP_RECVMSG`) laid out for back-to-back
+    /// messages of one shape, a `head` of `head` bytes and a payload of
+    /// `body` bytes: for each chunk `i`, `head` bytes into `stage` at
+    /// `i * (head + body)`, then `body` bytes into chunk `i`; then
+    /// `stage[chunks.len() * (head + body)..tail_end]`. So each whole
+    /// message's payload lands in its own chunk, and
+    /// `stage[i * stride + head..(i + 1) * stride]` is free to take chunk
+    /// `i`'s bytes back when the stream turns out to have another shape. It
+    /// takes only what has already arrived (`MSG_DONTWAIT`): the bytes
+    /// received, `WouldBlock` when none had, 0 when the peer closed its side.
+    /// Each chunk must be at least `body` long. `batch` holds the `msghdr`
+    /// and iovecs; keep one per stream.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn recv_batch(
+        &self,
+        stage: IoBufMut,
+        head: usize,
+        body: usize,
+        chunks: Vec<IoBufMut>,
+        tail_end: usize,
+        batch: Box<BatchRecv>,
+    ) -> (io::Result<usize>, IoBufMut, Vec<IoBufMut>, Box<BatchRecv>) {
+        let (mut stage, mut chunks, mut batch) = (stage, chunks, batch);
+        let tail_start = chunks.len() * (head + body);
+        let fits = tail_start <= tail_end
+            && tail_end <= stage.len()
+            && chunks.iter().all(|c| c.len() >= body)
+            && 2 * chunks.len() < batch.iov.capacity();
+        if !fits {
+            let e = io::Error::new(io::ErrorKind::InvalidInput, "batch receive does not fit");
+            return (Err(e), stage, chunks, batch);
+        }
+        let base = stage.as_mut_ptr();
+        batch.iov.clear();
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            // SAFETY: i * stride + head <= tail_start <= stage.len(), checked above.
+            let h = unsafe { base.add(i * (head + body)) };
+            batch.iov.push(libc::iovec {
+                iov_base: h.cast(),
+                iov_len: head,
+            });
+            batch.iov.push(libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: body,
+            });
+        }
+        // SAFETY: tail_start <= tail_end <= stage.len(), checked above.
+        let t = unsafe { base.add(tail_start) };
+        batch.iov.push(libc::iovec {
+            iov_base: t.cast(),
+            iov_len: tail_end - tail_start,
+        });
+        batch.msg.msg_iov = batch.iov.as_mut_ptr();
+        batch.msg.msg_iovlen = batch.iov.len() as _;
+        let m: *mut libc::msghdr = &mut batch.msg;
+        let entry = opcode::RecvMsg::new(types::Fd(self.sock.as_raw_fd()), m)
+            .flags(libc::MSG_DONTWAIT as u32)
+            .build();
+        // SAFETY: the msghdr is boxed and the iovec array is on the heap,
+        // never grown past the capacity checked above, so neither moves; the
+        // iovecs point into pool chunks (which never move; the stage and
+        // each chunk are distinct unique IoBufMuts) at disjoint ranges. All
+        // of it, with the socket, moves into the op until the completion.
+        let op = unsafe {
+            Op::submit(
+                entry,
+                OpKind::LongLived,
+                (stage, chunks, batch, self.sock.clone()),
+            )
+        };
+        let (c, (stage, chunks, batch, _sock)) = op.await;
+        (c.into_io().map(|n| n as usize), stage, chunks, batch)
+    }
+
     pub(crate) async fn recv_raw<B: RecvTarget>(
         &self,
         mut buf: B,
@@ -594,6 +668,30 @@ impl SplitRecv {
                 iov_len: 0,
             }; 2],
         })
+    }
+}
+
+/// The `msghdr` and iovecs of [`TcpStream::recv_batch`], boxed so they stay
+/// put while an op holds them.
+pub struct BatchRecv {
+    msg: libc::msghdr,
+    iov: Vec<libc::iovec>,
+}
+
+impl BatchRecv {
+    /// Room for `chunks_max` (head, chunk) pairs and the tail.
+    pub fn new(chunks_max: usize) -> Box<BatchRecv> {
+        Box::new(BatchRecv {
+            // SAFETY: msghdr is plain old data; all zeroes is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            iov: Vec::with_capacity(2 * chunks_max + 1),
+        })
+    }
+}
+
+impl fmt::Debug for BatchRecv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchRecv").finish_non_exhaustive()
     }
 }
 

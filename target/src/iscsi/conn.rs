@@ -40,7 +40,7 @@
 //!   asks (session reinstatement, target deleted, logout of another CID).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -53,7 +53,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use mirrorpoint_poller::{buffer_pool, current_index, sleep, spawn, IoBuf, IoBufMut};
-use mirrorpoint_transport::{SplitRecv, TcpStream};
+use mirrorpoint_transport::{BatchRecv, SplitRecv, TcpStream};
 use thiserror::Error;
 
 use super::login::{
@@ -175,6 +175,17 @@ const GREEDY_RECV: usize = 1024;
 /// with one split `recvmsg` whose second iovec takes its padding, digest and
 /// the next header into the scratch, so a stream of writes costs one
 /// receive per write.
+///
+/// When a write's split receive shows more PDUs waiting behind it, the
+/// reader turns to *batch* receives while writes of one size keep coming:
+/// one `recvmsg` laid out as up to 16 (header, data chunk) pairs, so a
+/// backlog of SCSI commands with immediate data lands whole, each data
+/// segment in its own chunk, 16 writes per ring op. It takes only what has
+/// arrived (a reader that waits holds one chunk, not 16), leaves an eighth
+/// of the pool to others and sizes itself by what it found last; a PDU of
+/// another shape ends the batch, its bytes copied back into the scratch
+/// where the stream then continues. Not with data digests (a digest after
+/// each segment breaks the layout).
 struct Reader {
     scratch: Option<IoBufMut>,
     pos: usize,
@@ -182,7 +193,24 @@ struct Reader {
     greedy: bool,
     /// The `msghdr` of split receives (data segment + what follows).
     split: Option<Box<SplitRecv>>,
+    /// PDUs a batch receive brought whole, handed out before receiving again.
+    ready: VecDeque<InPdu>,
+    /// Writes the next batch receive lays out (1: no batch receive).
+    batch: usize,
+    /// Data segment length of the last PDU if it was a SCSI command with
+    /// immediate data and nothing else (0 otherwise): the batch's shape.
+    write_len: usize,
+    /// The `msghdr` of batch receives.
+    batch_recv: Option<Box<BatchRecv>>,
 }
+
+/// Most writes one batch receive lays out...
+const BATCH_MAX: usize = 16;
+/// ...and at most this many data bytes of them.
+const BATCH_BYTES: usize = 128 * 1024;
+/// A batch receive takes chunks only while more than this share (1/8) of
+/// the pool stays free for everyone else.
+const BATCH_POOL_RESERVE_SHARE: usize = 8;
 
 impl Reader {
     fn new() -> Result<Self, ConnError> {
@@ -195,7 +223,131 @@ impl Reader {
             end: 0,
             greedy: false,
             split: Some(SplitRecv::new()),
+            ready: VecDeque::new(),
+            batch: 1,
+            write_len: 0,
+            batch_recv: Some(BatchRecv::new(BATCH_MAX)),
         })
+    }
+
+    /// One batch receive of writes whose data segments are `write_len`
+    /// bytes (see the type's doc); the PDUs that arrived whole go to
+    /// `ready`. Nothing is staged before it.
+    async fn read_batch(&mut self, s: &TcpStream, f: Framing) -> Result<(), ConnError> {
+        let hd = if f.header_digest { DIGEST_LEN } else { 0 };
+        let (head, body) = (BHS_LEN + hd, self.write_len);
+        let stride = head + body;
+        let mut scratch = self.scratch.take().ok_or(ConnError::NoBuffer)?;
+        let room = scratch.len().saturating_sub(GREEDY_RECV) / stride;
+        let most = (BATCH_BYTES / body).clamp(1, BATCH_MAX).min(room);
+        let pool = buffer_pool();
+        let reserve = pool.chunk_count() / BATCH_POOL_RESERVE_SHARE;
+        let mut chunks = Vec::with_capacity(most);
+        while chunks.len() < self.batch.min(most) && pool.free_chunks() > reserve {
+            match pool.alloc(body) {
+                Some(c) => chunks.push(c),
+                None => break,
+            }
+        }
+        let recv = self.batch_recv.take();
+        let (Some(recv), true) = (recv, chunks.len() >= 2) else {
+            self.scratch = Some(scratch);
+            self.batch = 1;
+            return Ok(());
+        };
+        let k = chunks.len();
+        let tail_end = k * stride + GREEDY_RECV;
+        let (r, sc, mut chunks, recv) = s
+            .recv_batch(scratch, head, body, chunks, tail_end, recv)
+            .await;
+        scratch = sc;
+        self.batch_recv = Some(recv);
+        let n = match r {
+            Ok(0) => {
+                self.scratch = Some(scratch);
+                return Err(ConnError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by peer",
+                )));
+            }
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                // Nothing waiting: the usual receive below waits for it.
+                self.scratch = Some(scratch);
+                return Ok(());
+            }
+            Err(e) => {
+                self.scratch = Some(scratch);
+                return Err(ConnError::Io(e));
+            }
+        };
+        let of_shape = |at: usize| -> Option<[u8; BHS_LEN]> {
+            let h = scratch.get(at..at + head)?;
+            let raw: [u8; BHS_LEN] = h.get(..BHS_LEN)?.try_into().ok()?;
+            let lens = Bhs::lengths(&raw);
+            let digest_ok = hd == 0 || le32(&h[BHS_LEN..]) == pdu::crc32c(&raw);
+            (raw[0] & 0x3f == pdu::Opcode::ScsiCommand as u8
+                && lens.ahs_len == 0
+                && lens.data_len as usize == body
+                && digest_ok)
+                .then_some(raw)
+        };
+        let write = |raw: [u8; BHS_LEN], data: IoBuf| InPdu {
+            raw,
+            bhs: Bhs::decode(&raw).map(|(b, _)| b),
+            ahs: Vec::new(),
+            data: Some(data),
+            too_long: false,
+            bad_data_digest: false,
+        };
+        let mut rest = chunks.drain(..);
+        let mut whole = 0;
+        while whole < k && n >= (whole + 1) * stride {
+            let Some(raw) = of_shape(whole * stride) else {
+                break;
+            };
+            let Some(chunk) = rest.next() else {
+                break;
+            };
+            self.ready.push_back(write(raw, chunk.freeze()));
+            whole += 1;
+        }
+        let mut rest: Vec<IoBufMut> = rest.collect();
+        self.batch = if whole == k {
+            (2 * k).min(most)
+        } else {
+            whole + 1
+        };
+        let at = whole * stride;
+        let after = n - at;
+        let arriving = if whole < k && after > head && after < stride {
+            of_shape(at)
+        } else {
+            None
+        };
+        self.greedy = false;
+        if let (Some(raw), false) = (arriving, rest.is_empty()) {
+            // A write still arriving: finish its data in place.
+            let chunk = rest.swap_remove(0);
+            (self.pos, self.end) = (0, 0);
+            self.scratch = Some(scratch);
+            let chunk = self.recv_data(s, chunk, after - head, body, 0).await?;
+            self.ready.push_back(write(raw, chunk.freeze()));
+            return Ok(());
+        }
+        // Anything else: the chunks' bytes back in place, and the stream
+        // continues in the scratch at the first PDU not taken whole.
+        for (j, chunk) in rest.iter().enumerate() {
+            let from = (whole + j) * stride + head;
+            let got = n.saturating_sub(from).min(body);
+            if let (Some(dst), Some(src)) = (scratch.get_mut(from..from + got), chunk.get(..got)) {
+                dst.copy_from_slice(src);
+            }
+        }
+        (self.pos, self.end) = (at, n);
+        self.consume(0);
+        self.scratch = Some(scratch);
+        Ok(())
     }
 
     fn staged(&self) -> usize {
@@ -314,6 +466,17 @@ impl Reader {
 
     /// Reads one PDU. `Err` ends the connection.
     async fn read(&mut self, s: &TcpStream, f: Framing) -> Result<InPdu, ConnError> {
+        if self.ready.is_empty()
+            && self.batch > 1
+            && self.write_len > 0
+            && self.staged() == 0
+            && !f.data_digest
+        {
+            self.read_batch(s, f).await?;
+        }
+        if let Some(p) = self.ready.pop_front() {
+            return Ok(p);
+        }
         let hd = if f.header_digest { DIGEST_LEN } else { 0 };
         let greedy = self.greedy;
         let want = |n: usize| if greedy { n.max(GREEDY_RECV) } else { n };
@@ -341,6 +504,14 @@ impl Reader {
         });
         let n = lens.data_len as usize;
         self.greedy = n == 0;
+        // A write with immediate data and nothing else: the shape batch
+        // receives take while more like it keep coming.
+        let write_shape = raw[0] & 0x3f == pdu::Opcode::ScsiCommand as u8
+            && n > 0
+            && lens.ahs_len == 0
+            && pdu::pad_len(n) == 0
+            && !f.data_digest;
+        self.write_len = if write_shape { n } else { 0 };
         let dd = if f.data_digest && n > 0 {
             DIGEST_LEN
         } else {
@@ -379,8 +550,14 @@ impl Reader {
                 self.consume(early);
             }
             let buf = if early < n {
-                self.recv_data(s, buf, early, n, trailer + BHS_LEN + hd)
-                    .await?
+                // While batching, stop at this PDU's end: the next receive
+                // is a batch one, which needs the stream to start a PDU.
+                let next = if write_shape && self.batch > 1 {
+                    0
+                } else {
+                    BHS_LEN + hd
+                };
+                self.recv_data(s, buf, early, n, trailer + next).await?
             } else {
                 buf
             };
@@ -394,6 +571,10 @@ impl Reader {
                 bad_data_digest = crc != le32(self.bytes(pad, DIGEST_LEN));
             }
             self.consume(trailer);
+            if write_shape && self.staged() >= BHS_LEN && self.batch < 2 {
+                // The next PDU was already waiting: batch from now on.
+                self.batch = 2;
+            }
             data = Some(buf);
         }
         Ok(InPdu {
