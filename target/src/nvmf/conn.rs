@@ -89,7 +89,7 @@ const STAGE_TAIL: usize = 4096;
 const SPLIT_MAX: usize = 16 * 1024;
 /// Most command capsules one batch receive lays out...
 const BATCH_MAX: usize = 16;
-/// ...and at most this many bytes of them (so 8 of 4 KiB or 8 KiB, 4 of 16 KiB).
+/// ...and at most this many bytes of them (so 16 of 4 or 8 KiB, 8 of 16 KiB).
 const BATCH_BYTES: usize = 128 * 1024;
 /// A batch receive takes chunks only while more than this share (1/8) of
 /// the pool stays free for everyone else.

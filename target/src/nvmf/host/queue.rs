@@ -995,7 +995,15 @@ async fn receive_c2h_data(
     let mut buf = buf;
     let staged = (*have - *pos).min(range.len());
     let received_from = range.start + staged;
-    buf[range.start..received_from].copy_from_slice(&stage[*pos..*pos + staged]);
+    let Some(dst) = buf.get_mut(range.start..received_from) else {
+        inner.return_buffer(cid, buf);
+        let e = PduError::DataOutOfRange {
+            what: "C2HData outside the command's buffer",
+        };
+        let n = Next::Stop(inner.fatal(e, head[..hl].to_vec()).await);
+        return (n, stage);
+    };
+    dst.copy_from_slice(&stage[*pos..*pos + staged]);
     *pos += staged;
     let (r, buf) = inner.stream.recv_exact(buf, received_from..range.end).await;
     let mut ddgst = None;
