@@ -155,14 +155,16 @@ fn bursts_of_in_capsule_writes(header_digest: bool, data_digest: bool) {
                     let mut writes = 0u64;
                     for r in 0..BATCH_ROUNDS {
                         let seed = w * 1000 + r;
-                        if (w + r) % 11 == 0 {
+                        // Two tasks break the runs of 4 KiB writes now and then.
+                        let odd = (w == 5 || w == 17) && r % 4 != 0;
+                        if odd && r % 4 == 1 {
                             let buf = buffer_pool().alloc(BATCH_ICD).expect("chunk");
                             let (res, buf) = q.read(1, base, 8, buf).await;
                             res.expect("read");
                             assert!(buf[..] == expect[..], "task {w} round {r}: read differs");
                             continue;
                         }
-                        let len = if (w + r) % 13 == 0 { BS } else { BATCH_ICD };
+                        let len = if odd && r % 4 == 3 { BS } else { BATCH_ICD };
                         expect[..len].copy_from_slice(&pattern(seed, len));
                         let mut buf = buffer_pool().alloc(len).expect("chunk");
                         buf.copy_from_slice(&expect[..len]);

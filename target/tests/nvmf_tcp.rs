@@ -1378,3 +1378,111 @@ fn in_flight_writes_finish_after_the_host_closes() {
     }
     daemon.shutdown();
 }
+
+/// Encodes in-capsule 4 KiB writes `cids` (at LBA 8 * (cid - 300) + 64)
+/// into `wire`; the one with CID `bad_ns` goes to NSID 99, which does not
+/// exist. Returns the (LBA, data) of the others.
+fn burst_of_writes(
+    io: &Host,
+    cids: std::ops::Range<u16>,
+    bad_ns: Option<u16>,
+    wire: &mut Vec<u8>,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut good = Vec::new();
+    for cid in cids {
+        let nsid = if Some(cid) == bad_ns { 99 } else { 1 };
+        let lba = u64::from(cid - 300) * 8 + 64;
+        let data = pattern(cid as u8, 4096);
+        let mut sqe = Sqe::new(
+            0x01,
+            CommandId(cid),
+            Nsid(nsid),
+            DataSgl::InCapsule {
+                offset: 0,
+                len: 4096,
+            },
+        );
+        RwCommand {
+            slba: Lba(lba),
+            nlb: 8,
+            fua: false,
+            deac: false,
+        }
+        .fill_sqe(&mut sqe);
+        let p = Pdu::CapsuleCmd(CapsuleCmd { sqe, data: &data });
+        wire.extend(p.to_vec(&io.cfg).expect("encode"));
+        if nsid == 1 {
+            good.push((lba, data));
+        }
+    }
+    good
+}
+
+/// Bursts of in-capsule 4 KiB writes, which the target takes with batch
+/// receives. First, a write to a namespace that does not exist in the
+/// middle of one: it gets its own error status, every other write succeeds
+/// and reads back. Then an unknown PDU type right behind a burst: it ends
+/// only this connection, with the right C2HTermReq, and every write
+/// acknowledged before it reads back from another connection.
+#[test]
+fn a_bad_pdu_inside_a_batch_of_writes_ends_only_its_connection() {
+    let dir = TempDir::new("batchbad");
+    let (daemon, addr) = start(&dir.0);
+    let (_admin, mut io) = session(addr, false, false);
+    // One write first, so the queue has seen in-capsule data.
+    assert!(io.write(0, &pattern(1, 4096), true).status.is_success());
+    let mut wire = Vec::new();
+    let good = burst_of_writes(&io, 300..313, Some(306), &mut wire);
+    io.send_raw(&wire);
+    let (mut ok, mut failed) = (0, 0);
+    while ok + failed < 13 {
+        let raw = io.recv_raw().expect("an answer");
+        match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+            Pdu::CapsuleResp(r) if r.cqe.cid == CommandId(306) => {
+                assert!(!r.cqe.status.is_success(), "the write to NSID 99 fails");
+                failed += 1;
+            }
+            Pdu::CapsuleResp(r) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+                ok += 1;
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    assert_eq!((ok, failed), (12, 1));
+    let (_admin2, mut other) = session(addr, false, false);
+    for (lba, data) in &good {
+        let r = other.read(*lba, 4096);
+        assert!(r.data == *data, "the write at LBA {lba} reads back");
+    }
+
+    let mut wire = Vec::new();
+    let sent = burst_of_writes(&io, 320..332, None, &mut wire);
+    wire.extend([0x7e, 0, 8, 0, 8, 0, 0, 0]);
+    io.send_raw(&wire);
+    let mut acked = Vec::new();
+    loop {
+        let raw = io.recv_raw().expect("answers, then a C2HTermReq");
+        match pdu::decode(&raw, &io.cfg).expect("decode").pdu {
+            Pdu::CapsuleResp(r) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe);
+                acked.push(r.cqe.cid.0);
+            }
+            Pdu::C2HTermReq(t) => {
+                assert_eq!(t.fes, Fes::InvalidHeaderField as u16);
+                break;
+            }
+            p => panic!("{p:?}"),
+        }
+    }
+    assert!(io.recv_raw().is_none(), "connection closed after TermReq");
+    for cid in acked {
+        let (lba, data) = &sent[usize::from(cid - 320)];
+        let r = other.read(*lba, 4096);
+        assert!(
+            r.data == *data,
+            "the acknowledged write at LBA {lba} reads back"
+        );
+    }
+    daemon.shutdown();
+}

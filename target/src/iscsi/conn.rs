@@ -313,11 +313,13 @@ impl Reader {
             whole += 1;
         }
         let mut rest: Vec<IoBufMut> = rest.collect();
-        self.batch = if whole == k {
-            (2 * k).min(most)
-        } else {
-            whole + 1
-        };
+        // Twice as many after a full batch, fewer after one the data ran out
+        // in; a PDU of another shape says nothing.
+        if whole == k {
+            self.batch = (2 * k).min(most);
+        } else if n < (whole + 1) * stride {
+            self.batch = (whole + 1).max(k / 2);
+        }
         let at = whole * stride;
         let after = n - at;
         let arriving = if whole < k && after > head && after < stride {

@@ -569,8 +569,12 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                 batch = 1;
             } else {
                 let chunks = std::mem::take(&mut batch_chunks);
-                let (r, s, chunks, m) =
-                    sock::recv_batch(&conn.fd, stage, greedy, split_len, chunks, batch_msg).await;
+                // What follows the batch: at most STAGE_TAIL bytes (copied later).
+                let tail_end = chunks.len() * (greedy + split_len) + STAGE_TAIL;
+                let (r, s, chunks, m) = sock::recv_batch(
+                    &conn.fd, stage, greedy, split_len, chunks, tail_end, batch_msg,
+                )
+                .await;
                 (stage, batch_chunks, batch_msg) = (s, chunks, m);
                 let n = match r {
                     Ok(n) => n,
@@ -593,11 +597,13 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     {
                         whole += 1;
                     }
-                    batch = if whole == k {
-                        (2 * k).min(batch_max)
-                    } else {
-                        whole + 1
-                    };
+                    // Twice as many after a full batch, fewer after one the
+                    // data ran out in; a PDU of another shape says nothing.
+                    if whole == k {
+                        batch = (2 * k).min(batch_max);
+                    } else if n < (whole + 1) * stride {
+                        batch = (whole + 1).max(k / 2);
+                    }
                     let mut rest = batch_chunks.split_off(whole);
                     for (i, mut chunk) in batch_chunks.drain(..).enumerate() {
                         conn.wait_for_slot().await?;
@@ -656,7 +662,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     let n = r?;
                     if n > greedy + split_len && !codec.ddgst {
                         // More than one capsule was waiting: batch next time.
-                        batch = 2.min(batch_max);
+                        batch = batch.max(2).min(batch_max);
                     }
                     if n <= greedy {
                         have = n;

@@ -227,7 +227,7 @@ impl BatchMsg {
 /// One receive (`IORING_OP_RECVMSG`) laid out for back-to-back command
 /// capsules that each carry `body` bytes of in-capsule data: for each chunk
 /// `i`, `head` bytes into `stage` at `i * (head + body)`, then `body` bytes
-/// into chunk `i`; after the last chunk, the rest of `stage`. So
+/// into chunk `i`; after the last chunk, `stage` up to `tail_end`. So
 /// `stage[i * stride + head..(i + 1) * stride]` mirrors chunk `i`: copying
 /// a chunk's bytes back there makes `stage` the contiguous stream again.
 /// It takes only what has already arrived (`MSG_DONTWAIT`): a connection
@@ -240,11 +240,13 @@ pub async fn recv_batch(
     head: usize,
     body: usize,
     chunks: Vec<IoBufMut>,
+    tail_end: usize,
     msg: Box<BatchMsg>,
 ) -> (io::Result<usize>, Vec<u8>, Vec<IoBufMut>, Box<BatchMsg>) {
     let (mut stage, mut chunks, mut msg) = (stage, chunks, msg);
     let tail_start = chunks.len() * (head + body);
-    let fits = tail_start < stage.len()
+    let fits = tail_start < tail_end
+        && tail_end <= stage.len()
         && chunks.iter().all(|c| c.len() >= body)
         && 2 * chunks.len() < msg.iov.capacity();
     if !fits {
@@ -270,11 +272,11 @@ pub async fn recv_batch(
                 iov_len: body,
             });
         }
-        // SAFETY: tail_start < stage.len(), checked above.
+        // SAFETY: tail_start < tail_end <= stage.len(), checked above.
         let t = unsafe { base.add(tail_start) };
         msg.iov.push(libc::iovec {
             iov_base: t.cast(),
-            iov_len: stage.len() - tail_start,
+            iov_len: tail_end - tail_start,
         });
         msg.msg.msg_iov = msg.iov.as_mut_ptr();
         msg.msg.msg_iovlen = msg.iov.len() as _;
