@@ -202,6 +202,9 @@ struct Reader {
     write_len: usize,
     /// The `msghdr` of batch receives.
     batch_recv: Option<Box<BatchRecv>>,
+    /// The chunks a batch receive lends (kept empty between receives, so
+    /// its capacity is reused and nothing is allocated per batch).
+    batch_chunks: Vec<IoBufMut>,
 }
 
 /// Most writes one batch receive lays out...
@@ -227,6 +230,7 @@ impl Reader {
             batch: 1,
             write_len: 0,
             batch_recv: Some(BatchRecv::new(BATCH_MAX)),
+            batch_chunks: Vec::with_capacity(BATCH_MAX),
         })
     }
 
@@ -242,18 +246,24 @@ impl Reader {
         let most = (BATCH_BYTES / body).clamp(1, BATCH_MAX).min(room);
         let pool = buffer_pool();
         let reserve = pool.chunk_count() / BATCH_POOL_RESERVE_SHARE;
-        let mut chunks = Vec::with_capacity(most);
+        let mut chunks = std::mem::take(&mut self.batch_chunks);
+        chunks.clear();
         while chunks.len() < self.batch.min(most) && pool.free_chunks() > reserve {
             match pool.alloc(body) {
                 Some(c) => chunks.push(c),
                 None => break,
             }
         }
-        let recv = self.batch_recv.take();
-        let (Some(recv), true) = (recv, chunks.len() >= 2) else {
-            self.scratch = Some(scratch);
-            self.batch = 1;
-            return Ok(());
+        let recv = match self.batch_recv.take() {
+            Some(recv) if chunks.len() >= 2 => recv,
+            recv => {
+                self.batch_recv = recv;
+                chunks.clear();
+                self.batch_chunks = chunks;
+                self.scratch = Some(scratch);
+                self.batch = 1;
+                return Ok(());
+            }
         };
         let k = chunks.len();
         let tail_end = k * stride + GREEDY_RECV;
@@ -262,25 +272,21 @@ impl Reader {
             .await;
         scratch = sc;
         self.batch_recv = Some(recv);
-        let n = match r {
-            Ok(0) => {
-                self.scratch = Some(scratch);
-                return Err(ConnError::Io(io::Error::new(
+        if !matches!(r, Ok(n) if n > 0) {
+            chunks.clear();
+            self.batch_chunks = chunks;
+            self.scratch = Some(scratch);
+            return match r {
+                Ok(_) => Err(ConnError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "connection closed by peer",
-                )));
-            }
-            Ok(n) => n,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                ))),
                 // Nothing waiting: the usual receive below waits for it.
-                self.scratch = Some(scratch);
-                return Ok(());
-            }
-            Err(e) => {
-                self.scratch = Some(scratch);
-                return Err(ConnError::Io(e));
-            }
-        };
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => Ok(()),
+                Err(e) => Err(ConnError::Io(e)),
+            };
+        }
+        let n = r.unwrap_or(0);
         let of_shape = |at: usize| -> Option<[u8; BHS_LEN]> {
             let h = scratch.get(at..at + head)?;
             let raw: [u8; BHS_LEN] = h.get(..BHS_LEN)?.try_into().ok()?;
@@ -300,19 +306,16 @@ impl Reader {
             too_long: false,
             bad_data_digest: false,
         };
-        let mut rest = chunks.drain(..);
         let mut whole = 0;
-        while whole < k && n >= (whole + 1) * stride {
-            let Some(raw) = of_shape(whole * stride) else {
-                break;
-            };
-            let Some(chunk) = rest.next() else {
-                break;
-            };
-            self.ready.push_back(write(raw, chunk.freeze()));
+        while whole < k && n >= (whole + 1) * stride && of_shape(whole * stride).is_some() {
             whole += 1;
         }
-        let mut rest: Vec<IoBufMut> = rest.collect();
+        for (i, chunk) in chunks.drain(..whole).enumerate() {
+            if let Some(raw) = of_shape(i * stride) {
+                self.ready.push_back(write(raw, chunk.freeze()));
+            }
+        }
+        // `chunks` now holds those of the PDUs from `whole` on.
         // Twice as many after a full batch, fewer after one the data ran out
         // in; a PDU of another shape says nothing.
         if whole == k {
@@ -328,9 +331,11 @@ impl Reader {
             None
         };
         self.greedy = false;
-        if let (Some(raw), false) = (arriving, rest.is_empty()) {
+        if let (Some(raw), false) = (arriving, chunks.is_empty()) {
             // A write still arriving: finish its data in place.
-            let chunk = rest.swap_remove(0);
+            let chunk = chunks.swap_remove(0);
+            chunks.clear();
+            self.batch_chunks = chunks;
             (self.pos, self.end) = (0, 0);
             self.scratch = Some(scratch);
             let chunk = self.recv_data(s, chunk, after - head, body, 0).await?;
@@ -339,13 +344,15 @@ impl Reader {
         }
         // Anything else: the chunks' bytes back in place, and the stream
         // continues in the scratch at the first PDU not taken whole.
-        for (j, chunk) in rest.iter().enumerate() {
+        for (j, chunk) in chunks.iter().enumerate() {
             let from = (whole + j) * stride + head;
             let got = n.saturating_sub(from).min(body);
             if let (Some(dst), Some(src)) = (scratch.get_mut(from..from + got), chunk.get(..got)) {
                 dst.copy_from_slice(src);
             }
         }
+        chunks.clear();
+        self.batch_chunks = chunks;
         (self.pos, self.end) = (at, n);
         self.consume(0);
         self.scratch = Some(scratch);

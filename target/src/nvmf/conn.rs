@@ -604,8 +604,8 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                     } else if n < (whole + 1) * stride {
                         batch = (whole + 1).max(k / 2);
                     }
-                    let mut rest = batch_chunks.split_off(whole);
-                    for (i, mut chunk) in batch_chunks.drain(..).enumerate() {
+                    // (Drained in place: no vector is allocated per batch.)
+                    for (i, mut chunk) in batch_chunks.drain(..whole).enumerate() {
                         conn.wait_for_slot().await?;
                         chunk.set_len(split_len);
                         let head = &stage[i * stride..i * stride + greedy];
@@ -624,11 +624,11 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                         && capsule_of_shape(&stage[at..], &codec, greedy, split_len);
                     if arriving {
                         stage.copy_within(at..at + greedy, 0);
-                        let chunk = rest.remove(0);
+                        let chunk = batch_chunks.remove(0);
                         split = Some((chunk, after - greedy));
                         have = greedy + (after - greedy);
                     } else {
-                        for (j, chunk) in rest.iter().enumerate() {
+                        for (j, chunk) in batch_chunks.iter().enumerate() {
                             let from = (whole + j) * stride + greedy;
                             let got = n.saturating_sub(from).min(split_len);
                             stage[from..from + got].copy_from_slice(&chunk[..got]);
@@ -636,8 +636,8 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
                         stage.copy_within(at..n, 0);
                         have = after;
                     }
-                    spare = rest.pop();
-                    drop(rest);
+                    spare = batch_chunks.pop();
+                    batch_chunks.clear();
                     if have == 0 {
                         continue;
                     }
