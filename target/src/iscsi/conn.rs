@@ -478,6 +478,7 @@ impl Reader {
         if self.ready.is_empty()
             && self.batch > 1
             && self.write_len > 0
+            && u32::try_from(self.write_len).is_ok_and(|n| n <= f.max_recv)
             && self.staged() == 0
             && !f.data_digest
         {
