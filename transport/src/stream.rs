@@ -320,7 +320,6 @@ impl TcpStream {
     /// received, `WouldBlock` when none had, 0 when the peer closed its side.
     /// Each chunk must be at least `body` long. `batch` holds the `msghdr`
     /// and iovecs; keep one per stream.
-    #[allow(clippy::too_many_arguments)]
     pub async fn recv_batch(
         &self,
         stage: IoBufMut,
