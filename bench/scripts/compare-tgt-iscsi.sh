@@ -8,29 +8,50 @@
 # of framework_get_reactors, SPDK's way, idle spin excluded), and fio's own
 # CPU (% of one core). Writes bench/results/compare-tgt-iscsi[-disk].md.
 #
+# Both targets run side by side on the same CPU, each idle while the other
+# is measured, and every workload runs ROUNDS times per target, alternating
+# between them (A B, then B A, ...). Why: the lab VM switches between a fast
+# and a slow state every few seconds to tens of seconds (the same
+# instructions take about twice the cycles, for both targets and for fio;
+# BENCHMARKS.md has the evidence), so a target measured a minute after the
+# other can be compared in another machine state. Alternating short runs
+# gives both targets the same mix of states; the summary compares medians,
+# and every run shows its slowest and fastest second (fio's IOPS log), which
+# reveals a state switch inside the run.
+#
 # BACKING=tmpfs (default): the backing file on /dev/shm (page cache; tmpfs
-# has no O_DIRECT, both targets run buffered, mirrorpoint's writes go
-# through io-wq workers). BACKING=disk: the file on the root file system
+# has no O_DIRECT: tgt reads and writes it with pread/pwrite, mirrorpoint
+# maps it and copies, see target/src/volume/memory.rs). BACKING=disk: the file on the root file system
 # (ext4 on the VM's virtio disk), mirrorpoint's uring backend with O_DIRECT
 # and tgt's rdwr backing store with bsoflags=direct.
 # MP_ARGS="--idle-timeout-us 0" passes extra options to `mirrorpoint serve`.
 # NUMJOBS=N: N fio jobs, each its own iSCSI session.
-# TARGETS="tgt mirrorpoint": which targets run, in that order (default
-# "mirrorpoint tgt"; both on the same file, the second after the first).
+# TARGETS="tgt mirrorpoint": which targets run, and which goes first in the
+# odd rounds (default "mirrorpoint tgt").
+# ROUNDS=N runs per target and workload (default 3), RUNTIME seconds each
+# (default 5).
 #
 # MIRRORPOINT=path runs that binary instead of building one.
-# Placement: the target on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
+# Placement: the targets on CPU ${TARGET_CPU:-1}, fio on CPU ${FIO_CPU:-0}.
 # Everything on 127.0.0.1; every run is bounded (RUNTIME seconds each).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-RUNTIME=${RUNTIME:-15}
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}
 TARGET_CPU=${TARGET_CPU:-1}
 FIO_CPU=${FIO_CPU:-0}
 BACKING=${BACKING:-tmpfs}
 NUMJOBS=${NUMJOBS:-1}
 TARGETS=${TARGETS:-mirrorpoint tgt}
+read -r -a ORDER <<<"$TARGETS"
+for t in "${ORDER[@]}"; do
+    case $t in
+        mirrorpoint | tgt) ;;
+        *) echo "TARGETS lists mirrorpoint and/or tgt, not $t" >&2; exit 2 ;;
+    esac
+done
 case $BACKING in
     # tmpfs: both targets run on the page cache, so the comparison is of
     # the iSCSI stacks, not of a disk.
@@ -86,44 +107,32 @@ dd if=/dev/urandom of="$WORK/backing.img" bs=1M count=$(( $(stat -c %s "$WORK/ba
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
-run_fio() { # NAME PID URL RW QD
-    local name=$1 pid=$2 url=$3 rw=$4 qd=$5
+run_fio() { # NAME RW QD ROUND
+    local name=$1 rw=$2 qd=$3 round=$4
+    local pid url
+    case $name in
+        mirrorpoint) pid=$MPPID; url="iscsi://127.0.0.1:$PORT/$IQN/1" ;;
+        tgt) pid=$TGTPID; url="iscsi://127.0.0.1:$TPORT/$IQN/1" ;;
+    esac
     local esc=${url//:/\\:}
-    local before after
+    local before after bbefore bafter
     before=$(ticks "$pid")
     bbefore=$(busy_ns "$name")
+    rm -f "$WORK"/persec_iops.*.log
     taskset -c "$FIO_CPU" "$FIO" --name=job --ioengine=libiscsi --filename="$esc" \
         --rw="$rw" --bs=4k --iodepth="$qd" --runtime="$RUNTIME" --time_based \
         --numjobs="$NUMJOBS" --group_reporting \
-        --size="$SIZE" --randrepeat=0 --norandommap --output-format=json \
+        --size="$SIZE" --randrepeat=0 --norandommap \
+        --write_iops_log="$WORK/persec" --log_avg_msec=1000 --output-format=json \
         --output="$WORK/fio.json" >/dev/null 2>"$WORK/fio.err" || { cat "$WORK/fio.err"; return 1; }
     after=$(ticks "$pid")
     bafter=$(busy_ns "$name")
-    python3 - "$WORK/fio.json" "$name" "$rw" "$qd" "$((after - before))" "$HZ" "$((bafter - bbefore))" >>"$RESULTS" <<'PY'
-import json, sys
-path, name, rw, qd, dticks, hz, dbusy = sys.argv[1:]
-j = json.load(open(path))["jobs"][0]
-d = j["read"] if "read" in rw else j["write"]
-ios = max(d["total_ios"], 1)
-iops = d["iops"]
-lat = d["clat_ns"]["mean"] / 1000.0
-cpu_us = int(dticks) / int(hz) * 1e6 / ios
-busy = f"{int(dbusy) / 1e3 / ios:.2f}" if name == "mirrorpoint" else "-"
-fio_cpu = j["usr_cpu"] + j["sys_cpu"]
-print(f"{name}\t{rw}\t{qd}\t{iops:.0f}\t{lat:.1f}\t{cpu_us:.2f}\t{busy}\t{fio_cpu:.0f}")
-PY
+    python3 "$ROOT/bench/scripts/lib/fio_run_row.py" "$WORK/fio.json" "$name" "$rw" "$qd" "$round" \
+        "$((after - before))" "$HZ" "$((bafter - bbefore))" "$WORK"/persec_iops.*.log >>"$RESULTS"
     tail -1 "$RESULTS"
 }
 
-workloads() { # NAME PID URL
-    for rw in randread randwrite; do
-        for qd in 1 32; do
-            run_fio "$1" "$2" "$3" "$rw" "$qd"
-        done
-    done
-}
-
-run_mirrorpoint() {
+start_mirrorpoint() {
 echo "== mirrorpoint on cpu $TARGET_CPU"
 PORT=$(free_port)
 cat >"$WORK/mp.json" <<EOF
@@ -139,40 +148,48 @@ cat >"$WORK/mp.json" <<EOF
   ]}
 ]}
 EOF
-timeout $((RUNTIME * 8 + 120)) "$BIN" serve --config "$WORK/mp.json" --cores "$TARGET_CPU" \
+local limit=$(( (RUNTIME + 3) * 8 * ROUNDS + 120 ))
+timeout "$limit" "$BIN" serve --config "$WORK/mp.json" --cores "$TARGET_CPU" \
     --rpc-socket "$WORK/rpc.sock" --data-dir "$WORK/data" ${MP_ARGS:-} >"$WORK/mp.log" 2>&1 &
 MP=$!
 PIDS+=("$MP")
 for _ in $(seq 150); do grep -qs ready "$WORK/mp.log" && break; sleep 0.2; done
 grep -qs ready "$WORK/mp.log" || { echo "mirrorpoint did not start:" >&2; cat "$WORK/mp.log" >&2; exit 1; }
 MPPID=$(pgrep -P "$MP" -n)   # the daemon itself, not the timeout wrapper
-workloads mirrorpoint "$MPPID" "iscsi://127.0.0.1:$PORT/$IQN/1"
-kill "$MP"; sleep 1
 }
 
-run_tgt() {
+start_tgt() {
 echo "== tgt on cpu $TARGET_CPU"
 TPORT=$(free_port)
 TGT_CTL=$((TPORT % 1000 + 100))
-timeout $((RUNTIME * 8 + 120)) taskset -c "$TARGET_CPU" tgtd -f -C "$TGT_CTL" \
+local limit=$(( (RUNTIME + 3) * 8 * ROUNDS + 120 ))
+timeout "$limit" taskset -c "$TARGET_CPU" tgtd -f -C "$TGT_CTL" \
     --iscsi portal=127.0.0.1:$TPORT >"$WORK/tgtd.log" 2>&1 &
 TG=$!
 PIDS+=("$TG")
 sleep 1
-TGTPID=$(pgrep -n -x tgtd)
+TGTPID=$(pgrep -P "$TG" -n -x tgtd)
 tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode target --tid 1 -T "$IQN"
 tgtadm -C "$TGT_CTL" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$WORK/backing.img" "${TGT_FLAGS[@]}"
 tgtadm -C "$TGT_CTL" --lld iscsi --op bind --mode target --tid 1 -I ALL
-workloads tgt "$TGTPID" "iscsi://127.0.0.1:$TPORT/$IQN/1"
-kill "$TG"; sleep 1
 }
 
-for t in $TARGETS; do
+for t in "${ORDER[@]}"; do
     case $t in
-        mirrorpoint) run_mirrorpoint ;;
-        tgt) run_tgt ;;
-        *) echo "TARGETS lists mirrorpoint and/or tgt, not $t" >&2; exit 2 ;;
+        mirrorpoint) start_mirrorpoint ;;
+        tgt) start_tgt ;;
     esac
+done
+
+for rw in randread randwrite; do
+    for qd in 1 32; do
+        for round in $(seq "$ROUNDS"); do
+            if [ $((round % 2)) = 1 ]; then order=("${ORDER[@]}"); else
+                order=(); for ((i = ${#ORDER[@]} - 1; i >= 0; i--)); do order+=("${ORDER[$i]}"); done
+            fi
+            for t in "${order[@]}"; do run_fio "$t" "$rw" "$qd" "$round"; done
+        done
+    done
 done
 
 mkdir -p "$(dirname "$OUT")"
@@ -181,15 +198,13 @@ mkdir -p "$(dirname "$OUT")"
     echo
     echo "$(date -u '+%F %T') UTC (start $START), load average at the end $(cut -d' ' -f1-3 /proc/loadavg),"
     echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-    echo "target on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')), targets in the order $TARGETS,"
+    echo "targets side by side on CPU $TARGET_CPU, fio on CPU $FIO_CPU ($NUMJOBS job(s)), same ${SIZE} backing file on $BACKING ($(df -T "$WORK" | awk 'NR==2{print $2}')),"
+    echo "$ROUNDS round(s) of ${RUNTIME}s per target and workload, alternating (odd rounds: $TARGETS first),"
     echo "mirrorpoint serve options: ${MP_ARGS:-(defaults)}."
-    echo "${RUNTIME}s per run. CPU/IO (OS) = target process utime+stime over the run / I/Os completed;"
-    echo "busy/IO = mirrorpoint's reactors' busy_ns over the run / I/Os; fio CPU = fio's usr+sys, % of one core."
+    echo "CPU/IO (OS) = target process utime+stime over the run / I/Os completed;"
+    echo "busy/IO = mirrorpoint's reactors' busy_ns over the run / I/Os; fio CPU = fio's usr+sys, % of one core;"
+    echo "slowest-fastest second = fio's per-second IOPS (a wide range is a machine state switch inside the run)."
     echo
-    echo "| target | workload | QD | IOPS | mean lat (us) | target CPU per I/O, OS (us) | reactor busy per I/O (us) | fio CPU % |"
-    echo "|---|---|---|---|---|---|---|---|"
-    while IFS=$'\t' read -r name rw qd iops lat cpu busy fcpu; do
-        echo "| $name | $rw | $qd | $iops | $lat | $cpu | $busy | $fcpu |"
-    done <"$RESULTS"
+    python3 "$ROOT/bench/scripts/lib/fio_run_row.py" --summary "$RESULTS"
 } >"$OUT"
 cat "$OUT"
