@@ -330,46 +330,15 @@ impl TcpStream {
         batch: Box<BatchRecv>,
     ) -> (io::Result<usize>, IoBufMut, Vec<IoBufMut>, Box<BatchRecv>) {
         let (mut stage, mut chunks, mut batch) = (stage, chunks, batch);
-        let tail_start = chunks.len() * (head + body);
-        let fits = tail_start <= tail_end
-            && tail_end <= stage.len()
-            && chunks.iter().all(|c| c.len() >= body)
-            && 2 * chunks.len() < batch.iov.capacity();
-        if !fits {
-            let e = io::Error::new(io::ErrorKind::InvalidInput, "batch receive does not fit");
-            return (Err(e), stage, chunks, batch);
-        }
-        let base = stage.as_mut_ptr();
-        batch.iov.clear();
-        for (i, chunk) in chunks.iter_mut().enumerate() {
-            // SAFETY: i * stride + head <= tail_start <= stage.len(), checked above.
-            let h = unsafe { base.add(i * (head + body)) };
-            batch.iov.push(libc::iovec {
-                iov_base: h.cast(),
-                iov_len: head,
-            });
-            batch.iov.push(libc::iovec {
-                iov_base: chunk.as_mut_ptr().cast(),
-                iov_len: body,
-            });
-        }
-        // SAFETY: tail_start <= tail_end <= stage.len(), checked above.
-        let t = unsafe { base.add(tail_start) };
-        batch.iov.push(libc::iovec {
-            iov_base: t.cast(),
-            iov_len: tail_end - tail_start,
-        });
-        batch.msg.msg_iov = batch.iov.as_mut_ptr();
-        batch.msg.msg_iovlen = batch.iov.len() as _;
-        let m: *mut libc::msghdr = &mut batch.msg;
-        let entry = opcode::RecvMsg::new(types::Fd(self.sock.as_raw_fd()), m)
-            .flags(libc::MSG_DONTWAIT as u32)
-            .build();
-        // SAFETY: the msghdr is boxed and the iovec array is on the heap,
-        // never grown past the capacity checked above, so neither moves; the
-        // iovecs point into pool chunks (which never move; the stage and
-        // each chunk are distinct unique IoBufMuts) at disjoint ranges. All
-        // of it, with the socket, moves into the op until the completion.
+        let fd = self.sock.as_raw_fd();
+        let entry = match batch.entry(fd, &mut stage, head, body, &mut chunks, tail_end) {
+            Ok(entry) => entry,
+            Err(e) => return (Err(e), stage, chunks, batch),
+        };
+        // SAFETY: the entry points at the boxed msghdr and its iovecs, which
+        // point into pool chunks (which never move; the stage and each chunk
+        // are distinct unique IoBufMuts; see `BatchRecv::entry`). All of it,
+        // with the socket, moves into the op until the completion.
         let op = unsafe {
             Op::submit(
                 entry,
@@ -685,6 +654,72 @@ impl BatchRecv {
             msg: unsafe { std::mem::zeroed() },
             iov: Vec::with_capacity(2 * chunks_max + 1),
         })
+    }
+
+    /// Lays out the batch receive of [`TcpStream::recv_batch`] on `fd`:
+    /// for each chunk `i`, `head` bytes of `stage` at `i * (head + body)`
+    /// and then `body` bytes of chunk `i`; then `stage` from
+    /// `chunks.len() * (head + body)` to `tail_end`. Returns the
+    /// `IORING_OP_RECVMSG` entry (`MSG_DONTWAIT`: only what has arrived),
+    /// or `InvalidInput` when the layout does not fit `stage`, a chunk or
+    /// this header's room.
+    ///
+    /// The entry points at this header (boxed, so it stays put) and into
+    /// the heap memory behind `stage` and the chunks. Whoever submits it
+    /// must hand all of them to the op, so that none is touched, moved out
+    /// of its allocation or freed before the completion. This is the one
+    /// place the layout is built: the NVMe/TCP reader uses it on its own
+    /// staging vector and descriptor, the iSCSI reader through
+    /// [`TcpStream::recv_batch`].
+    pub fn entry(
+        &mut self,
+        fd: RawFd,
+        stage: &mut [u8],
+        head: usize,
+        body: usize,
+        chunks: &mut [IoBufMut],
+        tail_end: usize,
+    ) -> io::Result<io_uring::squeue::Entry> {
+        let stride = head + body;
+        let tail_start = chunks.len() * stride;
+        let fits = tail_start <= tail_end
+            && tail_end <= stage.len()
+            && chunks.iter().all(|c| c.len() >= body)
+            && 2 * chunks.len() < self.iov.capacity();
+        if !fits {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "batch receive does not fit",
+            ));
+        }
+        let base = stage.as_mut_ptr();
+        self.iov.clear();
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            // SAFETY: i * stride + head <= tail_start <= stage.len(), checked above.
+            let h = unsafe { base.add(i * stride) };
+            self.iov.push(libc::iovec {
+                iov_base: h.cast(),
+                iov_len: head,
+            });
+            self.iov.push(libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: body,
+            });
+        }
+        // SAFETY: tail_start <= tail_end <= stage.len(), checked above.
+        let t = unsafe { base.add(tail_start) };
+        self.iov.push(libc::iovec {
+            iov_base: t.cast(),
+            iov_len: tail_end - tail_start,
+        });
+        // The array never grows past the capacity checked above, so it does
+        // not move while an op holds it.
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = self.iov.len() as _;
+        let m: *mut libc::msghdr = &mut self.msg;
+        Ok(opcode::RecvMsg::new(types::Fd(fd), m)
+            .flags(libc::MSG_DONTWAIT as u32)
+            .build())
     }
 }
 

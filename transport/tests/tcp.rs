@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use mirrorpoint_poller::{buffer_pool, current_index, spawn, IoBuf, OneshotReceiver};
-use mirrorpoint_transport::{hand_off, Acceptor, SendList, SplitRecv, TcpListener, TcpStream};
+use mirrorpoint_transport::{
+    hand_off, Acceptor, BatchRecv, SendList, SplitRecv, TcpListener, TcpStream,
+};
 use std::io;
 use std::net::Shutdown;
 use std::rc::Rc;
@@ -318,6 +320,69 @@ fn recv_at_least_takes_what_has_arrived() {
     assert_eq!(second.expect("second"), 150);
     assert_eq!(third, Err(io::ErrorKind::UnexpectedEof));
     assert!(kept, "the bytes landed in stream order");
+}
+
+/// `recv_batch` lays (head, body) pairs over the stage and the chunks and
+/// the rest over the stage's tail, takes only what has arrived
+/// (`WouldBlock` when nothing has), and refuses a layout that does not fit.
+#[test]
+fn batch_receive_lands_each_body_in_its_chunk() {
+    const HEAD: usize = 8;
+    const BODY: usize = 24;
+    const STRIDE: usize = HEAD + BODY;
+    let rt = runtime(1);
+    let (idle, misfit, got, stage_ok, chunks_ok) = run(&rt.handles()[0], 10, || async {
+        let listener = TcpListener::bind(localhost()).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let mut stage = buffer_pool().alloc(4096).expect("stage");
+        stage.set_len(4 * STRIDE + 16);
+        let chunks: Vec<_> = (0..4)
+            .map(|_| buffer_pool().alloc(BODY).expect("chunk"))
+            .collect();
+        let batch = BatchRecv::new(4);
+        // Nothing sent yet: the batch receive does not wait.
+        let (idle, stage, chunks, batch) = client
+            .recv_batch(stage, HEAD, BODY, chunks, 4 * STRIDE + 16, batch)
+            .await;
+        // A tail past the stage's end does not fit.
+        let (misfit, stage, chunks, batch) = client
+            .recv_batch(stage, HEAD, BODY, chunks, 4 * STRIDE + 17, batch)
+            .await;
+        // Three whole messages and half of a fourth.
+        let sent = 3 * STRIDE + STRIDE / 2;
+        server
+            .send_all(pattern_buf(9, 0, sent))
+            .await
+            .0
+            .expect("send");
+        mirrorpoint_poller::sleep(Duration::from_millis(20)).await;
+        let (got, stage, chunks, _) = client
+            .recv_batch(stage, HEAD, BODY, chunks, 4 * STRIDE + 16, batch)
+            .await;
+        let n = *got.as_ref().unwrap_or(&0);
+        // Stream byte `s` is in the stage at `s` for heads, in chunk `s / STRIDE`
+        // for bodies.
+        let stage_ok = (0..n.min(4 * STRIDE))
+            .filter(|s| s % STRIDE < HEAD)
+            .all(|s| stage[s] == pattern_byte(9, s));
+        let chunks_ok = (0..n.min(4 * STRIDE))
+            .filter(|s| s % STRIDE >= HEAD)
+            .all(|s| chunks[s / STRIDE][s % STRIDE - HEAD] == pattern_byte(9, s));
+        (
+            idle.map_err(|e| e.kind()),
+            misfit.map_err(|e| e.kind()),
+            got.map_err(|e| e.kind()),
+            stage_ok,
+            chunks_ok,
+        )
+    });
+    assert_eq!(idle, Err(io::ErrorKind::WouldBlock));
+    assert_eq!(misfit, Err(io::ErrorKind::InvalidInput));
+    assert_eq!(got, Ok(3 * STRIDE + STRIDE / 2));
+    assert!(stage_ok, "every head landed at its place in the stage");
+    assert!(chunks_ok, "every body landed in its own chunk");
 }
 
 #[test]

@@ -533,7 +533,7 @@ async fn receive_loop(conn: &Rc<Conn>) -> Result<(), Close> {
     };
     let mut batch = 1;
     let mut batch_chunks: Vec<IoBufMut> = Vec::with_capacity(batch_max);
-    let mut batch_msg = sock::BatchMsg::new(batch_max);
+    let mut batch_msg = mirrorpoint_transport::BatchRecv::new(batch_max);
     // Receives other than a batch one stop at `greedy_end`: what a greedy
     // receive stages is copied later, so it is kept to STAGE_TAIL bytes
     // past a head and a split chunk's mirror.

@@ -20,6 +20,7 @@
 
 use io_uring::{opcode, types};
 use mirrorpoint_poller::{IoBufMut, Op, OpKind};
+use mirrorpoint_transport::BatchRecv;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -206,34 +207,19 @@ pub async fn recv_split(
     }
 }
 
-/// The `msghdr` and iovecs of a batch receive, boxed once per connection so
-/// their addresses stay put while an op holds them.
-pub struct BatchMsg {
-    msg: libc::msghdr,
-    iov: Vec<libc::iovec>,
-}
-
-impl BatchMsg {
-    /// Room for `chunks_max` (head, chunk) pairs and the tail.
-    pub fn new(chunks_max: usize) -> Box<BatchMsg> {
-        Box::new(BatchMsg {
-            // SAFETY: msghdr is plain old data; all zeroes is a valid empty header.
-            msg: unsafe { std::mem::zeroed() },
-            iov: Vec::with_capacity(2 * chunks_max + 1),
-        })
-    }
-}
-
 /// One receive (`IORING_OP_RECVMSG`) laid out for back-to-back command
 /// capsules that each carry `body` bytes of in-capsule data: for each chunk
 /// `i`, `head` bytes into `stage` at `i * (head + body)`, then `body` bytes
 /// into chunk `i`; after the last chunk, `stage` up to `tail_end`. So
 /// `stage[i * stride + head..(i + 1) * stride]` mirrors chunk `i`: copying
 /// a chunk's bytes back there makes `stage` the contiguous stream again.
-/// It takes only what has already arrived (`MSG_DONTWAIT`): a connection
-/// waiting for its next PDU holds no batch of chunks. Returns the bytes that
-/// arrived (at least one; the kernel fills the parts in order),
-/// `WouldBlock` when none had, or `UnexpectedEof` when the peer closed.
+/// The layout is the transport's ([`BatchRecv::entry`], which the iSCSI
+/// reader uses too); here it is laid over the staging vector and the
+/// duplicated descriptor. It takes only what has already arrived
+/// (`MSG_DONTWAIT`): a connection waiting for its next PDU holds no batch of
+/// chunks. Returns the bytes that arrived (at least one; the kernel fills
+/// the parts in order), `WouldBlock` when none had, or `UnexpectedEof` when
+/// the peer closed.
 pub async fn recv_batch(
     fd: &Arc<OwnedFd>,
     stage: Vec<u8>,
@@ -241,54 +227,25 @@ pub async fn recv_batch(
     body: usize,
     chunks: Vec<IoBufMut>,
     tail_end: usize,
-    msg: Box<BatchMsg>,
-) -> (io::Result<usize>, Vec<u8>, Vec<IoBufMut>, Box<BatchMsg>) {
+    msg: Box<BatchRecv>,
+) -> (io::Result<usize>, Vec<u8>, Vec<IoBufMut>, Box<BatchRecv>) {
     let (mut stage, mut chunks, mut msg) = (stage, chunks, msg);
-    let tail_start = chunks.len() * (head + body);
-    let fits = tail_start < tail_end
-        && tail_end <= stage.len()
-        && chunks.iter().all(|c| c.len() >= body)
-        && 2 * chunks.len() < msg.iov.capacity();
-    if !fits {
-        return (
-            Err(io::Error::other("receive range outside the buffer")),
-            stage,
-            chunks,
-            msg,
-        );
-    }
     loop {
-        let base = stage.as_mut_ptr();
-        msg.iov.clear();
-        for (i, chunk) in chunks.iter_mut().enumerate() {
-            // SAFETY: i * stride + head <= tail_start < stage.len(), checked above.
-            let h = unsafe { base.add(i * (head + body)) };
-            msg.iov.push(libc::iovec {
-                iov_base: h.cast(),
-                iov_len: head,
-            });
-            msg.iov.push(libc::iovec {
-                iov_base: chunk.as_mut_ptr().cast(),
-                iov_len: body,
-            });
-        }
-        // SAFETY: tail_start < tail_end <= stage.len(), checked above.
-        let t = unsafe { base.add(tail_start) };
-        msg.iov.push(libc::iovec {
-            iov_base: t.cast(),
-            iov_len: tail_end - tail_start,
-        });
-        msg.msg.msg_iov = msg.iov.as_mut_ptr();
-        msg.msg.msg_iovlen = msg.iov.len() as _;
-        let m: *mut libc::msghdr = &mut msg.msg;
-        let entry = opcode::RecvMsg::new(types::Fd(fd.as_raw_fd()), m)
-            .flags(libc::MSG_DONTWAIT as u32)
-            .build();
-        // SAFETY: the msghdr and the iovecs' array are boxed or on the heap
-        // (the array never grows past the capacity checked above, so it does
-        // not move); the iovecs point into `stage`'s heap memory (disjoint
-        // ranges) and into the pool chunks (each at least `body` long); all
-        // of it, with the descriptor, moves into the op until the completion.
+        let entry = match msg.entry(
+            fd.as_raw_fd(),
+            &mut stage,
+            head,
+            body,
+            &mut chunks,
+            tail_end,
+        ) {
+            Ok(entry) => entry,
+            Err(e) => return (Err(e), stage, chunks, msg),
+        };
+        // SAFETY: the entry points at the boxed msghdr and its iovecs, which
+        // point into `stage`'s heap memory (disjoint ranges) and into the
+        // pool chunks; all of it, with the descriptor, moves into the op
+        // until the completion (moving a Vec leaves its heap memory put).
         let op = unsafe { Op::submit(entry, OpKind::LongLived, (stage, chunks, msg, fd.clone())) };
         let (c, (s, ch, m, _)) = op.await;
         (stage, chunks, msg) = (s, ch, m);
