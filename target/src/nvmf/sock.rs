@@ -25,6 +25,23 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+/// What a receive's completion means to the loops below: `Some(Ok(n))` for
+/// `n > 0` bytes, `Some(Err(_))` for an error or the peer's close
+/// (`UnexpectedEof`), `None` to submit the receive again (`EINTR`, and
+/// `EAGAIN` when `retry_eagain`: a batch receive reports it as `WouldBlock`).
+fn outcome(res: io::Result<u32>, retry_eagain: bool) -> Option<io::Result<usize>> {
+    match res {
+        Ok(0) => Some(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ))),
+        Ok(n) => Some(Ok(n as usize)),
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => None,
+        Err(e) if retry_eagain && e.raw_os_error() == Some(libc::EAGAIN) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
 /// One receive into `buf[start..end]`: the bytes that arrived (at least
 /// one), or `UnexpectedEof` when the peer closed.
 pub async fn recv_some(
@@ -50,19 +67,8 @@ pub async fn recv_some(
         let op = unsafe { Op::submit(entry, OpKind::LongLived, (buf, fd.clone())) };
         let (c, (b, _)) = op.await;
         buf = b;
-        match c.into_io() {
-            Ok(0) => {
-                return (
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed",
-                    )),
-                    buf,
-                )
-            }
-            Ok(n) => return (Ok((n as usize).min(end - start)), buf),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
-            Err(e) => return (Err(e), buf),
+        if let Some(r) = outcome(c.into_io(), true) {
+            return (r.map(|n| n.min(end - start)), buf);
         }
     }
 }
@@ -93,19 +99,10 @@ pub async fn recv_exact(
         let op = unsafe { Op::submit(entry, OpKind::LongLived, (buf, fd.clone())) };
         let (c, (b, _)) = op.await;
         buf = b;
-        match c.into_io() {
-            Ok(0) => {
-                return (
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed",
-                    )),
-                    buf,
-                )
-            }
-            Ok(n) => at += n as usize,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
-            Err(e) => return (Err(e), buf),
+        match outcome(c.into_io(), true) {
+            Some(Ok(n)) => at += n,
+            Some(Err(e)) => return (Err(e), buf),
+            None => {}
         }
     }
     (Ok(()), buf)
@@ -188,21 +185,8 @@ pub async fn recv_split(
         let op = unsafe { Op::submit(entry, OpKind::LongLived, (stage, chunk, msg, fd.clone())) };
         let (c, (s, ch, m, _)) = op.await;
         (stage, chunk, msg) = (s, ch, m);
-        match c.into_io() {
-            Ok(0) => {
-                return (
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed",
-                    )),
-                    stage,
-                    chunk,
-                    msg,
-                )
-            }
-            Ok(n) => return (Ok(n as usize), stage, chunk, msg),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
-            Err(e) => return (Err(e), stage, chunk, msg),
+        if let Some(r) = outcome(c.into_io(), true) {
+            return (r, stage, chunk, msg);
         }
     }
 }
@@ -249,21 +233,8 @@ pub async fn recv_batch(
         let op = unsafe { Op::submit(entry, OpKind::LongLived, (stage, chunks, msg, fd.clone())) };
         let (c, (s, ch, m, _)) = op.await;
         (stage, chunks, msg) = (s, ch, m);
-        match c.into_io() {
-            Ok(0) => {
-                return (
-                    Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed",
-                    )),
-                    stage,
-                    chunks,
-                    msg,
-                )
-            }
-            Ok(n) => return (Ok(n as usize), stage, chunks, msg),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return (Err(e), stage, chunks, msg),
+        if let Some(r) = outcome(c.into_io(), false) {
+            return (r, stage, chunks, msg);
         }
     }
 }
