@@ -1158,6 +1158,80 @@ fn bursts_of_immediate_writes_take_batch_receives() {
     }
 }
 
+/// An initiator in lock step with a deep queue, as fio's libiscsi engine
+/// is at QD 32: 16 writes of 4 KiB outstanding, a new one sent for each
+/// answer read, each as two sends (header, then data). Every write lands,
+/// and the target paces its receives (ExpStatSN shows 15 answers unread)
+/// into batch receives: fewer ring ops than writes, where taking each write
+/// as it comes costs a header receive and a data receive per write, plus
+/// the sends.
+#[test]
+fn a_deep_queue_in_lock_step_is_received_in_batches() {
+    const QD: u32 = 16;
+    const WRITES: u32 = 400;
+    let t = start_with(
+        VolumeSpec::Malloc(MallocParams {
+            name: Some("m0".into()),
+            num_blocks: 8192,
+            block_size: BlockSize::B512,
+            uuid: None,
+        }),
+        64,
+    );
+    let mut a = Ini::connect(t.addr);
+    a.login(1, &[]).expect("login");
+    let send_write = |a: &mut Ini, n: u32| {
+        let lba = (n % 1000) * 8;
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&8u16.to_be_bytes());
+        let c = a.cmd(&cdb, false, true, 4096);
+        let mut wire = Vec::new();
+        encode_pdu(
+            &Bhs::ScsiCommand(c),
+            &[],
+            &pattern(n as u8, 4096),
+            false,
+            false,
+            &mut wire,
+        )
+        .expect("enc");
+        send_raw(&mut a.s, &wire[..BHS_LEN]);
+        send_raw(&mut a.s, &wire[BHS_LEN..]);
+    };
+    let ops_before = target_ring_ops(&t);
+    for n in 0..QD {
+        send_write(&mut a, n);
+    }
+    let mut answered = 0;
+    while answered < WRITES {
+        match a.recv().expect("an answer") {
+            (Bhs::ScsiResponse(r), _) => {
+                assert_eq!(r.status, 0, "write {answered}");
+                answered += 1;
+                let next = answered + QD - 1;
+                if next < WRITES {
+                    send_write(&mut a, next);
+                }
+            }
+            (Bhs::NopIn(_), _) => {}
+            (other, _) => panic!("unexpected {other:?}"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let ops = target_ring_ops(&t) - ops_before;
+    for n in (0..WRITES).step_by(37) {
+        let (st, back) = a.read10(n * 8, 8);
+        assert_eq!(st, 0);
+        assert!(back == pattern(n as u8, 4096), "write {n} reads back");
+    }
+    assert!(
+        ops < u64::from(WRITES),
+        "{ops} target ring ops for {WRITES} lock-step writes: receives not paced into batches"
+    );
+}
+
 /// Writes still in flight when the host closes its side are finished (their
 /// data is on the volume) and the target then closes the connection: the
 /// command driver runs on after the reader ends, until its slots are empty.

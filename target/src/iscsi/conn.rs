@@ -598,6 +598,36 @@ impl Reader {
     }
 }
 
+/// How long the reader waits before its next receive when it paces (see
+/// [`paces_next_receive`]).
+const RECV_PACE: Duration = Duration::from_micros(15);
+/// Responses the initiator must not yet have acknowledged, as of the write
+/// just read, for the reader to pace: a queue deeper than 8.
+const PACE_MIN_UNACKED: u32 = 8;
+/// Above this many the ExpStatSN is taken as stale or bogus, not as a
+/// queue depth (initiators keep at most a few hundred commands in flight).
+const PACE_MAX_UNACKED: u32 = 1024;
+
+/// Whether the reader, having just taken a write with immediate data whole
+/// and with nothing else received behind it, waits [`RECV_PACE`] before its
+/// next receive. It does when the write's ExpStatSN shows the initiator
+/// still had at least [`PACE_MIN_UNACKED`] of our responses to read when it
+/// sent it (`next_stat_sn` is the StatSN our next response takes): that
+/// initiator keeps a deep queue and sends a write for each answer it reads,
+/// so commands keep coming whether or not we are waiting for them. Taking
+/// each the moment it arrives costs a receive per write (two when the
+/// initiator sends header and data with separate system calls, as
+/// libiscsi does), and keeps both CPUs touching the same socket at once;
+/// on a loopback connection that contention can double the kernel's cost
+/// per write on both sides and hold there (BENCHMARKS.md, iSCSI, session
+/// 8). After the pause the next receive is a batch one, which takes what
+/// gathered (up to 16 writes) in one op. A shallow queue (QD 8 or less,
+/// QD 1 above all) never waits: there the initiator waits for us.
+fn paces_next_receive(next_stat_sn: StatSn, exp_stat_sn: StatSn) -> bool {
+    let unacked = next_stat_sn.0.wrapping_sub(exp_stat_sn.0);
+    (PACE_MIN_UNACKED..PACE_MAX_UNACKED).contains(&unacked)
+}
+
 /// Encodes a PDU with a small owned data segment.
 fn encode_small(bhs: &Bhs, data: &[u8], hd: bool, dd: bool) -> Result<Vec<u8>, ConnError> {
     let mut out = Vec::with_capacity(BHS_LEN + 8 + data.len() + 8);
@@ -1199,11 +1229,27 @@ impl Conn {
         reader: &mut Reader,
         framing: Framing,
     ) -> Result<(), ConnError> {
+        let mut pace_next = false;
         loop {
             if self.kill.load(Ordering::Acquire) || self.st.borrow().done {
                 return Err(ConnError::Closed);
             }
+            if pace_next {
+                // See `paces_next_receive`: let the initiator's next writes
+                // gather, then take them with one batch receive.
+                mirrorpoint_poller::sleep(RECV_PACE).await;
+                reader.batch = reader.batch.max(2);
+            }
             let p = reader.read(&self.stream, framing).await?;
+            pace_next = match &p.bhs {
+                Ok(Bhs::ScsiCommand(c)) => {
+                    reader.write_len > 0
+                        && reader.staged() == 0
+                        && reader.ready.is_empty()
+                        && paces_next_receive(self.st.borrow().stat_sn, c.exp_stat_sn)
+                }
+                _ => false,
+            };
             self.st.borrow_mut().last_rx = Instant::now();
             self.clone().dispatch(p).await?;
             if self.st.borrow().done {
@@ -2116,6 +2162,24 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a queue deeper than 8, read off the write's ExpStatSN, makes
+    /// the reader wait; QD 1, shallow queues and stale or bogus ExpStatSNs
+    /// (ahead of ours, or absurdly far behind) never do, across the wrap.
+    #[test]
+    fn the_reader_paces_only_behind_a_deep_queue() {
+        let at = |next: u32, exp: u32| paces_next_receive(StatSn(next), StatSn(exp));
+        assert!(!at(100, 100), "QD 1: the initiator has read every answer");
+        assert!(!at(107, 100), "7 answers unread: QD 8");
+        assert!(at(108, 100), "8 answers unread");
+        assert!(at(131, 100), "QD 32");
+        assert!(at(5, u32::MAX - 10), "across the serial wrap");
+        assert!(!at(100, 101), "an ExpStatSN ahead of ours");
+        assert!(
+            !at(100 + PACE_MAX_UNACKED, 100),
+            "too far behind to be a queue"
+        );
+    }
 
     #[test]
     fn lun_decoding() {
