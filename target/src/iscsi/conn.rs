@@ -185,7 +185,9 @@ const GREEDY_RECV: usize = 1024;
 /// of the pool to others and sizes itself by what it found last; a PDU of
 /// another shape ends the batch, its bytes copied back into the scratch
 /// where the stream then continues. Not with data digests (a digest after
-/// each segment breaks the layout).
+/// each segment breaks the layout). Behind a deep queue of writes the
+/// connection loop paces the receives, so that such a backlog forms even
+/// with an initiator in lock step (see [`paces_next_receive`]).
 struct Reader {
     scratch: Option<IoBufMut>,
     pos: usize,
