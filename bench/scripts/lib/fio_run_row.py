@@ -7,8 +7,9 @@ second, mean latency, target CPU per I/O (OS), reactor busy per I/O, fio CPU.
 
 Summary mode: --summary RESULTS_TSV prints the markdown tables: every run,
 then per workload and QD the median of each target and the ratios the goal
-is stated in (mirrorpoint IOPS / tgt IOPS, mirrorpoint CPU per I/O / tgt's),
-with the range of the ratios of the rounds' pairs.
+is stated in (mirrorpoint IOPS / tgt IOPS, mirrorpoint CPU per I/O / tgt's):
+the ratio of the medians, and the median and range of the ratios of the
+rounds' pairs (the paired figure: each pair ran back to back).
 """
 
 import json
@@ -59,8 +60,9 @@ def summary(path):
     for r in runs:
         print("| " + " | ".join(r) + " |")
     print()
-    print("Medians per target, and mirrorpoint against tgt (goal at QD 32: IOPS ratio >= 2, CPU ratio <= 0.5);")
-    print("pairs = the same ratios for each round's two runs, lowest-highest.")
+    print("Medians per target, and mirrorpoint against tgt (goal at QD 32: IOPS ratio >= 2, CPU ratio <= 0.5):")
+    print("the ratio of the medians, then in brackets the ratios of each round's two runs (which ran")
+    print("back to back, so mostly in the same machine state): their median; lowest-highest.")
     print()
     print("| workload | QD | mirrorpoint IOPS | tgt IOPS | IOPS ratio (pairs) "
           "| mirrorpoint CPU/IO (us) | tgt CPU/IO (us) | CPU ratio (pairs) |")
@@ -88,7 +90,8 @@ def summary(path):
         def ratio(a, b, pairs):
             text = f"{a / b:.2f}x" if b > 0 else "-"
             if pairs:
-                text += f" ({min(pairs):.2f}-{max(pairs):.2f})"
+                text += (f" ({statistics.median(pairs):.2f}x; "
+                         f"{min(pairs):.2f}-{max(pairs):.2f})")
             return text
 
         print(f"| {rw} | {qd} | {med(mp, 0):.0f} | {med(tgt, 0):.0f} "
