@@ -37,12 +37,17 @@ struct Target {
 }
 
 fn start() -> Target {
-    start_on(VolumeSpec::Malloc(MallocParams {
+    start_on(malloc_m0())
+}
+
+/// The 4 MiB malloc volume "m0" most tests export.
+fn malloc_m0() -> VolumeSpec {
+    VolumeSpec::Malloc(MallocParams {
         name: Some("m0".into()),
         num_blocks: 8192,
         block_size: BlockSize::B512,
         uuid: None,
-    }))
+    })
 }
 
 /// A target exporting the volume `spec` (named "m0") as LUN 0.
@@ -1083,15 +1088,7 @@ fn target_ring_ops(t: &Target) -> u64 {
 #[test]
 fn bursts_of_immediate_writes_take_batch_receives() {
     for header_digest in [false, true] {
-        let t = start_with(
-            VolumeSpec::Malloc(MallocParams {
-                name: Some("m0".into()),
-                num_blocks: 8192,
-                block_size: BlockSize::B512,
-                uuid: None,
-            }),
-            64,
-        );
+        let t = start_with(malloc_m0(), 64);
         let mut a = Ini::connect(t.addr);
         a.want_hd = header_digest;
         a.login(1, &[]).expect("login");
@@ -1169,15 +1166,7 @@ fn bursts_of_immediate_writes_take_batch_receives() {
 fn a_deep_queue_in_lock_step_is_received_in_batches() {
     const QD: u32 = 16;
     const WRITES: u32 = 400;
-    let t = start_with(
-        VolumeSpec::Malloc(MallocParams {
-            name: Some("m0".into()),
-            num_blocks: 8192,
-            block_size: BlockSize::B512,
-            uuid: None,
-        }),
-        64,
-    );
+    let t = start_with(malloc_m0(), 64);
     let mut a = Ini::connect(t.addr);
     a.login(1, &[]).expect("login");
     let send_write = |a: &mut Ini, n: u32| {
