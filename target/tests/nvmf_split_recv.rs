@@ -43,6 +43,25 @@ fn start_target() -> Target {
 }
 
 /// Write sizes in blocks: in-capsule 512 B..8 KiB, and 12 KiB by R2T.
+/// A controller on the split-test subsystem and one I/O queue (depth 64)
+/// with the given digests; keep the controller as long as the queue.
+async fn connect_io_queue(
+    addr: std::net::SocketAddr,
+    header_digest: bool,
+    data_digest: bool,
+) -> (Controller, Rc<IoQueue>) {
+    let opts = ConnectOptions {
+        header_digest,
+        data_digest,
+        ..ConnectOptions::default()
+    };
+    let ctrl = Controller::connect(addr, NQN, HOSTNQN, opts)
+        .await
+        .expect("connect");
+    let q = Rc::new(IoQueue::connect(ctrl.info(), 1, 64).await.expect("queue"));
+    (ctrl, q)
+}
+
 const SIZES: [u64; 8] = [1, 2, 3, 7, 8, 16, 24, 5];
 
 fn mixed_sizes_round_trip(digests: bool) {
@@ -51,15 +70,7 @@ fn mixed_sizes_round_trip(digests: bool) {
     let addr = t.addr;
     let checked = host.handles()[0]
         .block_on(move || async move {
-            let opts = ConnectOptions {
-                header_digest: digests,
-                data_digest: digests,
-                ..ConnectOptions::default()
-            };
-            let ctrl = Controller::connect(addr, NQN, HOSTNQN, opts)
-                .await
-                .expect("connect");
-            let q = Rc::new(IoQueue::connect(ctrl.info(), 1, 64).await.expect("queue"));
+            let (_ctrl, q) = connect_io_queue(addr, digests, digests).await;
             let mut tasks = Vec::new();
             for w in 0..QD {
                 let q = q.clone();
@@ -137,15 +148,7 @@ fn bursts_of_in_capsule_writes(header_digest: bool, data_digest: bool) {
     let ops_before = t.rt.handles()[0].stats().ios_completed;
     let writes = host.handles()[0]
         .block_on(move || async move {
-            let opts = ConnectOptions {
-                header_digest,
-                data_digest,
-                ..ConnectOptions::default()
-            };
-            let ctrl = Controller::connect(addr, NQN, HOSTNQN, opts)
-                .await
-                .expect("connect");
-            let q = Rc::new(IoQueue::connect(ctrl.info(), 1, 64).await.expect("queue"));
+            let (_ctrl, q) = connect_io_queue(addr, header_digest, data_digest).await;
             let mut tasks = Vec::new();
             for w in 0..QD {
                 let q = q.clone();

@@ -365,6 +365,18 @@ impl Reader {
         self.end - self.pos
     }
 
+    /// The PDU just read was a write of the batchable shape, and nothing
+    /// was received behind it: what a paced connection waits after.
+    fn took_a_lone_write(&self) -> bool {
+        self.write_len > 0 && self.staged() == 0 && self.ready.is_empty()
+    }
+
+    /// Makes the next read try a batch receive (after a paced wait, writes
+    /// are expected to have gathered).
+    fn batch_next(&mut self) {
+        self.batch = self.batch.max(2);
+    }
+
     /// Makes at least `need` bytes staged, receiving up to `want` (at least
     /// `need`, at most the scratch size) staged bytes in all.
     async fn ensure(&mut self, s: &TcpStream, need: usize, want: usize) -> Result<(), ConnError> {
@@ -1240,14 +1252,12 @@ impl Conn {
                 // See `paces_next_receive`: let the initiator's next writes
                 // gather, then take them with one batch receive.
                 mirrorpoint_poller::sleep(RECV_PACE).await;
-                reader.batch = reader.batch.max(2);
+                reader.batch_next();
             }
             let p = reader.read(&self.stream, framing).await?;
             pace_next = match &p.bhs {
                 Ok(Bhs::ScsiCommand(c)) => {
-                    reader.write_len > 0
-                        && reader.staged() == 0
-                        && reader.ready.is_empty()
+                    reader.took_a_lone_write()
                         && paces_next_receive(self.st.borrow().stat_sn, c.exp_stat_sn)
                 }
                 _ => false,
