@@ -61,6 +61,7 @@ use super::login::{
     LoginResult, LoginStatus, LOGIN_MAX_DATA,
 };
 use super::negotiation::{Digest, SessionParams, SessionType};
+use super::pacing::{self, Pacer};
 use super::pdu::{
     self, Bhs, CmdSn, DataIn, DataSn, Isid, Itt, Lun, NopIn, PduError, R2t, RejectReason,
     ScsiCommand, StatSn, TaskAttr, TaskMgmtResponse, TextResponse, TmfFunction, Tsih, Ttt, BHS_LEN,
@@ -187,7 +188,7 @@ const GREEDY_RECV: usize = 1024;
 /// where the stream then continues. Not with data digests (a digest after
 /// each segment breaks the layout). Behind a deep queue of writes the
 /// connection loop paces the receives, so that such a backlog forms even
-/// with an initiator in lock step (see [`paces_next_receive`]).
+/// with an initiator in lock step (see [`super::pacing`]).
 struct Reader {
     scratch: Option<IoBufMut>,
     pos: usize,
@@ -207,6 +208,8 @@ struct Reader {
     /// The chunks a batch receive lends (kept empty between receives, so
     /// its capacity is reused and nothing is allocated per batch).
     batch_chunks: Vec<IoBufMut>,
+    /// Writes the last batch receive took (whole, or finished in place).
+    batch_took: usize,
 }
 
 /// Most writes one batch receive lays out...
@@ -233,6 +236,7 @@ impl Reader {
             write_len: 0,
             batch_recv: Some(BatchRecv::new(BATCH_MAX)),
             batch_chunks: Vec::with_capacity(BATCH_MAX),
+            batch_took: 0,
         })
     }
 
@@ -317,6 +321,7 @@ impl Reader {
                 self.ready.push_back(write(raw, chunk.freeze()));
             }
         }
+        self.batch_took = whole;
         // `chunks` now holds those of the PDUs from `whole` on.
         // Twice as many after a full batch, fewer after one the data ran out
         // in; a PDU of another shape says nothing.
@@ -335,6 +340,7 @@ impl Reader {
         self.greedy = false;
         if let (Some(raw), false) = (arriving, chunks.is_empty()) {
             // A write still arriving: finish its data in place.
+            self.batch_took += 1;
             let chunk = chunks.swap_remove(0);
             chunks.clear();
             self.batch_chunks = chunks;
@@ -375,6 +381,14 @@ impl Reader {
     /// are expected to have gathered).
     fn batch_next(&mut self) {
         self.batch = self.batch.max(2);
+        self.batch_took = 0;
+    }
+
+    /// Writes the batch receive armed by [`Reader::batch_next`] took (0 if
+    /// it found nothing or did not happen), and the last of them still
+    /// waiting to be handed out (`None`: it was the PDU just read).
+    fn batch_taken(&self) -> (usize, Option<&InPdu>) {
+        (self.batch_took, self.ready.back())
     }
 
     /// Makes at least `need` bytes staged, receiving up to `want` (at least
@@ -610,36 +624,6 @@ impl Reader {
             bad_data_digest,
         })
     }
-}
-
-/// How long the reader waits before its next receive when it paces (see
-/// [`paces_next_receive`]).
-const RECV_PACE: Duration = Duration::from_micros(15);
-/// Responses the initiator must not yet have acknowledged, as of the write
-/// just read, for the reader to pace: a queue deeper than 8.
-const PACE_MIN_UNACKED: u32 = 8;
-/// Above this many the ExpStatSN is taken as stale or bogus, not as a
-/// queue depth (initiators keep at most a few hundred commands in flight).
-const PACE_MAX_UNACKED: u32 = 1024;
-
-/// Whether the reader, having just taken a write with immediate data whole
-/// and with nothing else received behind it, waits [`RECV_PACE`] before its
-/// next receive. It does when the write's ExpStatSN shows the initiator
-/// still had at least [`PACE_MIN_UNACKED`] of our responses to read when it
-/// sent it (`next_stat_sn` is the StatSN our next response takes): that
-/// initiator keeps a deep queue and sends a write for each answer it reads,
-/// so commands keep coming whether or not we are waiting for them. Taking
-/// each the moment it arrives costs a receive per write (two when the
-/// initiator sends header and data with separate system calls, as
-/// libiscsi does), and keeps both CPUs touching the same socket at once;
-/// on a loopback connection that contention can double the kernel's cost
-/// per write on both sides and hold there (BENCHMARKS.md, iSCSI, session
-/// 8). After the pause the next receive is a batch one, which takes what
-/// gathered (up to 16 writes) in one op. A shallow queue (QD 8 or less,
-/// QD 1 above all) never waits: there the initiator waits for us.
-fn paces_next_receive(next_stat_sn: StatSn, exp_stat_sn: StatSn) -> bool {
-    let unacked = next_stat_sn.0.wrapping_sub(exp_stat_sn.0);
-    (PACE_MIN_UNACKED..PACE_MAX_UNACKED).contains(&unacked)
 }
 
 /// Encodes a PDU with a small owned data segment.
@@ -1243,25 +1227,35 @@ impl Conn {
         reader: &mut Reader,
         framing: Framing,
     ) -> Result<(), ConnError> {
-        let mut pace_next = false;
+        let mut pacer = Pacer::new();
+        // Our answers the initiator had unread in the write that makes the
+        // next receive a paced one.
+        let mut paced_by: Option<u32> = None;
         loop {
             if self.kill.load(Ordering::Acquire) || self.st.borrow().done {
                 return Err(ConnError::Closed);
             }
-            if pace_next {
-                // See `paces_next_receive`: let the initiator's next writes
-                // gather, then take them with one batch receive.
-                mirrorpoint_poller::sleep(RECV_PACE).await;
+            // Behind a deep queue of writes (see `pacing`): let the
+            // initiator's next writes gather, take them with one batch
+            // receive, and adapt the wait to what it took.
+            if paced_by.is_some() {
+                mirrorpoint_poller::sleep(pacer.wait()).await;
                 reader.batch_next();
             }
             let p = reader.read(&self.stream, framing).await?;
-            pace_next = match &p.bhs {
-                Ok(Bhs::ScsiCommand(c)) => {
-                    reader.took_a_lone_write()
-                        && paces_next_receive(self.st.borrow().stat_sn, c.exp_stat_sn)
-                }
-                _ => false,
+            let next_stat_sn = self.st.borrow().stat_sn;
+            let unacked_of = |p: &InPdu| match &p.bhs {
+                Ok(Bhs::ScsiCommand(c)) => pacing::unacked(next_stat_sn, c.exp_stat_sn),
+                _ => None,
             };
+            if let Some(trigger) = paced_by.take() {
+                let (took, last) = reader.batch_taken();
+                let last = unacked_of(last.unwrap_or(&p));
+                pacer.after_receive(took, [Some(trigger), last]);
+            }
+            if reader.took_a_lone_write() {
+                paced_by = unacked_of(&p).filter(|&n| pacing::paces_after(n));
+            }
             self.st.borrow_mut().last_rx = Instant::now();
             self.clone().dispatch(p).await?;
             if self.st.borrow().done {
@@ -2174,24 +2168,6 @@ async fn ticker(conn: std::rc::Weak<Conn>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Only a queue deeper than 8, read off the write's ExpStatSN, makes
-    /// the reader wait; QD 1, shallow queues and stale or bogus ExpStatSNs
-    /// (ahead of ours, or absurdly far behind) never do, across the wrap.
-    #[test]
-    fn the_reader_paces_only_behind_a_deep_queue() {
-        let at = |next: u32, exp: u32| paces_next_receive(StatSn(next), StatSn(exp));
-        assert!(!at(100, 100), "QD 1: the initiator has read every answer");
-        assert!(!at(107, 100), "7 answers unread: QD 8");
-        assert!(at(108, 100), "8 answers unread");
-        assert!(at(131, 100), "QD 32");
-        assert!(at(5, u32::MAX - 10), "across the serial wrap");
-        assert!(!at(100, 101), "an ExpStatSN ahead of ours");
-        assert!(
-            !at(100 + PACE_MAX_UNACKED, 100),
-            "too far behind to be a queue"
-        );
-    }
 
     #[test]
     fn lun_decoding() {

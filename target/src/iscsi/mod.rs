@@ -11,12 +11,14 @@
 //! initiator groups, target nodes, sessions), [`portal`] (listeners),
 //! [`conn`] (one connection's login and full feature phase on its reactor),
 //! [`txq`] (its send queue, which batches PDUs into few `sendmsg` ops),
+//! [`pacing`] (when its reader waits for a lock-step initiator's writes),
 //! [`rpc`] (the `iscsi_*` admin methods). Commands go to the SCSI layer
 //! in [`crate::scsi`] through its task contract.
 
 pub mod conn;
 pub mod login;
 pub mod negotiation;
+pub mod pacing;
 pub mod pdu;
 pub mod portal;
 pub mod registry;
