@@ -60,9 +60,8 @@ pub(super) fn unacked(next_stat_sn: StatSn, exp_stat_sn: StatSn) -> Option<u32> 
 /// and with nothing else received behind it, waits before its next receive,
 /// given the write's [`unacked`] answers: it does when the initiator still
 /// had at least [`PACE_MIN_UNACKED`] of our responses to read when it sent
-/// it. That
-/// initiator sends a write for each answer it reads, so commands keep coming
-/// whether or not we are waiting for them. A shallow queue (QD 8 or less,
+/// it. That initiator sends a write for each answer it reads, so commands
+/// keep coming whether or not we are waiting for them. A shallow queue (QD 8 or less,
 /// QD 1 above all) never waits: there the initiator waits for us.
 pub(super) fn paces_after(unacked: u32) -> bool {
     unacked >= PACE_MIN_UNACKED
